@@ -1,0 +1,43 @@
+"""Stable identifiers: the same content and source give the same id on every run and machine."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+
+def _digest(*parts: Any) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        # JSON with sorted keys is a canonical text form for dicts/lists/strings/numbers.
+        h.update(json.dumps(part, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+        h.update(b"\x1f")
+    return h.hexdigest()[:16]
+
+
+def prompt_id(prompt: list[dict]) -> str:
+    """Groups every response to the same prompt messages, across files, sources and nodes."""
+    return _digest("prompt", [(m["role"], m["content"]) for m in prompt])
+
+
+def row_id(source: str, prompt: list[dict], responses: list[str], extra: Any = None) -> str:
+    """Id of one normalised input row: derived from its source name and its content only
+    (not from file names or line numbers, so moving or re-sharding files keeps ids)."""
+    return _digest("row", source, [(m["role"], m["content"]) for m in prompt], responses, extra)
+
+
+def bad_row_id(source_uri: str, source_row: int) -> str:
+    """Id of a row that could not be parsed: its location is all we know."""
+    return _digest("bad", source_uri, source_row)
+
+
+def unit_id(row: str, response_index: int) -> str:
+    return f"{row}-{response_index}"
+
+
+def shard_id(source_uri: str, chunk: int) -> str:
+    """A shard is a chunk of consecutive rows of one input file; output files are named after it."""
+    stem = source_uri.rstrip("/").rsplit("/", 1)[-1]
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in stem)[:40]
+    return f"{safe}-{_digest('file', source_uri)[:10]}-c{chunk:05d}"

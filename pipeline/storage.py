@@ -1,0 +1,103 @@
+"""Where bytes live: local paths and s3:// URIs behind one fsspec interface.
+
+Every read and write in the project goes through here, so that local disk and S3 behave the
+same, and so that files become visible only once complete (atomic commit).
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from typing import Any, Callable, IO
+
+import fsspec
+
+StorageOptions = dict[str, Any]
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def filesystem(uri: str, storage_options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem for a URI and the path within it.
+
+    storage_options go to s3fs for s3:// (e.g. {"endpoint_url": ..., "key": ..., "secret": ...});
+    S3 credentials and endpoint may also come from the usual AWS environment variables.
+    """
+    opts = dict(storage_options or {})
+    if uri.startswith("s3://"):
+        endpoint = opts.pop("endpoint_url", None) or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            opts.setdefault("client_kwargs", {})["endpoint_url"] = endpoint
+        # Listings must see what other processes just wrote (resume, incremental runs).
+        opts.setdefault("use_listings_cache", False)
+    fs, path = fsspec.core.url_to_fs(uri, **opts)
+    return fs, path
+
+
+def join(base: str, *parts: str) -> str:
+    if is_remote(base):
+        return posixpath.join(base.rstrip("/"), *parts)
+    return os.path.join(base, *parts)
+
+
+def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """Inverse of `filesystem`: a path inside fs back to a URI that `filesystem` accepts."""
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol in ("file", "local"):
+        return path
+    return f"{protocol}://{path}"
+
+
+def exists(uri: str, storage_options: StorageOptions | None = None) -> bool:
+    fs, path = filesystem(uri, storage_options)
+    return fs.exists(path)
+
+
+def read_bytes(uri: str, storage_options: StorageOptions | None = None) -> bytes:
+    fs, path = filesystem(uri, storage_options)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def write_atomic(uri: str, write: Callable[[IO[bytes]], None] | bytes,
+                 storage_options: StorageOptions | None = None) -> None:
+    """Write a file so that readers see either nothing or the whole file.
+
+    Local: write to a hidden temporary name in the same directory, fsync, rename.
+    S3: an object appears only when its upload completes, so the final key is written directly.
+    """
+    fs, path = filesystem(uri, storage_options)
+    parent = posixpath.dirname(path) if is_remote(uri) else os.path.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    if is_remote(uri):
+        with fs.open(path, "wb") as f:
+            f.write(write) if isinstance(write, bytes) else write(f)
+        return
+    tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(write) if isinstance(write, bytes) else write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def list_files(uri: str, storage_options: StorageOptions | None = None) -> list[str]:
+    """Files directly or recursively under a directory URI (sorted); [] when it does not exist."""
+    fs, path = filesystem(uri, storage_options)
+    if not fs.exists(path):
+        return []
+    return sorted(to_uri(fs, p) for p in fs.find(path))
+
+
+def remove(uri: str, storage_options: StorageOptions | None = None) -> None:
+    fs, path = filesystem(uri, storage_options)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
