@@ -1,0 +1,44 @@
+"""Label corpora with gated multi-objective rewards.
+
+    python -m jobs.label --config jobs/configs/demo.yaml
+    ray job submit --working-dir . -- python -m jobs.label --config jobs/configs/<name>.yaml
+
+Locally it starts an embedded Ray; under `ray job submit` it joins the cluster. Rerunning with
+the same run id resumes: committed shards are skipped, the rest are redone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pipeline.labeling.config import ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m jobs.label", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", required=True, help="YAML job config")
+    ap.add_argument("--run-id", help="override run_id (same id = resume)")
+    ap.add_argument("--output", help="override the output root URI")
+    ap.add_argument("--incremental", action="store_true", help="only input files no earlier run recorded")
+    args = ap.parse_args(argv)
+    overrides = {k: v for k, v in {"run_id": args.run_id, "output": args.output}.items() if v}
+    if args.incremental:
+        overrides["incremental"] = True
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from pipeline.labeling.run import run
+
+    man = run(cfg)
+    print(json.dumps({"run_dir": cfg.run_dir, "manifest": f"{cfg.run_dir}/manifest.json",
+                      "data": man["output"]["data"], "sources": man["sources"],
+                      "units_per_s": man["units_per_s"], "tokens_per_s": man["tokens_per_s"]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The labeling job: corpus -> tokenize -> embed + score on actors -> annotated Parquet, exactly once."""

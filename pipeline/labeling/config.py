@@ -1,0 +1,140 @@
+"""The labeling job's configuration: parsed from YAML and validated up front, with clear errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _take(cls, data: Any, where: str):
+    """Build a dataclass from a mapping, refusing unknown keys."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(known)}")
+    return cls(**data)
+
+
+@dataclass
+class ModelConfig:
+    backbone: dict = field(default_factory=lambda: {"path": "smollm2"})  # BackboneSpec fields
+    heads: str | None = None             # directory written by ArmoHeads.save (or jobs.train_heads)
+    armorm_checkpoint: str | None = None  # a released-format ArmoRM checkpoint (brings its own backbone)
+    train_if_missing: str | None = None   # a train_heads config to run first when `heads` does not exist
+    template: dict = field(default_factory=dict)  # TemplatePolicy fields
+
+
+@dataclass
+class ResourcesConfig:
+    actors: int | list[int] = 1           # scoring actors: a number or [min, max]
+    num_gpus_per_actor: float = 0.0
+    num_cpus_per_actor: float = 1.0
+    custom_resources_per_actor: dict = field(default_factory=dict)
+    token_budget: int = 8192              # padded tokens per forward pass
+    rows_per_shard: int = 256             # input rows per shard (the unit of exactly-once commit)
+    cpus_per_cpu_task: float = 0.25       # read / tokenize / write tasks
+
+
+@dataclass
+class LabelConfig:
+    inputs: list[dict]
+    output: str                           # root URI; the run writes under <output>/<run_id>/
+    run_id: str = "default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    storage_options: dict = field(default_factory=dict)
+    embeddings: bool = False              # also write the response and prompt embeddings
+    incremental: bool = False             # skip input files recorded by earlier completed runs under `output`
+    limit_rows_per_input: int | None = None  # for demos and smoke runs: stop each input after N rows
+    ray_address: str | None = None
+    progress_interval_s: float = 10.0
+
+    @property
+    def run_dir(self) -> str:
+        from pipeline import storage
+        return storage.join(self.output, self.run_id)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def hash(self) -> str:
+        """Identity of what the run computes (not where it runs): used in manifests and submission ids."""
+        d = self.to_dict()
+        for k in ("ray_address", "progress_interval_s"):
+            d.pop(k, None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def parse_config(data: dict) -> LabelConfig:
+    """Relative local paths are relative to the working directory (the repo root, also under
+    `ray job submit --working-dir .`)."""
+    if not isinstance(data, dict):
+        raise ConfigError("config: expected a mapping at the top level")
+    data = dict(data)
+    for key in ("inputs", "output"):
+        if key not in data:
+            raise ConfigError(f"config: missing required key {key!r}")
+    model = _take(ModelConfig, data.pop("model", None), "model")
+    resources = _take(ResourcesConfig, data.pop("resources", None), "resources")
+    cfg = _take(LabelConfig, {**data, "model": model, "resources": resources}, "config")
+    if not isinstance(cfg.inputs, list) or not cfg.inputs:
+        raise ConfigError("inputs: expected a non-empty list of input specs")
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: LabelConfig) -> None:
+    from pipeline.corpus import InputSpec, expand_files
+
+    for i, spec in enumerate(cfg.inputs):
+        try:
+            parsed = InputSpec.from_dict({"storage_options": cfg.storage_options, **spec})
+            expand_files(parsed)
+        except Exception as e:  # noqa: BLE001 - re-raised with the input's position
+            raise ConfigError(f"inputs[{i}] ({spec.get('path')}): {e}") from e
+    r = cfg.resources
+    actors = r.actors if isinstance(r.actors, list) else [r.actors, r.actors]
+    if len(actors) != 2 or not all(isinstance(a, int) and a >= 1 for a in actors) or actors[0] > actors[1]:
+        raise ConfigError(f"resources.actors: expected a positive number or [min, max], got {r.actors!r}")
+    if r.token_budget < 16 or r.rows_per_shard < 1:
+        raise ConfigError("resources: token_budget must be >= 16 and rows_per_shard >= 1")
+    m = cfg.model
+    if m.heads and m.armorm_checkpoint:
+        raise ConfigError("model: give either heads or armorm_checkpoint, not both")
+    if m.armorm_checkpoint and not os.path.exists(os.path.join(m.armorm_checkpoint, "config.json")):
+        raise ConfigError(f"model.armorm_checkpoint: no config.json in {m.armorm_checkpoint}")
+    if m.heads and not os.path.exists(m.heads) and not m.train_if_missing and "://" not in m.heads:
+        raise ConfigError(f"model.heads: {m.heads} does not exist (set model.train_if_missing to train it first)")
+    if m.train_if_missing and not os.path.exists(m.train_if_missing):
+        raise ConfigError(f"model.train_if_missing: no such config file {m.train_if_missing}")
+    if not m.armorm_checkpoint:
+        from pipeline.embed.backbone import BackboneSpec
+        try:
+            BackboneSpec.from_dict(m.backbone)
+        except Exception as e:  # noqa: BLE001
+            raise ConfigError(f"model.backbone: {e}") from e
+    if not cfg.run_id or any(c in cfg.run_id for c in "/\\ "):
+        raise ConfigError(f"run_id: must be a non-empty name without slashes or spaces, got {cfg.run_id!r}")
+
+
+def load_config(path: str, overrides: dict | None = None) -> LabelConfig:
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e}") from e
+    data = {**(data or {}), **(overrides or {})}
+    return parse_config(data)

@@ -1,0 +1,82 @@
+"""Run manifests and shard markers: small JSON files next to the output, written atomically."""
+
+from __future__ import annotations
+
+import json
+import platform
+from collections import Counter
+from importlib import metadata
+
+from pipeline import storage
+
+MANIFEST = "manifest.json"
+SHARDS_DIR = "_shards"
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for pkg in ("armolabel", "ray", "torch", "transformers", "pyarrow", "datasets", "s3fs"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def write_json(uri: str, obj: dict, storage_options: dict | None) -> None:
+    storage.write_atomic(uri, json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), storage_options)
+
+
+def read_json(uri: str, storage_options: dict | None) -> dict:
+    return json.loads(storage.read_bytes(uri, storage_options))
+
+
+def marker_uri(run_dir: str, shard_id: str) -> str:
+    return storage.join(run_dir, SHARDS_DIR, f"{shard_id}.json")
+
+
+def completed_shards(run_dir: str, storage_options: dict | None) -> dict[str, dict]:
+    """Shard id -> its marker, for every shard committed by earlier attempts of this run."""
+    out = {}
+    for uri in storage.list_files(storage.join(run_dir, SHARDS_DIR), storage_options):
+        if uri.endswith(".json"):
+            marker = read_json(uri, storage_options)
+            out[marker["shard_id"]] = marker
+    return out
+
+
+def earlier_input_files(output_root: str, run_id: str, storage_options: dict | None) -> dict[str, dict]:
+    """Input files (uri -> {size}) recorded by earlier completed runs under the same output root."""
+    seen: dict[str, dict] = {}
+    for uri in storage.list_files(output_root, storage_options):
+        parts = uri.rstrip("/").split("/")
+        if parts[-1] != MANIFEST or parts[-2] == run_id:
+            continue
+        try:
+            m = read_json(uri, storage_options)
+        except (OSError, ValueError):
+            continue
+        if m.get("status") == "complete":
+            for f in m.get("input_files", []):
+                seen[f["uri"]] = f
+    return seen
+
+
+def summarize_sources(markers: list[dict]) -> dict[str, dict]:
+    """Per-source counts; rows_in = rows_labeled + rows_quarantined holds for every source."""
+    out: dict[str, dict] = {}
+    for m in markers:
+        s = out.setdefault(m["source"], {"rows_in": 0, "rows_labeled": 0, "rows_quarantined": 0, "units_in": 0,
+                                         "units_labeled": 0, "units_quarantined": 0, "tokens": 0,
+                                         "quarantine_reasons": Counter()})
+        s["rows_in"] += m["shard_rows"]
+        s["rows_labeled"] += m["rows_labeled"]
+        s["rows_quarantined"] += m["rows_quarantined"]
+        s["units_in"] += m["shard_units"]
+        s["units_labeled"] += m["labeled_units"]
+        s["units_quarantined"] += m["quarantined_units"]
+        s["tokens"] += m["tokens"]
+        s["quarantine_reasons"].update(m.get("reasons", {}))
+    for s in out.values():
+        s["quarantine_reasons"] = dict(s["quarantine_reasons"])
+    return out

@@ -1,0 +1,293 @@
+"""The labeling job's stages: tokenize (CPU) -> embed + score (model actors) -> write (CPU).
+
+Each stage declares the columns it reads and writes (see pipeline/schema.py for their meaning).
+A unit that fails in any stage is quarantined with a reason and carried on to the writer, so
+that every input unit ends in exactly one output file: labeled or quarantined.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline import schema, storage
+from pipeline.labeling.commit import contiguous_runs, part_name
+from pipeline.stage import Resources, Stage, StageError
+
+QUARANTINE_STAGE = "quarantine_stage"
+TOKEN_COLUMNS = [name for name, _ in schema.TOKEN_FIELDS]
+DEBIASED_PREFIX = "debiased_"  # r · T: the ratings after verbosity debiasing, which the score uses
+
+
+def _set_column(table: pa.Table, name: str, values, type_=None) -> pa.Table:
+    arr = values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values, type=type_)
+    if name in table.column_names:
+        return table.set_column(table.column_names.index(name), name, arr)
+    return table.append_column(name, arr)
+
+
+def _quarantine_stage_column(batch: pa.Table) -> list:
+    if QUARANTINE_STAGE in batch.column_names:
+        return batch.column(QUARANTINE_STAGE).to_pylist()
+    return ["read" if r is not None else None for r in batch.column("quarantine_reason").to_pylist()]
+
+
+class TokenizeStage(Stage):
+    """Chat template + tokenization, apart from the model so it never starves the accelerator.
+
+    A row whose unit fails (prefix check, over-long with the quarantine policy) is quarantined
+    whole: every unit of the row, so preference pairs and best-of-N groups stay intact.
+    """
+
+    name = "tokenize"
+    reads = ("row_id", "prompt", "response", "n_responses", "response_index", "quarantine_reason")
+    writes = tuple(TOKEN_COLUMNS) + ("quarantine_reason", QUARANTINE_STAGE)
+
+    def __init__(self, backbone: dict, template: dict, resources: Resources | None = None):
+        self.backbone_spec = backbone
+        self.template = template
+        self.resources = resources or Resources(num_cpus=0.25)
+
+    def setup(self) -> None:
+        from pipeline.embed.backbone import BackboneSpec, load_tokenizer
+        from pipeline.embed.templating import TemplatePolicy
+
+        spec = BackboneSpec.from_dict(self.backbone_spec)
+        self.tokenizer = load_tokenizer(spec)
+        self.kind = _backbone_kind(spec)
+        self.policy = TemplatePolicy(**self.template)
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        from pipeline.embed.templating import TemplateError, tokenize_many
+
+        n = batch.num_rows
+        reasons = batch.column("quarantine_reason").to_pylist()
+        stages = _quarantine_stage_column(batch)
+        row_ids = batch.column("row_id").to_pylist()
+        good = [i for i in range(n) if reasons[i] is None]
+        _check_rows_whole(batch, good, row_ids)
+        prompts = batch.column("prompt").to_pylist()
+        responses = batch.column("response").to_pylist()
+        results = tokenize_many(self.tokenizer, [prompts[i] for i in good], [responses[i] for i in good],
+                                self.policy, self.kind)
+        cols = {c: [None] * n for c in TOKEN_COLUMNS}
+        failed_rows: dict[str, str] = {}
+        for i, res in zip(good, results):
+            if isinstance(res, TemplateError):
+                failed_rows.setdefault(row_ids[i], res.reason)
+                continue
+            for c in TOKEN_COLUMNS:
+                cols[c][i] = getattr(res, c)
+        for i in good:
+            if row_ids[i] in failed_rows:
+                reasons[i] = failed_rows[row_ids[i]]
+                stages[i] = "template"
+                for c in TOKEN_COLUMNS:
+                    cols[c][i] = None
+        out = batch
+        for name, type_ in schema.TOKEN_FIELDS:
+            out = _set_column(out, name, cols[name], type_)
+        out = _set_column(out, "quarantine_reason", reasons, pa.string())
+        return _set_column(out, QUARANTINE_STAGE, stages, pa.string())
+
+
+def _backbone_kind(spec) -> str:
+    from pipeline.embed.backbone import resolve_kind
+
+    return resolve_kind(spec)
+
+
+def _check_rows_whole(batch: pa.Table, good: list[int], row_ids: list) -> None:
+    """Every good row must arrive with all its units (readers emit whole rows per shard)."""
+    n_resp = batch.column("n_responses").to_pylist()
+    seen = Counter(row_ids[i] for i in good)
+    for i in good:
+        if seen[row_ids[i]] != n_resp[i]:
+            raise StageError(f"row {row_ids[i]}: {seen[row_ids[i]]} of {n_resp[i]} units in one batch; "
+                             "batches must hold whole rows")
+
+
+@dataclass
+class ScoringModel:
+    """What the score stage needs to know about the model, without loading it."""
+
+    backbone: dict | None
+    heads: str | None
+    armorm_checkpoint: str | None
+    token_budget: int
+    embeddings: bool
+
+
+class EmbedScoreStage(Stage):
+    """One backbone forward pass per conversation, then the reward heads. Held by actors."""
+
+    name = "embed_score"
+    reads = ("input_ids", "prompt_end", "prompt_input_ids", "quarantine_reason")
+    writes = ("score", "backbone_fingerprint", "heads_fingerprint", "quarantine_reason", QUARANTINE_STAGE)
+
+    def __init__(self, model: ScoringModel, objectives: list[str], resources: Resources):
+        self.model = model
+        self.objectives = objectives
+        self.resources = resources
+
+    def setup(self) -> None:
+        from pipeline.embed.backbone import BackboneSpec, load_backbone
+        from pipeline.embed.engine import EmbeddingEngine
+
+        self.heads = None
+        if self.model.armorm_checkpoint:
+            from pipeline.heads.checkpoint import ArmoRMScorer
+
+            self.scorer = ArmoRMScorer(self.model.armorm_checkpoint)
+            self.backbone_fingerprint = self.scorer.fingerprint
+            self.heads_fingerprint = self.scorer.fingerprint
+            return
+        self.scorer = None
+        backbone = load_backbone(BackboneSpec.from_dict(self.model.backbone))
+        self.engine = EmbeddingEngine(backbone, token_budget=self.model.token_budget)
+        self.backbone_fingerprint = backbone.fingerprint
+        self.heads_fingerprint = None
+        if self.model.heads:
+            from pipeline.heads.model import ArmoHeads
+
+            self.heads = ArmoHeads.load(self.model.heads)
+            self.heads_fingerprint = self.heads.fingerprint
+            if list(self.heads.objectives) != list(self.objectives):
+                raise StageError(f"heads objectives {self.heads.objectives} != job objectives {self.objectives}")
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        reasons = batch.column("quarantine_reason").to_pylist()
+        stages = _quarantine_stage_column(batch)
+        good = np.array([i for i in range(n) if reasons[i] is None], dtype=np.int64)
+        k = len(self.objectives)
+        ratings = np.full((n, k), np.nan, np.float32)
+        debiased = np.full((n, k), np.nan, np.float32)
+        gates = np.full((n, k), np.nan, np.float32)
+        score = np.full(n, np.nan, np.float32)
+        emb = pemb = None
+        if len(good):
+            ids = batch.column("input_ids").take(pa.array(good)).to_pylist()
+            ends = batch.column("prompt_end").take(pa.array(good)).to_pylist()
+            pids = batch.column("prompt_input_ids").take(pa.array(good)).to_pylist()
+            if self.scorer is not None:
+                out = self.scorer.score(ids, ends)
+                ratings[good], gates[good], score[good] = out.rewards, out.gate, out.score
+                debiased[good] = out.debiased
+            else:
+                e = self.engine.embed(ids, ends, pids if any(p is not None for p in pids) else None)
+                if self.model.embeddings:
+                    emb, pemb = e.response, e.prompt
+                if self.heads is not None:
+                    out = self.heads.score(e.response, e.prompt)
+                    ratings[good], debiased[good] = out.rewards, out.debiased
+                    gates[good], score[good] = out.gate, out.score
+            if self.heads is not None or self.scorer is not None:
+                bad = good[~np.isfinite(score[good])]
+                for i in bad:
+                    reasons[i], stages[i] = "non-finite score", "score"
+        out_t = batch
+        for j, obj in enumerate(self.objectives):
+            out_t = _set_column(out_t, schema.objective_column(schema.RATING_PREFIX, obj), _masked(ratings[:, j]))
+            out_t = _set_column(out_t, schema.objective_column(DEBIASED_PREFIX, obj), _masked(debiased[:, j]))
+            out_t = _set_column(out_t, schema.objective_column(schema.GATE_PREFIX, obj), _masked(gates[:, j]))
+        out_t = _set_column(out_t, "score", _masked(score))
+        if self.model.embeddings:
+            h_resp = [None] * n
+            h_prompt = [None] * n
+            if emb is not None:
+                for row, i in enumerate(good):
+                    h_resp[i], h_prompt[i] = emb[row], pemb[row]
+            out_t = _set_column(out_t, "embedding", h_resp, pa.list_(pa.float32()))
+            out_t = _set_column(out_t, "prompt_embedding", h_prompt, pa.list_(pa.float32()))
+        out_t = _set_column(out_t, "backbone_fingerprint", [self.backbone_fingerprint] * n, pa.string())
+        out_t = _set_column(out_t, "heads_fingerprint", [self.heads_fingerprint] * n, pa.string())
+        out_t = _set_column(out_t, "quarantine_reason", reasons, pa.string())
+        return _set_column(out_t, QUARANTINE_STAGE, stages, pa.string())
+
+
+def _masked(values: np.ndarray) -> pa.Array:
+    return pa.array(values, type=pa.float32(), mask=np.isnan(values))
+
+
+def output_columns(objectives: list[str], embeddings: bool) -> pa.Schema:
+    base = schema.output_schema(objectives, with_embeddings=False)
+    extra = [pa.field(schema.objective_column(DEBIASED_PREFIX, o), pa.float32()) for o in objectives]
+    fields = list(base) + extra
+    if embeddings:
+        fields += [pa.field(n, t) for n, t in schema.EMBEDDING_FIELDS]
+    return pa.schema(fields)
+
+
+class WriteStage(Stage):
+    """Writes each contiguous range of a shard's units to files named after the shard and range
+    (labeled units to data/, quarantined ones to quarantine/), atomically, and returns one summary
+    row per range for the driver's ledger."""
+
+    name = "write"
+    reads = ("shard_id", "shard_unit", "shard_units", "shard_rows", "quarantine_reason", "response_index")
+    writes = ("shard_id", "first", "last", "files")
+
+    def __init__(self, run_dir: str, run_id: str, objectives: list[str], embeddings: bool,
+                 storage_options: dict | None, resources: Resources | None = None):
+        self.run_dir = run_dir
+        self.run_id = run_id
+        self.out_schema = output_columns(objectives, embeddings)
+        self.storage_options = storage_options
+        self.resources = resources or Resources(num_cpus=0.25)
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        batch = _set_column(batch, "run_id", [self.run_id] * n, pa.string())
+        if QUARANTINE_STAGE not in batch.column_names:
+            batch = _set_column(batch, QUARANTINE_STAGE, _quarantine_stage_column(batch), pa.string())
+        shard_ids = batch.column("shard_id").to_numpy(zero_copy_only=False)
+        summaries = defaultdict(list)
+        for sid in np.unique(shard_ids):
+            positions = np.nonzero(shard_ids == sid)[0]
+            shard = batch.take(pa.array(positions))
+            units = shard.column("shard_unit").to_numpy()
+            for first, last, pos in contiguous_runs(units):
+                summary = self._write_range(shard.take(pa.array(pos)), str(sid), first, last)
+                for key, value in summary.items():
+                    summaries[key].append(value)
+        return pa.table(summaries)
+
+    def _write_range(self, part: pa.Table, sid: str, first: int, last: int) -> dict:
+        bad_mask = pc.is_valid(part.column("quarantine_reason"))
+        good, bad = part.filter(pc.invert(bad_mask)), part.filter(bad_mask)
+        name = part_name(sid, first, last)
+        files = []
+        if good.num_rows:
+            uri = storage.join(self.run_dir, "data", name)
+            _write_parquet(uri, good.select(self.out_schema.names).cast(self.out_schema), self.storage_options)
+            files.append(uri)
+        if bad.num_rows:
+            bad = _set_column(bad, "stage", bad.column(QUARANTINE_STAGE))
+            uri = storage.join(self.run_dir, "quarantine", name)
+            q = bad.select(schema.QUARANTINE_SCHEMA.names).cast(schema.QUARANTINE_SCHEMA)
+            _write_parquet(uri, q, self.storage_options)
+            files.append(uri)
+        first_units = pc.equal(part.column("response_index"), 0)
+        tokens = pc.sum(good.column("total_tokens")).as_py() if good.num_rows else 0
+        return {
+            "shard_id": sid, "first": first, "last": last,
+            "source": part.column("source")[0].as_py(), "source_uri": part.column("source_uri")[0].as_py(),
+            "shard_units": part.column("shard_units")[0].as_py(), "shard_rows": part.column("shard_rows")[0].as_py(),
+            "units": part.num_rows, "labeled_units": good.num_rows, "quarantined_units": bad.num_rows,
+            "rows_labeled": pc.sum(pc.and_(first_units, pc.invert(bad_mask))).as_py() or 0,
+            "rows_quarantined": pc.sum(pc.and_(first_units, bad_mask)).as_py() or 0,
+            "tokens": tokens or 0,
+            "reasons": json.dumps(Counter(bad.column("quarantine_reason").to_pylist())),
+            "files": files,
+        }
+
+
+def _write_parquet(uri: str, table: pa.Table, storage_options: dict | None) -> None:
+    storage.write_atomic(uri, lambda f: pq.write_table(table, f, compression="zstd"), storage_options)

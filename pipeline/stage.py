@@ -1,0 +1,97 @@
+"""Processing stages and the one place that turns them into Ray Data operators.
+
+A stage is a small class that declares the columns it reads and writes and the resources it
+wants; it transforms one pyarrow Table into another and never talks to Ray. `apply_stage`
+is the adapter: tasks for cheap stateless stages, an actor pool for stages that hold a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+
+@dataclass
+class Resources:
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    custom: dict[str, float] = field(default_factory=dict)  # e.g. {"scorer": 1}
+    actors: int | tuple[int, int] | None = None  # None: stateless tasks; int or (min, max): an actor pool
+    batch_size: int | None = None  # rows per call; None: one whole block (one shard) per call
+
+
+class StageError(RuntimeError):
+    pass
+
+
+class Stage:
+    """Subclasses set `name`, `reads`, `writes`, and implement `process`; `setup` runs once per
+    worker process (load a model there, not in __init__, so the stage object stays small to ship)."""
+
+    name: str = "stage"
+    reads: tuple[str, ...] = ()
+    writes: tuple[str, ...] = ()
+    resources: Resources = Resources()
+
+    def setup(self) -> None:
+        pass
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        raise NotImplementedError
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        missing = [c for c in self.reads if c not in batch.column_names]
+        if missing:
+            raise StageError(f"stage {self.name}: input lacks columns {missing}")
+        out = self.process(batch)
+        missing = [c for c in self.writes if c not in out.column_names]
+        if missing:
+            raise StageError(f"stage {self.name}: output lacks declared columns {missing}")
+        return out
+
+
+class _StageActor:
+    """Actor wrapper: one stage instance (and its model) per actor process."""
+
+    def __init__(self, stage: Stage):
+        self.stage = stage
+        self.stage.setup()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return self.stage(batch)
+
+
+def _stage_task(stage: Stage):
+    ready = {"done": False}
+
+    def run(batch: pa.Table) -> pa.Table:
+        # Ray reuses worker processes; setup is cached by the stage (e.g. per-process model cache).
+        if not ready["done"]:
+            stage.setup()
+            ready["done"] = True
+        return stage(batch)
+
+    return run
+
+
+def apply_stage(ds, stage: Stage, resources: Resources | None = None, **ray_remote_args: Any):
+    """Add a stage to a Ray Dataset plan."""
+    res = resources or stage.resources
+    common: dict[str, Any] = dict(batch_format="pyarrow", batch_size=res.batch_size, zero_copy_batch=True)
+    if res.num_gpus:
+        common["num_gpus"] = res.num_gpus
+    common["num_cpus"] = res.num_cpus
+    if res.custom:
+        ray_remote_args = {**ray_remote_args, "resources": dict(res.custom)}
+    if res.actors is None:
+        return ds.map_batches(_stage_task(stage), **common, **ray_remote_args)
+    from ray.data import ActorPoolStrategy
+
+    lo, hi = (res.actors, res.actors) if isinstance(res.actors, int) else res.actors
+    # initial_size=max: the whole pool starts at once instead of ramping up one actor at a time.
+    pool = ActorPoolStrategy(min_size=lo, max_size=hi, initial_size=hi)
+    # Actors that die are restarted and their in-flight batches retried elsewhere.
+    ray_remote_args = {"max_restarts": -1, "max_task_retries": -1, **ray_remote_args}
+    return ds.map_batches(_StageActor, fn_constructor_args=(stage,), compute=pool, **common, **ray_remote_args)
