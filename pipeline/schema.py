@@ -3,8 +3,8 @@
 A *unit* is one conversation to score: a prompt (chat messages) plus one response. Readers turn
 every input row into one unit per response (a preference row gives two, a best-of-N row gives N),
 or into one quarantine unit when the row is bad. Every later stage reads and writes the columns
-named here, and the annotated Parquet output is `OUTPUT_FIXED` plus one rating and one gate
-column per objective.
+named here, and the annotated Parquet output is `OUTPUT_FIXED` plus, per objective, a rating, a debiased
+rating and a gate column.
 """
 
 from __future__ import annotations
@@ -87,8 +87,9 @@ OUTPUT_FIXED_FIELDS = [
     ("heads_fingerprint", pa.string()),
     ("run_id", pa.string()),
 ]
-RATING_PREFIX = "rating_"  # per-objective absolute rating, after verbosity debiasing (r · T)
-GATE_PREFIX = "gate_"      # per-objective gate weight (sums to the learned scale beta)
+RATING_PREFIX = "rating_"      # per-objective absolute rating from the regression head (r)
+DEBIASED_PREFIX = "debiased_"  # the same after verbosity debiasing (r · T): what the score combines
+GATE_PREFIX = "gate_"          # per-objective gate weight (sums to the learned scale beta)
 EMBEDDING_FIELDS = [("embedding", pa.list_(pa.float32())), ("prompt_embedding", pa.list_(pa.float32()))]
 
 QUARANTINE_FIELDS = [
@@ -113,6 +114,7 @@ def objective_column(prefix: str, objective: str) -> str:
 def output_schema(objectives: list[str], with_embeddings: bool = False) -> pa.Schema:
     fields = list(OUTPUT_FIXED_FIELDS)
     fields += [(objective_column(RATING_PREFIX, o), pa.float32()) for o in objectives]
+    fields += [(objective_column(DEBIASED_PREFIX, o), pa.float32()) for o in objectives]
     fields += [(objective_column(GATE_PREFIX, o), pa.float32()) for o in objectives]
     if with_embeddings:
         fields += EMBEDDING_FIELDS

@@ -22,7 +22,7 @@ from pipeline.stage import Resources, Stage, StageError
 
 QUARANTINE_STAGE = "quarantine_stage"
 TOKEN_COLUMNS = [name for name, _ in schema.TOKEN_FIELDS]
-DEBIASED_PREFIX = "debiased_"  # r · T: the ratings after verbosity debiasing, which the score uses
+DEBIASED_PREFIX = schema.DEBIASED_PREFIX
 
 
 def _set_column(table: pa.Table, name: str, values, type_=None) -> pa.Table:
@@ -217,12 +217,7 @@ def _masked(values: np.ndarray) -> pa.Array:
 
 
 def output_columns(objectives: list[str], embeddings: bool) -> pa.Schema:
-    base = schema.output_schema(objectives, with_embeddings=False)
-    extra = [pa.field(schema.objective_column(DEBIASED_PREFIX, o), pa.float32()) for o in objectives]
-    fields = list(base) + extra
-    if embeddings:
-        fields += [pa.field(n, t) for n, t in schema.EMBEDDING_FIELDS]
-    return pa.schema(fields)
+    return schema.output_schema(objectives, with_embeddings=embeddings)
 
 
 class WriteStage(Stage):
