@@ -1,0 +1,16 @@
+"""The embedding engine: frozen backbone, chat templating, token-budget batching, embedding cache."""
+
+from pipeline.embed.backbone import Backbone, BackboneSpec, load_backbone, load_tokenizer
+from pipeline.embed.batching import check_permutation, plan_batches, plan_packs, restore_order
+from pipeline.embed.cache import EmbeddingCacheMismatch, read_embedding_cache, write_embedding_cache
+from pipeline.embed.engine import EmbeddingEngine, Embeddings
+from pipeline.embed.templating import (TemplateError, TemplatePolicy, TokenizedConversation, tokenize_conversation,
+                                       tokenize_many)
+
+__all__ = [
+    "Backbone", "BackboneSpec", "load_backbone", "load_tokenizer",
+    "check_permutation", "plan_batches", "plan_packs", "restore_order",
+    "EmbeddingCacheMismatch", "read_embedding_cache", "write_embedding_cache",
+    "EmbeddingEngine", "Embeddings",
+    "TemplateError", "TemplatePolicy", "TokenizedConversation", "tokenize_conversation", "tokenize_many",
+]
