@@ -1,0 +1,43 @@
+"""Turn a labeled run into training data: SFT selection, DPO pairs, best-of-N reranking, calibration.
+
+    python -m jobs.curate --config jobs/configs/curate_dpo.yaml
+    ray job submit --working-dir . -- python -m jobs.curate --config jobs/configs/curate_dpo.yaml
+
+Locally it starts an embedded Ray; under `ray job submit` it joins the cluster. Output files are
+named by hash partition, so a rerun replaces them instead of adding duplicates. The manifest next
+to the output says how many rows each filter removed and which pairs were kept, flipped or dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pipeline.curation.config import ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m jobs.curate", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", required=True, help="YAML curation config")
+    ap.add_argument("--run", help="override the labeled run directory to read")
+    ap.add_argument("--output", help="override the output directory (calibrate: the JSON file)")
+    ap.add_argument("--task", help="override the task (sft | dpo | rerank | calibrate)")
+    args = ap.parse_args(argv)
+    overrides = {k: v for k, v in {"run": args.run, "output": args.output, "task": args.task}.items() if v}
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from pipeline.curation.job import run
+
+    man = run(cfg)
+    summary = {k: man[k] for k in ("task", "rows_in", "rows_out", "filters", "pairs", "agreement", "temperature",
+                                   "output") if k in man}
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Row filters over annotated units: absolute cut-offs and quantile cut-offs fitted on the whole run.
+
+A filter names one column (or an objective, resolved to its rating/gate column) and exactly one rule:
+
+    min: v             keep value >= v
+    max: v             keep value <= v
+    above_quantile: q  keep value >  Q(q)   (Q: numpy's default linear quantile over the whole run;
+                                              `above_quantile: 0.5` is "above its median")
+    below_quantile: q  keep value <  Q(q)
+    top: f             keep the best fraction f: value >= the k-th largest value, k = ceil(f * n)
+                       (rows tied with the k-th value are kept too)
+    bottom: f          keep value <= the k-th smallest value, k = ceil(f * n)
+
+Quantile rules are *resolved* once, on every value of the column in the run (not per file or per
+block), into an absolute cut-off; after that every filter is a plain comparison that any worker can
+apply to any block. A missing value (null / NaN) never passes a filter.
+
+Counting: filters apply in the order given. `removed` is how many rows each filter removed from
+what the filters before it left (so the removals add up to rows_in - rows_out); `failed` is how
+many rows fail it on its own.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+
+from pipeline import schema
+
+RULES = ("min", "max", "above_quantile", "below_quantile", "top", "bottom")
+QUANTILE_RULES = ("above_quantile", "below_quantile", "top", "bottom")
+
+
+class FilterError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Filter:
+    column: str
+    rule: str
+    value: float
+    cutoff: float | None = None   # absolute cut-off: `value` for min/max, resolved for quantile rules
+    label: str = ""               # what the user wrote, for manifests and the report
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Filter":
+        """{column|objective, [field: rating|gate], <rule>: value}."""
+        if not isinstance(d, dict):
+            raise FilterError(f"a filter must be a mapping, got {d!r}")
+        d = dict(d)
+        column, objective = d.pop("column", None), d.pop("objective", None)
+        field = d.pop("field", "rating")
+        if (column is None) == (objective is None):
+            raise FilterError(f"filter {d}: give exactly one of 'column' or 'objective'")
+        if objective is not None:
+            if field not in ("rating", "gate"):
+                raise FilterError(f"filter on {objective}: field must be 'rating' or 'gate', not {field!r}")
+            prefix = schema.RATING_PREFIX if field == "rating" else schema.GATE_PREFIX
+            column = schema.objective_column(prefix, objective)
+        rules = [k for k in d if k in RULES]
+        unknown = sorted(set(d) - set(RULES))
+        if unknown:
+            raise FilterError(f"filter on {column}: unknown key(s) {unknown}; rules: {list(RULES)}")
+        if len(rules) != 1:
+            raise FilterError(f"filter on {column}: give exactly one rule of {list(RULES)}, got {rules}")
+        rule = rules[0]
+        try:
+            value = float(d[rule])
+        except (TypeError, ValueError):
+            raise FilterError(f"filter on {column}: {rule} must be a number, got {d[rule]!r}") from None
+        if rule in ("above_quantile", "below_quantile") and not 0.0 <= value <= 1.0:
+            raise FilterError(f"filter on {column}: {rule} must be in [0, 1], got {value}")
+        if rule in ("top", "bottom") and not 0.0 < value <= 1.0:
+            raise FilterError(f"filter on {column}: {rule} is a fraction in (0, 1], got {value}")
+        label = f"{objective or column} {rule} {d[rule]}" + (f" ({field})" if objective and field != "rating" else "")
+        cutoff = value if rule in ("min", "max") else None
+        return cls(column=column, rule=rule, value=value, cutoff=cutoff, label=label)
+
+    @property
+    def needs_fit(self) -> bool:
+        return self.rule in QUANTILE_RULES
+
+    def resolved(self, values: np.ndarray) -> "Filter":
+        """This filter with its absolute cut-off computed from every value of the column in the run."""
+        if not self.needs_fit:
+            return self
+        v = np.asarray(values, dtype=np.float64)
+        v = v[~np.isnan(v)]
+        if len(v) == 0:
+            raise FilterError(f"filter {self.label}: column {self.column} has no values to take a quantile of")
+        if self.rule == "above_quantile":
+            cutoff = float(np.quantile(v, self.value))
+        elif self.rule == "below_quantile":
+            cutoff = float(np.quantile(v, self.value))
+        else:
+            k = max(1, math.ceil(self.value * len(v)))
+            ordered = np.sort(v)
+            cutoff = float(ordered[len(v) - k] if self.rule == "top" else ordered[k - 1])
+        return Filter(self.column, self.rule, self.value, cutoff, self.label)
+
+    def passes(self, values) -> np.ndarray:
+        if self.cutoff is None:
+            raise FilterError(f"filter {self.label}: quantile cut-off not resolved (call resolve_filters first)")
+        v = np.asarray(pd.to_numeric(pd.Series(values), errors="coerce"), dtype=np.float64)
+        with np.errstate(invalid="ignore"):
+            if self.rule in ("min", "top"):
+                ok = v >= self.cutoff
+            elif self.rule in ("max", "bottom"):
+                ok = v <= self.cutoff
+            elif self.rule == "above_quantile":
+                ok = v > self.cutoff
+            else:
+                ok = v < self.cutoff
+        return ok & ~np.isnan(v)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_filters(items: list[dict] | None) -> list[Filter]:
+    return [Filter.from_dict(d) for d in (items or [])]
+
+
+def columns_to_fit(filters: list[Filter]) -> list[str]:
+    """Columns whose whole-run values are needed before filtering (the first pass)."""
+    return sorted({f.column for f in filters if f.needs_fit})
+
+
+def resolve_filters(filters: list[Filter], column_values: dict[str, np.ndarray]) -> list[Filter]:
+    return [f.resolved(column_values[f.column]) if f.needs_fit else f for f in filters]
+
+
+def apply_filters(df: pd.DataFrame, filters: list[Filter]) -> tuple[np.ndarray, list[dict]]:
+    """Boolean keep-mask over df's rows and, per filter, {label, column, cutoff, removed, failed}."""
+    keep = np.ones(len(df), dtype=bool)
+    counts = []
+    for f in filters:
+        if f.column not in df.columns:
+            raise FilterError(f"filter {f.label}: no column {f.column!r} in the data")
+        ok = f.passes(df[f.column].to_numpy())
+        counts.append({"label": f.label, "column": f.column, "rule": f.rule, "value": f.value, "cutoff": f.cutoff,
+                       "removed": int(np.sum(keep & ~ok)), "failed": int(np.sum(~ok))})
+        keep &= ok
+    return keep, counts
+
+
+def merge_filter_counts(parts: list[list[dict]]) -> list[dict]:
+    """Sum per-block filter counts (same filters, same order) into run totals."""
+    parts = [p for p in parts if p]
+    if not parts:
+        return []
+    out = [dict(c) for c in parts[0]]
+    for p in parts[1:]:
+        for total, c in zip(out, p):
+            total["removed"] += c["removed"]
+            total["failed"] += c["failed"]
+    return out
+
+
+def best_per_prompt(df: pd.DataFrame, score_column: str = "score") -> np.ndarray:
+    """Mask keeping one row per prompt_id: the highest score; ties go to the smallest unit_id so the
+    choice does not depend on row order. Rows without a score are never chosen."""
+    neg_score = -pd.to_numeric(df[score_column], errors="coerce").to_numpy(dtype=np.float64)
+    t = pd.DataFrame({"p": df["prompt_id"].to_numpy(), "s": neg_score, "u": df["unit_id"].to_numpy(),
+                      "pos": np.arange(len(df))})
+    t = t[~np.isnan(neg_score)].sort_values(["p", "s", "u"], kind="mergesort")
+    keep = np.zeros(len(df), dtype=bool)
+    keep[t.drop_duplicates("p", keep="first")["pos"].to_numpy()] = True
+    return keep
