@@ -1,0 +1,159 @@
+"""What to read: an input spec, and the concrete files it names."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import posixpath
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline import storage
+
+FILE_FORMATS = ("auto", "jsonl", "json", "parquet", "hf_dataset")
+
+# Extensions recognised when a directory or glob is expanded, and what they mean.
+_EXTENSIONS = {
+    ".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".ndjson": "jsonl", ".ndjson.gz": "jsonl",
+    ".json": "json", ".json.gz": "json",
+    ".parquet": "parquet", ".pq": "parquet",
+}
+# Files that mark a `datasets.save_to_disk` directory (a Dataset, or a DatasetDict of splits).
+HF_MARKERS = ("state.json", "dataset_dict.json")
+
+
+class InputSpecError(ValueError):
+    pass
+
+
+@dataclass
+class InputSpec:
+    path: str | list[str]                 # file, directory, glob or s3:// URI of any of those (or a list)
+    format: str = "auto"                  # adapter name, see pipeline.corpus.adapters.ADAPTERS
+    source: str | None = None             # corpus name; default from the adapter, else the file name
+    columns: dict | None = None           # column mapping for the "mapping" adapter
+    kind: str | None = None               # expected kind of every row (checked), e.g. "preference"
+    file_format: str = "auto"             # jsonl | json | parquet | hf_dataset; auto from the name
+    storage_options: dict | None = None   # passed to pipeline.storage.filesystem
+    options: dict = field(default_factory=dict)  # adapter options
+
+    def __post_init__(self):
+        from pipeline.corpus.adapters import ADAPTERS, check_columns
+        from pipeline.schema import KINDS
+
+        if not self.path or not isinstance(self.path, (str, list)):
+            raise InputSpecError(f"path: expected a non-empty string or list of strings, got {self.path!r}")
+        if self.format not in ADAPTERS:
+            raise InputSpecError(f"format: unknown adapter {self.format!r}; known: {sorted(ADAPTERS)}")
+        if self.file_format not in FILE_FORMATS:
+            raise InputSpecError(f"file_format: expected one of {FILE_FORMATS}, got {self.file_format!r}")
+        if self.kind is not None and self.kind not in KINDS:
+            raise InputSpecError(f"kind: expected one of {KINDS}, got {self.kind!r}")
+        if self.format == "mapping" and not self.columns:
+            raise InputSpecError("format 'mapping' needs columns, e.g. {'prompt': 'question', 'response': 'answer'}")
+        if self.columns is not None and not isinstance(self.columns, dict):
+            raise InputSpecError(f"columns: expected a mapping, got {type(self.columns).__name__}")
+        if self.columns is not None and self.format not in ("mapping", "auto"):
+            raise InputSpecError(f"columns: only used by format 'mapping', not {self.format!r}")
+        if self.columns is not None:
+            if self.format == "auto":
+                self.format = "mapping"  # giving columns means asking for the mapping adapter
+            try:
+                check_columns(self.columns)
+            except (ValueError, KeyError) as e:
+                raise InputSpecError(str(e).strip('"')) from None
+        if not isinstance(self.options, dict):
+            raise InputSpecError(f"options: expected a mapping, got {type(self.options).__name__}")
+        self.storage_options = self.storage_options or None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "InputSpec":
+        if isinstance(d, InputSpec):
+            return d
+        if not isinstance(d, dict):
+            raise InputSpecError(f"input spec: expected a mapping, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise InputSpecError(f"input spec: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        if "path" not in d:
+            raise InputSpecError("input spec: missing required key 'path'")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def paths(self) -> list[str]:
+        return [self.path] if isinstance(self.path, str) else list(self.path)
+
+
+def file_format_of(uri: str, spec: InputSpec | None = None, is_dir: bool = False) -> str | None:
+    """The file format for one concrete input: the spec's choice, else the directory layout or
+    the file name's extension; None when unknown."""
+    if spec is not None and spec.file_format != "auto":
+        return spec.file_format
+    if is_dir:
+        return "hf_dataset"
+    name = uri.lower().rstrip("/")
+    for ext in sorted(_EXTENSIONS, key=len, reverse=True):
+        if name.endswith(ext):
+            return _EXTENSIONS[ext]
+    return None
+
+
+def _normalise_local(path: str) -> str:
+    # The same file named two ways ("a/../b", relative) must get the same source_uri and shard ids.
+    return os.path.abspath(path)
+
+
+def _is_hf_dir(fs, path: str) -> bool:
+    return any(fs.exists(posixpath.join(path, m)) for m in HF_MARKERS)
+
+
+def expand_files(spec: InputSpec) -> list[str]:
+    """Sorted concrete inputs named by the spec: files, plus `save_to_disk` directories (each one input).
+
+    A directory is searched recursively for files with a known extension (or every file when the
+    spec names a file_format); hidden files are skipped.
+    """
+    found: set[str] = set()
+    for pattern in spec.paths():
+        fs, path = storage.filesystem(pattern, spec.storage_options)
+        remote = storage.is_remote(pattern)
+        if any(c in pattern for c in "*?["):
+            matches = sorted(fs.glob(path))
+        else:
+            matches = [path] if fs.exists(path) else []
+        if not matches:
+            raise InputSpecError(f"no input matches {pattern!r}")
+        before = len(found)
+        for m in matches:
+            if fs.isdir(m):
+                found.update(_expand_dir(fs, m, spec))
+            else:
+                found.add(storage.to_uri(fs, m))
+        if len(found) == before:
+            raise InputSpecError(f"no readable input files under {pattern!r} "
+                                 f"(looked for {sorted(set(_EXTENSIONS))} and datasets.save_to_disk folders)")
+        if not remote:
+            found = {_normalise_local(u) for u in found}
+    return sorted(found)
+
+
+def _expand_dir(fs, path: str, spec: InputSpec) -> list[str]:
+    if _is_hf_dir(fs, path):
+        return [storage.to_uri(fs, path)]
+    files = fs.find(path)
+    hf_dirs = sorted({posixpath.dirname(f) for f in files if posixpath.basename(f) in HF_MARKERS})
+    # A split folder inside a DatasetDict folder belongs to the DatasetDict.
+    hf_dirs = [d for d in hf_dirs if not any(d != o and d.startswith(o.rstrip("/") + "/") for o in hf_dirs)]
+    out = [storage.to_uri(fs, d) for d in hf_dirs]
+    for f in files:
+        rel = f[len(path):].lstrip("/")
+        if any(part.startswith((".", "_")) for part in rel.split("/")):
+            continue
+        if any(f.startswith(d.rstrip("/") + "/") for d in hf_dirs):
+            continue
+        if spec.file_format != "auto" or file_format_of(f) is not None:
+            out.append(storage.to_uri(fs, f))
+    return out
