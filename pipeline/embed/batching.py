@@ -43,14 +43,15 @@ def plan_batches(lengths: Sequence[int], token_budget: int, max_rows: int | None
 
 def check_permutation(batches: Sequence[np.ndarray], n: int) -> None:
     """Raise if the batches do not hold each of 0..n-1 exactly once (a row lost or duplicated)."""
-    flat = np.concatenate([np.asarray(b, dtype=np.int64).reshape(-1) for b in batches]) if len(batches) else np.zeros(0, np.int64)
-    if flat.size != n:
-        raise AssertionError(f"batches hold {flat.size} rows, expected {n}")
-    counts = np.bincount(flat[(flat >= 0) & (flat < n)], minlength=n) if n else np.zeros(0, np.int64)
-    if ((flat < 0) | (flat >= n)).any() or (counts != 1).any():
+    flat = (np.concatenate([np.asarray(b, dtype=np.int64).reshape(-1) for b in batches])
+            if len(batches) else np.zeros(0, np.int64))
+    outside = (flat < 0) | (flat >= n)
+    counts = np.bincount(flat[~outside], minlength=n)
+    if flat.size != n or outside.any() or (counts != 1).any():
         lost = np.flatnonzero(counts == 0)[:5].tolist()
         twice = np.flatnonzero(counts > 1)[:5].tolist()
-        raise AssertionError(f"batches are not a permutation of 0..{n - 1}: lost {lost}, duplicated {twice}")
+        raise AssertionError(f"batches hold {flat.size} rows, not a permutation of 0..{n - 1}: "
+                             f"lost {lost}, duplicated {twice}, out of range {flat[outside][:5].tolist()}")
 
 
 def restore_order(batches: Sequence[np.ndarray], outputs: Sequence[np.ndarray], n: int) -> np.ndarray:
