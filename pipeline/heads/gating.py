@@ -131,7 +131,7 @@ def train_gating(prompt_emb, debiased_chosen, debiased_rejected, *, val_prompt_e
             sched.step()
             if has_val and (step % eval_every == 0 or step == steps):
                 acc, vloss = _pair_eval(net, VP, VC, VR)
-                history.append({"step": step, "train_loss": float(loss), "val_accuracy": acc, "val_loss": vloss})
+                history.append({"step": step, "train_loss": float(loss.detach()), "val_accuracy": acc, "val_loss": vloss})
                 key = (acc, -vloss)
                 if best_key is None or key > best_key:
                     best_key, best_step, best_state = key, step, copy.deepcopy(net.state_dict())
