@@ -54,7 +54,7 @@ def _byte_chunks(f, compressed: bool) -> Iterator[bytes]:
             try:
                 chunk = f.read(CHUNK_BYTES)
             except OSError as e:
-                raise CorruptStream(f"read error: {e}") from e
+                raise CorruptStream(f"unreadable file: read error ({e})") from e
             if not chunk:
                 return
             yield chunk
@@ -66,17 +66,17 @@ def _byte_chunks(f, compressed: bool) -> Iterator[bytes]:
         try:
             chunk = f.read(CHUNK_BYTES)
         except OSError as e:
-            raise CorruptStream(f"read error: {e}") from e
+            raise CorruptStream(f"unreadable file: read error ({e})") from e
         if not chunk:
             if started and not inflater.eof:
-                raise CorruptStream("compressed file ended before the end-of-stream marker (truncated gzip)")
+                raise CorruptStream("truncated compressed file: the gzip stream ends before its end marker")
             return
         while chunk:
             started = True
             try:
                 out = inflater.decompress(chunk)
             except zlib.error as e:
-                raise CorruptStream(f"corrupt gzip data: {e}") from e
+                raise CorruptStream(f"corrupt compressed file: {e}") from e
             if out:
                 yield out
             if inflater.eof:
