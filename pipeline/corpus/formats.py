@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from pipeline import storage
 
 CHUNK_BYTES = 1 << 20
+INFLATE_STEP_BYTES = 1 << 14
 PARQUET_BATCH_ROWS = 1024
 _UNDECODABLE = ("\udc80", "\udcff")  # surrogateescape maps each invalid byte into this range
 
@@ -73,18 +74,18 @@ def _byte_chunks(f, compressed: bool) -> Iterator[bytes]:
             return
         while chunk:
             started = True
+            # Inflate in small steps: when corrupt data raises, only the current step's output is lost.
+            piece, chunk = chunk[:INFLATE_STEP_BYTES], chunk[INFLATE_STEP_BYTES:]
             try:
-                out = inflater.decompress(chunk)
+                out = inflater.decompress(piece)
             except zlib.error as e:
                 raise CorruptStream(f"corrupt compressed file: {e}") from e
             if out:
                 yield out
             if inflater.eof:
-                chunk = inflater.unused_data.lstrip(b"\x00")  # next member, if any (zero padding allowed)
+                chunk = (inflater.unused_data + chunk).lstrip(b"\x00")  # next member, if any (zero padding allowed)
                 inflater = zlib.decompressobj(wbits=31)
                 started = False
-            else:
-                chunk = b""
 
 
 def _is_gzip(uri: str) -> bool:
