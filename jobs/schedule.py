@@ -1,0 +1,205 @@
+"""Submit a labeling job on a schedule, at most once per (job, date, config).
+
+    python -m jobs.schedule --address http://127.0.0.1:8265 --config jobs/configs/x.yaml \
+        [--date 2026-11-23] [--job-name x] [--incremental] [--resubmit-failed] [--dry-run]
+        [--working-dir .] [--entrypoint "python -m jobs.label --config {config} --run-id {run_id}"]
+
+The submission id is `<job_name>-<date>-<config_hash8>`, where config_hash8 is the first 8 hex
+digits of the sha256 of the canonical config (parsed YAML as sorted, compact JSON: comments,
+key order and formatting do not matter). Ray refuses a second job with an existing submission
+id, so a retried cron run, or two schedulers racing, never start the same job twice.
+
+Before submitting, the scheduler looks for jobs of that id on the cluster:
+- none                     -> submit `<id>`
+- PENDING/RUNNING/SUCCEEDED -> submit nothing, report the existing id (exit 0)
+- only FAILED/STOPPED      -> submit nothing and exit 3, unless --resubmit-failed: then submit
+                              `<id>-retry<n>`; it runs with the same run id, so the labeling job
+                              resumes (committed shards are skipped).
+
+The job runs `python -m jobs.label --config <config> --run-id <id>` with the current directory
+as its working dir. Token auth: the token comes from RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (or
+~/.ray/auth_token with RAY_AUTH_MODE=token), as for the `ray` CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import os
+import re
+import shlex
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+ACTIVE = {"PENDING", "RUNNING"}
+RETRYABLE = {"FAILED", "STOPPED"}
+SCHEDULE_KEY = "armolabel.schedule"   # job metadata naming the schedule slot a job belongs to
+EXIT_PREVIOUS_FAILED = 3
+# Not shipped to the cluster with the working dir (on top of what .gitignore excludes).
+WORKING_DIR_EXCLUDES = [".git", ".venv", "runs", "__pycache__", "*.egg-info", ".pytest_cache"]
+
+
+# ---- pure parts: identity and the decision -------------------------------------------------
+
+def canonical_config(text: str) -> str:
+    """The config's content independent of comments, key order and formatting."""
+    return json.dumps(yaml.safe_load(text), sort_keys=True, separators=(",", ":"), default=str)
+
+
+def config_hash(text: str) -> str:
+    return hashlib.sha256(canonical_config(text).encode()).hexdigest()
+
+
+def submission_id(job_name: str, date: str, config_sha256: str) -> str:
+    """`<job_name>-<date>-<hash8>`; the name is reduced to characters safe in ids and paths."""
+    name = re.sub(r"[^A-Za-z0-9_.]+", "-", job_name).strip("-.") or "job"
+    dt.date.fromisoformat(date)  # refuse anything but YYYY-MM-DD
+    return f"{name}-{date}-{config_sha256[:8]}"
+
+
+@dataclass(frozen=True)
+class ExistingJob:
+    submission_id: str
+    status: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str                   # "submit" | "exists" | "previous_failed"
+    submission_id: str            # the id to submit, or the existing job that decided it
+    status: str | None = None     # status of that existing job
+
+
+def retry_index(base_id: str, job_id: str) -> int | None:
+    """0 for the base id, n for `<base>-retry<n>`, None for an unrelated job."""
+    if job_id == base_id:
+        return 0
+    m = re.fullmatch(re.escape(base_id) + r"-retry(\d+)", job_id)
+    return int(m.group(1)) if m else None
+
+
+def decide(base_id: str, existing: Iterable[ExistingJob], resubmit_failed: bool = False) -> Decision:
+    """What to do for one schedule slot, given the cluster's jobs."""
+    attempts = sorted(((retry_index(base_id, j.submission_id), j) for j in existing
+                       if retry_index(base_id, j.submission_id) is not None), key=lambda t: t[0])
+    if not attempts:
+        return Decision("submit", base_id)
+    for _, job in attempts:
+        if job.status not in RETRYABLE:   # running, pending or done: nothing to do
+            return Decision("exists", job.submission_id, job.status)
+    last_index, last = attempts[-1]
+    if not resubmit_failed:
+        return Decision("previous_failed", last.submission_id, last.status)
+    return Decision("submit", f"{base_id}-retry{last_index + 1}")
+
+
+# ---- talking to the cluster ----------------------------------------------------------------
+
+def auth_headers(env: dict[str, str] | None = None) -> dict[str, str]:
+    """An explicit bearer header when a token is given by env var or file; otherwise Ray's own
+    lookup applies (~/.ray/auth_token when RAY_AUTH_MODE=token)."""
+    env = os.environ if env is None else env
+    token = env.get("RAY_AUTH_TOKEN")
+    if not token and env.get("RAY_AUTH_TOKEN_PATH"):
+        token = Path(env["RAY_AUTH_TOKEN_PATH"]).expanduser().read_text().strip()
+    return {"Authorization": f"Bearer {token.strip()}"} if token else {}
+
+
+def existing_jobs(client, base_id: str) -> list[ExistingJob]:
+    return [ExistingJob(j.submission_id, str(j.status)) for j in client.list_jobs()
+            if j.submission_id and retry_index(base_id, j.submission_id) is not None]
+
+
+def label_entrypoint(config_path: str, run_id: str, incremental: bool = False,
+                     python: str = "python") -> str:
+    args = [python, "-m", "jobs.label", "--config", config_path, "--run-id", run_id]
+    if incremental:
+        args.append("--incremental")
+    return shlex.join(args)
+
+
+def schedule(client, config_path: str, *, date: str, job_name: str | None = None,
+             working_dir: str = ".", incremental: bool = False, resubmit_failed: bool = False,
+             dry_run: bool = False, entrypoint: str | None = None,
+             runtime_env: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Submit the job for this slot unless it already exists; returns a report (see main).
+
+    `entrypoint` overrides the labeling command (its `{config}` and `{run_id}` are filled in).
+    `client` is a ray.job_submission.JobSubmissionClient (None only with dry_run).
+    """
+    # The job reads the config from its working dir, so hash the copy that will be shipped.
+    text = (Path(working_dir) / config_path).read_text()
+    digest = config_hash(text)
+    base_id = submission_id(job_name or Path(config_path).stem, date, digest)
+    # The run id stays the base id across retries, so a retry resumes the same output.
+    command = (entrypoint.format(config=config_path, run_id=base_id) if entrypoint
+               else label_entrypoint(config_path, base_id, incremental))
+    report: dict[str, Any] = {"config": config_path, "config_sha256": digest, "date": date,
+                              "base_submission_id": base_id, "run_id": base_id, "entrypoint": command}
+    if client is None:
+        assert dry_run, "a client is needed unless dry_run"
+        return {**report, "action": "dry_run", "submission_id": base_id, "status": None}
+    decision = decide(base_id, existing_jobs(client, base_id), resubmit_failed)
+    report.update(asdict(decision))
+    if decision.action != "submit" or dry_run:
+        if dry_run:
+            report["action"] = f"dry_run:{decision.action}"
+        return report
+    renv = {"working_dir": working_dir, "excludes": list(WORKING_DIR_EXCLUDES), **(runtime_env or {})}
+    try:
+        client.submit_job(entrypoint=command, submission_id=decision.submission_id, runtime_env=renv,
+                          metadata={SCHEDULE_KEY: base_id, "config_sha256": digest, "date": date})
+    except RuntimeError as e:
+        # Lost a race with another scheduler: Ray keeps submission ids unique, so report theirs.
+        if "already exists" not in str(e):
+            raise
+        job = client.get_job_info(decision.submission_id)
+        report.update(action="exists", status=str(job.status))
+        return report
+    report.update(action="submitted", status="PENDING")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m jobs.schedule", description=__doc__.splitlines()[0])
+    ap.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS"),
+                    help="Ray dashboard (job API) address, e.g. http://127.0.0.1:8265")
+    ap.add_argument("--config", required=True, help="labeling job config (YAML), relative to the working dir")
+    ap.add_argument("--date", default=dt.datetime.now(dt.timezone.utc).date().isoformat(),
+                    help="schedule date YYYY-MM-DD (default: today, UTC)")
+    ap.add_argument("--job-name", help="default: the config file's stem")
+    ap.add_argument("--working-dir", default=".", help="shipped to the cluster as the job's working dir")
+    ap.add_argument("--incremental", action="store_true", help="pass --incremental to jobs.label")
+    ap.add_argument("--resubmit-failed", action="store_true",
+                    help="if this slot's job FAILED or was STOPPED, submit <id>-retry<n> (resumes the run)")
+    ap.add_argument("--dry-run", action="store_true", help="report what would happen, submit nothing")
+    ap.add_argument("--entrypoint", help="command template replacing `python -m jobs.label ...`; "
+                                         "{config} and {run_id} are filled in")
+    args = ap.parse_args(argv)
+    client = None
+    if args.address:
+        from ray.job_submission import JobSubmissionClient
+
+        client = JobSubmissionClient(args.address, headers=auth_headers())
+    elif not args.dry_run:
+        ap.error("--address (or RAY_API_SERVER_ADDRESS) is required unless --dry-run")
+    try:
+        report = schedule(client, args.config, date=args.date, job_name=args.job_name,
+                          working_dir=args.working_dir, incremental=args.incremental,
+                          resubmit_failed=args.resubmit_failed, dry_run=args.dry_run,
+                          entrypoint=args.entrypoint)
+    except (OSError, yaml.YAMLError, ValueError) as e:
+        print(f"schedule error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2))
+    return EXIT_PREVIOUS_FAILED if report["action"] == "previous_failed" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
