@@ -98,9 +98,14 @@ def field_value(rec: dict, name: str) -> Any:
 
 
 def text_field(rec: dict, name: str, allow_missing: bool = False) -> str | None:
-    if allow_missing and (name not in rec or rec[name] is None):
+    try:
+        v = field_value(rec, name)
+    except QuarantineError:
+        if allow_missing:
+            return None
+        raise
+    if v is None and allow_missing:
         return None
-    v = field_value(rec, name)
     if not isinstance(v, str):
         raise QuarantineError(f"wrong type: field {name!r} is {_type_name(v)}, expected a string")
     return v

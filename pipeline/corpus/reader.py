@@ -191,7 +191,9 @@ class _FileReader:
         if not isinstance(rec.value, dict):
             reason = f"wrong type: the record is {type(rec.value).__name__}, expected an object"
             return [[quarantine_unit(reason, rec.raw_text(), source, self.uri, rec.index)]]
-        adapter = self.adapter or detect(rec.value)
+        # In auto mode each record may name its own format (mixed files); a record whose fields name
+        # none is read with the file's format, which says what is missing.
+        adapter = (detect(rec.value) or self.adapter) if self.spec.format == "auto" else self.adapter
         if adapter is None:
             reason = (f"cannot tell the record's format from its fields {sorted(rec.value)[:20]}; "
                       f"set format (one of {sorted(ADAPTERS)}) in the input spec")

@@ -121,20 +121,22 @@ def expand_files(spec: InputSpec) -> list[str]:
         fs, path = storage.filesystem(pattern, spec.storage_options)
         remote = storage.is_remote(pattern)
         if any(c in pattern for c in "*?["):
-            matches = sorted(fs.glob(path))
+            # As in a shell, a wildcard does not match hidden names (".tmp-..." files of atomic writes).
+            matches = sorted(m for m in fs.glob(path) if not posixpath.basename(m.rstrip("/")).startswith("."))
         else:
             matches = [path] if fs.exists(path) else []
         if not matches:
             raise InputSpecError(f"no input matches {pattern!r}")
-        before = len(found)
+        inputs: set[str] = set()
         for m in matches:
             if fs.isdir(m):
-                found.update(_expand_dir(fs, m, spec))
+                inputs.update(_expand_dir(fs, m, spec))
             else:
-                found.add(storage.to_uri(fs, m))
-        if len(found) == before:
+                inputs.add(storage.to_uri(fs, m))
+        if not inputs:
             raise InputSpecError(f"no readable input files under {pattern!r} "
                                  f"(looked for {sorted(set(_EXTENSIONS))} and datasets.save_to_disk folders)")
+        found |= inputs
         if not remote:
             found = {_normalise_local(u) for u in found}
     return sorted(found)
