@@ -18,3 +18,4 @@ def shared_data() -> Path:
     assert SHARED_DATA.is_dir(), f"expected the shared data beside the repo at {SHARED_DATA}"
     return SHARED_DATA
 from ray_fixtures import multinode_cluster, ray_head  # noqa: E402,F401 - real Ray clusters (tests/ray_fixtures.py)
+from s3_fixture import s3_server  # noqa: F401
