@@ -39,17 +39,17 @@ def _unit_hash(text: str, salt: str) -> float:
     return int.from_bytes(h[:8], "big") / 2.0**64
 
 
-def stand_in_scores(source: str, prompt_id: str, response: str) -> tuple[list[float], list[float], float]:
-    """Ratings (one per objective), gates (softmax, sum 1) and score = sum(gates * ratings)."""
+def stand_in_scores(source: str, prompt_id: str, response: str):
+    """Ratings (one per objective), debiased ratings (a length penalty), gates (softmax, sum 1) and
+    score = sum(gates * debiased)."""
     length = np.log1p(len(response))
-    ratings = [float(0.08 * length + 0.5 * _unit_hash(response, f"r{k}") + SOURCE_BIAS[source])
-               for k in range(len(OBJECTIVES))]
+    ratings = np.array([0.08 * length + 0.5 * _unit_hash(response, f"r{k}") + SOURCE_BIAS[source]
+                        for k in range(len(OBJECTIVES))], dtype=np.float32)
+    debiased = (ratings - np.float32(0.03 * length)).astype(np.float32)
     logits = np.array([2.0 * _unit_hash(prompt_id, f"g{k}") for k in range(len(OBJECTIVES))])
-    gates = np.exp(logits) / np.exp(logits).sum()
-    gates32 = gates.astype(np.float32)
-    ratings32 = np.asarray(ratings, dtype=np.float32)
-    score = float(np.float32(np.dot(gates32.astype(np.float64), ratings32.astype(np.float64))))
-    return ratings32.tolist(), gates32.tolist(), score
+    gates = (np.exp(logits) / np.exp(logits).sum()).astype(np.float32)
+    score = float(np.float32(np.dot(gates.astype(np.float64), debiased.astype(np.float64))))
+    return ratings.tolist(), debiased.tolist(), gates.tolist(), score
 
 
 # --- plain-json parsing of the real files -------------------------------------------------------------
@@ -127,7 +127,7 @@ def units_of(rows: list[dict], run_id: str) -> list[dict]:
         pid = ids.prompt_id(row["prompt"])
         prompt_tokens = sum(len(m["content"].split()) for m in row["prompt"])
         for i, response in enumerate(row["responses"]):
-            ratings, gates, score = stand_in_scores(row["source"], pid, response)
+            ratings, debiased, gates, score = stand_in_scores(row["source"], pid, response)
             u = {"unit_id": ids.unit_id(rid, i), "row_id": rid, "prompt_id": pid, "kind": row["kind"],
                  "source": row["source"], "source_uri": row["uri"], "source_row": row["source_row"],
                  "prompt": row["prompt"], "response": response, "response_index": i,
@@ -139,6 +139,7 @@ def units_of(rows: list[dict], run_id: str) -> list[dict]:
                  "score": score, "backbone_fingerprint": "stand-in", "heads_fingerprint": "stand-in", "run_id": run_id}
             for k, obj in enumerate(OBJECTIVES):
                 u[schema.objective_column(schema.RATING_PREFIX, obj)] = ratings[k]
+                u[schema.objective_column(schema.DEBIASED_PREFIX, obj)] = debiased[k]
                 u[schema.objective_column(schema.GATE_PREFIX, obj)] = gates[k]
             units.append(u)
     return units

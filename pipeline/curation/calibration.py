@@ -34,7 +34,7 @@ def fit_column(values, method: str, n_quantiles: int = 101) -> dict:
         return {"n": int(len(v)), "mean": float(np.mean(v)), "std": std if std > 0 else 1.0}
     if method == "quantile":
         probs = np.linspace(0.0, 1.0, n_quantiles)
-        return {"n": int(len(v)), "probs": probs.tolist(), "quantiles": np.quantile(v, probs).tolist()}
+        return {"n": int(len(v)), "probs": probs.tolist(), "quantiles": np.quantile(v, probs, method="inverted_cdf").tolist()}
     raise ValueError(f"calibration method must be one of {METHODS}, got {method!r}")
 
 

@@ -81,7 +81,7 @@ class RerankConfig:
 @dataclass
 class CalibrateConfig:
     method: str = "zscore"
-    columns: list | None = None           # None: score and every rating_* column of the run
+    columns: list | None = None           # None: score and every rating_* / debiased_* column of the run
     n_quantiles: int = 101
     fit_temperature: bool = True          # fit T of P(a beats b) on the run's human preference pairs
 

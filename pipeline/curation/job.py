@@ -77,7 +77,8 @@ def read_run(files: list[str], storage_options: dict | None, columns: list[str] 
     import ray.data
 
     paths, filesystem = _ray_source(files, storage_options)
-    return ray.data.read_parquet(paths, filesystem=filesystem, columns=columns)
+    ds = ray.data.read_parquet(paths, filesystem=filesystem)
+    return ds.select_columns(columns) if columns else ds  # projected into the read
 
 
 def column_values(files: list[str], columns: list[str], storage_options: dict | None) -> dict[str, np.ndarray]:
@@ -171,7 +172,7 @@ def run(cfg: CurateConfig) -> dict:
     columns = [n for n in run_schema(files, so).names if n not in dict(schema.EMBEDDING_FIELDS)]
     ds = read_run(files, so, columns)
     ds = ds.map_batches(_add_bucket, fn_kwargs={"key": "prompt_id", "n": cfg.output_files}, batch_format="pyarrow")
-    ds = ds.groupby(BUCKET).map_groups(partial(_process_bucket, cfg=cfg, filters=filters, calibration=calibration,
+    ds = ds.groupby(BUCKET, num_partitions=min(cfg.output_files, 200)).map_groups(partial(_process_bucket, cfg=cfg, filters=filters, calibration=calibration,
                                                out_dir=out_dir), batch_format="pandas")
     summaries = ds.take_all()
     written = sorted(s["file"] for s in summaries if s["file"])
@@ -197,7 +198,8 @@ def _margins_of_bucket(units: pd.DataFrame) -> pd.DataFrame:
 def run_calibrate(cfg: CurateConfig, files: list[str], t0: float) -> dict:
     so = cfg.storage_options or None
     names = run_schema(files, so).names
-    columns = cfg.calibrate.columns or ["score"] + sorted(n for n in names if n.startswith(schema.RATING_PREFIX))
+    columns = cfg.calibrate.columns or ["score"] + sorted(
+        n for n in names if n.startswith((schema.RATING_PREFIX, schema.DEBIASED_PREFIX)))
     missing = sorted(set(columns) - set(names))
     if missing:
         raise ValueError(f"calibrate.columns: not in the run: {missing}")
@@ -206,7 +208,7 @@ def run_calibrate(cfg: CurateConfig, files: list[str], t0: float) -> dict:
     if cfg.calibrate.fit_temperature:
         ds = read_run(files, so, ["row_id", "kind", "preference", "tie", "score"])
         ds = ds.map_batches(_add_bucket, fn_kwargs={"key": "row_id", "n": cfg.output_files}, batch_format="pyarrow")
-        margins = [r["margin"] for r in ds.groupby(BUCKET).map_groups(_margins_of_bucket, batch_format="pandas")
+        margins = [r["margin"] for r in ds.groupby(BUCKET, num_partitions=min(cfg.output_files, 200)).map_groups(_margins_of_bucket, batch_format="pandas")
                    .take_all()]
         n_pairs = len(margins)
         if n_pairs:

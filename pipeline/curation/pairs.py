@@ -24,6 +24,9 @@ Two origins:
     - otherwise                                         -> kept
   so for every origin kept + flipped + sum(dropped) = pairs_in.
 
+Units repeated with the same unit_id (identical input rows: ids are content-based) are set aside
+first and counted as `duplicate_units`, so identical content never pairs with itself.
+
 Every pair carries both scores and margin = score_chosen - score_rejected (>= 0 except for pairs a
 `keep` policy kept against the reward).
 """
@@ -67,13 +70,15 @@ class PairCounts:
     kept: int = 0
     flipped: int = 0
     dropped: dict = field(default_factory=dict)
+    duplicate_units: int = 0   # repeated unit_ids (identical rows in the input), set aside before pairing
 
     def drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
 
     def to_dict(self) -> dict:
         return {"pairs_in": self.pairs_in, "kept": self.kept, "flipped": self.flipped,
-                "dropped": dict(sorted(self.dropped.items())), "dropped_total": sum(self.dropped.values())}
+                "dropped": dict(sorted(self.dropped.items())), "dropped_total": sum(self.dropped.values()),
+                "duplicate_units": self.duplicate_units}
 
 
 def merge_counts(parts: list[dict]) -> dict:
@@ -82,6 +87,7 @@ def merge_counts(parts: list[dict]) -> dict:
         total.pairs_in += p["pairs_in"]
         total.kept += p["kept"]
         total.flipped += p["flipped"]
+        total.duplicate_units += p.get("duplicate_units", 0)
         for reason, n in p["dropped"].items():
             total.dropped[reason] = total.dropped.get(reason, 0) + n
     return total.to_dict()
@@ -164,8 +170,8 @@ def preference_pairs(units: pd.DataFrame, rules: PairRules) -> tuple[list[dict],
             counts.drop("incomplete_pair")
             continue
         else:
-            chosen = row[row["preference"] == "chosen"].iloc[0]
-            rejected = row[row["preference"] == "rejected"].iloc[0]
+            chosen = row[row["preference"].isin(["chosen"])].iloc[0]
+            rejected = row[row["preference"].isin(["rejected"])].iloc[0]
         if pd.isna(chosen["score"]) or pd.isna(rejected["score"]):
             counts.drop("missing_score")
             continue
@@ -204,10 +210,14 @@ def preference_pairs(units: pd.DataFrame, rules: PairRules) -> tuple[list[dict],
 def pairs_for_prompt(units: pd.DataFrame, rules: PairRules) -> tuple[list[dict], dict[str, PairCounts]]:
     """All pairs for the units of one prompt: preference rows pair within their row, the units of the
     kinds in `rules.group_kinds` pair among themselves."""
-    pref = units[units["kind"] == "preference"]
-    group = units[units["kind"].isin(list(rules.group_kinds))]
+    unique = units.sort_values("unit_id", kind="mergesort").drop_duplicates("unit_id")
+    pref = unique[unique["kind"].isin(["preference"])]
+    group = unique[unique["kind"].isin(list(rules.group_kinds))]
     bon_pairs, bon_counts = best_of_n_pairs(group, rules) if len(group) else ([], PairCounts())
     pref_pairs, pref_counts = preference_pairs(pref, rules) if len(pref) else ([], PairCounts())
+    # The same content twice (same unit_id) would otherwise pair with itself or give duplicate pairs.
+    bon_counts.duplicate_units = int(units["kind"].isin(list(rules.group_kinds)).sum()) - len(group)
+    pref_counts.duplicate_units = int(units["kind"].isin(["preference"]).sum()) - len(pref)
     return bon_pairs + pref_pairs, {"best_of_n": bon_counts, "preference": pref_counts}
 
 
@@ -215,12 +225,12 @@ def human_pair_margins(units: pd.DataFrame) -> np.ndarray:
     """score(human chosen) - score(human rejected) for every complete, untied preference row
     (the data a temperature for P(a beats b) is fitted on), ordered by row_id."""
     tie = units["tie"].astype("boolean").fillna(False).to_numpy(dtype=bool)
-    pref = units[(units["kind"] == "preference").to_numpy() & ~tie & ~pd.isna(units["score"]).to_numpy()]
+    pref = units[units["kind"].isin(["preference"]).to_numpy() & ~tie & ~pd.isna(units["score"]).to_numpy()]
     pref = pref[pref["preference"].isin(["chosen", "rejected"])]
     complete = pref.groupby("row_id")["preference"].transform(lambda p: sorted(p) == ["chosen", "rejected"])
     pref = pref[complete.astype(bool)]
-    chosen = pref[pref["preference"] == "chosen"].set_index("row_id")["score"].astype("float64")
-    rejected = pref[pref["preference"] == "rejected"].set_index("row_id")["score"].astype("float64")
+    chosen = pref[pref["preference"].isin(["chosen"])].set_index("row_id")["score"].astype("float64")
+    rejected = pref[pref["preference"].isin(["rejected"])].set_index("row_id")["score"].astype("float64")
     return (chosen - rejected.reindex(chosen.index)).sort_index().to_numpy()
 
 

@@ -21,7 +21,8 @@ ASSISTANT = "assistant"
 
 
 def rating_columns(columns) -> list[str]:
-    return sorted(c for c in columns if c.startswith(schema.RATING_PREFIX))
+    """Per-objective rating and debiased-rating columns, carried into the outputs for transparency."""
+    return sorted(c for c in columns if c.startswith((schema.RATING_PREFIX, schema.DEBIASED_PREFIX)))
 
 
 def conversation(prompt, response: str) -> list[dict]:
@@ -30,15 +31,18 @@ def conversation(prompt, response: str) -> list[dict]:
 
 
 def _pre_filter(units: pd.DataFrame, kinds: list | None, exclude_rejected: bool) -> tuple[pd.DataFrame, list[dict]]:
-    """Selection steps that are not thresholds, counted like filters so the manifest explains them."""
+    """Selection steps that are not thresholds, counted like filters so the manifest explains them.
+    Units repeated with the same unit_id (identical input rows: ids are content-based) are kept once."""
     steps = []
-    keep = np.ones(len(units), dtype=bool)
+    units = units.sort_values("unit_id", kind="mergesort")
+    keep = ~units["unit_id"].duplicated().to_numpy()
+    steps.append({"label": "unique unit_id", "removed": int(np.sum(~keep)), "failed": int(np.sum(~keep))})
     if kinds is not None:
         ok = units["kind"].isin(list(kinds)).to_numpy()
         steps.append({"label": f"kind in {list(kinds)}", "removed": int(np.sum(keep & ~ok)), "failed": int(np.sum(~ok))})
         keep &= ok
     if exclude_rejected:
-        ok = (units["preference"] != "rejected").to_numpy()
+        ok = ~units["preference"].isin(["rejected"]).to_numpy(dtype=bool)
         steps.append({"label": "not human-rejected", "removed": int(np.sum(keep & ~ok)), "failed": int(np.sum(~ok))})
         keep &= ok
     return units[keep], steps
@@ -113,6 +117,7 @@ def build_dpo(units: pd.DataFrame, filters: list[Filter], rules: PairRules,
             t.pairs_in += c.pairs_in
             t.kept += c.kept
             t.flipped += c.flipped
+            t.duplicate_units += c.duplicate_units
             for reason, n in c.dropped.items():
                 t.dropped[reason] = t.dropped.get(reason, 0) + n
     df = to_trl(pairs)

@@ -1,6 +1,7 @@
 """Row filters over annotated units: absolute cut-offs and quantile cut-offs fitted on the whole run.
 
-A filter names one column (or an objective, resolved to its rating/gate column) and exactly one rule:
+A filter names one column (or an objective with `field: rating | debiased | gate`, default rating,
+resolved to that column) and exactly one rule:
 
     min: v             keep value >= v
     max: v             keep value <= v
@@ -32,6 +33,7 @@ from pipeline import schema
 
 RULES = ("min", "max", "above_quantile", "below_quantile", "top", "bottom")
 QUANTILE_RULES = ("above_quantile", "below_quantile", "top", "bottom")
+OBJECTIVE_FIELDS = {"rating": schema.RATING_PREFIX, "debiased": schema.DEBIASED_PREFIX, "gate": schema.GATE_PREFIX}
 
 
 class FilterError(ValueError):
@@ -57,10 +59,9 @@ class Filter:
         if (column is None) == (objective is None):
             raise FilterError(f"filter {d}: give exactly one of 'column' or 'objective'")
         if objective is not None:
-            if field not in ("rating", "gate"):
-                raise FilterError(f"filter on {objective}: field must be 'rating' or 'gate', not {field!r}")
-            prefix = schema.RATING_PREFIX if field == "rating" else schema.GATE_PREFIX
-            column = schema.objective_column(prefix, objective)
+            if field not in OBJECTIVE_FIELDS:
+                raise FilterError(f"filter on {objective}: field must be one of {list(OBJECTIVE_FIELDS)}, not {field!r}")
+            column = schema.objective_column(OBJECTIVE_FIELDS[field], objective)
         rules = [k for k in d if k in RULES]
         unknown = sorted(set(d) - set(RULES))
         if unknown:

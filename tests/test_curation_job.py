@@ -1,0 +1,233 @@
+"""The curation jobs end to end on Ray (num_cpus=2), reading the fixture run of real rows; every
+output is checked against a reference computed here with plain pandas over the whole run."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from curation_fixtures import annotated_run, load_units  # noqa: F401  (fixture)
+
+from jobs import curate as curate_cli
+from pipeline.curation import calibration as cal
+from pipeline.curation.config import ConfigError, parse_config
+from pipeline.curation.job import run
+from pipeline.curation.pairs import human_pair_margins
+from pipeline.curation.rerank import agreement_over_prompts
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def curate(ray_session, **cfg):
+    return run(parse_config(cfg))
+
+
+def read_output(out: Path) -> pd.DataFrame:
+    return pq.read_table(out / "data").to_pandas()
+
+
+def kth_largest_cutoff(values, fraction):
+    v = np.sort(np.asarray(values, dtype=np.float64))
+    return v[len(v) - int(np.ceil(fraction * len(v)))]
+
+
+def file_digests(out: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((out / "data").iterdir())}
+
+
+def test_sft_top_fraction_uses_whole_run_quantiles_and_one_response_per_prompt(ray_session, annotated_run, tmp_path):
+    units = load_units(annotated_run)
+    out = tmp_path / "sft"
+    config = {"task": "sft", "run": str(annotated_run), "output": str(out), "output_files": 3,
+              "filters": [{"column": "score", "top": 0.4}, {"objective": "hh_rlhf.harmlessness", "min": 0.3}],
+              "sft": {"one_per_prompt": True}}
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(config))
+    assert curate_cli.main(["--config", str(tmp_path / "sft.yaml")]) == 0  # the CLI, in this Ray session
+    man = json.loads((out / "manifest.json").read_text())
+
+    # reference: the whole run in pandas
+    unique = units.drop_duplicates("unit_id")
+    eligible = unique[unique["preference"] != "rejected"]
+    cutoff = kth_largest_cutoff(units["score"], 0.4)   # filters see the whole run, repeated rows included
+    passed = eligible[(eligible["score"] >= cutoff) & (eligible["rating_hh_rlhf_harmlessness"] >= 0.3)]
+    best = passed.sort_values(["prompt_id", "score", "unit_id"], ascending=[True, False, True]).drop_duplicates("prompt_id")
+    got = read_output(out)
+    assert sorted(got["unit_id"]) == sorted(best["unit_id"])
+    assert man["rows_in"] == len(units) and man["rows_out"] == len(best)
+    assert man["resolved_filters"][0]["cutoff"] == pytest.approx(cutoff)
+    f_score, f_harm = man["filters"]
+    assert f_score["removed"] == int((eligible["score"] < cutoff).sum())
+    assert f_harm["removed"] == int(((eligible["score"] >= cutoff) & (eligible["rating_hh_rlhf_harmlessness"] < 0.3)).sum())
+    selection = {s["label"]: s["removed"] for s in man["selection"]}
+    assert selection == {"unique unit_id": len(units) - len(unique),
+                         "not human-rejected": int((unique["preference"] == "rejected").sum())}
+    assert man["one_per_prompt_removed"] == len(passed) - len(best)
+    assert sum(selection.values()) + f_score["removed"] + f_harm["removed"] + man["one_per_prompt_removed"] \
+        == man["rows_in"] - man["rows_out"]
+    # conversational SFT rows: the prompt messages then the response as the assistant turn
+    by_unit = units.drop_duplicates("unit_id").set_index("unit_id")
+    for _, row in got.head(20).iterrows():
+        unit = by_unit.loc[row["unit_id"]]
+        assert list(row["messages"][:-1]) == list(unit["prompt"])
+        assert row["messages"][-1] == {"role": "assistant", "content": unit["response"]}
+
+    # per-file quantiles would have selected different rows
+    per_file = []
+    for f in sorted((annotated_run / "data").glob("*.parquet")):
+        part = pq.read_table(f).to_pandas()
+        per_file += list(part["unit_id"][part["score"] >= kth_largest_cutoff(part["score"], 0.4)])
+    assert set(per_file) != set(units["unit_id"][units["score"] >= cutoff])
+
+
+def test_dpo_pairs_never_cross_prompts_and_counts_reconcile(ray_session, annotated_run, tmp_path):
+    units = load_units(annotated_run)
+    out = tmp_path / "dpo"
+    man = curate(ray_session, task="dpo", run=str(annotated_run), output=str(out), output_files=4,
+                 pairs={"best_of_n": "all_pairs", "min_margin": 0.02, "preference": "flip", "tie_epsilon": 0.01})
+    got = read_output(out)
+    by_unit = units.drop_duplicates("unit_id").set_index("unit_id")
+    chosen, rejected = by_unit.loc[got["chosen_unit_id"]], by_unit.loc[got["rejected_unit_id"]]
+    assert (got["chosen_unit_id"] != got["rejected_unit_id"]).all()
+    assert (chosen["prompt_id"].to_numpy() == got["prompt_id"].to_numpy()).all()
+    assert (rejected["prompt_id"].to_numpy() == got["prompt_id"].to_numpy()).all()
+    assert np.allclose(got["score_chosen"], chosen["score"].astype(float)) and np.allclose(got["score_rejected"], rejected["score"].astype(float))
+    assert np.allclose(got["margin"], got["score_chosen"] - got["score_rejected"])
+    assert (got["margin"] >= 0.01).all()          # flip policy: every kept pair agrees with the reward
+    assert np.allclose(got["p_chosen"], 1 / (1 + np.exp(-got["margin"])))
+    assert [m["content"] for m in got["chosen"][0]] == [chosen["response"].iloc[0]]
+    assert got["chosen"][0][0]["role"] == "assistant"
+    pref, bon = man["pairs"]["preference"], man["pairs"]["best_of_n"]
+    for c in (pref, bon):
+        assert c["kept"] + c["flipped"] + c["dropped_total"] == c["pairs_in"]
+    assert pref["pairs_in"] == units[units["kind"] == "preference"]["row_id"].nunique()
+    sizes = units[units["kind"] == "best_of_n"].drop_duplicates("unit_id").groupby("prompt_id").size()
+    assert bon["pairs_in"] == int((sizes * (sizes - 1) // 2).sum())
+    assert len(got) == man["rows_out"] == pref["kept"] + pref["flipped"] + bon["kept"]
+    assert (got["action"] == "flipped").sum() == pref["flipped"] > 0
+    assert not got.duplicated(["chosen_unit_id", "rejected_unit_id"]).any()
+
+
+def test_rerank_top_k_order_and_agreement(ray_session, annotated_run, tmp_path):
+    units = load_units(annotated_run)
+    out = tmp_path / "rerank"
+    man = curate(ray_session, task="rerank", run=str(annotated_run), output=str(out), output_files=2,
+                 rerank={"top_k": 2, "kinds": ["best_of_n"]})
+    got = read_output(out)
+    bon = units[units["kind"] == "best_of_n"].drop_duplicates("unit_id")
+    sizes = bon.groupby("prompt_id").size()
+    assert len(got) == int(np.minimum(sizes, 2).sum())
+    for pid, g in got.groupby("prompt_id"):
+        g = g.sort_values("rank")
+        expected = bon[bon["prompt_id"] == pid].sort_values(["score", "unit_id"], ascending=[False, True]).head(2)
+        assert g["unit_id"].tolist() == expected["unit_id"].tolist()
+        assert g["rank"].tolist() == list(range(len(g)))
+        assert (g["n_candidates"] == sizes[pid]).all()
+    assert man["agreement"]["groups_ranked"] == agreement_over_prompts(bon).groups_ranked > 50
+    assert man["agreement"]["top1_hits"] == agreement_over_prompts(bon).top1_hits
+    assert man["agreement"]["mean_kendall_tau_b"] == pytest.approx(agreement_over_prompts(bon).to_dict()["mean_kendall_tau_b"])
+
+
+def test_reruns_write_identical_files_and_remove_stale_ones(ray_session, annotated_run, tmp_path):
+    out = tmp_path / "again"
+    cfg = dict(task="dpo", run=str(annotated_run), output=str(out), output_files=4,
+               filters=[{"column": "score", "above_quantile": 0.1}])
+    first = curate(ray_session, **cfg)
+    digests = file_digests(out)
+    second = curate(ray_session, **cfg)
+    assert file_digests(out) == digests and len(digests) == 4
+    assert {k: first[k] for k in ("rows_in", "rows_out", "pairs", "filters")} == \
+        {k: second[k] for k in ("rows_in", "rows_out", "pairs", "filters")}
+    fewer = curate(ray_session, **{**cfg, "output_files": 2})
+    assert sorted(file_digests(out)) == ["part-00000-of-00002.parquet", "part-00001-of-00002.parquet"]
+    assert fewer["output"]["stale_files_removed"] == 4
+    assert len(read_output(out)) == first["rows_out"]
+
+
+def test_calibrate_fits_on_the_whole_run(ray_session, annotated_run, tmp_path):
+    units = load_units(annotated_run)
+    target = tmp_path / "heads" / "calibration.json"
+    man = curate(ray_session, task="calibrate", run=str(annotated_run), output=str(target), output_files=3,
+                 calibrate={"method": "zscore"})
+    c = cal.load(str(target))
+    assert c["columns"]["score"]["mean"] == pytest.approx(units["score"].astype(float).mean())
+    assert c["columns"]["rating_pandalm_helpfulness"]["std"] == pytest.approx(units["rating_pandalm_helpfulness"].astype(float).std(ddof=0))
+    assert "debiased_hh_rlhf_harmlessness" in c["columns"]
+    margins = human_pair_margins(units)
+    assert c["temperature_pairs"] == man["temperature_pairs"] == len(margins)
+    assert c["temperature"] == pytest.approx(cal.fit_temperature(margins), rel=1e-6)
+    assert json.loads((tmp_path / "heads" / "calibration.manifest.json").read_text())["rows_in"] == len(units)
+    # the fitted temperature then sets P(chosen beats rejected) on DPO pairs
+    out = tmp_path / "dpo-cal"
+    curate(ray_session, task="dpo", run=str(annotated_run), output=str(out), calibration=str(target), output_files=1)
+    got = read_output(out)
+    assert np.allclose(got["p_chosen"], 1 / (1 + np.exp(-got["margin"] / c["temperature"])))
+
+
+@pytest.fixture
+def moto_s3():
+    """A moto S3 server for this module's s3 test (in-process threads), and storage_options for it."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    # Explicit dummy credentials: Ray workers get them through the config, not the environment.
+    yield {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "testing"}
+    server.stop()
+
+
+def test_s3_in_and_out(ray_session, annotated_run, moto_s3):
+    from pipeline import storage
+
+    fs, _ = storage.filesystem("s3://curate", moto_s3)
+    fs.mkdir("curate")
+    for f in sorted(annotated_run.rglob("*")):
+        if f.is_file():
+            fs.put_file(str(f), f"curate/runs/fixture/{f.relative_to(annotated_run).as_posix()}")
+    man = curate(ray_session, task="sft", run="s3://curate/runs/fixture", output="s3://curate/curated/sft",
+                 storage_options=moto_s3, output_files=2, filters=[{"column": "score", "top": 0.25}])
+    files = sorted(fs.find("curate/curated/sft/data"))
+    assert [f.rsplit("/", 1)[-1] for f in files] == ["part-00000-of-00002.parquet", "part-00001-of-00002.parquet"]
+    rows = sum(pq.read_table(f, filesystem=fs).num_rows for f in files)
+    units = load_units(annotated_run)
+    cutoff = kth_largest_cutoff(units["score"], 0.25)
+    unique = units.drop_duplicates("unit_id")
+    assert rows == man["rows_out"] == int(((unique["score"] >= cutoff) & (unique["preference"] != "rejected")).sum())
+    assert json.loads(fs.cat_file("curate/curated/sft/manifest.json"))["rows_out"] == rows
+
+
+@pytest.mark.parametrize("patch, message", [
+    ({"task": "summarise"}, "task: must be one of"),
+    ({"output_files": 0}, "output_files"),
+    ({"filters": [{"column": "score", "top": 2}]}, "filters: .*fraction"),
+    ({"pairs": {"preference": "maybe"}}, "pairs.preference must be one of"),
+    ({"pairs": {"margin": 1}}, "pairs: unknown key"),
+    ({"sft": {"kinds": ["chat"]}}, "sft.kinds"),
+    ({"rerank": {"top_k": 0}}, "rerank.top_k"),
+    ({"colour": "blue"}, "unknown key"),
+    ({"task": "calibrate"}, "ending in .json"),
+    ({"run": "/nonexistent/run"}, "no Parquet files"),
+])
+def test_config_errors_are_clear(annotated_run, tmp_path, patch, message):
+    base = {"task": "sft", "run": str(annotated_run), "output": str(tmp_path / "o")}
+    with pytest.raises(ConfigError, match=message):
+        parse_config({**base, **patch})
+
+
+def test_cli_reports_config_errors_with_exit_code_2(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("task: sft\n")
+    assert curate_cli.main(["--config", str(tmp_path / "c.yaml")]) == 2
+    assert "missing required key 'run'" in capsys.readouterr().err
