@@ -34,7 +34,10 @@ class S3Server:
 
     @property
     def storage_options(self) -> dict:
-        return {"endpoint_url": self.endpoint_url}
+        # Credentials are given explicitly too, so processes started before the fixture (a Ray
+        # cluster already running) can reach the server without the environment variables.
+        return {"endpoint_url": self.endpoint_url, "key": _DUMMY_AWS_ENV["AWS_ACCESS_KEY_ID"],
+                "secret": _DUMMY_AWS_ENV["AWS_SECRET_ACCESS_KEY"]}
 
     def filesystem(self):
         import s3fs
