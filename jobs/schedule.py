@@ -166,7 +166,7 @@ def schedule(client, config_path: str, *, date: str, job_name: str | None = None
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m jobs.schedule", description=__doc__.splitlines()[0])
     ap.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS"),
                     help="Ray dashboard (job API) address, e.g. http://127.0.0.1:8265")
@@ -181,6 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="report what would happen, submit nothing")
     ap.add_argument("--entrypoint", help="command template replacing `python -m jobs.label ...`; "
                                          "{config} and {run_id} are filled in")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     client = None
     if args.address:
