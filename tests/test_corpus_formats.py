@@ -4,6 +4,7 @@ input specs, generic adapters and shard bookkeeping."""
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 
@@ -92,9 +93,11 @@ def test_json_streaming_across_tiny_chunks(tmp_path, reference, monkeypatch):
     assert (u0["human_rank"], u1["human_rank"], u0["kind"]) == (10, 2, "best_of_n")
 
 
-def test_json_file_with_one_object_per_line_is_read_as_jsonl(tmp_path, reference):
+@pytest.mark.parametrize("chunk", [2, 1 << 20])
+def test_json_file_with_one_object_per_line_is_read_as_jsonl(tmp_path, reference, monkeypatch, chunk):
+    monkeypatch.setattr(formats, "CHUNK_BYTES", chunk)
     path = tmp_path / "lines.json"
-    path.write_text("\n".join(json.dumps(r) for r in RECORDS))
+    path.write_text("\n\n" + "\n".join(json.dumps(r, ensure_ascii=False) for r in RECORDS), encoding="utf-8")
     assert _content(read_units(InputSpec(str(path), source="pairs"))) == _content(reference)
 
 
@@ -205,3 +208,33 @@ def test_shards_are_exact_and_deterministic(tmp_path):
     assert [s[0]["shard_rows"] for s in shards] == [4, 4, 2]
     limited = list(iter_shards(spec, str(path), rows_per_shard=4, limit_rows=5))
     assert [len(s) for s in limited] == [8, 1]
+
+
+class _CountingFile(io.BytesIO):
+    """A file that remembers how many bytes were asked of it."""
+
+    def __init__(self, data: bytes):
+        super().__init__(data)
+        self.bytes_read = 0
+
+    def read(self, n=-1):
+        out = super().read(n)
+        self.bytes_read += len(out)
+        return out
+
+
+@pytest.mark.parametrize("reader, packed", [("jsonl", False), ("jsonl", True), ("json", False)])
+def test_readers_stream_instead_of_loading_whole_files(reader, packed, monkeypatch):
+    monkeypatch.setattr(formats, "CHUNK_BYTES", 1 << 16)
+    records = [{"prompt": f"q{i}", "response": "r" * 200} for i in range(40000)]  # ~9 MB of text
+    data = ("\n".join(json.dumps(r) for r in records) if reader == "jsonl" else json.dumps(records)).encode()
+    if packed:
+        data = gzip.compress(data)
+    f = _CountingFile(data)
+    uri = "x.jsonl.gz" if packed else f"x.{reader}"
+    it = formats.iter_jsonl(f, uri) if reader == "jsonl" else formats.iter_json(f, uri)
+    first = next(it)
+    assert first.value == records[0]
+    assert f.bytes_read <= formats.CHUNK_BYTES < len(data) / 2  # one chunk in, not the whole file
+    assert sum(1 for _ in it) + 1 == len(records)
+    assert f.bytes_read == len(data)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import codecs
 import json
 import posixpath
+import re
 import zlib
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -24,7 +25,6 @@ from pipeline import storage
 CHUNK_BYTES = 1 << 20
 INFLATE_STEP_BYTES = 1 << 14
 PARQUET_BATCH_ROWS = 1024
-_UNDECODABLE = ("\udc80", "\udcff")  # surrogateescape maps each invalid byte into this range
 
 
 @dataclass
@@ -163,16 +163,19 @@ class _TextStream:
 
 
 def _skip_ws(s: _TextStream, pos: int) -> int:
+    """Position of the next non-blank character (reading more as needed; the consumed text before
+    `pos` may be dropped, so use the returned position)."""
     while True:
         while pos < len(s.buf) and s.buf[pos] in " \t\r\n":
             pos += 1
         if pos < len(s.buf) or s.eof:
             return pos
+        s.drop(pos)
+        pos = 0
         s.more()
 
 
-def _has_undecodable(text: str) -> bool:
-    return any(_UNDECODABLE[0] <= c <= _UNDECODABLE[1] for c in text)
+_UNDECODABLE_RE = re.compile("[\udc80-\udcff]")  # surrogateescape puts each invalid byte here
 
 
 def iter_json(f, uri: str) -> Iterator[Record]:
@@ -181,12 +184,13 @@ def iter_json(f, uri: str) -> Iterator[Record]:
     stream = _TextStream(_byte_chunks(f, _is_gzip(uri)))
     decoder = json.JSONDecoder()
     index = 0
+    pos = 0
     try:
         pos = _skip_ws(stream, 0)
         if pos >= len(stream.buf):
             return  # empty file: no rows
         if stream.buf[pos] != "[":
-            yield from _json_text_as_lines(stream)
+            yield from _json_text_as_lines(stream, pos)
             return
         pos += 1
         expect_value = True
@@ -205,11 +209,9 @@ def iter_json(f, uri: str) -> Iterator[Record]:
                 pos += 1
                 expect_value = True
                 continue
-            stream.drop(pos)
-            pos = 0
             while True:
                 try:
-                    value, end = decoder.raw_decode(stream.buf, 0)
+                    value, end = decoder.raw_decode(stream.buf, pos)
                     # A number or literal cut at the buffer's edge parses as a shorter value: make sure
                     # the value is followed by something (or the file ends) before trusting it.
                     if end >= len(stream.buf) and not stream.eof:
@@ -217,20 +219,21 @@ def iter_json(f, uri: str) -> Iterator[Record]:
                     break
                 except (ValueError, RecursionError) as e:
                     if stream.eof:
-                        yield _json_tail(stream, 0, index, str(e))
+                        yield _json_tail(stream, pos, index, str(e))
                         return
+                    stream.drop(pos)  # consumed text goes only when the window must grow
+                    pos = 0
                     stream.more(at_least=len(stream.buf))  # double the window: linear time on long elements
-            text = stream.buf[:end]
-            if _has_undecodable(text):
-                yield Record(index, raw=_cut(text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")),
-                             error=f"undecodable bytes (invalid UTF-8) in element {index}")
+            if _UNDECODABLE_RE.search(stream.buf, pos, end):
+                text = stream.buf[pos:end].encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+                yield Record(index, raw=_cut(text), error=f"undecodable bytes (invalid UTF-8) in element {index}")
             else:
                 yield Record(index, value=value, raw=None)
             index += 1
             pos = end
             expect_value = False
     except CorruptStream as e:
-        yield Record(index, raw=_cut(stream.buf), error=f"{e}: elements from {index} on could not be read")
+        yield Record(index, raw=_cut(stream.buf[pos:]), error=f"{e}: elements from {index} on could not be read")
 
 
 def _json_tail(stream: _TextStream, pos: int, index: int, why: str) -> Record:
@@ -238,24 +241,24 @@ def _json_tail(stream: _TextStream, pos: int, index: int, why: str) -> Record:
                   error=f"malformed JSON in element {index} ({why}); the rest of the array cannot be parsed")
 
 
-def _json_text_as_lines(stream: _TextStream) -> Iterator[Record]:
-    line_no = 0
+def _json_text_as_lines(stream: _TextStream, pos: int) -> Iterator[Record]:
+    line_no = stream.buf.count("\n", 0, pos)  # blank lines before the first value still count
+    pos = stream.buf.rfind("\n", 0, pos) + 1
     while True:
-        nl = stream.buf.find("\n")
+        nl = stream.buf.find("\n", pos)
         while nl < 0 and not stream.eof:
+            stream.drop(pos)
+            pos = 0
             stream.more()
-            nl = stream.buf.find("\n")
-        if nl < 0:
-            line, rest = stream.buf, ""
-        else:
-            line, rest = stream.buf[:nl], stream.buf[nl + 1:]
-        stream.buf = rest
-        rec = _jsonl_record(line.encode("utf-8", "surrogateescape"), line_no)
+            nl = stream.buf.find("\n", pos)
+        end = len(stream.buf) if nl < 0 else nl
+        rec = _jsonl_record(stream.buf[pos:end].encode("utf-8", "surrogateescape"), line_no)
         if rec is not None:
             yield rec
         line_no += 1
         if nl < 0:
             return
+        pos = nl + 1
 
 
 def iter_parquet(f, uri: str) -> Iterator[Record]:
