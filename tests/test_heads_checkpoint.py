@@ -12,7 +12,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 
 from pipeline.heads.checkpoint import (ArmoRMScorer, CheckpointError, export_armorm_checkpoint,
-                                       load_armorm_checkpoint)
+                                       load_armorm_checkpoint, read_objective_names)
 from pipeline.heads.gating import GatingNetwork
 from pipeline.heads.model import ArmoHeads
 
@@ -131,6 +131,17 @@ def test_scorer_matches_independent_implementation_on_padded_batches(exported, h
     np.testing.assert_allclose(out.gating_output, ref_gate, atol=1e-5, rtol=0)
     np.testing.assert_allclose(out.score, ref_score, atol=1e-5, rtol=0)
     assert out.gating_output.std(axis=1).min() > 1e-3  # the gate is not uniform, so the axis is tested
+    np.testing.assert_array_equal(out.gate, out.gating_output)
+    np.testing.assert_allclose(out.debiased, ref_rewards @ heads.transform, atol=1e-5, rtol=0)
+
+
+def test_objective_names_and_checkpoint_fingerprint(exported, heads, tmp_path):
+    assert read_objective_names(str(exported)) == heads.objectives
+    fp = ArmoRMScorer(str(exported)).fingerprint
+    assert fp == ArmoRMScorer(str(exported)).fingerprint and len(fp) == 64
+    changed = ArmoHeads(heads.objectives, heads.regression_weight * 2, heads.transform, heads.gating, 1)
+    other = export_armorm_checkpoint(changed, str(exported), str(tmp_path / "other"), shard_size=60_000)
+    assert ArmoRMScorer(other).fingerprint != fp
 
 
 def test_released_config_without_our_keys_still_loads(exported, tmp_path):

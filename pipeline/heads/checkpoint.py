@@ -9,6 +9,7 @@ is an error — a loader that silently drops part of the model scores garbage).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -132,8 +133,7 @@ def load_armorm_checkpoint(path: str) -> tuple[dict, BackboneWeights, ArmoHeads]
     }
     if n_linear != gating_config["n_hidden"] + 1:
         raise CheckpointError(f"{path}: {n_linear} gating layers, config implies {gating_config['n_hidden'] + 1}")
-    objectives = config.get("objectives") or (list(RELEASE_OBJECTIVES) if K == len(RELEASE_OBJECTIVES)
-                                              else [f"objective_{i}" for i in range(K)])
+    objectives = _objective_names(config, K)
     T = head_tensors[TRANSFORM_KEY].to(torch.float32).numpy()
     verbosity_index = config.get("verbosity_index", _infer_verbosity_index(T))
     heads = ArmoHeads.from_tensors(head_tensors, objectives, gating_config, verbosity_index,
@@ -175,6 +175,48 @@ class ScorerOutputs:
     score: np.ndarray                # N
     response_embedding: np.ndarray   # N×H
     prompt_embedding: np.ndarray     # N×H
+    debiased: np.ndarray             # N×K rewards·T
+
+    @property
+    def gate(self) -> np.ndarray:    # same name as HeadOutputs.gate
+        return self.gating_output
+
+
+def read_objective_names(path: str) -> list[str]:
+    """Objective names of a checkpoint in the ArmoRM layout, from config.json alone."""
+    with open(os.path.join(path, CONFIG_FILE), encoding="utf-8") as f:
+        config = json.load(f)
+    if "num_objectives" not in config:
+        raise CheckpointError(f"{path}/{CONFIG_FILE}: not an ArmoRM config (no num_objectives)")
+    return _objective_names(config, int(config["num_objectives"]))
+
+
+def _objective_names(config: dict, k: int) -> list[str]:
+    names = config.get("objectives")
+    if names:
+        if len(names) != k:
+            raise CheckpointError(f"config lists {len(names)} objective names for {k} objectives")
+        return list(names)
+    return list(RELEASE_OBJECTIVES) if k == len(RELEASE_OBJECTIVES) else [f"objective_{i}" for i in range(k)]
+
+
+def checkpoint_fingerprint(path: str, heads: ArmoHeads) -> str:
+    """Identifies a checkpoint without hashing gigabytes: config.json, the index, every shard's name,
+    size and safetensors header (tensor names, dtypes, shapes, offsets), and the heads' full-content
+    fingerprint."""
+    h = hashlib.sha256()
+    for name in (CONFIG_FILE, INDEX_FILE):
+        p = os.path.join(path, name)
+        if os.path.isfile(p):
+            with open(p, "rb") as f:
+                h.update(name.encode() + b"\0" + f.read())
+    for shard in sorted(set(_safetensors_map(path).values())):
+        p = os.path.join(path, shard)
+        with open(p, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            h.update(shard.encode() + str(os.path.getsize(p)).encode() + f.read(min(header_len, 1 << 26)))
+    h.update(heads.fingerprint.encode())
+    return h.hexdigest()
 
 
 class ArmoRMScorer:
@@ -187,6 +229,8 @@ class ArmoRMScorer:
             raise CheckpointError(f"{path}: config has no pad_token_id")
         self.device = torch.device(device)
         self.model = build_llama_backbone(self.config, weights, dtype=dtype, device=self.device)
+        self.fingerprint = checkpoint_fingerprint(path, self.heads)
+        self.objectives = list(self.heads.objectives)
 
     def embed(self, input_ids: list[list[int]], prompt_end: list[int], batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
         """(response embeddings, prompt embeddings) [N×H] float32: final-layer hidden state at each
@@ -219,7 +263,7 @@ class ArmoRMScorer:
         response_emb, prompt_emb = self.embed(input_ids, prompt_end, batch_size)
         out = self.heads.score(response_emb, prompt_emb)
         return ScorerOutputs(rewards=out.rewards, gating_output=out.gate, score=out.score,
-                             response_embedding=response_emb, prompt_embedding=prompt_emb)
+                             response_embedding=response_emb, prompt_embedding=prompt_emb, debiased=out.debiased)
 
 
 # --- export -------------------------------------------------------------------------------------

@@ -126,6 +126,14 @@ class ArmoHeads:
             raise ValueError(f"{directory}: heads fingerprint mismatch (corrupt or edited files)")
         return heads
 
+    @staticmethod
+    def read_objectives(directory: str, storage_options=None) -> list[str]:
+        """Objective names of saved heads, from heads.json alone (no tensors read)."""
+        meta = json.loads(storage.read_bytes(storage.join(directory, META_FILE), storage_options))
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{directory}: not an armolabel heads directory (format {meta.get('format')!r})")
+        return list(meta["objectives"])
+
     @classmethod
     def from_tensors(cls, tensors: dict, objectives: list[str], gating_config: dict,
                      verbosity_index: int | None = None, metadata: dict | None = None) -> "ArmoHeads":
@@ -146,3 +154,9 @@ def _jsonable(value):
     if isinstance(value, np.generic):
         return value.item()
     raise TypeError(f"not JSON serialisable: {type(value)}")
+
+
+def load_baseline(directory: str, storage_options=None):
+    """The single-score Bradley-Terry baseline saved beside heads (see bradley_terry.BradleyTerryHead)."""
+    from .bradley_terry import BradleyTerryHead
+    return BradleyTerryHead.load(directory, storage_options)
