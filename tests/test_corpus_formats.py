@@ -225,7 +225,7 @@ class _CountingFile(io.BytesIO):
 
 @pytest.mark.parametrize("reader, packed", [("jsonl", False), ("jsonl", True), ("json", False)])
 def test_readers_stream_instead_of_loading_whole_files(reader, packed, monkeypatch):
-    monkeypatch.setattr(formats, "CHUNK_BYTES", 1 << 16)
+    monkeypatch.setattr(formats, "CHUNK_BYTES", 1 << 14)
     records = [{"prompt": f"q{i}", "response": "r" * 200} for i in range(40000)]  # ~9 MB of text
     data = ("\n".join(json.dumps(r) for r in records) if reader == "jsonl" else json.dumps(records)).encode()
     if packed:
