@@ -141,6 +141,7 @@ def test_input_spec_from_dict_errors():
     with pytest.raises(InputSpecError, match="unknown objective"):
         InputSpec.from_dict({"path": "x", "columns": {"prompt": "q", "response": "a", "ratings": {"nope.x": "s"}}})
     assert InputSpec.from_dict({"path": "x", "columns": {"prompt": "q", "response": "a"}}).format == "mapping"
+    assert InputSpec.from_dict({"path": "x", "format": "unieval_topical_chat"}).format == "topical_chat"
 
 
 def _read(tmp_path, records, **spec):

@@ -506,6 +506,11 @@ ADAPTERS: dict[str, Adapter] = {a.name: a for a in (
 )}
 
 
+# Other names users reach for; InputSpec turns them into the adapter's own name.
+ALIASES = {"unieval_topical_chat": "topical_chat", "unieval_sfres": "sfres", "oasst": "oasst_best_of_n",
+           "hh-rlhf": "hh_rlhf", "trl_preference": "preference", "chat": "messages", "sharegpt": "messages"}
+
+
 def detect(rec: Any) -> str | None:
     """The adapter a record's field names point to, or None."""
     if not isinstance(rec, dict):

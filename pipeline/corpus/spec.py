@@ -38,13 +38,15 @@ class InputSpec:
     options: dict = field(default_factory=dict)  # adapter options
 
     def __post_init__(self):
-        from pipeline.corpus.adapters import ADAPTERS, check_columns
+        from pipeline.corpus.adapters import ADAPTERS, ALIASES, check_columns
         from pipeline.schema import KINDS
 
         if not self.path or not isinstance(self.path, (str, list)):
             raise InputSpecError(f"path: expected a non-empty string or list of strings, got {self.path!r}")
+        self.format = ALIASES.get(self.format, self.format)
         if self.format not in ADAPTERS:
-            raise InputSpecError(f"format: unknown adapter {self.format!r}; known: {sorted(ADAPTERS)}")
+            raise InputSpecError(f"format: unknown adapter {self.format!r}; known: {sorted(ADAPTERS)} "
+                                 f"(or an alias: {sorted(ALIASES)})")
         if self.file_format not in FILE_FORMATS:
             raise InputSpecError(f"file_format: expected one of {FILE_FORMATS}, got {self.file_format!r}")
         if self.kind is not None and self.kind not in KINDS:
