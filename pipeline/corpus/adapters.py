@@ -34,7 +34,7 @@ import ast
 import math
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from pipeline import objectives

@@ -72,10 +72,12 @@ def _byte_chunks(f, compressed: bool) -> Iterator[bytes]:
             if started and not inflater.eof:
                 raise CorruptStream("truncated compressed file: the gzip stream ends before its end marker")
             return
-        while chunk:
+        view, offset = memoryview(chunk), 0
+        while offset < len(view):
             started = True
             # Inflate in small steps: when corrupt data raises, only the current step's output is lost.
-            piece, chunk = chunk[:INFLATE_STEP_BYTES], chunk[INFLATE_STEP_BYTES:]
+            piece = view[offset: offset + INFLATE_STEP_BYTES]
+            offset += len(piece)
             try:
                 out = inflater.decompress(piece)
             except zlib.error as e:
@@ -83,7 +85,9 @@ def _byte_chunks(f, compressed: bool) -> Iterator[bytes]:
             if out:
                 yield out
             if inflater.eof:
-                chunk = (inflater.unused_data + chunk).lstrip(b"\x00")  # next member, if any (zero padding allowed)
+                # The next gzip member, if any, starts in the unused bytes (zero padding allowed).
+                rest = (inflater.unused_data + bytes(view[offset:])).lstrip(b"\x00")
+                view, offset = memoryview(rest), 0
                 inflater = zlib.decompressobj(wbits=31)
                 started = False
 

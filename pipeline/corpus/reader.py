@@ -22,7 +22,7 @@ from typing import Iterable, Iterator
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import ids, schema
+from pipeline import ids, schema, storage
 from pipeline.corpus import formats
 from pipeline.corpus.adapters import ADAPTERS, QuarantineError, Row, adapt_mapping, detect
 from pipeline.corpus.spec import InputSpec, expand_files, file_format_of
@@ -149,8 +149,6 @@ class _FileReader:
             yield rec
 
     def _is_dir(self) -> bool:
-        from pipeline import storage
-
         fs, path = storage.filesystem(self.uri, self.spec.storage_options)
         return fs.isdir(path)
 

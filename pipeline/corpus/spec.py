@@ -6,7 +6,6 @@ import dataclasses
 import os
 import posixpath
 from dataclasses import dataclass, field
-from typing import Any
 
 from pipeline import storage
 
