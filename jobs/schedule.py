@@ -187,19 +187,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
-    client = None
-    if args.address:
-        from ray.job_submission import JobSubmissionClient
-
-        client = JobSubmissionClient(args.address, headers=auth_headers())
-    elif not args.dry_run:
+    if not args.address and not args.dry_run:
         ap.error("--address (or RAY_API_SERVER_ADDRESS) is required unless --dry-run")
+    from ray.exceptions import AuthenticationError
+
     try:
+        client = None
+        if args.address:
+            from ray.job_submission import JobSubmissionClient
+
+            client = JobSubmissionClient(args.address, headers=auth_headers())
         report = schedule(client, args.config, date=args.date, job_name=args.job_name,
                           working_dir=args.working_dir, incremental=args.incremental,
                           resubmit_failed=args.resubmit_failed, dry_run=args.dry_run,
                           entrypoint=args.entrypoint)
-    except (OSError, yaml.YAMLError, ValueError) as e:
+    except (OSError, yaml.YAMLError, ValueError, AuthenticationError) as e:
+        # A bad config, an unreachable cluster or a refused token: nothing was submitted.
         print(f"schedule error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(report, indent=2))

@@ -7,7 +7,12 @@
 - `multinode_cluster`: a head plus two worker nodes (`ray.cluster_utils.Cluster`), each worker
   with a custom resource standing in for a GPU, for placement tests.
 
-Import both into a conftest: `from tests.ray_fixtures import ray_head, multinode_cluster`.
+tests/conftest.py imports both (`from ray_fixtures import ...`; tests/ is on sys.path there).
+Import helpers under that same name (`from ray_fixtures import SubmissionRefused`): under another
+name (tests.ray_fixtures) the module loads twice and its exception classes would not match.
+
+Jobs run with the head's interpreter (`python` resolves to it) and the working dir as cwd: give
+them absolute paths for data outside the working dir.
 """
 
 from __future__ import annotations
@@ -114,7 +119,7 @@ def _processes_of(pgid: int, marker: str) -> list[psutil.Process]:
     return list(found.values())
 
 
-def stop_ray_instance(pgid: int, marker: str, grace_s: float = 15.0) -> None:
+def stop_ray_instance(pgid: int, marker: str, grace_s: float = 5.0) -> None:
     """Like `ray stop` (SIGTERM, then SIGKILL after a grace period), for one instance only."""
     procs = _processes_of(pgid, marker)
     for p in procs:
@@ -320,6 +325,8 @@ def start_multinode_cluster(base: Path, num_workers: int = 2, worker_resource: s
 
     base.mkdir(parents=True, exist_ok=True)
     token = generate_token(base / "home")
+    if ray.is_initialized():   # a connection left over by an earlier test would block ray.init
+        ray.shutdown()
     saved_tmpdir = os.environ.get("RAY_TMPDIR")
     # Cluster writes the "current cluster" address file under the default temp dir: keep it ours.
     os.environ["RAY_TMPDIR"] = str(base)
@@ -346,8 +353,10 @@ def start_multinode_cluster(base: Path, num_workers: int = 2, worker_resource: s
             os.environ["RAY_TMPDIR"] = saved_tmpdir
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def multinode_cluster() -> Iterator[MultiNodeCluster]:
+    """Module-scoped: three idle raylets cost CPU on a small machine, and the process-wide auth
+    settings it installs are restored as soon as the module is done."""
     base = short_temp_dir("raymulti-")
     try:
         with start_multinode_cluster(base) as cluster:

@@ -225,3 +225,15 @@ def test_dry_run_submits_nothing(ray_head, job_dir):
                               "PYTHONPATH": str(REPO)}, timeout=120)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["submission_id"] == report["submission_id"]
+
+
+def test_cli_without_the_token_is_refused_and_submits_nothing(ray_head, job_dir):
+    client = ray_head.job_client()
+    before = {j.submission_id for j in client.list_jobs()}
+    out = subprocess.run([sys.executable, "-m", "jobs.schedule", "--address", ray_head.dashboard_url,
+                          "--config", "jobs/configs/nightly.yaml", "--date", "2026-11-28"],
+                         cwd=job_dir, env={**ray_head.client_env(auth=False), "PYTHONPATH": str(REPO)},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "Missing authentication token" in out.stderr
+    assert {j.submission_id for j in client.list_jobs()} == before
