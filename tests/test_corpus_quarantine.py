@@ -204,3 +204,45 @@ def test_duplicates_across_shards_and_parquet_rows(tmp_path):
     assert [u["quarantine_reason"] is None for u in units] == [True, True, False, True, False]
     assert units[2]["quarantine_reason"].startswith("duplicate row: same content as source_row 0")
     assert units[4]["quarantine_reason"].startswith("duplicate row: same content as source_row 1")
+
+
+def _msg(mid, role, text, rank=None, replies=(), deleted=False):
+    return {"message_id": mid, "role": role, "text": text, "rank": rank, "deleted": deleted, "replies": list(replies)}
+
+
+def test_oasst_tree_edge_cases(tmp_path):
+    trees = [
+        # Root with 3 replies: one deleted, one unranked -> only 2 ranked remain; a deeper prompter
+        # whose ranked replies include an empty text -> that row alone is quarantined.
+        _msg("p0", "prompter", "root question", replies=[
+            _msg("a0", "assistant", "best", 0, replies=[
+                _msg("p1", "prompter", "follow-up", replies=[_msg("a2", "assistant", "", 0),
+                                                             _msg("a3", "assistant", "ok", 1)])]),
+            _msg("a1", "assistant", "worse", 1),
+            _msg("ax", "assistant", "gone", 2, deleted=True),
+            _msg("ay", "assistant", "unranked")]),
+        # No prompter with two ranked replies: the whole tree is one quarantined row.
+        _msg("q0", "prompter", "lonely", replies=[_msg("b0", "assistant", "only one", 0)]),
+    ]
+    path = tmp_path / "trees.jsonl"
+    path.write_text("".join(json.dumps(t) + "\n" for t in trees))
+    units = read_units(InputSpec(str(path), format="oasst_best_of_n")).to_pylist()
+    good = [u for u in units if u["quarantine_reason"] is None]
+    assert [(u["response"], u["human_rank"]) for u in good] == [("best", 0), ("worse", 1)]
+    assert good[0]["prompt"] == [{"role": "user", "content": "root question"}]
+    bad = [u for u in units if u["quarantine_reason"]]
+    assert [(u["source_row"], u["quarantine_reason"]) for u in bad] == [
+        (0, "empty response: response 0 is empty"),
+        (1, "no prompter message with at least 2 ranked assistant replies in this tree")]
+    assert bad[0]["row_id"] == ids.bad_row_id(f"{path}#p1", 0)  # told apart from other rows of the same tree
+    s = summarize(read_units(InputSpec(str(path), format="oasst_best_of_n")))["oasst"]
+    assert (s["rows_in"], s["rows_ok"], s["rows_quarantined"]) == (3, 1, 2)
+
+
+def test_empty_responses_can_be_kept_by_option(tmp_path):
+    path = tmp_path / "e.jsonl"
+    path.write_text(json.dumps({"prompt": "say nothing", "chosen": "", "rejected": "something"}) + "\n")
+    (bad,) = read_units(InputSpec(str(path))).to_pylist()
+    assert bad["quarantine_reason"] == "empty response: chosen is empty"
+    kept = read_units(InputSpec(str(path), options={"allow_empty_response": True})).to_pylist()
+    assert [(u["response"], u["preference"]) for u in kept] == [("", "chosen"), ("something", "rejected")]
