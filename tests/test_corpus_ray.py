@@ -16,6 +16,9 @@ from pipeline.schema import UNIT_SCHEMA
 
 @pytest.fixture(scope="module")
 def local_ray():
+    if ray.is_initialized():  # a Ray left running by another module's fixture: use it, leave it
+        yield
+        return
     ray.init(num_cpus=2, include_dashboard=False)
     yield
     ray.shutdown()
