@@ -77,7 +77,11 @@ def generate_token(home: Path) -> str:
 
 @contextlib.contextmanager
 def token_auth_env(token: str) -> Iterator[None]:
-    """Token auth for Ray clients created in THIS process (ray.init, cluster_utils), then restore."""
+    """Token auth for Ray clients created in THIS process (ray.init, cluster_utils), then restore.
+
+    Keep the block around the whole connection, e.g. to drive `ray_head` in-process:
+    `with token_auth_env(head.token): ray.init(address=head.gcs_address); ...; ray.shutdown()`.
+    """
     from ray._raylet import AuthenticationTokenLoader, Config
 
     saved = {k: os.environ.get(k) for k in AUTH_ENV_VARS}

@@ -70,3 +70,18 @@ def test_job_api_refuses_unauthenticated_reads(ray_head):
     with pytest.raises(Exception, match="Invalid authentication token"):
         JobSubmissionClient(ray_head.dashboard_url,
                             headers={"Authorization": f"Bearer {secrets.token_hex(32)}"}).list_jobs()
+
+
+def test_repo_as_working_dir_ships_source_without_venv(ray_head):
+    """What `ray job submit --working-dir .` does with this repo: the job's cwd is a copy of the
+    source (.gitignore'd paths such as .venv left out) and the job modules import from it."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    probe = ("import os, jobs.label, jobs.schedule; "
+             "print('cwd-has', sorted(p for p in ('.venv', 'pyproject.toml', 'pipeline', 'jobs') if os.path.exists(p))); "
+             "print('label-from-cwd', jobs.label.__file__.startswith(os.getcwd()))")
+    result = ray_head.submit(["python", "-c", probe], repo)
+    assert result.status == "SUCCEEDED", result.message + result.logs
+    assert "cwd-has ['jobs', 'pipeline', 'pyproject.toml']" in result.logs
+    assert "label-from-cwd True" in result.logs
