@@ -63,7 +63,9 @@ class _StageActor:
         return self.stage(batch)
 
 
-def _stage_task(stage: Stage):
+def stage_function(stage: Stage):
+    """The stage as a plain function with lazy, once-per-process setup: for running it inside
+    another task (e.g. a read task's per-shard hook) or as a stateless Ray task."""
     ready = {"done": False}
 
     def run(batch: pa.Table) -> pa.Table:
@@ -86,7 +88,7 @@ def apply_stage(ds, stage: Stage, resources: Resources | None = None, **ray_remo
     if res.custom:
         ray_remote_args = {**ray_remote_args, "resources": dict(res.custom)}
     if res.actors is None:
-        return ds.map_batches(_stage_task(stage), **common, **ray_remote_args)
+        return ds.map_batches(stage_function(stage), **common, **ray_remote_args)
     from ray.data import ActorPoolStrategy
 
     lo, hi = (res.actors, res.actors) if isinstance(res.actors, int) else res.actors

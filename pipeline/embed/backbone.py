@@ -362,3 +362,14 @@ def build_backbone(spec: BackboneSpec, materialise: bool = True) -> Backbone:
         load_seconds=time.perf_counter() - start,
         loaded_from="hf" if not source.gguf_file else ("gguf" if kwargs else "materialised"),
     )
+
+
+def resolve_kind(spec: BackboneSpec) -> str:
+    """decoder | encoder for a spec, from its config and tokenizer (no weights loaded): what
+    tokenization must know before any model is in memory."""
+    if spec.kind != "auto":
+        return spec.kind
+    from transformers import AutoConfig
+
+    _, _, directory, kwargs = _load_source(spec)
+    return _detect_kind(AutoConfig.from_pretrained(directory, **kwargs), load_tokenizer(spec))

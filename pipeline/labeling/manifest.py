@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 from collections import Counter
 from importlib import metadata
 
@@ -62,6 +63,12 @@ def earlier_input_files(output_root: str, run_id: str, storage_options: dict | N
     return seen
 
 
+def reason_category(reason: str) -> str:
+    """Reasons carry specifics (token counts, line numbers); the manifest counts them by kind,
+    the quarantine files keep the full text."""
+    return re.sub(r"\d+", "N", reason)
+
+
 def summarize_sources(markers: list[dict]) -> dict[str, dict]:
     """Per-source counts; rows_in = rows_labeled + rows_quarantined holds for every source."""
     out: dict[str, dict] = {}
@@ -76,7 +83,8 @@ def summarize_sources(markers: list[dict]) -> dict[str, dict]:
         s["units_labeled"] += m["labeled_units"]
         s["units_quarantined"] += m["quarantined_units"]
         s["tokens"] += m["tokens"]
-        s["quarantine_reasons"].update(m.get("reasons", {}))
+        for reason, count in m.get("reasons", {}).items():
+            s["quarantine_reasons"][reason_category(reason)] += count
     for s in out.values():
         s["quarantine_reasons"] = dict(s["quarantine_reasons"])
     return out

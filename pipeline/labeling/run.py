@@ -14,7 +14,7 @@ from pipeline.labeling.commit import ShardLedger, shard_of_part
 from pipeline.labeling.config import LabelConfig
 from pipeline.labeling.stages import EmbedScoreStage, ScoringModel, TokenizeStage, WriteStage
 from pipeline.runtime import init_ray
-from pipeline.stage import Resources, apply_stage
+from pipeline.stage import Resources, apply_stage, stage_function
 
 log = logging.getLogger("armolabel.label")
 
@@ -113,20 +113,22 @@ def run(cfg: LabelConfig) -> dict:
     r = cfg.resources
     new_markers: list[dict] = []
     if files:
-        def plan():
-            return read_corpus(specs, rows_per_shard=r.rows_per_shard, exclude_shards=set(done), files=files,
-                               limit_rows=cfg.limit_rows_per_input)
-
-        total = plan().count()
-        ds = plan()
-        backbone = cfg.model.backbone
-        if cfg.model.armorm_checkpoint:
-            backbone = {"path": cfg.model.armorm_checkpoint}
         cpu = Resources(num_cpus=r.cpus_per_cpu_task)
-        ds = apply_stage(ds, TokenizeStage(backbone, cfg.model.template, cpu))
+        backbone = {"path": cfg.model.armorm_checkpoint} if cfg.model.armorm_checkpoint else cfg.model.backbone
+        # Tokenization runs inside the read tasks, one shard at a time, so that it sees whole rows.
+        tokenize = TokenizeStage(backbone, cfg.model.template, cpu)
+
+        def plan(transform=None):
+            return read_corpus(specs, rows_per_shard=r.rows_per_shard, exclude_shards=set(done), files=files,
+                               limit_rows=cfg.limit_rows_per_input, num_cpus=r.cpus_per_cpu_task,
+                               shard_transform=transform)
+
+        total = plan().count()  # parsing only: cheap next to the model, and it gives progress an ETA
+        ds = plan(stage_function(tokenize))
         scoring = Resources(num_cpus=r.num_cpus_per_actor, num_gpus=r.num_gpus_per_actor,
                             custom=r.custom_resources_per_actor,
-                            actors=tuple(r.actors) if isinstance(r.actors, list) else r.actors)
+                            actors=tuple(r.actors) if isinstance(r.actors, list) else r.actors,
+                            batch_size=r.units_per_call)
         model = ScoringModel(cfg.model.backbone, cfg.model.heads, cfg.model.armorm_checkpoint, r.token_budget,
                              cfg.embeddings)
         ds = apply_stage(ds, EmbedScoreStage(model, objectives, scoring))

@@ -98,6 +98,7 @@ class TokenizeStage(Stage):
 
 
 def _backbone_kind(spec) -> str:
+    """decoder | encoder, from the model config, without loading the weights."""
     from pipeline.embed.backbone import resolve_kind
 
     return resolve_kind(spec)
