@@ -85,3 +85,18 @@ def test_repo_as_working_dir_ships_source_without_venv(ray_head):
     assert result.status == "SUCCEEDED", result.message + result.logs
     assert "cwd-has ['jobs', 'pipeline', 'pyproject.toml']" in result.logs
     assert "label-from-cwd True" in result.logs
+
+
+def test_in_process_driver_joins_the_head_with_its_token(ray_head):
+    import ray
+    from ray_fixtures import token_auth_env
+
+    with token_auth_env(ray_head.token):
+        ray.init(address=ray_head.gcs_address)
+        try:
+            nodes = [n for n in ray.nodes() if n["Alive"]]
+            ran_on = ray.get(ray.remote(lambda: ray.get_runtime_context().get_node_id()).remote())
+        finally:
+            ray.shutdown()
+    assert len(nodes) == 1 and nodes[0]["Resources"]["CPU"] == 2.0
+    assert ran_on == nodes[0]["NodeID"]
