@@ -37,7 +37,6 @@ from typing import Any, Iterable
 
 import yaml
 
-ACTIVE = {"PENDING", "RUNNING"}
 RETRYABLE = {"FAILED", "STOPPED"}
 SCHEDULE_KEY = "armolabel.schedule"   # job metadata naming the schedule slot a job belongs to
 EXIT_PREVIOUS_FAILED = 3
