@@ -42,6 +42,7 @@ class ResourcesConfig:
     actors: int | list[int] = 1           # scoring actors: a number or [min, max]
     num_gpus_per_actor: float = 0.0
     num_cpus_per_actor: float = 1.0
+    threads_per_actor: int | None = None  # CPU inference threads; default: Ray's share (num_cpus_per_actor)
     custom_resources_per_actor: dict = field(default_factory=dict)
     token_budget: int = 8192              # padded tokens per forward pass
     units_per_call: int = 256             # units handed to a scoring actor at once (sorted into batches there)
@@ -122,9 +123,9 @@ def _validate(cfg: LabelConfig) -> None:
     if m.train_if_missing and not os.path.exists(m.train_if_missing):
         raise ConfigError(f"model.train_if_missing: no such config file {m.train_if_missing}")
     if not m.armorm_checkpoint:
-        from pipeline.embed.backbone import BackboneSpec
+        from pipeline.embed.backbone import BackboneSpec, resolve_source
         try:
-            BackboneSpec.from_dict(m.backbone)
+            resolve_source(BackboneSpec.from_dict(m.backbone))
         except Exception as e:  # noqa: BLE001
             raise ConfigError(f"model.backbone: {e}") from e
     if not cfg.run_id or any(c in cfg.run_id for c in "/\\ "):

@@ -56,14 +56,28 @@ class Progress:
         self.interval = interval_s
         self.start = self.last = time.monotonic()
         self.units = self.tokens = 0
+        self.window: list[float] = []  # [first scoring call's start, last one's end] (unix seconds)
 
-    def add(self, units: int, tokens: int) -> None:
+    def add(self, units: int, tokens: int, scored_from: float | None = None, scored_until: float | None = None) -> None:
         self.units += units
         self.tokens += tokens
+        if scored_from is not None and scored_until is not None:
+            self.window = [min(self.window[0], scored_from), max(self.window[1], scored_until)] if self.window \
+                else [scored_from, scored_until]
         now = time.monotonic()
         if now - self.last >= self.interval:
             self.last = now
             _say(self.line())
+
+    def steady(self) -> dict:
+        """Throughput from the start of the first scoring call to the end of the last: Ray start-up
+        and model loading excluded, any stall of the pipeline (reads, tokenization, writes
+        not keeping the actors busy) included."""
+        if not self.window or self.window[1] <= self.window[0]:
+            return {"scoring_window_s": None, "steady_units_per_s": None, "steady_tokens_per_s": None}
+        span = self.window[1] - self.window[0]
+        return {"scoring_window_s": round(span, 3), "steady_units_per_s": round(self.units / span, 3),
+                "steady_tokens_per_s": round(self.tokens / span, 1)}
 
     def line(self) -> str:
         elapsed = max(time.monotonic() - self.start, 1e-9)
@@ -89,6 +103,7 @@ def run(cfg: LabelConfig) -> dict:
 
         _say(f"no heads at {cfg.model.heads}: training them first ({cfg.model.train_if_missing})")
         train_from_config(cfg.model.train_if_missing, heads_out=cfg.model.heads)
+        t0 = time.time()  # the manifest times the labeling; training writes its own report
     objectives = job_objectives(cfg)
 
     specs = [InputSpec.from_dict({"storage_options": cfg.storage_options, **i}) for i in cfg.inputs]
@@ -112,6 +127,7 @@ def run(cfg: LabelConfig) -> dict:
     files = [f["uri"] for f in input_files]
     r = cfg.resources
     new_markers: list[dict] = []
+    steady: dict = {}
     if files:
         cpu = Resources(num_cpus=r.cpus_per_cpu_task)
         backbone = {"path": cfg.model.armorm_checkpoint} if cfg.model.armorm_checkpoint else cfg.model.backbone
@@ -130,11 +146,13 @@ def run(cfg: LabelConfig) -> dict:
                             actors=tuple(r.actors) if isinstance(r.actors, list) else r.actors,
                             batch_size=r.units_per_call)
         model = ScoringModel(cfg.model.backbone, cfg.model.heads, cfg.model.armorm_checkpoint, r.token_budget,
-                             cfg.embeddings)
+                             cfg.embeddings, r.threads_per_actor)
         ds = apply_stage(ds, EmbedScoreStage(model, objectives, scoring))
         ds = apply_stage(ds, WriteStage(run_dir, cfg.run_id, objectives, cfg.embeddings, cfg.storage_options, cpu))
         _say(f"run {cfg.run_id}: {len(files)} file(s), {total} unit(s) to label -> {run_dir}")
-        new_markers = _drive(ds, run_dir, so, Progress(total, cfg.progress_interval_s))
+        progress = Progress(total, cfg.progress_interval_s)
+        new_markers = _drive(ds, run_dir, so, progress)
+        steady = progress.steady()
 
     markers = list(done.values()) + new_markers
     wall = time.time() - t0
@@ -152,10 +170,12 @@ def run(cfg: LabelConfig) -> dict:
         "sources": mf.summarize_sources(markers),
         "shards": len(markers),
         "shards_this_attempt": len(new_markers),
+        "scored_on": dict(sum((Counter(m.get("scored_on", {})) for m in new_markers), Counter())),
         "units_labeled_this_attempt": labeled,
         "wall_time_s": round(wall, 3),
         "units_per_s": round(labeled / wall, 3) if wall else None,
         "tokens_per_s": round(tokens / wall, 1) if wall else None,
+        **steady,
         "output": {"data": storage.join(run_dir, "data"), "quarantine": storage.join(run_dir, "quarantine")},
     }
     mf.write_json(storage.join(run_dir, mf.MANIFEST), man, so)
@@ -166,14 +186,17 @@ def _drive(ds, run_dir: str, so: dict | None, progress: Progress) -> list[dict]:
     """Consume the write stage's summaries; commit each shard the moment it is complete."""
     ledger = ShardLedger()
     reasons: dict[str, Counter] = defaultdict(Counter)
+    nodes: dict[str, Counter] = defaultdict(Counter)
     markers = []
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         for summary in batch.to_pylist():
             reasons[summary["shard_id"]].update(json.loads(summary["reasons"]))
-            progress.add(summary["units"], summary["tokens"])
+            nodes[summary["shard_id"]].update(json.loads(summary["scored_on"]))
+            progress.add(summary["units"], summary["tokens"], summary["scored_from"], summary["scored_until"])
             finished = ledger.add(summary)
             if finished is not None:
-                marker = {**finished.totals, "reasons": dict(reasons.pop(summary["shard_id"]))}
+                marker = {**finished.totals, "reasons": dict(reasons.pop(summary["shard_id"])),
+                          "scored_on": dict(nodes.pop(summary["shard_id"]))}
                 mf.write_json(mf.marker_uri(run_dir, marker["shard_id"]), marker, so)
                 markers.append(marker)
     incomplete = ledger.incomplete()

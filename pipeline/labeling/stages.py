@@ -8,6 +8,7 @@ that every input unit ends in exactly one output file: labeled or quarantined.
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
@@ -21,6 +22,10 @@ from pipeline.labeling.commit import contiguous_runs, part_name
 from pipeline.stage import Resources, Stage, StageError
 
 QUARANTINE_STAGE = "quarantine_stage"
+# Internal columns (reported in markers and the manifest, not written to the output):
+SCORED_ON = "scored_on"        # the node that scored the unit
+SCORED_FROM = "scored_from"    # wall-clock start and end of the scoring call (unix seconds):
+SCORED_UNTIL = "scored_until"  # the driver measures pipeline throughput from them
 TOKEN_COLUMNS = [name for name, _ in schema.TOKEN_FIELDS]
 DEBIASED_PREFIX = schema.DEBIASED_PREFIX
 
@@ -123,6 +128,7 @@ class ScoringModel:
     armorm_checkpoint: str | None
     token_budget: int
     embeddings: bool
+    num_threads: int | None = None  # CPU only: torch intra-op threads per actor
 
 
 class EmbedScoreStage(Stage):
@@ -130,7 +136,7 @@ class EmbedScoreStage(Stage):
 
     name = "embed_score"
     reads = ("input_ids", "prompt_end", "prompt_input_ids", "quarantine_reason")
-    writes = ("score", "backbone_fingerprint", "heads_fingerprint", "quarantine_reason", QUARANTINE_STAGE)
+    writes = ("score", "backbone_fingerprint", "heads_fingerprint", "quarantine_reason", QUARANTINE_STAGE, SCORED_ON)
 
     def __init__(self, model: ScoringModel, objectives: list[str], resources: Resources):
         self.model = model
@@ -140,6 +146,8 @@ class EmbedScoreStage(Stage):
     def setup(self) -> None:
         from pipeline.embed.backbone import BackboneSpec, load_backbone
         from pipeline.embed.engine import EmbeddingEngine
+
+        self.node = _node_name()
 
         self.heads = None
         if self.model.armorm_checkpoint:
@@ -151,7 +159,8 @@ class EmbedScoreStage(Stage):
             return
         self.scorer = None
         backbone = load_backbone(BackboneSpec.from_dict(self.model.backbone))
-        self.engine = EmbeddingEngine(backbone, token_budget=self.model.token_budget)
+        self.engine = EmbeddingEngine(backbone, token_budget=self.model.token_budget,
+                                      num_threads=self.model.num_threads)
         self.backbone_fingerprint = backbone.fingerprint
         self.heads_fingerprint = None
         if self.model.heads:
@@ -163,6 +172,7 @@ class EmbedScoreStage(Stage):
                 raise StageError(f"heads objectives {self.heads.objectives} != job objectives {self.objectives}")
 
     def process(self, batch: pa.Table) -> pa.Table:
+        started = time.time()
         n = batch.num_rows
         reasons = batch.column("quarantine_reason").to_pylist()
         stages = _quarantine_stage_column(batch)
@@ -210,7 +220,24 @@ class EmbedScoreStage(Stage):
         out_t = _set_column(out_t, "backbone_fingerprint", [self.backbone_fingerprint] * n, pa.string())
         out_t = _set_column(out_t, "heads_fingerprint", [self.heads_fingerprint] * n, pa.string())
         out_t = _set_column(out_t, "quarantine_reason", reasons, pa.string())
+        out_t = _set_column(out_t, SCORED_ON, [self.node] * n, pa.string())
+        out_t = _set_column(out_t, SCORED_FROM, [started] * n, pa.float64())
+        out_t = _set_column(out_t, SCORED_UNTIL, [time.time()] * n, pa.float64())
         return _set_column(out_t, QUARANTINE_STAGE, stages, pa.string())
+
+
+def _node_name() -> str:
+    """Which node does the scoring: the Ray node id inside Ray, else the host name."""
+    import socket
+
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - provenance only; never fail scoring over it
+        pass
+    return socket.gethostname()
 
 
 def _masked(values: np.ndarray) -> pa.Array:
@@ -281,6 +308,10 @@ class WriteStage(Stage):
             "rows_quarantined": pc.sum(pc.and_(first_units, bad_mask)).as_py() or 0,
             "tokens": tokens or 0,
             "reasons": json.dumps(Counter(bad.column("quarantine_reason").to_pylist())),
+            "scored_on": json.dumps(Counter(part.column(SCORED_ON).to_pylist())
+                                    if SCORED_ON in part.column_names else {}),
+            "scored_from": pc.min(part.column(SCORED_FROM)).as_py() if SCORED_FROM in part.column_names else None,
+            "scored_until": pc.max(part.column(SCORED_UNTIL)).as_py() if SCORED_UNTIL in part.column_names else None,
             "files": files,
         }
 

@@ -1,0 +1,58 @@
+"""The job config is validated up front: each mistake gives one clear error naming the key."""
+
+from __future__ import annotations
+
+import pytest
+from label_fixtures import REPO, SHARED, label_config, write_yaml
+
+from pipeline.labeling.config import ConfigError, load_config, parse_config
+
+
+def _cfg(tmp_path, **over):
+    return label_config(tmp_path, heads=None, **over)
+
+
+def test_valid_config_parses_and_hash_ignores_where_it_runs(tmp_path):
+    a = parse_config(_cfg(tmp_path))
+    b = parse_config({**_cfg(tmp_path), "ray_address": "ray://elsewhere:10001"})
+    assert a.run_dir.endswith("labels/t1")
+    assert a.hash() == b.hash()
+    assert a.hash() != parse_config(_cfg(tmp_path, run_id="t2")).hash()
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda c: c.update(bogus=1), "unknown key(s) ['bogus']"),
+    (lambda c: c["model"].update(heds="x"), "model: unknown key(s) ['heds']"),
+    (lambda c: c["resources"].update(actors=[3, 1]), "resources.actors"),
+    (lambda c: c.pop("output"), "missing required key 'output'"),
+    (lambda c: c.update(inputs=[{"path": "/nonexistent/*.jsonl", "format": "llmbar"}]), "inputs[0]"),
+    (lambda c: c["model"].update(heads="/nonexistent/heads"), "model.heads"),
+    (lambda c: c["model"].update(backbone={"path": "/nonexistent/model"}), "model.backbone"),
+    (lambda c: c.update(run_id="a/b"), "run_id"),
+])
+def test_config_errors_name_the_problem(tmp_path, mutate, message):
+    cfg = _cfg(tmp_path)
+    mutate(cfg)
+    with pytest.raises(ConfigError) as e:
+        parse_config(cfg)
+    assert message in str(e.value)
+
+
+def test_cli_reports_config_errors_with_exit_code_2(tmp_path):
+    import subprocess
+    import sys
+
+    cfg = _cfg(tmp_path)
+    cfg["resources"]["token_budgett"] = 5
+    path = write_yaml(tmp_path / "bad.yaml", cfg)
+    proc = subprocess.run([sys.executable, "-m", "jobs.label", "--config", str(path)], cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "token_budgett" in proc.stderr
+
+
+def test_demo_config_is_valid(monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert SHARED.is_dir()
+    cfg = load_config(str(REPO / "jobs" / "configs" / "demo.yaml"))
+    assert cfg.model.train_if_missing
