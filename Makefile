@@ -11,7 +11,9 @@ demo: setup
 	$(PY) -m jobs.label --config jobs/configs/demo.yaml
 
 test: setup
+	bash infra/test-deps.sh
 	$(PY) -m pytest -q -ra
 
 bench: setup
 	$(PY) bench/bench_embed.py
+	$(PY) bench/bench_job.py
