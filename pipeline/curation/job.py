@@ -118,7 +118,7 @@ def _process_bucket(units: pd.DataFrame, cfg: CurateConfig, filters: list[Filter
                          "counts": [json.dumps(counts)]})
 
 
-def _merge_bucket_counts(counts: list[dict]) -> dict:
+def merge_bucket_counts(counts: list[dict]) -> dict:
     out = {"rows_in": sum(c["rows_in"] for c in counts), "rows_out": sum(c["rows_out"] for c in counts),
            "filters": merge_filter_counts([c["filters"] for c in counts])}
     if any("selection" in c for c in counts):
@@ -179,7 +179,7 @@ def run(cfg: CurateConfig) -> dict:
     stale = [u for u in storage.list_files(out_dir, so) if posixpath.basename(u) not in set(written)]
     for uri in stale:
         storage.remove(uri, so)
-    counts = _merge_bucket_counts([json.loads(s["counts"]) for s in summaries])
+    counts = merge_bucket_counts([json.loads(s["counts"]) for s in summaries])
     man = {**_base_manifest(cfg, files, t0), **counts,
            "resolved_filters": [f.to_dict() for f in filters],
            "output": {"dir": out_dir, "files": written, "stale_files_removed": len(stale)}}
