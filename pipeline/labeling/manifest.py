@@ -66,7 +66,7 @@ def earlier_input_files(output_root: str, run_id: str, storage_options: dict | N
 def reason_category(reason: str) -> str:
     """Reasons carry specifics (token counts, line numbers); the manifest counts them by kind,
     the quarantine files keep the full text."""
-    return re.sub(r"\d+", "N", reason)
+    return re.sub(r"\d+", "N", re.sub(r"\s*\([^)]*\)", "", reason))
 
 
 def summarize_sources(markers: list[dict]) -> dict[str, dict]:
