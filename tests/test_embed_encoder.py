@@ -15,15 +15,17 @@ CONVERSATIONS = [
       {"role": "user", "content": "Another one, about cats this time, please."}],
      "A cat walks into a library and asks for a book about purring. " * 3),
     ([{"role": "user", "content": "Summarise: " + "the committee met and discussed the budget at length. " * 40}],
-     "They discussed the budget."),  # longer than 256 tokens: cut at the model's length
+     "They discussed the budget."),  # longer than 256 tokens: the prompt loses its start
     ([{"role": "user", "content": "hi"}], ""),
 ]
 
 
-def sentence_transformers_recipe(model_dir: str, texts: list[str]) -> np.ndarray:
+def sentence_transformers_recipe(model_dir: str, texts: list[str | list[int]]) -> np.ndarray:
+    """Texts, or token ids already cut to 256 (for the row whose prompt must lose its start)."""
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModel.from_pretrained(model_dir).eval()
-    enc = tok(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
+    ids = [t if isinstance(t, list) else tok(t, truncation=True, max_length=256)["input_ids"] for t in texts]
+    enc = tok.pad({"input_ids": ids}, return_tensors="pt")
     with torch.inference_mode():
         hidden = model(**enc).last_hidden_state
     mask = enc["attention_mask"].unsqueeze(-1).float()
@@ -49,11 +51,17 @@ def test_encoder_embeddings_match_sentence_transformers_recipe(minilm, settings)
     full_texts = ["\n".join(f"{m['role']}: {m['content']}" for m in p) + f"\nassistant: {r}" for p, r in CONVERSATIONS]
     prompt_texts = ["\n".join(f"{m['role']}: {m['content']}" for m in p) for p, _ in CONVERSATIONS]
     model_dir = resolve_source(BackboneSpec("minilm")).directory
+    # Row 2 is too long: the expected input is [CLS] + the prompt's last tokens + the whole answer + [SEP].
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    answer = tok("assistant: " + CONVERSATIONS[2][1], add_special_tokens=False)["input_ids"]
+    prompt = tok(prompt_texts[2], add_special_tokens=False)["input_ids"]
+    full_texts[2] = [tok.cls_token_id] + prompt[-(254 - len(answer)):] + answer + [tok.sep_token_id]
+    prompt_texts[2] = [tok.cls_token_id] + prompt[-254:] + [tok.sep_token_id]
     np.testing.assert_allclose(out.response, sentence_transformers_recipe(model_dir, full_texts), atol=1e-5)
     np.testing.assert_allclose(out.prompt, sentence_transformers_recipe(model_dir, prompt_texts), atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(out.response, axis=1), 1.0, atol=1e-5)
-    assert results[2].truncated and results[2].total_tokens == 256
-    assert out.tokens == sum(r.total_tokens + r.prompt_tokens for r in results)
+    assert results[2].truncated and results[2].total_tokens == 256 and results[2].response_tokens == len(answer)
+    assert out.tokens == sum(r.total_tokens + len(r.prompt_input_ids) for r in results)  # both sequences run
 
 
 def test_encoder_requires_prompt_ids(minilm):

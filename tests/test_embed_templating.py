@@ -153,7 +153,17 @@ def test_encoder_rendering_is_plain_role_lines():
     long = tokenize_conversation(enc, [{"role": "user", "content": "word " * 400}], "ok", TemplatePolicy(max_tokens=4096),
                                  kind="encoder")
     assert long.total_tokens == 256 and long.truncated and long.tokens_before_truncation > 400
-    assert long.input_ids == enc("user: " + "word " * 400 + "\nassistant: ok", truncation=True, max_length=256)["input_ids"]
+    # The response survives: the prompt loses its start instead (the end is nearest the response).
+    answer = enc("assistant: ok", add_special_tokens=False)["input_ids"]
+    prompt_ids = enc("user: " + "word " * 400, add_special_tokens=False)["input_ids"]
+    cls, sep = enc.cls_token_id, enc.sep_token_id
+    assert long.input_ids == [cls] + prompt_ids[-(254 - len(answer)):] + answer + [sep]
+    assert long.response_tokens == len(answer) and long.prompt_tokens == 256 - len(answer)
+    assert long.prompt_input_ids == [cls] + prompt_ids[-254:] + [sep]
+    # A response longer than the cap on its own keeps its start and no prompt.
+    huge = tokenize_conversation(enc, [{"role": "user", "content": "Q?"}], "tok " * 400, TemplatePolicy(), kind="encoder")
+    assert huge.input_ids == [cls] + enc("assistant: " + "tok " * 400, add_special_tokens=False)["input_ids"][:254] + [sep]
+    assert huge.response_tokens == 254 and huge.truncated
 
 
 def test_policy_validation():

@@ -42,8 +42,8 @@ class TemplatePolicy:
       any other string: used as the system message.
     max_tokens: longest sequence allowed (also capped by the tokenizer's model_max_length).
     overflow: "truncate_prompt" drops the oldest prompt turns, keeping a system message, the last
-      user turn and the response whole (decoders: quarantined if still too long; encoders: then cut
-      at max length from the end, as sentence-transformers does); "quarantine" rejects the unit.
+      user turn and the response whole (decoders: quarantined if still too long; encoders: then the
+      prompt is cut from its start, keeping the response); "quarantine" rejects the unit.
     """
     system_prompt: str = "template_default"
     max_tokens: int = 2048
@@ -196,8 +196,12 @@ def _truncate_decoder(tokenizer, prompt, response, policy, cap, before) -> Token
 def _encoder_texts(prompt: list[dict], response: str, policy: TemplatePolicy) -> tuple[str, str]:
     messages = _with_policy_system(prompt, policy)
     prompt_text = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
-    answer = f"assistant: {response}"
+    answer = _encoder_answer(response)
     return (f"{prompt_text}\n{answer}" if prompt_text else answer), prompt_text
+
+
+def _encoder_answer(response: str) -> str:
+    return f"assistant: {response}"
 
 
 def _encoder_result(tokenizer, full_ids, prompt_ids, before, cap, full_text, prompt_text) -> TokenizedConversation:
@@ -218,9 +222,34 @@ def _truncate_encoder(tokenizer, prompt, response, policy, cap, before) -> Token
         full_ids, prompt_ids = _ids(tokenizer, [full, prompt_only], special=True)
         if len(full_ids) <= cap:
             return _encoder_result(tokenizer, full_ids, prompt_ids, before, cap, full, prompt_only)
-    # Still too long with only the last user turn: cut at the model's length, as the encoder's
-    # own recipe (sentence-transformers) does.
-    return _encoder_result(tokenizer, full_ids, prompt_ids, before, cap, full, prompt_only)
+    return _encoder_keep_response(tokenizer, prompt_only, _encoder_answer(response), cap, before)
+
+
+def _special_wrap(tokenizer) -> tuple[list[int], list[int]]:
+    """The special tokens an encoder puts before and after a text ([CLS] … [SEP] for BERT)."""
+    empty = tokenizer("", add_special_tokens=True)["input_ids"]
+    starts = {tokenizer.cls_token_id, tokenizer.bos_token_id} - {None}
+    n_head = 1 if empty and empty[0] in starts else 0
+    return list(empty[:n_head]), list(empty[n_head:])
+
+
+def _encoder_keep_response(tokenizer, prompt_text: str, answer_text: str, cap: int, before: int) -> TokenizedConversation:
+    """Still too long with only the last user turn: keep the response whole (its start, if it alone
+    exceeds the cap) and the END of the prompt, the part nearest the response. Cutting the joined
+    text at the cap instead would drop the very response being rated. The prompt-alone sequence
+    keeps the prompt's end as well."""
+    prompt_ids, answer_ids = _ids(tokenizer, [prompt_text, answer_text], special=False)
+    head, tail = _special_wrap(tokenizer)
+    room = cap - len(head) - len(tail)
+    answer_ids = answer_ids[:room]
+    keep = room - len(answer_ids)
+    kept_prompt = prompt_ids[len(prompt_ids) - keep:] if keep > 0 else []
+    full_ids = head + kept_prompt + answer_ids + tail
+    prompt_alone = head + prompt_ids[max(0, len(prompt_ids) - room):] + tail
+    n = len(full_ids)
+    return TokenizedConversation(input_ids=list(full_ids), prompt_input_ids=list(prompt_alone), prompt_end=-1,
+                                 prompt_tokens=n - len(answer_ids), response_tokens=len(answer_ids), total_tokens=n,
+                                 tokens_before_truncation=before, truncated=True)
 
 
 # --- public API --------------------------------------------------------------------------------

@@ -1,0 +1,127 @@
+"""Train reward heads from a config, end to end: embed the training corpora with the labeling job
+(embed-only, embeddings written: this is the embedding cache), split rows deterministically into
+train and test, fit the heads (pipeline.heads.train), save them, and evaluate them on the test split.
+
+The math lives in pipeline.heads; this module only orchestrates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+from pipeline import storage
+from pipeline.labeling.config import ConfigError, LabelConfig, ModelConfig, ResourcesConfig, _take
+
+
+@dataclass
+class TrainConfig:
+    name: str
+    inputs: list[dict]
+    heads_out: str                          # where ArmoHeads.save writes the trained heads
+    embeddings_out: str = "runs/embeddings"  # embedding cache: an embed-only labeling run per backbone+inputs
+    backbone: dict = field(default_factory=lambda: {"path": "smollm2"})
+    template: dict = field(default_factory=dict)
+    test_fraction: float = 0.2              # share of rows (by row-id hash) held out for evaluation
+    limit_rows_per_input: int | None = None
+    heads: dict = field(default_factory=dict)  # pipeline.heads.train options (gating steps, grids, ...)
+    resources: dict = field(default_factory=dict)
+    storage_options: dict = field(default_factory=dict)
+
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+    def embedding_run(self, **overrides) -> LabelConfig:
+        """The embed-only labeling run that fills the cache; its run id is keyed by what it embeds,
+        so a rerun reuses (or resumes) it."""
+        what = {"backbone": self.backbone, "template": self.template, "inputs": self.inputs,
+                "limit": self.limit_rows_per_input}
+        key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
+        res = _take(ResourcesConfig, self.resources, "resources")
+        return LabelConfig(inputs=self.inputs, output=self.embeddings_out, run_id=f"{self.name}-{key}",
+                           model=ModelConfig(backbone=self.backbone, template=self.template), resources=res,
+                           storage_options=self.storage_options, embeddings=True,
+                           limit_rows_per_input=self.limit_rows_per_input, **overrides)
+
+
+def load_train_config(path: str) -> TrainConfig:
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e}") from e
+    cfg = _take(TrainConfig, data, "train config")
+    if not cfg.inputs:
+        raise ConfigError("train config: inputs must list at least one corpus")
+    if not 0.0 <= cfg.test_fraction < 1.0:
+        raise ConfigError("train config: test_fraction must be in [0, 1)")
+    return cfg
+
+
+def is_test_row(row_ids, test_fraction: float) -> np.ndarray:
+    """Deterministic split by row id: the same row is always on the same side, on any machine,
+    and every unit of a row (a pair, a best-of-N group) goes to the same side."""
+    cut = int(round(test_fraction * 10_000))
+    return np.array([int(hashlib.sha256(f"split:{r}".encode()).hexdigest()[:8], 16) % 10_000 < cut
+                     for r in row_ids], dtype=bool)
+
+
+def read_run_units(run_dir: str, storage_options: dict | None = None, columns: list[str] | None = None) -> pa.Table:
+    """All labeled units of a run (its data/ parts), in a stable order."""
+    files = sorted(storage.list_files(storage.join(run_dir, "data"), storage_options))
+    files = [f for f in files if f.endswith(".parquet")]
+    if not files:
+        raise FileNotFoundError(f"no labeled data under {run_dir}/data")
+    tables = []
+    for uri in files:
+        fs, path = storage.filesystem(uri, storage_options)
+        with fs.open(path, "rb") as f:
+            tables.append(pq.read_table(f, columns=columns))
+    table = pa.concat_tables(tables, promote_options="default")
+    return table.sort_by([("unit_id", "ascending")])
+
+
+def embed_training_corpora(cfg: TrainConfig, ray_address: str | None = None) -> str:
+    from pipeline.labeling.run import run
+
+    label_cfg = cfg.embedding_run(ray_address=ray_address)
+    run(label_cfg)
+    return label_cfg.run_dir
+
+
+def train_from_config(path: str, heads_out: str | None = None, ray_address: str | None = None) -> dict:
+    """Embed (or reuse cached embeddings), fit, save and evaluate. Returns a summary dict that is
+    also written next to the heads as training.json."""
+    from pipeline.evaluation import evaluate_methods
+    from pipeline.heads.train import train_heads
+
+    t0 = time.time()
+    cfg = load_train_config(path)
+    out = heads_out or cfg.heads_out
+    run_dir = embed_training_corpora(cfg, ray_address)
+    units = read_run_units(run_dir, cfg.storage_options or None)
+    test = is_test_row(units.column("row_id").to_pylist(), cfg.test_fraction)
+    train_units = units.filter(pa.array(~test))
+    test_units = units.filter(pa.array(test))
+    result = train_heads(train_units, cfg.heads)
+    result.heads.save(out)
+    if result.baseline is not None:
+        result.baseline.save(os.path.join(out, "baseline"))
+    report = evaluate_methods(test_units, result.heads, result.baseline)
+    summary = {
+        "name": cfg.name, "config": asdict(cfg), "config_hash": cfg.hash(), "heads": out,
+        "heads_fingerprint": result.heads.fingerprint, "embedding_run": run_dir,
+        "units": {"train": train_units.num_rows, "test": test_units.num_rows},
+        "training": result.summary, "evaluation": report, "wall_time_s": round(time.time() - t0, 1),
+    }
+    storage.write_atomic(os.path.join(out, "training.json"),
+                         lambda f: f.write(json.dumps(summary, indent=2, default=float).encode()))
+    return summary
