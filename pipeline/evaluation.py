@@ -1,0 +1,82 @@
+"""Evaluate reward scores against human labels (pure: a units table in, a JSON-able report out).
+
+What counts, per source:
+- preference rows (not ties): pairwise accuracy, chosen vs rejected; equal scores count half;
+- rated rows: Pearson and Spearman between each objective's predicted rating and the human rating
+  (both on [0, 1]);
+- best-of-N rows with human ranks: top-1 accuracy (the top-scored response is rank 0) and the
+  mean Kendall tau-b between scores and human ranks over the prompts.
+
+Any number of scoring methods are compared side by side: each is one score per unit (e.g. the
+gated heads, a single Bradley-Terry head, the response length).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.heads import metrics
+from pipeline.units import embeddings_of, human_ratings, preference_pairs, ranked_groups, response_tokens
+
+LENGTH_BASELINE = "length"
+
+
+def length_scores(units: pa.Table) -> np.ndarray:
+    """The length baseline: the longer response (in tokens) wins."""
+    return response_tokens(units)
+
+
+def evaluate(units: pa.Table, scores: dict[str, np.ndarray],
+             predicted_ratings: dict[str, np.ndarray] | None = None) -> dict:
+    """Metrics per source and method. `scores`: method -> score per unit; `predicted_ratings`:
+    objective -> predicted rating per unit (for the rated sets)."""
+    report: dict = {"pairwise": {}, "best_of_n": {}, "rated": {}, "units": units.num_rows}
+    pairs = preference_pairs(units)
+    for source in sorted(set(pairs.source)):
+        sel = pairs.select(pairs.source == source)
+        report["pairwise"][source] = {"pairs": len(sel), **{
+            m: metrics.pairwise_accuracy(s[sel.better], s[sel.worse]) for m, s in scores.items()}}
+    for source, groups in sorted(ranked_groups(units).items()):
+        ranks = units.column("human_rank").to_numpy(zero_copy_only=False).astype(np.float64)
+        entry = {"prompts": len(groups)}
+        for m, s in scores.items():
+            top1 = [float(ranks[g][np.argmax(s[g])] == ranks[g].min()) for g in groups]
+            # a higher score should mean a better (lower) rank: correlate score with -rank
+            taus = [metrics.kendall_tau_b(s[g], -ranks[g]) for g in groups]
+            taus = [t for t in taus if np.isfinite(t)]
+            entry[m] = {"top1": float(np.mean(top1)), "kendall_tau": float(np.mean(taus)) if taus else None}
+        report["best_of_n"][source] = entry
+    if predicted_ratings:
+        truth = human_ratings(units)
+        src = np.array(units.column("source").to_pylist(), dtype=object)
+        for name, y in sorted(truth.items()):
+            if name not in predicted_ratings:
+                continue
+            have = np.isfinite(y)
+            for source in sorted(set(src[have])):
+                sel = have & (src == source)
+                if sel.sum() < 3:
+                    continue
+                pred = predicted_ratings[name][sel]
+                report["rated"].setdefault(source, {})[name] = {
+                    "n": int(sel.sum()),
+                    "pearson": metrics.pearson(pred, y[sel]),
+                    "spearman": metrics.spearman(pred, y[sel]),
+                }
+    report["mean_pairwise_accuracy"] = {
+        m: float(np.mean([v[m] for v in report["pairwise"].values()])) if report["pairwise"] else None
+        for m in scores}
+    return report
+
+
+def evaluate_methods(units: pa.Table, heads, baseline=None) -> dict:
+    """Gated heads vs the single Bradley-Terry head vs response length, on cached embeddings."""
+    response, prompt = embeddings_of(units)
+    out = heads.score(response, prompt)
+    scores = {"gated": np.asarray(out.score, np.float64)}
+    if baseline is not None:
+        scores["single_bt"] = np.asarray(baseline.score(response), np.float64)
+    scores[LENGTH_BASELINE] = length_scores(units)
+    predicted = {name: np.asarray(out.rewards[:, k], np.float64) for k, name in enumerate(heads.objectives)}
+    return evaluate(units, scores, predicted)

@@ -1,0 +1,202 @@
+"""Fit ArmoHeads on cached embeddings (docs/armorm.md): a units table with `embedding` and
+`prompt_embedding` columns in, heads and the single-head baseline out. Pure math, no Ray.
+
+1. Objectives: every rated objective found in the rows' `ratings`, then the pairwise objectives of
+   each preference source (the registry's, a config's extra ones, or `<source>.preferred` for a
+   source nothing names), then the length pseudo-objective when verbosity is "length".
+2. Stage 1: ridge without intercept per rated objective (λ by validation MSE, from summed sufficient
+   statistics); a linear Bradley-Terry head per pairwise objective (L2 by validation loss; ties as ½).
+3. Debiasing: T from the stage-1 ratings of the training responses.
+4. Stage 2: the gating network on every non-tie preference pair and every pair of differently
+   ranked best-of-N responses, with r·T computed by ArmoHeads.score itself (what inference does).
+5. Baseline: one Bradley-Terry head on the response embedding, trained on exactly those pairs.
+
+Fit/validation split: by row id (`ids.in_fraction`), so a pair or a best-of-N group never straddles it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline import ids
+from pipeline import objectives as registry
+from pipeline.units import Pairs, concat_pairs, embeddings_of, human_ratings, preference_pairs, ranked_pairs, \
+    response_tokens
+
+from .bradley_terry import DEFAULT_L2_GRID, BradleyTerryHead, bt_loss, fit_bradley_terry, fit_bradley_terry_cv
+from .debias import DEFAULT_DEBIAS_GRID, LENGTH_OBJECTIVE, fit_verbosity_debias, length_target
+from .gating import (RELEASE_DROPOUT, RELEASE_HIDDEN_DIM, RELEASE_N_HIDDEN, RELEASE_TEMPERATURE, GatingNetwork,
+                     train_gating)
+from .metrics import pairwise_accuracy
+from .model import ArmoHeads
+from .regression import DEFAULT_LAMBDA_GRID, RidgeStats, fit_ridge
+
+GATING_DEFAULTS = {"steps": 1000, "batch_size": 512, "lr": 1e-3, "seed": 0, "eval_every": 25,
+                   "hidden_dim": RELEASE_HIDDEN_DIM, "n_hidden": RELEASE_N_HIDDEN,
+                   "temperature": RELEASE_TEMPERATURE, "dropout": RELEASE_DROPOUT}
+DEFAULTS = {
+    "val_fraction": 0.1,          # of training rows, for λ / L2 selection and the gating checkpoint
+    "ridge_grid": list(DEFAULT_LAMBDA_GRID),
+    "bt_l2_grid": list(DEFAULT_L2_GRID),
+    "verbosity": "length",        # "length" (pseudo-objective), an objective name, or "none"
+    "debias_threshold": 0.03,
+    "debias_grid": list(DEFAULT_DEBIAS_GRID),
+    "objectives": [],             # extra objectives (Objective fields), e.g. a pairwise one for a new corpus
+    "baseline": True,
+    "threads": None,              # torch threads for gating training (None: torch's default)
+    "gating": {},
+}
+
+
+@dataclass
+class TrainResult:
+    heads: ArmoHeads
+    baseline: BradleyTerryHead | None
+    summary: dict
+
+
+def resolve_options(options: dict | None) -> dict:
+    options = dict(options or {})
+    unknown = set(options) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"heads options: unknown keys {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+    gating = dict(options.get("gating") or {})
+    unknown = set(gating) - set(GATING_DEFAULTS)
+    if unknown:
+        raise ValueError(f"heads.gating options: unknown keys {sorted(unknown)}; known: {sorted(GATING_DEFAULTS)}")
+    return {**DEFAULTS, **options, "gating": {**GATING_DEFAULTS, **gating}}
+
+
+def choose_objectives(units: pa.Table, extra: list[dict]) -> tuple[list[str], list[registry.Objective]]:
+    """(rated objective names in the data, pairwise objectives for the preference sources present)."""
+    rated = sorted(human_ratings(units))
+    extra_objs = [registry.Objective.from_dict(d) for d in extra]
+    pairwise: list[registry.Objective] = []
+    for source in sorted(set(preference_pairs(units, include_ties=True).source)):
+        named = registry.for_source(source, "pairwise") + [o for o in extra_objs
+                                                            if o.kind == "pairwise" and o.source == source]
+        pairwise += named or [registry.Objective(f"{source}.preferred", "pairwise", source, "preferred",
+                                                 description=f"the preferred reply in {source}")]
+    return rated, pairwise
+
+
+def _val_mask(row_ids, fraction: float) -> np.ndarray:
+    return np.array([ids.in_fraction(r, fraction, "heads-validation") for r in row_ids], dtype=bool)
+
+
+def _fit_pairwise(X: np.ndarray, pairs: Pairs, val: np.ndarray, grid) -> tuple[np.ndarray, dict]:
+    """A BT head on the response-embedding difference; L2 by validation loss when there is a validation split."""
+    fit, held = pairs.select(~val), pairs.select(val)
+    if len(fit) == 0:
+        raise ValueError("a pairwise objective has no training pairs")
+    if len(held):
+        w, l2, val_loss = fit_bradley_terry_cv(X[fit.better], X[fit.worse], X[held.better], X[held.worse],
+                                               fit.tie, held.tie, grid=grid)
+        strict = ~held.tie
+        acc = pairwise_accuracy(X[held.better[strict]] @ w, X[held.worse[strict]] @ w) if strict.any() else None
+    else:
+        l2 = 1e-3
+        w = fit_bradley_terry(X[fit.better], X[fit.worse], fit.tie, l2=l2)
+        val_loss = acc = None
+    return w, {"pairs": len(pairs), "ties": int(pairs.tie.sum()), "l2": l2, "val_loss": val_loss, "val_accuracy": acc}
+
+
+def train_heads(units: pa.Table, options: dict | None = None) -> TrainResult:
+    opts = resolve_options(options)
+    X, P = embeddings_of(units)
+    if not len(X):
+        raise ValueError("train_heads: no units")
+    row_ids = np.array(units.column("row_id").to_pylist(), dtype=object)
+    val_unit = _val_mask(row_ids, opts["val_fraction"])
+    rated, pairwise = choose_objectives(units, opts["objectives"])
+
+    # --- stage 1: ridge (rated objectives + length pseudo-objective) ---------------------------
+    verbosity = opts["verbosity"]
+    ridge_names = rated + ([LENGTH_OBJECTIVE] if verbosity == "length" else [])
+    truth = human_ratings(units)
+    Y = np.column_stack([truth[n] for n in rated] + ([length_target(response_tokens(units))] if verbosity == "length"
+                                                    else [])) if ridge_names else np.zeros((len(X), 0))
+    summary_objectives: dict[str, dict] = {}
+    ridge_rows = np.zeros((0, X.shape[1]))
+    if ridge_names:
+        fit_stats = RidgeStats(X.shape[1], len(ridge_names)).add(X[~val_unit], Y[~val_unit])
+        val_stats = RidgeStats(X.shape[1], len(ridge_names)).add(X[val_unit], Y[val_unit])
+        ridge = fit_ridge(fit_stats, val_stats, opts["ridge_grid"])
+        ridge_rows = ridge.weight
+        for k, name in enumerate(ridge_names):
+            summary_objectives[name] = {"kind": "rating", "rows": int(fit_stats.count[k] + val_stats.count[k]),
+                                        "lambda": float(ridge.lambdas[k]), "val_mse": float(ridge.val_mse[k])}
+
+    # --- stage 1: Bradley-Terry heads for pairwise-only objectives ------------------------------
+    all_pref = preference_pairs(units, include_ties=True)
+    val_pair = _val_mask(all_pref.row_id, opts["val_fraction"])
+    bt_rows = []
+    for obj in pairwise:
+        sel = all_pref.source == obj.source
+        w, info = _fit_pairwise(X, all_pref.select(sel), val_pair[sel], opts["bt_l2_grid"])
+        bt_rows.append(w)
+        summary_objectives[obj.name] = {"kind": "pairwise", **info}
+    names = rated + [o.name for o in pairwise] + ([LENGTH_OBJECTIVE] if verbosity == "length" else [])
+    W = np.vstack([ridge_rows[:len(rated)]] + [np.asarray(bt_rows).reshape(-1, X.shape[1])]
+                  + [ridge_rows[len(rated):]])
+    if not names:
+        raise ValueError("train_heads: the units carry no ratings and no preference pairs: nothing to learn")
+
+    # --- debiasing -------------------------------------------------------------------------------
+    if verbosity == "none":
+        v = None
+    elif verbosity == "length":
+        v = len(names) - 1
+    elif verbosity in names:
+        v = names.index(verbosity)
+    else:
+        raise ValueError(f"heads option verbosity={verbosity!r}: not 'length', 'none' or a trained objective {names}")
+    g = opts["gating"]
+    gating_net = GatingNetwork(X.shape[1], len(names), g["hidden_dim"], g["n_hidden"], g["temperature"], g["dropout"])
+    heads = ArmoHeads(names, W, np.eye(len(names)), gating_net, verbosity_index=v)
+    rewards = heads.score(X, P).rewards
+    T, debias_lambdas = fit_verbosity_debias(rewards[~val_unit], verbosity_index=v, grid=opts["debias_grid"],
+                                             threshold=opts["debias_threshold"])
+    heads = ArmoHeads(names, W, T, gating_net, verbosity_index=v)
+    debiased = heads.score(X, P).debiased  # exactly what inference computes
+
+    # --- stage 2: gating on every strict preference pair and ranked best-of-N pair -------------
+    pairs = concat_pairs(preference_pairs(units), ranked_pairs(units))
+    summary: dict = {"objectives": summary_objectives, "objective_names": names, "verbosity_index": v,
+                     "debias_lambdas": dict(zip(names, map(float, debias_lambdas)))}
+    if len(pairs) == 0:
+        raise ValueError("train_heads: the gating network needs preference pairs or ranked best-of-N rows")
+    pv = _val_mask(pairs.row_id, opts["val_fraction"])
+    fit, held = pairs.select(~pv), pairs.select(pv)
+    trained = train_gating(P[fit.better], debiased[fit.better], debiased[fit.worse],
+                           val_prompt_emb=P[held.better], val_debiased_chosen=debiased[held.better],
+                           val_debiased_rejected=debiased[held.worse], threads=opts["threads"],
+                           **{k: g[k] for k in ("steps", "batch_size", "lr", "seed", "eval_every", "hidden_dim",
+                                                "n_hidden", "temperature", "dropout")})
+    heads = ArmoHeads(names, W, T, trained.network, verbosity_index=v)
+    summary["gating"] = {"pairs": {"train": len(fit), "validation": len(held),
+                                   "by_source": {s: int((pairs.source == s).sum()) for s in sorted(set(pairs.source))}},
+                         "best_step": trained.best_step, "val_accuracy": trained.best_val_accuracy,
+                         "options": g}
+
+    # --- the single-head baseline on the same pairs --------------------------------------------
+    baseline = None
+    if opts["baseline"]:
+        if len(held):
+            w, l2, _ = fit_bradley_terry_cv(X[fit.better], X[fit.worse], X[held.better], X[held.worse],
+                                            grid=opts["bt_l2_grid"])
+        else:
+            l2 = 1e-3
+            w = fit_bradley_terry(X[fit.better], X[fit.worse], l2=l2)
+        baseline = BradleyTerryHead(weight=w.astype(np.float32), name="single_bt",
+                                    metadata={"l2": l2, "pairs": len(fit)})
+        summary["baseline"] = {"l2": l2, "val_accuracy": pairwise_accuracy(baseline.score(X[held.better]),
+                                                                           baseline.score(X[held.worse]))
+                               if len(held) else None,
+                               "val_loss": bt_loss(w, X[held.better] - X[held.worse]) if len(held) else None}
+    heads.metadata = {"training": {k: summary[k] for k in ("objectives", "debias_lambdas")},
+                      "objective_definitions": {o.name: o.to_dict() for o in pairwise}}
+    return TrainResult(heads=heads, baseline=baseline, summary=summary)
