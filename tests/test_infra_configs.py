@@ -230,3 +230,18 @@ def test_crontab_lines_are_valid_schedule_invocations():
         invocations.add(invocation.strip())
     # Every line schedules the same slot: a later line is a retry, a no-op once the first submitted.
     assert len(invocations) == 1
+
+
+def test_scheduled_configs_exist_and_use_known_keys():
+    """The configs that infra/crontab submits are in the repo and use only LabelConfig's keys
+    (their s3 inputs are only reachable on the cluster, so they are not expanded here)."""
+    from pipeline.labeling.config import LabelConfig, ModelConfig, ResourcesConfig
+
+    root = Path(__file__).resolve().parents[1]
+    paths = set(re.findall(r"--config (\S+\.yaml)", (root / "infra" / "crontab").read_text()))
+    assert paths
+    for rel in paths:
+        data = yaml.safe_load((root / rel).read_text())
+        assert set(data) <= set(LabelConfig.__dataclass_fields__), rel
+        assert set(data["model"]) <= set(ModelConfig.__dataclass_fields__), rel
+        assert set(data["resources"]) <= set(ResourcesConfig.__dataclass_fields__), rel

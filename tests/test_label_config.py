@@ -29,6 +29,8 @@ def test_valid_config_parses_and_hash_ignores_where_it_runs(tmp_path):
     (lambda c: c["model"].update(heads="/nonexistent/heads"), "model.heads"),
     (lambda c: c["model"].update(backbone={"path": "/nonexistent/model"}), "model.backbone"),
     (lambda c: c.update(run_id="a/b"), "run_id"),
+    (lambda c: c["model"].update(template={"overflow": "drop"}), "model.template"),
+    (lambda c: c["model"].update(template={"max_tokenz": 5}), "model.template"),
 ])
 def test_config_errors_name_the_problem(tmp_path, mutate, message):
     cfg = _cfg(tmp_path)
@@ -56,3 +58,17 @@ def test_demo_config_is_valid(monkeypatch):
     assert SHARED.is_dir()
     cfg = load_config(str(REPO / "jobs" / "configs" / "demo.yaml"))
     assert cfg.model.train_if_missing
+
+
+def test_resume_with_a_different_model_is_refused(tmp_path):
+    """A run's committed shards were scored by one model; a rerun under the same run id with another
+    template (or backbone, heads) must not mix in a second model's scores."""
+    from pipeline.labeling import manifest as mf
+
+    first = parse_config(_cfg(tmp_path))
+    run_dir = str(tmp_path / "run")
+    mf.check_run_identity(run_dir, first.scoring_identity(), None)
+    mf.check_run_identity(run_dir, parse_config(_cfg(tmp_path, limit_rows_per_input=3)).scoring_identity(), None)
+    other = parse_config(_cfg(tmp_path, model={"template": {"max_tokens": 128}}))
+    with pytest.raises(RuntimeError, match="different template"):
+        mf.check_run_identity(run_dir, other.scoring_identity(), None)

@@ -72,6 +72,17 @@ class LabelConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def scoring_identity(self) -> dict:
+        """What decides each output row's values (not which rows): a resumed run must match it."""
+        from pipeline import storage
+        heads_fp = None
+        if self.model.heads and storage.exists(storage.join(self.model.heads, "heads.json"), self.storage_options or None):
+            heads_fp = json.loads(storage.read_bytes(storage.join(self.model.heads, "heads.json"),
+                                                     self.storage_options or None)).get("fingerprint")
+        m = self.model
+        return {"backbone": m.backbone if not m.armorm_checkpoint else None, "armorm_checkpoint": m.armorm_checkpoint,
+                "heads": m.heads, "heads_fingerprint": heads_fp, "template": m.template, "embeddings": self.embeddings}
+
     def hash(self) -> str:
         """Identity of what the run computes (not where it runs): used in manifests and submission ids."""
         d = self.to_dict()
@@ -122,6 +133,11 @@ def _validate(cfg: LabelConfig) -> None:
         raise ConfigError(f"model.heads: {m.heads} does not exist (set model.train_if_missing to train it first)")
     if m.train_if_missing and not os.path.exists(m.train_if_missing):
         raise ConfigError(f"model.train_if_missing: no such config file {m.train_if_missing}")
+    from pipeline.embed.templating import TemplatePolicy
+    try:
+        TemplatePolicy.from_dict(m.template or {})
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model.template: {e}") from e
     if not m.armorm_checkpoint:
         from pipeline.embed.backbone import BackboneSpec, resolve_source
         try:

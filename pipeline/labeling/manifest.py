@@ -12,6 +12,7 @@ from pipeline import storage
 
 MANIFEST = "manifest.json"
 SHARDS_DIR = "_shards"
+RUN_IDENTITY = "_run.json"  # what the committed shards were scored with; a resume must match it
 
 
 def versions() -> dict:
@@ -88,3 +89,18 @@ def summarize_sources(markers: list[dict]) -> dict[str, dict]:
     for s in out.values():
         s["quarantine_reasons"] = dict(s["quarantine_reasons"])
     return out
+
+
+def check_run_identity(run_dir: str, identity: dict, storage_options: dict | None) -> None:
+    """Refuse to resume a run with a different model, heads or template: its shards would mix
+    scores from two models under one run id. The first attempt records the identity."""
+    uri = f"{run_dir.rstrip('/')}/{RUN_IDENTITY}"
+    from pipeline import storage
+    if storage.exists(uri, storage_options):
+        recorded = read_json(uri, storage_options)
+        if recorded != identity:
+            changed = sorted(k for k in set(recorded) | set(identity) if recorded.get(k) != identity.get(k))
+            raise RuntimeError(f"run {run_dir} was started with a different {', '.join(changed)}; "
+                               f"resuming would mix two models' scores: use a new run_id")
+    else:
+        write_json(uri, identity, storage_options)

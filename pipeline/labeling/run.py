@@ -16,6 +16,12 @@ from pipeline.labeling.stages import EmbedScoreStage, ScoringModel, TokenizeStag
 from pipeline.runtime import init_ray
 from pipeline.stage import Resources, apply_stage, stage_function
 
+# Ray Data merges what a task yields into blocks of up to 128 MiB (DataContext default): a file's
+# tokenized shards would travel as one block, and nothing would be scored, written or committed
+# until a whole file (of any size) is through. Small blocks keep the stream fine-grained: bounded
+# memory, commits every few MiB of units, resumable progress. (Blocks still group small shards.)
+MAX_BLOCK_BYTES = 4 * 1024 ** 2
+
 log = logging.getLogger("armolabel.label")
 
 
@@ -119,6 +125,7 @@ def run(cfg: LabelConfig) -> dict:
         input_files = [f for f in input_files if f not in skipped_files]
         _say(f"incremental: {len(skipped_files)} file(s) done by earlier runs, {len(input_files)} new")
 
+    mf.check_run_identity(run_dir, cfg.scoring_identity(), so)
     done = mf.completed_shards(run_dir, so)
     removed = _remove_uncommitted_parts(run_dir, done, so)
     if done or removed:
@@ -129,6 +136,9 @@ def run(cfg: LabelConfig) -> dict:
     new_markers: list[dict] = []
     steady: dict = {}
     if files:
+        import ray.data
+
+        ray.data.DataContext.get_current().target_max_block_size = MAX_BLOCK_BYTES
         cpu = Resources(num_cpus=r.cpus_per_cpu_task)
         backbone = {"path": cfg.model.armorm_checkpoint} if cfg.model.armorm_checkpoint else cfg.model.backbone
         # Tokenization runs inside the read tasks, one shard at a time, so that it sees whole rows.
