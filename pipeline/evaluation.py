@@ -80,3 +80,34 @@ def evaluate_methods(units: pa.Table, heads, baseline=None) -> dict:
     scores[LENGTH_BASELINE] = length_scores(units)
     predicted = {name: np.asarray(out.rewards[:, k], np.float64) for k, name in enumerate(heads.objectives)}
     return evaluate(units, scores, predicted)
+
+
+def markdown_tables(reports: dict[str, dict]) -> str:
+    """EVALUATION.md tables from reports keyed by a label (e.g. the backbone): pairwise accuracy per
+    source and best-of-N agreement per method, then the rated objectives' correlations."""
+    def fmt(x) -> str:
+        return "–" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.3f}"
+
+    pair_sources = sorted({s for r in reports.values() for s in r["pairwise"]})
+    bon_sources = sorted({s for r in reports.values() for s in r["best_of_n"]})
+    head = ["backbone", "method"] + [f"{s} acc" for s in pair_sources] + ["mean pairwise acc"]
+    head += [f"{s} {m}" for s in bon_sources for m in ("top-1", "Kendall τ")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, r in reports.items():
+        for method in r["mean_pairwise_accuracy"]:
+            cells = [label, method] + [fmt(r["pairwise"].get(s, {}).get(method)) for s in pair_sources]
+            cells.append(fmt(r["mean_pairwise_accuracy"][method]))
+            for s in bon_sources:
+                entry = r["best_of_n"].get(s, {}).get(method) or {}
+                cells += [fmt(entry.get("top1")), fmt(entry.get("kendall_tau"))]
+            lines.append("| " + " | ".join(cells) + " |")
+    counts = "; ".join(f"{label}: " + ", ".join(f"{s} {r['pairwise'][s]['pairs']} pairs" for s in sorted(r["pairwise"]))
+                       + "".join(f", {s} {r['best_of_n'][s]['prompts']} prompts" for s in sorted(r["best_of_n"]))
+                       for label, r in reports.items())
+    lines += ["", f"Test-split sizes: {counts}.", ""]
+    lines += ["| backbone | objective (rated set) | n | Pearson | Spearman |", "|---|---|---|---|---|"]
+    for label, r in reports.items():
+        for source, objectives in sorted(r["rated"].items()):
+            for name, m in sorted(objectives.items()):
+                lines.append(f"| {label} | {name} ({source}) | {m['n']} | {fmt(m['pearson'])} | {fmt(m['spearman'])} |")
+    return "\n".join(lines) + "\n"

@@ -16,6 +16,8 @@ import fsspec
 StorageOptions = dict[str, Any]
 
 
+TMP_PREFIX = ".tmp-"  # write_atomic's temporary names (local files)
+
 def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
@@ -77,7 +79,7 @@ def write_atomic(uri: str, write: Callable[[IO[bytes]], None] | bytes,
         with fs.open(path, "wb") as f:
             f.write(write) if isinstance(write, bytes) else write(f)
         return
-    tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+    tmp = os.path.join(parent, f"{TMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}")
     try:
         with open(tmp, "wb") as f:
             f.write(write) if isinstance(write, bytes) else write(f)
@@ -95,6 +97,12 @@ def list_files(uri: str, storage_options: StorageOptions | None = None) -> list[
     if not fs.exists(path):
         return []
     return sorted(to_uri(fs, p) for p in fs.find(path))
+
+
+def parquet_files(dir_uri: str, storage_options: StorageOptions | None = None) -> list[str]:
+    """The Parquet files under a directory (sorted), without temporaries of an interrupted write."""
+    return [u for u in list_files(dir_uri, storage_options)
+            if u.endswith(".parquet") and not posixpath.basename(u).startswith(TMP_PREFIX)]
 
 
 def remove(uri: str, storage_options: StorageOptions | None = None) -> None:

@@ -178,3 +178,19 @@ def annotated_run(shared_data, tmp_path_factory) -> Path:
 def load_units(run_dir: Path):
     """Every unit of a run as one pandas frame: the tests' independent reference."""
     return pq.read_table(run_dir / "data").to_pandas()
+
+
+@pytest.fixture(scope="session")
+def labeled_run(smollm2_heads, tmp_path_factory) -> Path:
+    """A run written by the real labeling job (SmolLM2 + heads trained on real data) over real
+    HH-RLHF, PandaLM and Open Assistant rows: curation must hold on actual model scores too."""
+    from label_fixtures import SHARED, label_config, run_module, write_yaml
+
+    tmp = tmp_path_factory.mktemp("labeled_for_curation")
+    inputs = [{"path": str(SHARED / "hh-rlhf" / "harmless-base-test.jsonl.gz"), "format": "hh_rlhf"},
+              {"path": str(SHARED / "pandalm" / "testset-v1.json"), "format": "pandalm"},
+              {"path": str(SHARED / "oasst" / "en_100_message.jsonl"), "format": "oasst_best_of_n"}]
+    cfg = label_config(tmp, smollm2_heads, inputs, run_id="real", limit_rows_per_input=90,
+                       resources={"rows_per_shard": 16})
+    run_module("jobs.label", "--config", str(write_yaml(tmp / "job.yaml", cfg)))
+    return tmp / "labels" / "real"

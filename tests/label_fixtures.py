@@ -21,7 +21,7 @@ SHARED = (REPO / ".." / "shared" / "data").resolve()
 
 # Short conversations keep a CPU forward pass cheap; the policy still truncates the long ones.
 TEMPLATE = {"system_prompt": "template_default", "max_tokens": 512, "overflow": "truncate_prompt"}
-RESOURCES = {"actors": 1, "num_cpus_per_actor": 1, "token_budget": 4096, "rows_per_shard": 8}
+RESOURCES = {"actors": 1, "num_cpus_per_actor": 1, "token_budget": 4096, "rows_per_shard": 8, "units_per_call": 8}
 
 
 def small_inputs(limit_oasst: bool = True) -> list[dict]:

@@ -10,7 +10,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from curation_fixtures import annotated_run, load_units  # noqa: F401  (fixture)
+from curation_fixtures import annotated_run, labeled_run, load_units  # noqa: F401  (fixtures)
+from label_fixtures import smollm2_heads  # noqa: F401  (fixture)
 
 from jobs import curate as curate_cli
 from pipeline.curation import calibration as cal
@@ -31,6 +32,13 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(params=["stand_in_scores", "labeling_job"])
+def any_run(request, annotated_run):
+    """The fixture run (stand-in scores, units of a prompt spread over files) and a run written by
+    the real labeling job."""
+    return annotated_run if request.param == "stand_in_scores" else request.getfixturevalue("labeled_run")
+
+
 def curate(ray_session, **cfg):
     return run(parse_config(cfg))
 
@@ -48,10 +56,10 @@ def file_digests(out: Path) -> dict:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((out / "data").iterdir())}
 
 
-def test_sft_top_fraction_uses_whole_run_quantiles_and_one_response_per_prompt(ray_session, annotated_run, tmp_path):
-    units = load_units(annotated_run)
+def test_sft_top_fraction_uses_whole_run_quantiles_and_one_response_per_prompt(ray_session, any_run, tmp_path):
+    units = load_units(any_run)
     out = tmp_path / "sft"
-    config = {"task": "sft", "run": str(annotated_run), "output": str(out), "output_files": 3,
+    config = {"task": "sft", "run": str(any_run), "output": str(out), "output_files": 3,
               "filters": [{"column": "score", "top": 0.4}, {"objective": "hh_rlhf.harmlessness", "min": 0.3}],
               "sft": {"one_per_prompt": True}}
     (tmp_path / "sft.yaml").write_text(yaml.safe_dump(config))
@@ -86,16 +94,16 @@ def test_sft_top_fraction_uses_whole_run_quantiles_and_one_response_per_prompt(r
 
     # per-file quantiles would have selected different rows
     per_file = []
-    for f in sorted((annotated_run / "data").glob("*.parquet")):
+    for f in sorted((any_run / "data").glob("*.parquet")):
         part = pq.read_table(f).to_pandas()
         per_file += list(part["unit_id"][part["score"] >= kth_largest_cutoff(part["score"], 0.4)])
     assert set(per_file) != set(units["unit_id"][units["score"] >= cutoff])
 
 
-def test_dpo_pairs_never_cross_prompts_and_counts_reconcile(ray_session, annotated_run, tmp_path):
-    units = load_units(annotated_run)
+def test_dpo_pairs_never_cross_prompts_and_counts_reconcile(ray_session, any_run, tmp_path):
+    units = load_units(any_run)
     out = tmp_path / "dpo"
-    man = curate(ray_session, task="dpo", run=str(annotated_run), output=str(out), output_files=4,
+    man = curate(ray_session, task="dpo", run=str(any_run), output=str(out), output_files=4,
                  pairs={"best_of_n": "all_pairs", "min_margin": 0.02, "preference": "flip", "tie_epsilon": 0.01})
     got = read_output(out)
     by_unit = units.drop_duplicates("unit_id").set_index("unit_id")
@@ -120,10 +128,10 @@ def test_dpo_pairs_never_cross_prompts_and_counts_reconcile(ray_session, annotat
     assert not got.duplicated(["chosen_unit_id", "rejected_unit_id"]).any()
 
 
-def test_rerank_top_k_order_and_agreement(ray_session, annotated_run, tmp_path):
-    units = load_units(annotated_run)
+def test_rerank_top_k_order_and_agreement(ray_session, any_run, tmp_path):
+    units = load_units(any_run)
     out = tmp_path / "rerank"
-    man = curate(ray_session, task="rerank", run=str(annotated_run), output=str(out), output_files=2,
+    man = curate(ray_session, task="rerank", run=str(any_run), output=str(out), output_files=2,
                  rerank={"top_k": 2, "kinds": ["best_of_n"]})
     got = read_output(out)
     bon = units[units["kind"] == "best_of_n"].drop_duplicates("unit_id")

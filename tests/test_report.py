@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from curation_fixtures import OBJECTIVES, annotated_run, load_units  # noqa: F401  (fixture)
+from curation_fixtures import annotated_run, labeled_run, load_units  # noqa: F401  (fixtures)
+from label_fixtures import smollm2_heads  # noqa: F401  (fixture)
 
 from jobs import report as report_cli
 from pipeline import schema
@@ -123,7 +124,12 @@ def curation_manifests(units, tmp_path):
 
 
 @pytest.mark.slow
-def test_report_renders_real_run_data_in_chromium(annotated_run, tmp_path):
+@pytest.mark.parametrize("which", ["stand_in_scores", "labeling_job"])
+def test_report_renders_real_run_data_in_chromium(which, annotated_run, tmp_path, request):
+    """On the fixture run and on a run written by the real labeling job (SmolLM2 + trained heads)."""
+    if which == "labeling_job":
+        annotated_run = request.getfixturevalue("labeled_run")
+    OBJECTIVES = json.loads((annotated_run / "manifest.json").read_text())["objectives"]
     units = load_units(annotated_run)
     manifests, sft_counts, dpo_counts = curation_manifests(units, tmp_path)
     out = tmp_path / "report.html"

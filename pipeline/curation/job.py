@@ -50,8 +50,7 @@ def part_name(bucket: int, n: int) -> str:
 
 
 def run_files(run_dir: str, storage_options: dict | None) -> list[str]:
-    files = [u for u in storage.list_files(storage.join(run_dir, "data"), storage_options)
-             if u.endswith(".parquet") and not posixpath.basename(u).startswith(".tmp-")]
+    files = storage.parquet_files(storage.join(run_dir, "data"), storage_options)
     if not files:
         raise FileNotFoundError(f"no Parquet files under {storage.join(run_dir, 'data')}")
     return files

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import posixpath
 
 import numpy as np
 import pandas as pd
@@ -29,8 +28,7 @@ BASE_COLUMNS = ["unit_id", "prompt_id", "source", "kind", "score", "human_rank"]
 def read_run_columns(run_dir: str, storage_options: dict | None = None) -> tuple[pd.DataFrame, dict]:
     """The columns the report needs (no text) from every data file of a run, and the run manifest."""
     so = storage_options or None
-    files = [u for u in storage.list_files(storage.join(run_dir, "data"), so)
-             if u.endswith(".parquet") and not posixpath.basename(u).startswith(".tmp-")]
+    files = storage.parquet_files(storage.join(run_dir, "data"), so)
     if not files:
         raise FileNotFoundError(f"no Parquet files under {storage.join(run_dir, 'data')}")
     frames = []

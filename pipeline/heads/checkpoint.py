@@ -168,6 +168,33 @@ def build_llama_backbone(config: dict, weights: BackboneWeights, dtype: torch.dt
     return model.to(device=device).eval()
 
 
+def checkpoint_backbone(path: str, device: str = "auto", dtype: str = "auto"):
+    """(Backbone, ArmoHeads) from an ArmoRM-layout directory, for the EmbeddingEngine: the labeling
+    job scores checkpoints with the same token-budget batching, device and dtype choice as any
+    backbone. The tokenizer (and chat template) is read from the same directory."""
+    import time
+
+    from transformers import AutoTokenizer
+
+    from pipeline.embed.backbone import Backbone, _resolve_device, _resolve_dtype
+
+    start = time.perf_counter()
+    config, weights, heads = load_armorm_checkpoint(path)
+    device = _resolve_device(device)
+    dtype = _resolve_dtype(dtype, device)
+    model = build_llama_backbone(config, weights, dtype=getattr(torch, dtype), device=device)
+    model.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token_id = config.get("pad_token_id")
+    backbone = Backbone(model=model, tokenizer=tokenizer, kind="decoder", hidden_size=int(config["hidden_size"]),
+                        device=device, dtype=dtype, max_length=int(tokenizer.model_max_length),
+                        fingerprint=checkpoint_fingerprint(path, heads), name=os.path.basename(os.path.normpath(path)),
+                        attn_implementation=getattr(model.config, "_attn_implementation", None) or "sdpa",
+                        load_seconds=time.perf_counter() - start, loaded_from="armorm_checkpoint")
+    return backbone, heads
+
+
 @dataclass
 class ScorerOutputs:
     rewards: np.ndarray              # N×K raw ratings
@@ -327,13 +354,16 @@ def _stored_size(source, dtype: torch.dtype | None) -> int:
 
 
 def export_armorm_checkpoint(heads: ArmoHeads, backbone, out_dir: str, shard_size: int = DEFAULT_SHARD_SIZE,
-                             pad_token_id: int | None = None, dtype: torch.dtype | None = None) -> str:
+                             pad_token_id: int | None = None, dtype: torch.dtype | None = None,
+                             tokenizer=None) -> str:
     """Write backbone + heads in the released layout: config.json (the backbone's Llama config plus
     the ArmoRM keys, and our objective names / verbosity index), shards `model-0000i-of-0000n.safetensors`
     of at most `shard_size` bytes (a bigger tensor gets a shard of its own) and `model.safetensors.index.json`.
 
     `backbone`: a transformers Llama model (LlamaModel or LlamaForCausalLM; lm_head is dropped) or a
     directory with config.json + safetensors. `dtype` casts floating tensors (None keeps them).
+    `tokenizer` (with its chat template) is saved beside the weights, as in the release, so the
+    directory is all a labeling job needs (`model.armorm_checkpoint`).
     The released repository also ships modeling code for trust_remote_code; we ship none — load the
     result with `load_armorm_checkpoint` / `ArmoRMScorer`.
     """
@@ -380,7 +410,9 @@ def export_armorm_checkpoint(heads: ArmoHeads, backbone, out_dir: str, shard_siz
             weight_map[name] = fname
             total += t.numel() * t.element_size()
     _write_json(os.path.join(out_dir, INDEX_FILE), {"metadata": {"total_size": total}, "weight_map": weight_map})
-    _write_json(os.path.join(out_dir, CONFIG_FILE), config)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    _write_json(os.path.join(out_dir, CONFIG_FILE), config)  # last: a directory with config.json is complete
     return out_dir
 
 

@@ -50,7 +50,7 @@ def _remove_uncommitted_parts(run_dir: str, done: dict, storage_options: dict | 
     for sub in ("data", "quarantine"):
         for uri in storage.list_files(storage.join(run_dir, sub), storage_options):
             name = uri.rstrip("/").rsplit("/", 1)[-1]
-            if name.startswith(".tmp-") or shard_of_part(name) not in done:
+            if name.startswith(storage.TMP_PREFIX) or shard_of_part(name) not in done:
                 storage.remove(uri, storage_options)
                 removed += 1
     return removed
@@ -150,7 +150,9 @@ def run(cfg: LabelConfig) -> dict:
                                shard_transform=transform)
 
         total = plan().count()  # parsing only: cheap next to the model, and it gives progress an ETA
-        ds = plan(stage_function(tokenize))
+        # Blocks of at most units_per_call units reach the actors: each scoring call's results are
+        # written and committed while the next is scored (a block is the unit of streaming).
+        ds = plan(stage_function(tokenize)).repartition(target_num_rows_per_block=r.units_per_call)
         scoring = Resources(num_cpus=r.num_cpus_per_actor, num_gpus=r.num_gpus_per_actor,
                             custom=r.custom_resources_per_actor,
                             actors=tuple(r.actors) if isinstance(r.actors, list) else r.actors,
@@ -198,7 +200,9 @@ def _drive(ds, run_dir: str, so: dict | None, progress: Progress) -> list[dict]:
     reasons: dict[str, Counter] = defaultdict(Counter)
     nodes: dict[str, Counter] = defaultdict(Counter)
     markers = []
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+    # prefetch_batches=0: with Ray's default of 1 the iterator holds each block until the next one
+    # arrives, so every commit (and progress line) would wait for one more block to be scored.
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
         for summary in batch.to_pylist():
             reasons[summary["shard_id"]].update(json.loads(summary["reasons"]))
             nodes[summary["shard_id"]].update(json.loads(summary["scored_on"]))

@@ -149,27 +149,26 @@ class EmbedScoreStage(Stage):
 
         self.node = _node_name()
 
-        self.heads = None
         if self.model.armorm_checkpoint:
-            from pipeline.heads.checkpoint import ArmoRMScorer
+            from pipeline.heads.checkpoint import checkpoint_backbone
 
-            self.scorer = ArmoRMScorer(self.model.armorm_checkpoint)
-            self.backbone_fingerprint = self.scorer.fingerprint
-            self.heads_fingerprint = self.scorer.fingerprint
-            return
-        self.scorer = None
-        backbone = load_backbone(BackboneSpec.from_dict(self.model.backbone))
+            settings = {k: v for k, v in (self.model.backbone or {}).items() if k in ("device", "dtype")}
+            backbone, self.heads = checkpoint_backbone(self.model.armorm_checkpoint, **settings)
+            self.heads_fingerprint = backbone.fingerprint  # one id for the checkpoint: weights + heads
+        else:
+            backbone = load_backbone(BackboneSpec.from_dict(self.model.backbone))
+            self.heads = None
+            self.heads_fingerprint = None
+            if self.model.heads:
+                from pipeline.heads.model import ArmoHeads
+
+                self.heads = ArmoHeads.load(self.model.heads)
+                self.heads_fingerprint = self.heads.fingerprint
         self.engine = EmbeddingEngine(backbone, token_budget=self.model.token_budget,
                                       num_threads=self.model.num_threads)
         self.backbone_fingerprint = backbone.fingerprint
-        self.heads_fingerprint = None
-        if self.model.heads:
-            from pipeline.heads.model import ArmoHeads
-
-            self.heads = ArmoHeads.load(self.model.heads)
-            self.heads_fingerprint = self.heads.fingerprint
-            if list(self.heads.objectives) != list(self.objectives):
-                raise StageError(f"heads objectives {self.heads.objectives} != job objectives {self.objectives}")
+        if self.heads is not None and list(self.heads.objectives) != list(self.objectives):
+            raise StageError(f"heads objectives {self.heads.objectives} != job objectives {self.objectives}")
 
     def process(self, batch: pa.Table) -> pa.Table:
         started = time.time()
@@ -187,19 +186,14 @@ class EmbedScoreStage(Stage):
             ids = batch.column("input_ids").take(pa.array(good)).to_pylist()
             ends = batch.column("prompt_end").take(pa.array(good)).to_pylist()
             pids = batch.column("prompt_input_ids").take(pa.array(good)).to_pylist()
-            if self.scorer is not None:
-                out = self.scorer.score(ids, ends)
-                ratings[good], gates[good], score[good] = out.rewards, out.gate, out.score
-                debiased[good] = out.debiased
-            else:
-                e = self.engine.embed(ids, ends, pids if any(p is not None for p in pids) else None)
-                if self.model.embeddings:
-                    emb, pemb = e.response, e.prompt
-                if self.heads is not None:
-                    out = self.heads.score(e.response, e.prompt)
-                    ratings[good], debiased[good] = out.rewards, out.debiased
-                    gates[good], score[good] = out.gate, out.score
-            if self.heads is not None or self.scorer is not None:
+            e = self.engine.embed(ids, ends, pids if any(p is not None for p in pids) else None)
+            if self.model.embeddings:
+                emb, pemb = e.response, e.prompt
+            if self.heads is not None:
+                out = self.heads.score(e.response, e.prompt)
+                ratings[good], debiased[good] = out.rewards, out.debiased
+                gates[good], score[good] = out.gate, out.score
+            if self.heads is not None:
                 bad = good[~np.isfinite(score[good])]
                 for i in bad:
                     reasons[i], stages[i] = "non-finite score", "score"

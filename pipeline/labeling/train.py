@@ -74,8 +74,7 @@ def is_test_row(row_ids, test_fraction: float) -> np.ndarray:
 
 def read_run_units(run_dir: str, storage_options: dict | None = None, columns: list[str] | None = None) -> pa.Table:
     """All labeled units of a run (its data/ parts), in a stable order."""
-    files = sorted(storage.list_files(storage.join(run_dir, "data"), storage_options))
-    files = [f for f in files if f.endswith(".parquet")]
+    files = storage.parquet_files(storage.join(run_dir, "data"), storage_options)
     if not files:
         raise FileNotFoundError(f"no labeled data under {run_dir}/data")
     tables = []

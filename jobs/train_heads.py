@@ -1,0 +1,36 @@
+"""Train ArmoRM-style heads (regression, debiasing, gating, and a single-head baseline) from a config.
+
+    python -m jobs.train_heads --config jobs/configs/train_smollm2.yaml
+
+Embeds the configured corpora with the labeling job (embed-only; cached and reused on rerun),
+fits on the train split, saves the heads and evaluates them on the held-out split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pipeline.labeling.config import ConfigError
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m jobs.train_heads", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", required=True, help="YAML training config")
+    ap.add_argument("--heads-out", help="override heads_out")
+    args = ap.parse_args(argv)
+    from pipeline.labeling.train import train_from_config
+
+    try:
+        summary = train_from_config(args.config, heads_out=args.heads_out)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: summary[k] for k in ("heads", "heads_fingerprint", "units", "wall_time_s")}, indent=2))
+    print(json.dumps({"mean_pairwise_accuracy": summary["evaluation"]["mean_pairwise_accuracy"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
