@@ -19,3 +19,7 @@ def shared_data() -> Path:
     return SHARED_DATA
 from ray_fixtures import multinode_cluster, ray_head  # noqa: E402,F401 - real Ray clusters (tests/ray_fixtures.py)
 from s3_fixture import s3_server  # noqa: F401
+# Session fixtures shared by several modules live here, so each is built once per session
+# (a fixture imported into a test module is a separate fixture of that module).
+from label_fixtures import smollm2_heads  # noqa: E402,F401 - heads trained on real data
+from curation_fixtures import annotated_run, labeled_run  # noqa: E402,F401 - annotated runs

@@ -10,8 +10,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from curation_fixtures import annotated_run, labeled_run, load_units  # noqa: F401  (fixtures)
-from label_fixtures import smollm2_heads  # noqa: F401  (fixture)
+from curation_fixtures import load_units
 
 from jobs import curate as curate_cli
 from pipeline.curation import calibration as cal

@@ -3,7 +3,7 @@ from itertools import combinations
 import numpy as np
 import pandas as pd
 import pytest
-from curation_fixtures import annotated_run, load_units  # noqa: F401  (fixture)
+from curation_fixtures import load_units
 
 from pipeline.curation.pairs import (PairRules, best_of_n_pairs, human_pair_margins, merge_counts, pairs_for_prompt,
                                      preference_pairs, to_trl)

@@ -4,7 +4,7 @@ from itertools import combinations
 import numpy as np
 import pandas as pd
 import pytest
-from curation_fixtures import annotated_run, load_units  # noqa: F401  (fixture)
+from curation_fixtures import load_units
 
 from pipeline.curation.rerank import Agreement, agreement_over_prompts, group_agreement, kendall_tau_b, rank_units
 

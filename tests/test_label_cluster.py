@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from label_fixtures import REPO, label_config, manifest, read_output, small_inputs, smollm2_heads, write_yaml  # noqa: F401
+from label_fixtures import REPO, label_config, manifest, read_output, small_inputs, write_yaml
 
 pytestmark = pytest.mark.slow
 

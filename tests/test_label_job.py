@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from label_fixtures import (REPO, SHARED, label_config, manifest, read_output, run_module, small_inputs,
-                            smollm2_heads, write_yaml)  # noqa: F401
+from label_fixtures import REPO, SHARED, label_config, manifest, read_output, run_module, small_inputs, write_yaml
 
 pytestmark = pytest.mark.slow
 

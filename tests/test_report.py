@@ -11,8 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from curation_fixtures import annotated_run, labeled_run, load_units  # noqa: F401  (fixtures)
-from label_fixtures import smollm2_heads  # noqa: F401  (fixture)
+from curation_fixtures import load_units
 
 from jobs import report as report_cli
 from pipeline import schema

@@ -86,7 +86,11 @@ class Progress:
                 "steady_tokens_per_s": round(self.tokens / span, 1)}
 
     def line(self) -> str:
-        elapsed = max(time.monotonic() - self.start, 1e-9)
+        # Rates over the scoring window once there is one: start-up and model loading would
+        # otherwise drag the rate (and inflate the ETA) for most of a short run.
+        elapsed = (self.window[1] - self.window[0]) if self.window and self.window[1] > self.window[0] \
+            else time.monotonic() - self.start
+        elapsed = max(elapsed, 1e-9)
         rate = self.units / elapsed
         msg = f"{self.units} units, {rate:.1f} units/s, {self.tokens / elapsed:.0f} tokens/s"
         if self.total:
