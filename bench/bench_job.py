@@ -93,7 +93,7 @@ def main() -> None:
     ap.add_argument("--backbone", default="smollm2")
     ap.add_argument("--rows", type=int, default=120, help="rows per input (HH-RLHF, PandaLM)")
     ap.add_argument("--max-tokens", type=int, default=1024)
-    ap.add_argument("--token-budget", type=int, default=8192)
+    ap.add_argument("--token-budget", type=int, default=None, help="default: the engine's, by device")
     ap.add_argument("--rows-per-shard", type=int, default=32)
     ap.add_argument("--units-per-call", type=int, default=64)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads in total")

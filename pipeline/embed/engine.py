@@ -51,6 +51,18 @@ def default_threads() -> int:
         return max(os.cpu_count() or 1, 1)
 
 
+# Padded tokens per forward pass when none is configured. On CPU the forward pass is compute-bound
+# already for one conversation (~60 % of the measured fp32 matmul peak on the 2-core dev machine)
+# and big batches only spill activations out of cache: 1,024 tokens measured fastest there
+# (BENCHMARKS.md); 16,384 was 1.8x slower. Accelerators want big batches.
+CPU_TOKEN_BUDGET = 1024
+ACCELERATOR_TOKEN_BUDGET = 16384
+
+
+def default_token_budget(device: str) -> int:
+    return CPU_TOKEN_BUDGET if str(device).startswith("cpu") else ACCELERATOR_TOKEN_BUDGET
+
+
 class EmbeddingEngine:
     """Runs a frozen backbone over many tokenised conversations under a token budget.
 
@@ -61,12 +73,14 @@ class EmbeddingEngine:
     correct but quadratic in the pack length, so only for checks); "never" pads.
     """
 
-    def __init__(self, backbone: Backbone, token_budget: int = 16384, padding_side: str = "right",
+    def __init__(self, backbone: Backbone, token_budget: int | None = None, padding_side: str = "right",
                  packing: str = "auto", num_threads: int | None = None):
         if padding_side not in PADDING_SIDES:
             raise ValueError(f"padding_side must be one of {PADDING_SIDES}, not {padding_side!r}")
         if packing not in PACKING:
             raise ValueError(f"packing must be one of {PACKING}, not {packing!r}")
+        if token_budget is None:
+            token_budget = default_token_budget(backbone.device)
         if token_budget < 1:
             raise ValueError("token_budget must be >= 1")
         self.backbone = backbone
@@ -218,6 +232,12 @@ class EmbeddingEngine:
         kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids}
         if self.backbone.kind == "decoder":
             kwargs["use_cache"] = False
+            if self.padding_side == "right":
+                # Right padding needs no mask in a causal model: every pad comes after the real
+                # tokens, which never attend to later positions, so their states are those of the
+                # unpadded row. Without a mask SDPA takes its fused causal kernel instead of
+                # materialising a [batch, heads, L, L] mask (measured: bench/bench_embed.py).
+                del kwargs["attention_mask"]
         else:
             kwargs["token_type_ids"] = torch.zeros_like(ids)
         with torch.inference_mode():

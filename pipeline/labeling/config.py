@@ -44,7 +44,7 @@ class ResourcesConfig:
     num_cpus_per_actor: float = 1.0
     threads_per_actor: int | None = None  # CPU inference threads; default: Ray's share (num_cpus_per_actor)
     custom_resources_per_actor: dict = field(default_factory=dict)
-    token_budget: int = 8192              # padded tokens per forward pass
+    token_budget: int | None = None       # padded tokens per forward pass (None: by device, see embed.engine)
     units_per_call: int = 256             # units handed to a scoring actor at once (sorted into batches there)
     rows_per_shard: int = 256             # input rows per shard (the unit of exactly-once commit)
     cpus_per_cpu_task: float = 0.25       # read / tokenize / write tasks
@@ -122,7 +122,7 @@ def _validate(cfg: LabelConfig) -> None:
     actors = r.actors if isinstance(r.actors, list) else [r.actors, r.actors]
     if len(actors) != 2 or not all(isinstance(a, int) and a >= 1 for a in actors) or actors[0] > actors[1]:
         raise ConfigError(f"resources.actors: expected a positive number or [min, max], got {r.actors!r}")
-    if r.token_budget < 16 or r.rows_per_shard < 1 or r.units_per_call < 1:
+    if (r.token_budget is not None and r.token_budget < 16) or r.rows_per_shard < 1 or r.units_per_call < 1:
         raise ConfigError("resources: token_budget must be >= 16, rows_per_shard and units_per_call >= 1")
     m = cfg.model
     if m.heads and m.armorm_checkpoint:

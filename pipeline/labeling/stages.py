@@ -126,7 +126,7 @@ class ScoringModel:
     backbone: dict | None
     heads: str | None
     armorm_checkpoint: str | None
-    token_budget: int
+    token_budget: int | None
     embeddings: bool
     num_threads: int | None = None  # CPU only: torch intra-op threads per actor
 
