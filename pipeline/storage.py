@@ -105,6 +105,14 @@ def parquet_files(dir_uri: str, storage_options: StorageOptions | None = None) -
             if u.endswith(".parquet") and not posixpath.basename(u).startswith(TMP_PREFIX)]
 
 
+def run_data_files(run_dir: str, storage_options: StorageOptions | None = None) -> list[str]:
+    """The Parquet parts of a labeled run (`<run_dir>/data`); FileNotFoundError when there are none."""
+    files = parquet_files(join(run_dir, "data"), storage_options)
+    if not files:
+        raise FileNotFoundError(f"no Parquet files under {join(run_dir, 'data')}")
+    return files
+
+
 def remove(uri: str, storage_options: StorageOptions | None = None) -> None:
     fs, path = filesystem(uri, storage_options)
     if fs.exists(path):

@@ -155,7 +155,7 @@ def _validate(cfg: CurateConfig) -> None:
     from pipeline import storage
 
     so = cfg.storage_options or None
-    if not any(u.endswith(".parquet") for u in storage.list_files(storage.join(cfg.run, "data"), so)):
+    if not storage.parquet_files(storage.join(cfg.run, "data"), so):
         raise ConfigError(f"run: no Parquet files under {storage.join(cfg.run, 'data')} (is it a labeled run?)")
     if cfg.calibration and not storage.exists(cfg.calibration, so):
         raise ConfigError(f"calibration: no such file {cfg.calibration}")

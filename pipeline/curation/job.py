@@ -49,13 +49,6 @@ def part_name(bucket: int, n: int) -> str:
     return f"part-{bucket:05d}-of-{n:05d}.parquet"
 
 
-def run_files(run_dir: str, storage_options: dict | None) -> list[str]:
-    files = storage.parquet_files(storage.join(run_dir, "data"), storage_options)
-    if not files:
-        raise FileNotFoundError(f"no Parquet files under {storage.join(run_dir, 'data')}")
-    return files
-
-
 def _ray_source(files: list[str], storage_options: dict | None):
     """Paths and filesystem for ray.data.read_parquet (s3:// goes through fsspec with our options)."""
     if not storage.is_remote(files[0]):
@@ -154,7 +147,7 @@ def run(cfg: CurateConfig) -> dict:
     t0 = time.time()
     init_ray(cfg.ray_address)
     so = cfg.storage_options or None
-    files = run_files(cfg.run, so)
+    files = storage.run_data_files(cfg.run, so)
     if cfg.task == "calibrate":
         return run_calibrate(cfg, files, t0)
 

@@ -28,11 +28,8 @@ BASE_COLUMNS = ["unit_id", "prompt_id", "source", "kind", "score", "human_rank"]
 def read_run_columns(run_dir: str, storage_options: dict | None = None) -> tuple[pd.DataFrame, dict]:
     """The columns the report needs (no text) from every data file of a run, and the run manifest."""
     so = storage_options or None
-    files = storage.parquet_files(storage.join(run_dir, "data"), so)
-    if not files:
-        raise FileNotFoundError(f"no Parquet files under {storage.join(run_dir, 'data')}")
     frames = []
-    for uri in files:
+    for uri in storage.run_data_files(run_dir, so):
         fs, path = storage.filesystem(uri, so)
         with fs.open(path, "rb") as f:
             pf = pq.ParquetFile(f)

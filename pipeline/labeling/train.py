@@ -74,11 +74,8 @@ def is_test_row(row_ids, test_fraction: float) -> np.ndarray:
 
 def read_run_units(run_dir: str, storage_options: dict | None = None, columns: list[str] | None = None) -> pa.Table:
     """All labeled units of a run (its data/ parts), in a stable order."""
-    files = storage.parquet_files(storage.join(run_dir, "data"), storage_options)
-    if not files:
-        raise FileNotFoundError(f"no labeled data under {run_dir}/data")
     tables = []
-    for uri in files:
+    for uri in storage.run_data_files(run_dir, storage_options):
         fs, path = storage.filesystem(uri, storage_options)
         with fs.open(path, "rb") as f:
             tables.append(pq.read_table(f, columns=columns))
