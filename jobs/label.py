@@ -33,10 +33,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from pipeline.labeling.run import run
 
+    from pipeline.labeling.manifest import score_summary
+
     man = run(cfg)
     print(json.dumps({"run_dir": cfg.run_dir, "manifest": f"{cfg.run_dir}/manifest.json",
                       "data": man["output"]["data"], "sources": man["sources"],
                       "units_per_s": man["units_per_s"], "tokens_per_s": man["tokens_per_s"]}, indent=2))
+    if man["objectives"] and any(s["units_labeled"] for s in man["sources"].values()):
+        print("scores by source: " + json.dumps(score_summary(cfg.run_dir, man["objectives"],
+                                                              cfg.storage_options or None)))
     return 0
 
 

@@ -103,6 +103,14 @@ def test_output_schema_and_readers(labeled_run, smollm2_heads):
     assert df["score"].notna().all()
     assert (df["total_tokens"] <= 512).all() and (df["run_id"] == "t1").all()
     assert df["backbone_fingerprint"].nunique() == 1 and df["heads_fingerprint"].nunique() == 1
+    # the job's closing summary: mean score and the most-gated objective per source
+    line = next(x for x in labeled_run["stdout"].splitlines() if x.startswith("scores by source: "))
+    summary = json.loads(line.removeprefix("scores by source: "))
+    for source, part in df.groupby("source"):
+        assert summary[source]["units"] == len(part)
+        assert summary[source]["mean_score"] == pytest.approx(part["score"].mean(), abs=1e-3)
+        gate_means = {o: part[schema.objective_column(schema.GATE_PREFIX, o)].mean() for o in objectives}
+        assert summary[source]["top_gate"] == max(gate_means, key=gate_means.get)
 
 
 def test_scores_equal_a_direct_computation(labeled_run, smollm2_heads):

@@ -104,3 +104,37 @@ def check_run_identity(run_dir: str, identity: dict, storage_options: dict | Non
                                f"resuming would mix two models' scores: use a new run_id")
     else:
         write_json(uri, identity, storage_options)
+
+
+def score_summary(run_dir: str, objectives: list[str], storage_options: dict | None) -> dict[str, dict]:
+    """Per source: labeled units, mean / 10th / 90th percentile score and the objective with the
+    largest mean gate weight: the short summary a finished run prints. Reads only those columns."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from pipeline import schema
+
+    gates = {schema.objective_column(schema.GATE_PREFIX, o): o for o in objectives}
+    tables = []
+    for uri in storage.run_data_files(run_dir, storage_options):
+        fs, path = storage.filesystem(uri, storage_options)
+        with fs.open(path, "rb") as f:
+            tables.append(pq.read_table(f, columns=["source", "score", *gates]))
+    table = pa.concat_tables(tables)
+    out = {}
+    for source in sorted(set(table.column("source").to_pylist())):
+        part = table.filter(pc.equal(table.column("source"), source))
+        score = part.column("score").to_numpy(zero_copy_only=False).astype(float)
+        score = score[np.isfinite(score)]
+        entry: dict = {"units": part.num_rows}
+        if len(score):
+            entry.update(mean_score=round(float(score.mean()), 4), p10_score=round(float(np.quantile(score, 0.1)), 4),
+                         p90_score=round(float(np.quantile(score, 0.9)), 4))
+        if gates:
+            means = {o: float(np.nanmean(part.column(c).to_numpy(zero_copy_only=False).astype(float)))
+                     for c, o in gates.items()}
+            entry["top_gate"] = max(means, key=means.get)
+        out[source] = entry
+    return out
