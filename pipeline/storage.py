@@ -18,6 +18,7 @@ StorageOptions = dict[str, Any]
 
 TMP_PREFIX = ".tmp-"  # write_atomic's temporary names (local files)
 
+
 def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
@@ -111,6 +112,19 @@ def run_data_files(run_dir: str, storage_options: StorageOptions | None = None) 
     if not files:
         raise FileNotFoundError(f"no Parquet files under {join(run_dir, 'data')}")
     return files
+
+
+def read_run_table(run_dir: str, storage_options: StorageOptions | None = None, columns: list[str] | None = None):
+    """Every Parquet part of a labeled run as one Arrow table (only `columns`, when given), in file order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables = []
+    for uri in run_data_files(run_dir, storage_options):
+        fs, path = filesystem(uri, storage_options)
+        with fs.open(path, "rb") as f:
+            tables.append(pq.read_table(f, columns=columns))
+    return pa.concat_tables(tables, promote_options="default")
 
 
 def remove(uri: str, storage_options: StorageOptions | None = None) -> None:

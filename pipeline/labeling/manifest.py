@@ -94,8 +94,7 @@ def summarize_sources(markers: list[dict]) -> dict[str, dict]:
 def check_run_identity(run_dir: str, identity: dict, storage_options: dict | None) -> None:
     """Refuse to resume a run with a different model, heads or template: its shards would mix
     scores from two models under one run id. The first attempt records the identity."""
-    uri = f"{run_dir.rstrip('/')}/{RUN_IDENTITY}"
-    from pipeline import storage
+    uri = storage.join(run_dir, RUN_IDENTITY)
     if storage.exists(uri, storage_options):
         recorded = read_json(uri, storage_options)
         if recorded != identity:
@@ -110,19 +109,12 @@ def score_summary(run_dir: str, objectives: list[str], storage_options: dict | N
     """Per source: labeled units, mean / 10th / 90th percentile score and the objective with the
     largest mean gate weight: the short summary a finished run prints. Reads only those columns."""
     import numpy as np
-    import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     from pipeline import schema
 
     gates = {schema.objective_column(schema.GATE_PREFIX, o): o for o in objectives}
-    tables = []
-    for uri in storage.run_data_files(run_dir, storage_options):
-        fs, path = storage.filesystem(uri, storage_options)
-        with fs.open(path, "rb") as f:
-            tables.append(pq.read_table(f, columns=["source", "score", *gates]))
-    table = pa.concat_tables(tables)
+    table = storage.read_run_table(run_dir, storage_options, columns=["source", "score", *gates])
     out = {}
     for source in sorted(set(table.column("source").to_pylist())):
         part = table.filter(pc.equal(table.column("source"), source))

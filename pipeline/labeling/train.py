@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import yaml
 
 from pipeline import ids, storage
@@ -74,13 +73,7 @@ def is_test_row(row_ids, test_fraction: float) -> np.ndarray:
 
 def read_run_units(run_dir: str, storage_options: dict | None = None, columns: list[str] | None = None) -> pa.Table:
     """All labeled units of a run (its data/ parts), in a stable order."""
-    tables = []
-    for uri in storage.run_data_files(run_dir, storage_options):
-        fs, path = storage.filesystem(uri, storage_options)
-        with fs.open(path, "rb") as f:
-            tables.append(pq.read_table(f, columns=columns))
-    table = pa.concat_tables(tables, promote_options="default")
-    return table.sort_by([("unit_id", "ascending")])
+    return storage.read_run_table(run_dir, storage_options, columns).sort_by([("unit_id", "ascending")])
 
 
 def embed_training_corpora(cfg: TrainConfig, ray_address: str | None = None) -> str:
