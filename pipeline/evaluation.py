@@ -37,8 +37,9 @@ def evaluate(units: pa.Table, scores: dict[str, np.ndarray],
         sel = pairs.select(pairs.source == source)
         report["pairwise"][source] = {"pairs": len(sel), **{
             m: metrics.pairwise_accuracy(s[sel.better], s[sel.worse]) for m, s in scores.items()}}
-    for source, groups in sorted(ranked_groups(units).items()):
-        ranks = units.column("human_rank").to_numpy(zero_copy_only=False).astype(np.float64)
+    groups_by_source = ranked_groups(units)
+    ranks = units.column("human_rank").to_numpy(zero_copy_only=False).astype(np.float64) if groups_by_source else None
+    for source, groups in sorted(groups_by_source.items()):
         entry = {"prompts": len(groups)}
         for m, s in scores.items():
             top1 = [float(ranks[g][np.argmax(s[g])] == ranks[g].min()) for g in groups]

@@ -26,7 +26,7 @@ from pipeline import objectives as registry
 from pipeline.units import Pairs, concat_pairs, embeddings_of, human_ratings, preference_pairs, ranked_pairs, \
     response_tokens
 
-from .bradley_terry import DEFAULT_L2_GRID, BradleyTerryHead, bt_loss, fit_bradley_terry, fit_bradley_terry_cv
+from .bradley_terry import DEFAULT_L2_GRID, BradleyTerryHead, fit_bradley_terry, fit_bradley_terry_cv
 from .debias import DEFAULT_DEBIAS_GRID, LENGTH_OBJECTIVE, fit_verbosity_debias, length_target
 from .gating import (RELEASE_DROPOUT, RELEASE_HIDDEN_DIM, RELEASE_N_HIDDEN, RELEASE_TEMPERATURE, GatingNetwork,
                      train_gating)
@@ -87,20 +87,24 @@ def _val_mask(row_ids, fraction: float) -> np.ndarray:
     return np.array([ids.in_fraction(r, fraction, "heads-validation") for r in row_ids], dtype=bool)
 
 
+def _fit_bt(X: np.ndarray, fit: Pairs, held: Pairs, grid) -> tuple[np.ndarray, float, float | None]:
+    """A linear BT head on the response embeddings of `fit` (ties as ½): (w, l2, validation loss),
+    L2 chosen from `grid` by the loss on `held` when there are held-out pairs, else 1e-3."""
+    if len(held):
+        return fit_bradley_terry_cv(X[fit.better], X[fit.worse], X[held.better], X[held.worse],
+                                    fit.tie, held.tie, grid=grid)
+    l2 = 1e-3
+    return fit_bradley_terry(X[fit.better], X[fit.worse], fit.tie, l2=l2), l2, None
+
+
 def _fit_pairwise(X: np.ndarray, pairs: Pairs, val: np.ndarray, grid) -> tuple[np.ndarray, dict]:
-    """A BT head on the response-embedding difference; L2 by validation loss when there is a validation split."""
+    """A pairwise objective's BT head, with its validation accuracy on the held-out non-tie pairs."""
     fit, held = pairs.select(~val), pairs.select(val)
     if len(fit) == 0:
         raise ValueError("a pairwise objective has no training pairs")
-    if len(held):
-        w, l2, val_loss = fit_bradley_terry_cv(X[fit.better], X[fit.worse], X[held.better], X[held.worse],
-                                               fit.tie, held.tie, grid=grid)
-        strict = ~held.tie
-        acc = pairwise_accuracy(X[held.better[strict]] @ w, X[held.worse[strict]] @ w) if strict.any() else None
-    else:
-        l2 = 1e-3
-        w = fit_bradley_terry(X[fit.better], X[fit.worse], fit.tie, l2=l2)
-        val_loss = acc = None
+    w, l2, val_loss = _fit_bt(X, fit, held, grid)
+    strict = ~held.tie
+    acc = pairwise_accuracy(X[held.better[strict]] @ w, X[held.worse[strict]] @ w) if strict.any() else None
     return w, {"pairs": len(pairs), "ties": int(pairs.tie.sum()), "l2": l2, "val_loss": val_loss, "val_accuracy": acc}
 
 
@@ -185,18 +189,13 @@ def train_heads(units: pa.Table, options: dict | None = None) -> TrainResult:
     # --- the single-head baseline on the same pairs --------------------------------------------
     baseline = None
     if opts["baseline"]:
-        if len(held):
-            w, l2, _ = fit_bradley_terry_cv(X[fit.better], X[fit.worse], X[held.better], X[held.worse],
-                                            grid=opts["bt_l2_grid"])
-        else:
-            l2 = 1e-3
-            w = fit_bradley_terry(X[fit.better], X[fit.worse], l2=l2)
+        w, l2, val_loss = _fit_bt(X, fit, held, opts["bt_l2_grid"])  # these pairs have no ties
         baseline = BradleyTerryHead(weight=w.astype(np.float32), name="single_bt",
                                     metadata={"l2": l2, "pairs": len(fit)})
         summary["baseline"] = {"l2": l2, "val_accuracy": pairwise_accuracy(baseline.score(X[held.better]),
                                                                            baseline.score(X[held.worse]))
                                if len(held) else None,
-                               "val_loss": bt_loss(w, X[held.better] - X[held.worse]) if len(held) else None}
+                               "val_loss": val_loss}
     heads.metadata = {"training": {k: summary[k] for k in ("objectives", "debias_lambdas")},
                       "objective_definitions": {o.name: o.to_dict() for o in pairwise}}
     return TrainResult(heads=heads, baseline=baseline, summary=summary)

@@ -75,11 +75,10 @@ class LabelConfig:
     def scoring_identity(self) -> dict:
         """What decides each output row's values (not which rows): a resumed run must match it."""
         from pipeline import storage
+        m, so = self.model, self.storage_options or None
         heads_fp = None
-        if self.model.heads and storage.exists(storage.join(self.model.heads, "heads.json"), self.storage_options or None):
-            heads_fp = json.loads(storage.read_bytes(storage.join(self.model.heads, "heads.json"),
-                                                     self.storage_options or None)).get("fingerprint")
-        m = self.model
+        if m.heads and storage.exists(heads_json := storage.join(m.heads, "heads.json"), so):
+            heads_fp = json.loads(storage.read_bytes(heads_json, so)).get("fingerprint")
         return {"backbone": m.backbone if not m.armorm_checkpoint else None, "armorm_checkpoint": m.armorm_checkpoint,
                 "heads": m.heads, "heads_fingerprint": heads_fp, "template": m.template, "embeddings": self.embeddings}
 

@@ -193,9 +193,7 @@ class EmbedScoreStage(Stage):
                 out = self.heads.score(e.response, e.prompt)
                 ratings[good], debiased[good] = out.rewards, out.debiased
                 gates[good], score[good] = out.gate, out.score
-            if self.heads is not None:
-                bad = good[~np.isfinite(score[good])]
-                for i in bad:
+                for i in good[~np.isfinite(score[good])]:
                     reasons[i], stages[i] = "non-finite score", "score"
         out_t = batch
         for j, obj in enumerate(self.objectives):
