@@ -24,7 +24,7 @@ TEMPLATE = {"system_prompt": "template_default", "max_tokens": 512, "overflow": 
 RESOURCES = {"actors": 1, "num_cpus_per_actor": 1, "token_budget": 4096, "rows_per_shard": 8, "units_per_call": 8}
 
 
-def small_inputs(limit_oasst: bool = True) -> list[dict]:
+def small_inputs() -> list[dict]:
     return [
         {"path": str(SHARED / "llmbar" / "LLMBar_Natural.json"), "format": "llmbar", "source": "llmbar"},
         {"path": str(SHARED / "oasst" / "en_100_message.jsonl"), "format": "oasst_best_of_n", "source": "oasst"},

@@ -44,7 +44,8 @@ def outcome(run_dir: Path) -> tuple[list[str], set[str], set[str]]:
 
 
 @pytest.fixture(scope="module")
-def labeled_run(tmp_path_factory, smollm2_heads):
+def small_run(tmp_path_factory, smollm2_heads):
+    """The labeling job over a few LLMBar and OASST rows (label_fixtures.label_config's defaults)."""
     tmp = tmp_path_factory.mktemp("label")
     cfg = label_config(tmp, smollm2_heads)
     path = write_yaml(tmp / "job.yaml", cfg)
@@ -52,8 +53,8 @@ def labeled_run(tmp_path_factory, smollm2_heads):
     return {"tmp": tmp, "cfg": cfg, "config_path": path, "run_dir": tmp / "labels" / "t1", "stdout": proc.stdout}
 
 
-def test_every_row_labeled_or_quarantined_exactly_once(labeled_run):
-    run_dir, cfg = labeled_run["run_dir"], labeled_run["cfg"]
+def test_every_row_labeled_or_quarantined_exactly_once(small_run):
+    run_dir, cfg = small_run["run_dir"], small_run["cfg"]
     good, bad = expected_units(cfg["inputs"], cfg["limit_rows_per_input"])
     ids, q_read, q_later = outcome(run_dir)
     assert len(ids) == len(set(ids)), "a unit was written twice"
@@ -72,10 +73,10 @@ def test_every_row_labeled_or_quarantined_exactly_once(labeled_run):
     assert man["sources"]["llmbar"]["rows_in"] == cfg["limit_rows_per_input"]
     assert man["config_hash"] and man["versions"]["ray"] and man["wall_time_s"] > 0
     assert man["tokens_per_s"] > 0 and man["units_per_s"] > 0
-    assert "ETA" in labeled_run["stdout"] or "units/s" in labeled_run["stdout"]
+    assert "ETA" in small_run["stdout"] or "units/s" in small_run["stdout"]
 
 
-def test_output_schema_and_readers(labeled_run, smollm2_heads):
+def test_output_schema_and_readers(small_run, smollm2_heads):
     import duckdb
     import pandas as pd
     import polars as pl
@@ -84,7 +85,7 @@ def test_output_schema_and_readers(labeled_run, smollm2_heads):
     from pipeline import schema
     from pipeline.heads.model import ArmoHeads
 
-    run_dir = labeled_run["run_dir"]
+    run_dir = small_run["run_dir"]
     objectives = list(ArmoHeads.load(smollm2_heads).objectives)
     want = schema.output_schema(objectives)
     files = sorted(str(p) for p in (run_dir / "data").glob("*.parquet"))
@@ -94,7 +95,7 @@ def test_output_schema_and_readers(labeled_run, smollm2_heads):
     assert len(pd.read_parquet(run_dir / "data")) == n
     assert pl.read_parquet(str(run_dir / "data" / "*.parquet")).height == n
     assert duckdb.sql(f"select count(*) from read_parquet('{run_dir}/data/*.parquet')").fetchall()[0][0] == n
-    ds = load_dataset("parquet", data_files=files, split="train", cache_dir=str(labeled_run["tmp"] / "hf"))
+    ds = load_dataset("parquet", data_files=files, split="train", cache_dir=str(small_run["tmp"] / "hf"))
     assert ds.num_rows == n
     df = pd.read_parquet(run_dir / "data")
     gates = df[[schema.objective_column(schema.GATE_PREFIX, o) for o in objectives]].to_numpy()
@@ -104,7 +105,7 @@ def test_output_schema_and_readers(labeled_run, smollm2_heads):
     assert (df["total_tokens"] <= 512).all() and (df["run_id"] == "t1").all()
     assert df["backbone_fingerprint"].nunique() == 1 and df["heads_fingerprint"].nunique() == 1
     # the job's closing summary: mean score and the most-gated objective per source
-    line = next(x for x in labeled_run["stdout"].splitlines() if x.startswith("scores by source: "))
+    line = next(x for x in small_run["stdout"].splitlines() if x.startswith("scores by source: "))
     summary = json.loads(line.removeprefix("scores by source: "))
     for source, part in df.groupby("source"):
         assert summary[source]["units"] == len(part)
@@ -113,7 +114,7 @@ def test_output_schema_and_readers(labeled_run, smollm2_heads):
         assert summary[source]["top_gate"] == max(gate_means, key=gate_means.get)
 
 
-def test_scores_equal_a_direct_computation(labeled_run, smollm2_heads):
+def test_scores_equal_a_direct_computation(small_run, smollm2_heads):
     """Recompute a few units without the pipeline: chat template by hand, one unpadded forward
     pass each with plain transformers, the heads on the two hidden states."""
     import torch
@@ -122,7 +123,7 @@ def test_scores_equal_a_direct_computation(labeled_run, smollm2_heads):
     from pipeline.embed.backbone import BackboneSpec, load_backbone
     from pipeline.heads.model import ArmoHeads
 
-    df = read_output(labeled_run["run_dir"]).to_pandas()
+    df = read_output(small_run["run_dir"]).to_pandas()
     heads = ArmoHeads.load(smollm2_heads)
     backbone = load_backbone(BackboneSpec(path="smollm2"))
     tok, model = backbone.tokenizer, backbone.model
@@ -147,29 +148,29 @@ def test_scores_equal_a_direct_computation(labeled_run, smollm2_heads):
                                        rtol=1e-3, atol=1e-4)
 
 
-def test_exported_armorm_checkpoint_scores_like_backbone_plus_heads(labeled_run, smollm2_heads):
+def test_exported_armorm_checkpoint_scores_like_backbone_plus_heads(small_run, smollm2_heads):
     """Heads + SmolLM2 exported to the released layout (jobs.export_armorm), then the same job with
     `model.armorm_checkpoint`: the same scores, through the same embedding engine."""
-    tmp = labeled_run["tmp"]
+    tmp = small_run["tmp"]
     ckpt = tmp / "armorm"
     run_module("jobs.export_armorm", "--heads", smollm2_heads, "--backbone", "smollm2", "--out", str(ckpt))
     assert (ckpt / "config.json").exists() and (ckpt / "model.safetensors.index.json").exists()
     assert json.loads((ckpt / "config.json").read_text())["architectures"] == ["LlamaForRewardModelWithGating"]
-    cfg = dict(labeled_run["cfg"], run_id="ckpt")
+    cfg = dict(small_run["cfg"], run_id="ckpt")
     cfg["model"] = {"armorm_checkpoint": str(ckpt), "template": cfg["model"]["template"]}
     run_module("jobs.label", "--config", str(write_yaml(tmp / "ckpt.yaml", cfg)))
-    ours = read_output(labeled_run["run_dir"]).to_pandas().set_index("unit_id").sort_index()
+    ours = read_output(small_run["run_dir"]).to_pandas().set_index("unit_id").sort_index()
     theirs = read_output(tmp / "labels" / "ckpt").to_pandas().set_index("unit_id").sort_index()
     assert list(theirs.index) == list(ours.index)
     np.testing.assert_allclose(theirs["score"], ours["score"], rtol=1e-4, atol=1e-5)
     assert theirs["heads_fingerprint"].nunique() == 1 and theirs["heads_fingerprint"].iloc[0] != ours["heads_fingerprint"].iloc[0]
 
 
-def test_rerun_with_same_run_id_redoes_nothing(labeled_run):
-    run_dir = labeled_run["run_dir"]
+def test_rerun_with_same_run_id_redoes_nothing(small_run):
+    run_dir = small_run["run_dir"]
     before = sorted(p.name for p in (run_dir / "data").glob("*.parquet"))
     mtimes = {p.name: p.stat().st_mtime_ns for p in (run_dir / "data").glob("*.parquet")}
-    run_module("jobs.label", "--config", str(labeled_run["config_path"]))
+    run_module("jobs.label", "--config", str(small_run["config_path"]))
     man = manifest(run_dir)
     assert man["shards_this_attempt"] == 0 and man["units_labeled_this_attempt"] == 0
     assert sorted(p.name for p in (run_dir / "data").glob("*.parquet")) == before
@@ -207,7 +208,7 @@ def test_killed_driver_then_rerun_completes_without_duplicates(tmp_path, smollm2
     run_module("jobs.label", "--config", str(path))
     man = manifest(run_dir)
     assert 0 < man["shards_this_attempt"] < man["shards"]
-    assert man["shards"] - man["shards_this_attempt"] >= committed - 0
+    assert man["shards"] - man["shards_this_attempt"] >= committed
     ids, _, q_later = outcome(run_dir)
     good, _ = expected_units(cfg["inputs"], 24)
     assert len(ids) == len(set(ids)) and set(ids) | q_later == good
@@ -228,7 +229,7 @@ def test_killed_scoring_actor_is_replaced_and_rows_appear_once(tmp_path, smollm2
                 title = " ".join(p.cmdline())
             except psutil.Error:
                 continue
-            if "MapWorker" in title and "EmbedScore" in title or "_StageActor" in title:
+            if ("MapWorker" in title and "EmbedScore" in title) or "_StageActor" in title:
                 found.append(p)
         return found
 
