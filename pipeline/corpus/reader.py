@@ -271,10 +271,11 @@ class FileReader:
             validate_row(result, self.allow_empty, self.spec.kind)
         except QuarantineError as e:
             return [quarantine_unit(e.reason, rec.raw_text(), source, self.uri, rec.index, result.locator)]
-        unstorable = unstorable_text(result)
-        if unstorable:
-            return [quarantine_unit(unstorable, rec.raw_text(), source, self.uri, rec.index, result.locator)]
-        rid = row_identity(result, source)
+        try:
+            rid = row_identity(result, source)  # hashes every text the row stores: the first UTF-8 encode
+        except UnicodeEncodeError:
+            reason = unstorable_text(result) or "unencodable text: the row holds text that is not valid Unicode"
+            return [quarantine_unit(reason, rec.raw_text(), source, self.uri, rec.index, result.locator)]
         if rid in self.seen:
             reason = f"duplicate row: same content as source_row {self.seen[rid]} of this file (row_id {rid})"
             return [quarantine_unit(reason, rec.raw_text(), source, self.uri, rec.index, result.locator)]
