@@ -1,8 +1,9 @@
-"""File formats (JSONL, gzip, JSON arrays, Parquet, datasets.save_to_disk), path expansion,
+"""File formats (JSONL, gzip, JSON arrays, CSV/TSV, Parquet, datasets.save_to_disk), path expansion,
 input specs, generic adapters and shard bookkeeping."""
 
 from __future__ import annotations
 
+import csv
 import gzip
 import io
 import json
@@ -44,10 +45,23 @@ def test_reference_units(reference):
     assert [u["response"] for u in units[:2]] == ["good answer 0", "bad answer 0"]
 
 
-@pytest.mark.parametrize("name", ["data.jsonl.gz", "data.json", "data.json.gz", "data.parquet", "hf"])
+def _delimited(records: list[dict], delimiter: str) -> str:
+    out = io.StringIO()
+    w = csv.DictWriter(out, fieldnames=list(records[0]), delimiter=delimiter, lineterminator="\r\n")
+    w.writeheader()
+    w.writerows(records)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("name", ["data.jsonl.gz", "data.json", "data.json.gz", "data.csv", "data.tsv.gz",
+                                  "data.parquet", "hf"])
 def test_every_file_format_gives_the_same_units(tmp_path, reference, name):
     path = tmp_path / name
-    if name.endswith(".jsonl.gz"):
+    if name.endswith(".csv"):
+        path.write_text(_delimited(RECORDS, ","), encoding="utf-8", newline="")
+    elif name.endswith(".tsv.gz"):
+        path.write_bytes(gzip.compress(_delimited(RECORDS, "\t").encode()))
+    elif name.endswith(".jsonl.gz"):
         path.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in RECORDS).encode()))
     elif name.endswith(".json.gz"):
         path.write_bytes(gzip.compress(json.dumps(RECORDS, indent=1).encode()))
@@ -133,7 +147,7 @@ def test_input_spec_from_dict_errors():
     with pytest.raises(InputSpecError, match="unknown adapter 'hh'"):
         InputSpec.from_dict({"path": "x", "format": "hh"})
     with pytest.raises(InputSpecError, match="file_format"):
-        InputSpec.from_dict({"path": "x", "file_format": "csv"})
+        InputSpec.from_dict({"path": "x", "file_format": "xlsx"})
     with pytest.raises(InputSpecError, match="format 'mapping' needs columns"):
         InputSpec.from_dict({"path": "x", "format": "mapping"})
     with pytest.raises(InputSpecError, match="unknown target name"):
@@ -224,16 +238,19 @@ class _CountingFile(io.BytesIO):
         return out
 
 
-@pytest.mark.parametrize("reader, packed", [("jsonl", False), ("jsonl", True), ("json", False)])
+@pytest.mark.parametrize("reader, packed", [("jsonl", False), ("jsonl", True), ("json", False), ("csv", False),
+                                            ("csv", True)])
 def test_readers_stream_instead_of_loading_whole_files(reader, packed, monkeypatch):
     monkeypatch.setattr(formats, "CHUNK_BYTES", 1 << 14)
     records = [{"prompt": f"q{i}", "response": "r" * 200} for i in range(40000)]  # ~9 MB of text
-    data = ("\n".join(json.dumps(r) for r in records) if reader == "jsonl" else json.dumps(records)).encode()
+    text = {"jsonl": lambda: "\n".join(json.dumps(r) for r in records), "json": lambda: json.dumps(records),
+            "csv": lambda: _delimited(records, ",")}[reader]()
+    data = text.encode()
     if packed:
         data = gzip.compress(data)
     f = _CountingFile(data)
-    uri = "x.jsonl.gz" if packed else f"x.{reader}"
-    it = formats.iter_jsonl(f, uri) if reader == "jsonl" else formats.iter_json(f, uri)
+    uri = f"x.{reader}.gz" if packed else f"x.{reader}"
+    it = {"jsonl": formats.iter_jsonl, "json": formats.iter_json, "csv": formats.iter_csv}[reader](f, uri)
     first = next(it)
     assert first.value == records[0]
     assert f.bytes_read <= formats.CHUNK_BYTES < len(data) / 2  # one chunk in, not the whole file

@@ -1,19 +1,23 @@
 """File formats: turn one input (a file or a `save_to_disk` folder) into a stream of records.
 
-Every format streams: JSON Lines line by line, JSON arrays element by element, Parquet and
-Arrow by record batches, so no input is held in memory whole. A record is either a parsed value
-or the reason it could not be read; an unreadable part of a file (a truncated gzip tail, broken
-JSON after which the array cannot be resynchronised) becomes one error record, so the rows read
-before it are kept and nothing is lost without a trace.
+Every format streams: JSON Lines line by line, JSON arrays element by element, CSV/TSV record
+by record, Parquet and Arrow by record batches, so no input is held in memory whole. A record is
+either a parsed value or the reason it could not be read; an unreadable part of a file (a
+truncated gzip tail, broken JSON after which the array cannot be resynchronised) becomes one
+error record, so the rows read before it are kept and nothing is lost without a trace.
+A UTF-8 byte-order mark at the start of a text file is skipped; invalid UTF-8 (and, in Parquet
+and Arrow, string columns holding it) is one error record per row.
 """
 
 from __future__ import annotations
 
 import codecs
+import csv
 import json
 import posixpath
 import re
 import zlib
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -96,6 +100,29 @@ def _is_gzip(uri: str) -> bool:
     return uri.lower().endswith(".gz")
 
 
+UTF8_BOM = codecs.BOM_UTF8
+_UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+
+
+def _without_bom(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """The bytes of a text file without a leading UTF-8 byte-order mark (editors and Excel write
+    one; json.loads and the CSV header would otherwise see it as data). A UTF-16 mark means the
+    whole file is in another encoding: one clear error instead of a quarantine per line."""
+    head = b""
+    for chunk in chunks:
+        head += chunk
+        if len(head) >= len(UTF8_BOM):
+            break
+    if head.startswith(UTF8_BOM):
+        head = head[len(UTF8_BOM):]
+    elif head.startswith(_UTF16_BOMS):
+        raise CorruptStream("unreadable file: it is UTF-16 encoded (byte-order mark at its start); "
+                            "only UTF-8 is read, convert it first")
+    if head:
+        yield head
+    yield from chunks
+
+
 def _cut(text: str, limit: int = 4096) -> str:
     return text if len(text) <= limit else text[:limit]
 
@@ -105,7 +132,7 @@ def iter_jsonl(f, uri: str) -> Iterator[Record]:
     line_no = 0
     pending = b""
     try:
-        for chunk in _byte_chunks(f, _is_gzip(uri)):
+        for chunk in _without_bom(_byte_chunks(f, _is_gzip(uri))):
             pending += chunk
             lines = pending.split(b"\n")
             pending = lines.pop()
@@ -185,7 +212,7 @@ _UNDECODABLE_RE = re.compile("[\udc80-\udcff]")  # surrogateescape puts each inv
 def iter_json(f, uri: str) -> Iterator[Record]:
     """Elements of a top-level JSON array, parsed one at a time. A file that does not start with
     '[' is read as JSON Lines (a common naming slip)."""
-    stream = _TextStream(_byte_chunks(f, _is_gzip(uri)))
+    stream = _TextStream(_without_bom(_byte_chunks(f, _is_gzip(uri))))
     decoder = json.JSONDecoder()
     index = 0
     pos = 0
@@ -265,16 +292,177 @@ def _json_text_as_lines(stream: _TextStream, pos: int) -> Iterator[Record]:
         pos = nl + 1
 
 
+def _batch_records(batch: pa.RecordBatch, start: int) -> list[Record]:
+    """A record batch's rows. Arrow does not validate UTF-8 when reading, so a string column may
+    hold invalid bytes (written by another tool): only the rows holding them become error records."""
+    try:
+        return [Record(start + i, value=row) for i, row in enumerate(batch.to_pylist())]
+    except UnicodeDecodeError:
+        pass
+    out = []
+    for i in range(batch.num_rows):
+        row, bad = {}, []
+        for name, column in zip(batch.schema.names, batch.columns):
+            try:
+                row[name] = column[i].as_py()
+            except UnicodeDecodeError:
+                bad.append(name)
+        if bad:
+            out.append(Record(start + i, raw=_cut(json.dumps({k: row[k] for k in row}, ensure_ascii=False, default=str)),
+                              error=f"undecodable bytes (invalid UTF-8) in column(s) {bad} of row {start + i}"))
+        else:
+            out.append(Record(start + i, value=row))
+    return out
+
+
 def iter_parquet(f, uri: str) -> Iterator[Record]:
     index = 0
     try:
         pf = pq.ParquetFile(f)
         for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS):
-            for row in batch.to_pylist():
-                yield Record(index, value=row)
-                index += 1
+            yield from _batch_records(batch, index)
+            index += batch.num_rows
     except (OSError, pa.ArrowException) as e:
         yield Record(index, raw="", error=f"corrupt Parquet file: rows from {index} on could not be read ({e})")
+
+
+# --- CSV / TSV -------------------------------------------------------------------------------------
+# Python's csv module rather than pyarrow.csv: what matters here is per-row quarantine. pyarrow
+# reads whole blocks, types the columns (a cell "1" would no longer be the string the adapters
+# expect) and on a broken quote either fails the block or swallows the rows after it; the csv
+# module parses one record at a time with exact line numbers, so a broken record can be cut out
+# and reading resumed on the next line. It is C code, not the bottleneck next to a model.
+CSV_FIELD_LIMIT = 1 << 24  # characters per cell (the module's default, 128 Ki, is short for LLM text)
+
+
+@dataclass
+class _Line:
+    number: int              # 0-based physical line
+    text: str                # with its line ending (the csv module needs it)
+    bad_byte: int | None     # offset of the first invalid UTF-8 byte, if any
+
+
+def _byte_lines(f, uri: str) -> Iterator[bytes]:
+    pending = b""
+    for chunk in _without_bom(_byte_chunks(f, _is_gzip(uri))):
+        pending += chunk
+        lines = pending.split(b"\n")
+        pending = lines.pop()
+        for line in lines:
+            yield line + b"\n"
+    if pending:
+        yield pending
+
+
+class _ReplayableLines:
+    """Decoded physical lines fed to csv.reader. The lines of the record being parsed are kept,
+    so that after a quoting error all but its first line can be fed again."""
+
+    def __init__(self, raw: Iterator[bytes]):
+        self.raw = raw
+        self.replay: deque[_Line] = deque()
+        self.current: list[_Line] = []
+        self.next_number = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        if self.replay:
+            line = self.replay.popleft()
+        else:
+            data = next(self.raw)
+            try:
+                line = _Line(self.next_number, data.decode("utf-8"), None)
+            except UnicodeDecodeError as e:
+                line = _Line(self.next_number, data.decode("utf-8", "replace"), e.start)
+            self.next_number += 1
+        self.current.append(line)
+        return line.text
+
+
+def _header_names(fields: list[str]) -> list[str]:
+    """Column names as pandas gives them: an empty name is "Unnamed: i", a repeated one "name.1"."""
+    out, seen = [], Counter()
+    for i, name in enumerate(fields):
+        name = name or f"Unnamed: {i}"
+        base = name
+        while name in seen:
+            name = f"{base}.{seen[base]}"
+            seen[base] += 1
+        seen[name] += 1
+        out.append(name)
+    return out
+
+
+def _iter_delimited(f, uri: str, delimiter: str) -> Iterator[Record]:
+    """Records of a delimited text file: the first record is the header, every later one a dict of
+    strings (column -> cell). Record.index counts data records (header and blank lines excluded).
+
+    A record with broken quoting (text after a closing quote, a quote never closed) is one error
+    record made of its first line only, and parsing resumes on the next line: a quote left open
+    cannot swallow the rows after it. A record with the wrong number of fields, or invalid UTF-8,
+    is one error record. A broken header leaves nothing readable: one error record for the file.
+    """
+    if csv.field_size_limit() < CSV_FIELD_LIMIT:
+        csv.field_size_limit(CSV_FIELD_LIMIT)  # process-wide; only ever raised
+    lines = _ReplayableLines(_byte_lines(f, uri))
+
+    def parser():
+        return csv.reader(lines, delimiter=delimiter, quotechar='"', doublequote=True, strict=True)
+
+    reader, header, index = parser(), None, 0
+    kind = "TSV" if delimiter == "\t" else "CSV"
+    try:
+        while True:
+            lines.current = []
+            try:
+                fields = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                first, rest = lines.current[0], lines.current[1:]
+                lines.replay.extendleft(reversed(rest))
+                reader = parser()  # a fresh parser: no quoting state carried over
+                if header is None:
+                    yield Record(0, raw=_cut(first.text), error=f"malformed {kind} header on line {first.number + 1}: "
+                                                                f"{e}; the file cannot be read without it")
+                    return
+                yield Record(index, raw=_cut(first.text.rstrip("\r\n")),
+                             error=f"malformed {kind} on line {first.number + 1}: {e} (broken quoting)")
+                index += 1
+                continue
+            consumed = lines.current
+            if not fields or (len(fields) == 1 and not fields[0].strip() and len(consumed) == 1):
+                continue  # blank lines are layout, not rows
+            raw = "".join(line.text for line in consumed).rstrip("\r\n")
+            bad = next((line for line in consumed if line.bad_byte is not None), None)
+            where = f"line {consumed[0].number + 1}"
+            if header is None:
+                if bad is not None:
+                    yield Record(0, raw=_cut(raw), error=f"undecodable bytes (invalid UTF-8) in the {kind} header")
+                    return
+                header = _header_names(fields)
+                continue
+            if bad is not None:
+                yield Record(index, raw=_cut(raw),
+                             error=f"undecodable bytes (invalid UTF-8) on line {bad.number + 1} at byte {bad.bad_byte}")
+            elif len(fields) != len(header):
+                yield Record(index, raw=_cut(raw), error=f"wrong field count on {where}: {len(fields)} fields, "
+                                                         f"the header has {len(header)}")
+            else:
+                yield Record(index, value=dict(zip(header, fields)), raw=raw)
+            index += 1
+    except CorruptStream as e:
+        yield Record(index, raw="", error=f"{e}: rows from data row {index} on could not be read")
+
+
+def iter_csv(f, uri: str) -> Iterator[Record]:
+    return _iter_delimited(f, uri, ",")
+
+
+def iter_tsv(f, uri: str) -> Iterator[Record]:
+    return _iter_delimited(f, uri, "\t")
 
 
 def hf_arrow_files(fs, path: str, split: str | list[str] | None = None) -> list[str]:
@@ -299,9 +487,8 @@ def iter_hf_dataset(fs, path: str, split=None) -> Iterator[Record]:
             with fs.open(arrow_path, "rb") as fh:
                 reader = pa.ipc.open_stream(fh)
                 for batch in reader:
-                    for row in batch.to_pylist():
-                        yield Record(index, value=row)
-                        index += 1
+                    yield from _batch_records(batch, index)
+                    index += batch.num_rows
     except (OSError, ValueError, KeyError, pa.ArrowException) as e:
         yield Record(index, raw="", error=f"corrupt datasets folder: rows from {index} on could not be read ({e})")
 
@@ -314,7 +501,7 @@ def iter_records(uri: str, file_format: str, storage_options: dict | None = None
     if file_format == "hf_dataset":
         yield from iter_hf_dataset(fs, path, (options or {}).get("split"))
         return
-    readers = {"jsonl": iter_jsonl, "json": iter_json, "parquet": iter_parquet}
+    readers = {"jsonl": iter_jsonl, "json": iter_json, "parquet": iter_parquet, "csv": iter_csv, "tsv": iter_tsv}
     if file_format not in readers:
         raise ValueError(f"unknown file format {file_format!r} for {uri} (set file_format in the input spec)")
     with fs.open(path, "rb") as f:

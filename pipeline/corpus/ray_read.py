@@ -29,7 +29,8 @@ def plan_files(specs: list[InputSpec], files: list[str] | None = None) -> list[t
 def read_corpus(specs: list[InputSpec | dict], rows_per_shard: int = 1024, exclude_shards: set[str] | None = None,
                 files: list[str] | None = None, limit_rows: int | None = None,
                 num_cpus: float = READ_TASK_CPUS,
-                shard_transform: Callable[[pa.Table], pa.Table] | None = None) -> ray.data.Dataset:
+                shard_transform: Callable[[pa.Table], pa.Table] | None = None,
+                field_use: bool = False) -> ray.data.Dataset:
     """A Dataset of units (UNIT_SCHEMA, pyarrow blocks), one block per shard.
 
     Each input file is read by one task that streams it shard by shard, so files are read in
@@ -38,7 +39,8 @@ def read_corpus(specs: list[InputSpec | dict], rows_per_shard: int = 1024, exclu
     inputs (as expand_files names them); `limit_rows` stops each file after that many records.
     `shard_transform` runs on each shard's table inside the read task: work that must see whole
     rows (e.g. tokenization that quarantines a pair together) belongs there, because Ray may
-    merge or slice blocks anywhere downstream.
+    merge or slice blocks anywhere downstream. `field_use` adds the reader's FIELD_USE column
+    (which record fields the adapter read, per shard) for the labeling job's manifest.
     """
     specs = as_specs(specs)
     tasks = plan_files(specs, files)
@@ -50,7 +52,7 @@ def read_corpus(specs: list[InputSpec | dict], rows_per_shard: int = 1024, exclu
         for spec_index, uri in zip(batch.column("spec").to_pylist(), batch.column("uri").to_pylist()):
             for units in iter_shards(specs[spec_index], uri, rows_per_shard, limit_rows):
                 if units[0]["shard_id"] not in skip:
-                    table = units_table(units)
+                    table = units_table(units, field_use)
                     yield shard_transform(table) if shard_transform is not None else table
 
     items = [{"spec": i, "uri": uri} for i, uri in tasks]

@@ -10,6 +10,15 @@ A record gives all of its rows (an Open Assistant tree gives several) to one sha
 `shard_rows` counts the rows (good + quarantined) the shard holds, which is what row totals sum.
 Everything here is deterministic for a given file and rows_per_shard, so a later job can write
 each shard exactly once.
+
+Text that cannot be stored: a lone surrogate ("\\ud800" in JSON, common in scraped text) is a
+valid JSON escape but not Unicode text, so UTF-8 (ids, Arrow, Parquet) cannot hold it; such a row
+is quarantined with the place it was found, never raised. Reasons and raw text of quarantined
+rows are stored with such characters written as "\\udXXX" escapes.
+
+Field use: each record reaches its adapter as a field_use.TrackedRecord; the first unit of every
+shard carries (under FIELD_USE, outside UNIT_SCHEMA) the shard's FieldUse as JSON, which the
+labeling job sums per source to report record fields that were never read.
 """
 
 from __future__ import annotations
@@ -25,15 +34,17 @@ import pyarrow.compute as pc
 from pipeline import ids, schema, storage
 from pipeline.corpus import formats
 from pipeline.corpus.adapters import ADAPTERS, QuarantineError, Row, adapt_mapping, detect
+from pipeline.corpus.field_use import FieldUse, TrackedRecord
 from pipeline.corpus.spec import InputSpec, expand_files, file_format_of
 
 PROMPT_ROLES = ("system", "user", "assistant")
 _DETECT_LOOKAHEAD = 1000  # records buffered while looking for one whose fields name the format
+FIELD_USE = "record_fields"  # per-shard FieldUse JSON on the shard's first unit (see module docstring)
 
 
 def file_stem(uri: str) -> str:
     name = posixpath.basename(uri.rstrip("/").replace("\\", "/"))
-    for ext in (".gz", ".jsonl", ".ndjson", ".json", ".parquet", ".pq", ".arrow"):
+    for ext in (".gz", ".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet", ".pq", ".arrow"):
         if name.lower().endswith(ext) and len(name) > len(ext):
             name = name[: -len(ext)]
     return name
@@ -70,6 +81,35 @@ def validate_row(row: Row, allow_empty_response: bool = False, expected_kind: st
         raise QuarantineError("a rated row needs at least one rating")
 
 
+def _storable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def storable_text(text: str | None) -> str | None:
+    """The text with anything UTF-8 cannot hold (lone surrogates) written as a "\\udXXX" escape."""
+    if text is None or _storable(text):
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def unstorable_text(row: Row) -> str | None:
+    """Where the row holds text that UTF-8 cannot encode, as a quarantine reason; None when all is well."""
+    labels = row.response_labels or [f"response {i}" for i in range(len(row.responses))]
+    places = [(f"prompt message {i}", m["content"]) for i, m in enumerate(row.prompt)]
+    places += list(zip(labels, row.responses))
+    places += [(f"rating name {r['name']!r}", r["name"]) for r in row.ratings or ()]
+    for where, text in places:
+        if isinstance(text, str) and not _storable(text):
+            bad = next(c for c in text if 0xD800 <= ord(c) <= 0xDFFF)
+            return (f"unencodable text: {where} holds a lone surrogate U+{ord(bad):04X} (a \"\\u{ord(bad):04x}\" "
+                    f"escape without its pair), which is not valid Unicode")
+    return None
+
+
 def row_identity(row: Row, source: str) -> str:
     # Labels are part of what a row says: the same pair judged the other way is a different row.
     labels = {"kind": row.kind, "tie": row.tie, "ranks": row.ranks,
@@ -103,6 +143,7 @@ def row_units(row: Row, rid: str, source: str, uri: str, source_row: int) -> lis
 def quarantine_unit(reason: str, raw: str, source: str, uri: str, source_row: int,
                     locator: str | None = None) -> dict:
     # Several bad rows of one record (an Open Assistant tree) are told apart by their locator.
+    reason, raw, locator = storable_text(reason), storable_text(raw), storable_text(locator)
     rid = ids.bad_row_id(uri if locator is None else f"{uri}#{locator}", source_row)
     return {
         "unit_id": ids.unit_id(rid, 0), "row_id": rid, "prompt_id": None, "kind": None,
@@ -113,8 +154,10 @@ def quarantine_unit(reason: str, raw: str, source: str, uri: str, source_row: in
     }
 
 
-class _FileReader:
-    """Reads one input: records -> rows of units, with the file-wide duplicate check."""
+class FileReader:
+    """Reads one input: records -> rows of units, with the file-wide duplicate check.
+    Also notes what jobs.inspect reports: the file format, the adapter of each record and the
+    field use (since the last take_field_use)."""
 
     def __init__(self, spec: InputSpec, uri: str):
         self.spec = spec
@@ -122,6 +165,13 @@ class _FileReader:
         self.allow_empty = bool(spec.options.get("allow_empty_response", False))
         self.adapter = None if spec.format == "auto" else spec.format
         self.seen: dict[str, int] = {}  # row_id -> source_row of its first occurrence
+        self.file_format: str | None = None
+        self.adapters_used: Counter = Counter()  # adapter -> records read with it
+        self.field_use = FieldUse()
+
+    def take_field_use(self) -> FieldUse:
+        out, self.field_use = self.field_use, FieldUse()
+        return out
 
     def source(self) -> str:
         if self.spec.source:
@@ -130,7 +180,7 @@ class _FileReader:
         return (adapter.default_source if adapter else None) or file_stem(self.uri)
 
     def records(self, limit_rows: int | None) -> Iterator[formats.Record]:
-        file_format = file_format_of(self.uri, self.spec, is_dir=self._is_dir())
+        file_format = self.file_format = file_format_of(self.uri, self.spec, is_dir=self._is_dir())
         if file_format is None:
             raise ValueError(f"cannot tell the file format of {self.uri}; set file_format in the input spec")
         it = formats.iter_records(self.uri, file_format, self.spec.storage_options, self.spec.options)
@@ -196,18 +246,23 @@ class _FileReader:
             reason = (f"cannot tell the record's format from its fields {sorted(rec.value)[:20]}; "
                       f"set format (one of {sorted(ADAPTERS)}) in the input spec")
             return [[quarantine_unit(reason, rec.raw_text(), source, self.uri, rec.index)]]
+        self.adapters_used[adapter] += 1
+        value = TrackedRecord(rec.value)
         try:
             if adapter == "mapping":
-                results = adapt_mapping(rec.value, self.spec.options, self.spec.columns)
+                results = adapt_mapping(value, self.spec.options, self.spec.columns)
             else:
-                results = ADAPTERS[adapter].fn(rec.value, self.spec.options)
+                results = ADAPTERS[adapter].fn(value, self.spec.options)
         except QuarantineError as e:
             results = [e]
         except Exception as e:  # noqa: BLE001 - odd data must quarantine the record, not kill the read
             results = [QuarantineError(f"could not convert the record ({type(e).__name__}: {e})")]
         if not results:
             results = [QuarantineError("the record gives no rows")]
-        return [self._row_units(r, rec, source) for r in results]
+        rows = [self._row_units(r, rec, source) for r in results]
+        if any(row[0]["quarantine_reason"] is None for row in rows):
+            self.field_use.add(value)  # only records that gave labeled rows can lose labels silently
+        return rows
 
     def _row_units(self, result, rec: formats.Record, source: str) -> list[dict]:
         if isinstance(result, QuarantineError):
@@ -216,7 +271,11 @@ class _FileReader:
             validate_row(result, self.allow_empty, self.spec.kind)
         except QuarantineError as e:
             return [quarantine_unit(e.reason, rec.raw_text(), source, self.uri, rec.index, result.locator)]
-        rid = row_identity(result, source)
+        try:
+            rid = row_identity(result, source)  # hashes every text the row stores: the first UTF-8 encode
+        except UnicodeEncodeError:
+            reason = unstorable_text(result) or "unencodable text: the row holds text that is not valid Unicode"
+            return [quarantine_unit(reason, rec.raw_text(), source, self.uri, rec.index, result.locator)]
         if rid in self.seen:
             reason = f"duplicate row: same content as source_row {self.seen[rid]} of this file (row_id {rid})"
             return [quarantine_unit(reason, rec.raw_text(), source, self.uri, rec.index, result.locator)]
@@ -230,7 +289,7 @@ def iter_shards(spec: InputSpec, file_uri: str, rows_per_shard: int = 1024,
     `limit_rows` stops after that many records of the file (demos, smoke runs)."""
     if rows_per_shard < 1:
         raise ValueError("rows_per_shard must be >= 1")
-    reader = _FileReader(spec, file_uri)
+    reader = FileReader(spec, file_uri)
     chunk, shard_records = 0, []
 
     def finish(records: list[list[list[dict]]], chunk_index: int) -> list[dict]:
@@ -239,6 +298,7 @@ def iter_shards(spec: InputSpec, file_uri: str, rows_per_shard: int = 1024,
         n_rows = sum(len(rows) for rows in records)
         for i, u in enumerate(units):
             u.update(shard_id=sid, shard_unit=i, shard_units=len(units), shard_rows=n_rows)
+        units[0][FIELD_USE] = reader.take_field_use().to_json()
         return units
 
     for rows in reader.rows(limit_rows):
@@ -250,8 +310,12 @@ def iter_shards(spec: InputSpec, file_uri: str, rows_per_shard: int = 1024,
         yield finish(shard_records, chunk)
 
 
-def units_table(units: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist(units, schema=schema.UNIT_SCHEMA)
+def units_table(units: list[dict], field_use: bool = False) -> pa.Table:
+    """UNIT_SCHEMA columns; with field_use, also the FIELD_USE column (null but on shard starts)."""
+    table = pa.Table.from_pylist(units, schema=schema.UNIT_SCHEMA)
+    if field_use:
+        table = table.append_column(FIELD_USE, pa.array([u.get(FIELD_USE) for u in units], pa.string()))
+    return table
 
 
 def as_specs(specs) -> list[InputSpec]:

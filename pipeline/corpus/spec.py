@@ -9,12 +9,13 @@ from dataclasses import dataclass, field
 
 from pipeline import storage
 
-FILE_FORMATS = ("auto", "jsonl", "json", "parquet", "hf_dataset")
+FILE_FORMATS = ("auto", "jsonl", "json", "csv", "tsv", "parquet", "hf_dataset")
 
 # Extensions recognised when a directory or glob is expanded, and what they mean.
 _EXTENSIONS = {
     ".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".ndjson": "jsonl", ".ndjson.gz": "jsonl",
     ".json": "json", ".json.gz": "json",
+    ".csv": "csv", ".csv.gz": "csv", ".tsv": "tsv", ".tsv.gz": "tsv",
     ".parquet": "parquet", ".pq": "parquet",
 }
 # Files that mark a `datasets.save_to_disk` directory (a Dataset, or a DatasetDict of splits).
@@ -32,7 +33,7 @@ class InputSpec:
     source: str | None = None             # corpus name; default from the adapter, else the file name
     columns: dict | None = None           # column mapping for the "mapping" adapter
     kind: str | None = None               # expected kind of every row (checked), e.g. "preference"
-    file_format: str = "auto"             # jsonl | json | parquet | hf_dataset; auto from the name
+    file_format: str = "auto"             # jsonl | json | csv | tsv | parquet | hf_dataset; auto from the name
     storage_options: dict | None = None   # passed to pipeline.storage.filesystem
     options: dict = field(default_factory=dict)  # adapter options
 

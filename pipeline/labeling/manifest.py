@@ -71,9 +71,15 @@ def reason_category(reason: str) -> str:
 
 
 def summarize_sources(markers: list[dict]) -> dict[str, dict]:
-    """Per-source counts; rows_in = rows_labeled + rows_quarantined holds for every source."""
+    """Per-source counts; rows_in = rows_labeled + rows_quarantined holds for every source.
+    Also the record fields no labeled row's adapter read (`unused_fields`) and those of them that
+    look like labels (`unused_label_fields`), from the markers' `record_fields`."""
+    from pipeline.corpus.field_use import FieldUse
+
     out: dict[str, dict] = {}
+    use: dict[str, FieldUse] = {}
     for m in markers:
+        use.setdefault(m["source"], FieldUse()).merge(FieldUse.from_json(m.get("record_fields")))
         s = out.setdefault(m["source"], {"rows_in": 0, "rows_labeled": 0, "rows_quarantined": 0, "units_in": 0,
                                          "units_labeled": 0, "units_quarantined": 0, "tokens": 0,
                                          "quarantine_reasons": Counter()})
@@ -86,8 +92,9 @@ def summarize_sources(markers: list[dict]) -> dict[str, dict]:
         s["tokens"] += m["tokens"]
         for reason, count in m.get("reasons", {}).items():
             s["quarantine_reasons"][reason_category(reason)] += count
-    for s in out.values():
+    for source, s in out.items():
         s["quarantine_reasons"] = dict(s["quarantine_reasons"])
+        s.update(use[source].report())
     return out
 
 

@@ -151,7 +151,7 @@ def run(cfg: LabelConfig) -> dict:
         def plan(transform=None):
             return read_corpus(specs, rows_per_shard=r.rows_per_shard, exclude_shards=set(done), files=files,
                                limit_rows=cfg.limit_rows_per_input, num_cpus=r.cpus_per_cpu_task,
-                               shard_transform=transform)
+                               shard_transform=transform, field_use=True)
 
         total = plan().count()  # parsing only: cheap next to the model, and it gives progress an ETA
         # Blocks of at most units_per_call units reach the actors: each scoring call's results are
@@ -195,13 +195,21 @@ def run(cfg: LabelConfig) -> dict:
         "output": {"data": storage.join(run_dir, "data"), "quarantine": storage.join(run_dir, "quarantine")},
     }
     mf.write_json(storage.join(run_dir, mf.MANIFEST), man, so)
+    for source, s in sorted(man["sources"].items()):
+        if s.get("unused_label_fields"):
+            _say(f"warning: source {source!r}: record fields that look like labels were never read: "
+                 f"{', '.join(s['unused_label_fields'])} (map them in the input spec; check a mapping with "
+                 f"python -m jobs.inspect --config FILE)")
     return man
 
 
 def _drive(ds, run_dir: str, so: dict | None, progress: Progress) -> list[dict]:
     """Consume the write stage's summaries; commit each shard the moment it is complete."""
+    from pipeline.corpus.field_use import FieldUse
+
     ledger = ShardLedger()
     reasons: dict[str, Counter] = defaultdict(Counter)
+    fields: dict[str, FieldUse] = defaultdict(FieldUse)
     nodes: dict[str, Counter] = defaultdict(Counter)
     markers = []
     # prefetch_batches=0: with Ray's default of 1 the iterator holds each block until the next one
@@ -210,11 +218,13 @@ def _drive(ds, run_dir: str, so: dict | None, progress: Progress) -> list[dict]:
         for summary in batch.to_pylist():
             reasons[summary["shard_id"]].update(json.loads(summary["reasons"]))
             nodes[summary["shard_id"]].update(json.loads(summary["scored_on"]))
+            fields[summary["shard_id"]].merge(FieldUse.from_json(summary.get("record_fields")))
             progress.add(summary["units"], summary["tokens"], summary["scored_from"], summary["scored_until"])
             finished = ledger.add(summary)
             if finished is not None:
                 marker = {**finished.totals, "reasons": dict(reasons.pop(summary["shard_id"])),
-                          "scored_on": dict(nodes.pop(summary["shard_id"]))}
+                          "scored_on": dict(nodes.pop(summary["shard_id"])),
+                          "record_fields": json.loads(fields.pop(summary["shard_id"]).to_json())}
                 mf.write_json(mf.marker_uri(run_dir, marker["shard_id"]), marker, so)
                 markers.append(marker)
     incomplete = ledger.incomplete()

@@ -304,8 +304,19 @@ class WriteStage(Stage):
                                     if SCORED_ON in part.column_names else {}),
             "scored_from": pc.min(part.column(SCORED_FROM)).as_py() if SCORED_FROM in part.column_names else None,
             "scored_until": pc.max(part.column(SCORED_UNTIL)).as_py() if SCORED_UNTIL in part.column_names else None,
+            "record_fields": _shard_field_use(part),
             "files": files,
         }
+
+
+def _shard_field_use(part: pa.Table) -> str | None:
+    """The reader's field use of the shard (JSON, on the shard's first unit only), if the read carried it."""
+    from pipeline.corpus.reader import FIELD_USE
+
+    if FIELD_USE not in part.column_names:
+        return None
+    values = pc.drop_null(part.column(FIELD_USE))
+    return values[0].as_py() if len(values) else None
 
 
 def _write_parquet(uri: str, table: pa.Table, storage_options: dict | None) -> None:
