@@ -47,8 +47,11 @@ WORKING_DIR_EXCLUDES = [".git", ".venv", "runs", "__pycache__", "*.egg-info", ".
 # ---- pure parts: identity and the decision -------------------------------------------------
 
 def canonical_config(text: str) -> str:
-    """The config's content independent of comments, key order and formatting."""
-    return json.dumps(yaml.safe_load(text), sort_keys=True, separators=(",", ":"), default=str)
+    """The config's content independent of comments, key order, formatting and credentials (a
+    rotated key is the same job: storage_options credentials and URI userinfo are left out)."""
+    from pipeline.secrets import without_credentials
+
+    return json.dumps(without_credentials(yaml.safe_load(text)), sort_keys=True, separators=(",", ":"), default=str)
 
 
 def config_hash(text: str) -> str:
@@ -202,7 +205,9 @@ def main(argv: list[str] | None = None) -> int:
                           entrypoint=args.entrypoint)
     except (OSError, yaml.YAMLError, ValueError, AuthenticationError) as e:
         # A bad config, an unreachable cluster or a refused token: nothing was submitted.
-        print(f"schedule error: {e}", file=sys.stderr)
+        from pipeline.secrets import scrub  # a YAML error quotes the offending line
+
+        print(scrub(f"schedule error: {e}"), file=sys.stderr)
         return 2
     print(json.dumps(report, indent=2))
     return EXIT_PREVIOUS_FAILED if report["action"] == "previous_failed" else 0

@@ -10,6 +10,8 @@ from typing import Any
 
 import yaml
 
+from pipeline import secrets
+
 
 class ConfigError(ValueError):
     pass
@@ -70,7 +72,11 @@ class LabelConfig:
         return storage.join(self.output, self.run_id)
 
     def to_dict(self) -> dict:
+        """Everything, credentials included: for the job itself. Artifacts get `secrets.redact` of it."""
         return asdict(self)
+
+    def __repr__(self) -> str:  # a config may end up in a log line or a traceback
+        return f"LabelConfig({secrets.redact(self.to_dict())})"
 
     def scoring_identity(self) -> dict:
         """What decides each output row's values (not which rows): a resumed run must match it."""
@@ -83,8 +89,9 @@ class LabelConfig:
                 "heads": m.heads, "heads_fingerprint": heads_fp, "template": m.template, "embeddings": self.embeddings}
 
     def hash(self) -> str:
-        """Identity of what the run computes (not where it runs): used in manifests and submission ids."""
-        d = self.to_dict()
+        """Identity of what the run computes (not where it runs, nor with which credentials): used in
+        manifests and submission ids."""
+        d = secrets.without_credentials(self.to_dict())
         for k in ("ray_address", "progress_interval_s"):
             d.pop(k, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -99,6 +106,7 @@ def parse_config(data: dict) -> LabelConfig:
     for key in ("inputs", "output"):
         if key not in data:
             raise ConfigError(f"config: missing required key {key!r}")
+    data = _lift_uri_credentials(data)
     model = _take(ModelConfig, data.pop("model", None), "model")
     resources = _take(ResourcesConfig, data.pop("resources", None), "resources")
     cfg = _take(LabelConfig, {**data, "model": model, "resources": resources}, "config")
@@ -106,6 +114,38 @@ def parse_config(data: dict) -> LabelConfig:
         raise ConfigError("inputs: expected a non-empty list of input specs")
     _validate(cfg)
     return cfg
+
+
+def _lift_uri_credentials(data: dict) -> dict:
+    """Credentials written into URIs (s3://KEY:SECRET@bucket/...) move into storage_options, so
+    that no recorded path (manifests, source_uri columns, logs) carries them."""
+    try:
+        model = dict(data.get("model") or {}) if isinstance(data.get("model"), dict) else data.get("model")
+        uris = [data["output"]] + ([model["heads"]] if isinstance(model, dict) and model.get("heads") else [])
+        clean, so = secrets.lift_uri_credentials(uris, data.get("storage_options"), "output/model.heads")
+        data = {**data, "output": clean[0]}
+        if so is not None:
+            data["storage_options"] = so
+        if len(clean) > 1:
+            data["model"] = {**model, "heads": clean[1]}
+        inputs = []
+        for i, spec in enumerate(data["inputs"] if isinstance(data["inputs"], list) else []):
+            if isinstance(spec, dict) and isinstance(spec.get("path"), (str, list)):
+                paths = [spec["path"]] if isinstance(spec["path"], str) else list(spec["path"])
+                own = spec.get("storage_options") or data.get("storage_options")
+                clean, so = secrets.lift_uri_credentials(paths, own, f"inputs[{i}]")
+                spec = {**spec, "path": clean[0] if isinstance(spec["path"], str) else clean}
+                if so is not own:
+                    spec["storage_options"] = so
+            inputs.append(spec)
+        if isinstance(data["inputs"], list):
+            data["inputs"] = inputs
+    except (TypeError, AttributeError) as e:
+        raise ConfigError(f"config: {e}") from e
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    secrets.remember(data, is_options=False)
+    return data
 
 
 def _validate(cfg: LabelConfig) -> None:
@@ -153,5 +193,7 @@ def load_config(path: str, overrides: dict | None = None) -> LabelConfig:
             data = yaml.safe_load(f)
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e}") from e
+    except yaml.YAMLError as e:  # its message quotes the offending line, which may hold a secret
+        raise ConfigError(secrets.scrub(f"config {path} is not valid YAML: {e}")) from None
     data = {**(data or {}), **(overrides or {})}
     return parse_config(data)
