@@ -226,10 +226,13 @@ def install_excepthook() -> None:
     sys.excepthook = hook
 
 
-def lift_uri_credentials(uris: Iterable[str], options: dict | None, where: str) -> tuple[list[str], dict | None]:
+def lift_uri_credentials(uris: Iterable[str], options: dict | None, where: str,
+                         inherited: bool = False) -> tuple[list[str], dict | None]:
     """Move credentials embedded in URIs into (a copy of) the options that go with them, so that
     no path the job records or passes on carries a secret. All URIs must agree on the credentials
-    (one options mapping serves them all); ValueError otherwise (the message names no value)."""
+    (one options mapping serves them all), and with the options' own unless those are `inherited`
+    (an input's URI credentials override the top-level ones); ValueError otherwise (the message
+    names no value)."""
     clean, found = [], {}
     for uri in uris:
         c, creds = split_uri_credentials(uri)
@@ -242,7 +245,7 @@ def lift_uri_credentials(uris: Iterable[str], options: dict | None, where: str) 
         return clean, options
     opts = dict(options or {})
     for k, v in found.items():
-        if opts.get(k) not in (None, "", v):
+        if not inherited and opts.get(k) not in (None, "", v):
             raise ValueError(f"{where}: a URI's credentials differ from storage_options.{k}")
         opts[k] = v
     remember(opts)

@@ -133,7 +133,8 @@ def _lift_uri_credentials(data: dict) -> dict:
             if isinstance(spec, dict) and isinstance(spec.get("path"), (str, list)):
                 paths = [spec["path"]] if isinstance(spec["path"], str) else list(spec["path"])
                 own = spec.get("storage_options") or data.get("storage_options")
-                clean, so = secrets.lift_uri_credentials(paths, own, f"inputs[{i}]")
+                clean, so = secrets.lift_uri_credentials(paths, own, f"inputs[{i}]",
+                                                         inherited=not spec.get("storage_options"))
                 spec = {**spec, "path": clean[0] if isinstance(spec["path"], str) else clean}
                 if so is not own:
                     spec["storage_options"] = so
