@@ -6,7 +6,7 @@
 
 The submission id is `<job_name>-<date>-<config_hash8>`, where config_hash8 is the first 8 hex
 digits of the sha256 of the canonical config (parsed YAML as sorted, compact JSON: comments,
-key order and formatting do not matter). Ray refuses a second job with an existing submission
+key order, formatting and credentials do not matter). Ray refuses a second job with an existing submission
 id, so a retried cron run, or two schedulers racing, never start the same job twice.
 
 Before submitting, the scheduler looks for jobs of that id on the cluster:

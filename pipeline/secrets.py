@@ -262,3 +262,22 @@ def lift_config_uris(data: dict, uri_keys: Iterable[str]) -> dict:
         out[STORAGE_OPTIONS] = so
     remember(out, is_options=False)
     return out
+
+
+def lift_input_uris(inputs: Any, top_options: dict | None) -> Any:
+    """Input specs with credentials in their paths moved into their own storage_options (a copy of
+    the top-level ones when the spec has none: the URI's credentials override those)."""
+    if not isinstance(inputs, list):
+        return inputs
+    out = []
+    for i, spec in enumerate(inputs):
+        if isinstance(spec, dict) and isinstance(spec.get("path"), (str, list)):
+            paths = [spec["path"]] if isinstance(spec["path"], str) else list(spec["path"])
+            own = spec.get(STORAGE_OPTIONS) or top_options
+            clean, so = lift_uri_credentials(paths, own, f"inputs[{i}]", inherited=not spec.get(STORAGE_OPTIONS))
+            spec = {**spec, "path": clean[0] if isinstance(spec["path"], str) else clean}
+            if so is not own:
+                spec[STORAGE_OPTIONS] = so
+        out.append(spec)
+    remember(out, is_options=False)
+    return out

@@ -120,32 +120,15 @@ def _lift_uri_credentials(data: dict) -> dict:
     """Credentials written into URIs (s3://KEY:SECRET@bucket/...) move into storage_options, so
     that no recorded path (manifests, source_uri columns, logs) carries them."""
     try:
-        model = dict(data.get("model") or {}) if isinstance(data.get("model"), dict) else data.get("model")
-        uris = [data["output"]] + ([model["heads"]] if isinstance(model, dict) and model.get("heads") else [])
-        clean, so = secrets.lift_uri_credentials(uris, data.get("storage_options"), "output/model.heads")
-        data = {**data, "output": clean[0]}
-        if so is not None:
-            data["storage_options"] = so
-        if len(clean) > 1:
-            data["model"] = {**model, "heads": clean[1]}
-        inputs = []
-        for i, spec in enumerate(data["inputs"] if isinstance(data["inputs"], list) else []):
-            if isinstance(spec, dict) and isinstance(spec.get("path"), (str, list)):
-                paths = [spec["path"]] if isinstance(spec["path"], str) else list(spec["path"])
-                own = spec.get("storage_options") or data.get("storage_options")
-                clean, so = secrets.lift_uri_credentials(paths, own, f"inputs[{i}]",
-                                                         inherited=not spec.get("storage_options"))
-                spec = {**spec, "path": clean[0] if isinstance(spec["path"], str) else clean}
-                if so is not own:
-                    spec["storage_options"] = so
-            inputs.append(spec)
-        if isinstance(data["inputs"], list):
-            data["inputs"] = inputs
-    except (TypeError, AttributeError) as e:
-        raise ConfigError(f"config: {e}") from e
+        model = data.get("model") if isinstance(data.get("model"), dict) else None
+        # output and heads share the top-level options
+        data = secrets.lift_config_uris({**data, "heads": model and model.get("heads")}, ("output", "heads"))
+        heads = data.pop("heads")
+        if model is not None:
+            data["model"] = {**model, "heads": heads}
+        data["inputs"] = secrets.lift_input_uris(data["inputs"], data.get("storage_options"))
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    secrets.remember(data, is_options=False)
     return data
 
 

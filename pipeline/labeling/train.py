@@ -61,6 +61,13 @@ def load_train_config(path: str) -> TrainConfig:
             data = yaml.safe_load(f) or {}
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e}") from e
+    from pipeline.secrets import lift_config_uris, lift_input_uris  # s3://KEY:SECRET@... -> storage_options
+
+    try:
+        data = lift_config_uris(data, ("heads_out", "embeddings_out"))
+        data["inputs"] = lift_input_uris(data.get("inputs"), data.get("storage_options"))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"train config: {e}") from e
     cfg = _take(TrainConfig, data, "train config")
     if not cfg.inputs:
         raise ConfigError("train config: inputs must list at least one corpus")
