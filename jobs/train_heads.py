@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(scrub(f"config error: {e}"), file=sys.stderr)
         return 2
-    print(json.dumps({k: summary[k] for k in ("heads", "heads_fingerprint", "units", "wall_time_s")}, indent=2))
+    print(scrub(json.dumps({k: summary[k] for k in ("heads", "heads_fingerprint", "units", "wall_time_s")}, indent=2)))
     print(json.dumps({"mean_pairwise_accuracy": summary["evaluation"]["mean_pairwise_accuracy"]}))
     return 0
 

@@ -53,6 +53,7 @@ _NAME_VALUE = re.compile(
     r"(?P<value>'[^']*'|\"[^\"]*\"|[^\s,;}\]\)]+)", re.IGNORECASE)
 
 _known_values: set[str] = set()
+_known_longest_first: tuple[str, ...] = ()   # masking order: a value inside a longer one goes second
 
 
 def _norm(name: Any) -> str:
@@ -182,12 +183,13 @@ def remember(options: Any, extra: Iterable[str] = (), *, is_options: bool = True
 
 
 def _add_values(v: Any) -> None:
+    global _known_longest_first
     if isinstance(v, str):
-        if len(v) >= MIN_KNOWN_VALUE_LEN:
-            _known_values.add(v)
+        if len(v) >= MIN_KNOWN_VALUE_LEN and v not in _known_values:
             from urllib.parse import quote, quote_plus
 
-            _known_values.update({quote(v, safe=""), quote_plus(v)})
+            _known_values.update({v, quote(v, safe=""), quote_plus(v)})
+            _known_longest_first = tuple(sorted(_known_values, key=len, reverse=True))
     elif isinstance(v, dict):
         for x in v.values():
             _add_values(x)
@@ -197,7 +199,7 @@ def _add_values(v: Any) -> None:
 
 
 def _mask_known(text: str) -> str:
-    for v in sorted(_known_values, key=len, reverse=True):
+    for v in _known_longest_first:
         if v in text:
             text = text.replace(v, REDACTED)
     return text

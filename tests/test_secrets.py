@@ -190,14 +190,16 @@ def test_scheduler_submission_id_ignores_credentials_only():
 
 
 def test_yaml_error_does_not_quote_the_secret(tmp_path, capsys):
-    from jobs import curate, label
+    from jobs import curate, label, schedule
 
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"task: sft\nstorage_options:\n  secret: {SECRET}\n   key: {KEY}\n")
     assert curate.main(["--config", str(bad)]) == 2
     assert label.main(["--config", str(bad)]) == 2
+    assert schedule.main(["--dry-run", "--config", bad.name, "--working-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "not valid YAML" in err and not leaks(err.encode())
+    assert err.count("not valid YAML") == 2 and "schedule error" in err and SECRET[:8] in bad.read_text()
+    assert not leaks(err.encode())
 
 
 # ---- end to end, against the moto server -----------------------------------------------------
@@ -266,10 +268,10 @@ def sentinel_runs(s3_server, annotated_run, tmp_path_factory):
             run = f"{bucket}/annotated"
             codes["calibrate"] = curate.main(["--config", write("cal.yaml", {
                 "task": "calibrate", "run": run, "output": f"{bucket}/curated/cal.json", "storage_options": so,
-                "output_files": 2})])
+                "output_files": 2, "calibrate": {"fit_temperature": False}})])
             codes["sft"] = curate.main(["--config", write("sft.yaml", {
                 "task": "sft", "run": run, "output": f"{bucket}/curated/sft", "storage_options": so,
-                "output_files": 2, "filters": [{"column": "score", "top": 0.5}],
+                "output_files": 2, "filters": [{"column": "score", "min": 0.0}],
                 "calibration": f"{bucket}/curated/cal.json"})])
             codes["dpo"] = curate.main(["--config", write("dpo.yaml", {
                 "task": "dpo", "run": run, "output": str(out / "dpo"), "storage_options": so, "output_files": 2,
@@ -277,10 +279,10 @@ def sentinel_runs(s3_server, annotated_run, tmp_path_factory):
             codes["rerank"] = curate.main(["--config", write("rerank.yaml", {   # credentials in the URI only
                 "task": "rerank", "run": uri_with_credentials(run), "output": str(out / "rerank"),
                 "storage_options": {"endpoint_url": s3_server.endpoint_url}, "output_files": 2})])
-            codes["report"] = report.main([
-                "--run", run, "--curation-manifest", f"{bucket}/curated/sft/manifest.json",
+            codes["report"] = report.main([   # credentials in the URI, the endpoint on the command line
+                "--run", uri_with_credentials(run), "--curation-manifest", f"{bucket}/curated/sft/manifest.json",
                 "--curation-manifest", str(out / "dpo" / "manifest.json"), "--out", str(out / "report.html"),
-                "--storage-options", json.dumps(so)])
+                "--storage-options", json.dumps({"endpoint_url": s3_server.endpoint_url})])
             # error paths: a missing input named with credentials, a storage error
             codes["missing"] = label.main(["--config", write("missing.yaml", {
                 "run_id": "r2", "output": f"{bucket}/labels", "storage_options": so,

@@ -104,7 +104,7 @@ class CurateConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def __repr__(self) -> str:  # a config may end up in a log line or a traceback (Ray prints task args)
+    def __repr__(self) -> str:  # a config may end up in a log line or a traceback
         from pipeline.secrets import redact
 
         return f"CurateConfig({redact(self.to_dict())})"
