@@ -44,7 +44,10 @@ CREDENTIAL_NAMES = frozenset({
 # ("test", a one-letter password) would mask ordinary words everywhere.
 MIN_KNOWN_VALUE_LEN = 8
 
-_URI_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s'\"]+)@")
+# `scheme://user@` or `scheme://user:password@`. The password may hold a raw '/' (AWS secret keys
+# do, and people paste them unescaped); it ends at the first '@'. A path with '@' in it
+# (`s3://bucket/a@b`) is no userinfo: the part before ':' or '@' may not contain '/'.
+_URI_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s'\":]+(?::[^@\s'\"]*?)?)@")
 _NAME_ALT = "|".join(sorted((re.escape(n) for n in CREDENTIAL_NAMES), key=len, reverse=True))
 # `name: value`, `name=value`, `'name': 'value'` in free text (YAML errors quote the offending line,
 # reprs of option dicts, botocore messages).

@@ -95,6 +95,10 @@ def test_uri_credentials_split_and_lift():
     uri = uri_with_credentials("s3://bucket/p/a@b.json")
     assert secrets.split_uri_credentials(uri) == ("s3://bucket/p/a@b.json", {"key": URI_KEY, "secret": URI_SECRET})
     assert secrets.split_uri_credentials("s3://bucket/x@y/z") == ("s3://bucket/x@y/z", {})
+    # pasted unescaped, as AWS secret keys with '/' and '+' often are
+    assert secrets.split_uri_credentials(f"s3://{URI_KEY}:{URI_SECRET}@bucket/a@b") == \
+        ("s3://bucket/a@b", {"key": URI_KEY, "secret": URI_SECRET})
+    assert secrets.redact_uri(f"s3://{URI_KEY}:{URI_SECRET}@bucket/k") == f"s3://{REDACTED}@bucket/k"
     assert secrets.redact_uri(f"failed: {uri} and gs://tok@b/x") == \
         f"failed: s3://{REDACTED}@bucket/p/a@b.json and gs://{REDACTED}@b/x"
     clean, so = secrets.lift_uri_credentials([uri, "s3://bucket/q"], {"endpoint_url": "e"}, "here")
