@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", help="override the output root URI")
     ap.add_argument("--incremental", action="store_true", help="only input files no earlier run recorded")
     args = ap.parse_args(argv)
-    from pipeline.secrets import install_excepthook, scrub
+    from pipeline.secrets import inline_credentials_warning, install_excepthook, scrub
 
     install_excepthook()  # a traceback printed at exit shows no credential
     overrides = {k: v for k, v in {"run_id": args.run_id, "output": args.output}.items() if v}
@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(scrub(f"config error: {e}"), file=sys.stderr)
         return 2
+    if warning := inline_credentials_warning(cfg.to_dict()):
+        print(warning, file=sys.stderr)
     from pipeline.labeling.run import run
 
     from pipeline.labeling.manifest import score_summary

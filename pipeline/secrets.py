@@ -161,6 +161,28 @@ def without_credentials(obj: Any, extra: Iterable[str] = ()) -> Any:
     return _walk(obj, names, False, drop=True, mask_known=False)
 
 
+def inline_credentials(obj: Any, extra: Iterable[str] = ()) -> list[str]:
+    """Where a config carries credentials itself (`storage_options.key`, `inputs[0].storage_options.secret`,
+    ...), for a warning: they are redacted everywhere, but the config file still holds them."""
+    names, found = credential_names(obj, extra), []
+
+    def walk(o, where: str, in_options: bool):
+        if isinstance(o, dict):
+            for k, v in o.items():
+                here = f"{where}.{k}" if where else str(k)
+                if in_options and _is_credential(k, names):
+                    if v not in (None, ""):
+                        found.append(here)
+                else:
+                    walk(v, here, in_options or k == STORAGE_OPTIONS)
+        elif isinstance(o, (list, tuple)):
+            for i, v in enumerate(o):
+                walk(v, f"{where}[{i}]", in_options)
+
+    walk(obj, "", False)
+    return found
+
+
 # ---- free text ------------------------------------------------------------------------------
 
 def remember(options: Any, extra: Iterable[str] = (), *, is_options: bool = True) -> None:
@@ -286,3 +308,13 @@ def lift_input_uris(inputs: Any, top_options: dict | None) -> Any:
         out.append(spec)
     remember(out, is_options=False)
     return out
+
+
+def inline_credentials_warning(obj: Any) -> str | None:
+    """The jobs' one-line warning when a config carries credentials, else None."""
+    found = inline_credentials(obj)
+    if not found:
+        return None
+    return (f"warning: the config carries credentials ({', '.join(found[:6])}{', ...' if len(found) > 6 else ''}): "
+            "they are used but redacted in everything written or printed; the config file itself still holds "
+            "them. Prefer the environment, a profile or a role (docs/operations.md#storage-credentials)")

@@ -89,6 +89,11 @@ def test_redact_nested_user_listed_and_uris():
                                     "config_kwargs": {"retries": {"max_attempts": 3}},
                                     "s3_additional_kwargs": {"ServerSideEncryption": "aws:kms"}}
     assert w["inputs"][0]["storage_options"] == {}
+    assert secrets.inline_credentials(cfg) == [
+        "storage_options.key", "storage_options.secret", "storage_options.client_kwargs.aws_session_token",
+        "storage_options.config_kwargs.password", "storage_options.s3_additional_kwargs.X-Api",
+        "inputs[0].storage_options.Secret", "inputs[0].storage_options.x_api"]
+    assert secrets.inline_credentials(w) == []
 
 
 def test_uri_credentials_split_and_lift():
@@ -365,6 +370,10 @@ def test_no_sentinel_in_any_written_file(sentinel_runs):
 def test_no_sentinel_in_printed_output_or_ray_logs(sentinel_runs):
     printed = (sentinel_runs["logs"] / "jobs.txt").read_bytes()
     assert b"[label]" in printed and b"[curate]" in printed and b'"rows_out"' in printed
+    # the jobs warn that the config file holds credentials (naming where, not what)
+    assert b"warning: the config carries credentials (storage_options.key, storage_options.secret, " \
+           b"storage_options.client_kwargs.aws_session_token, storage_options.s3_additional_kwargs.X-Team-Api-Key" \
+           in printed
     assert leaks(printed) == []
     assert leaks(sentinel_runs["codes"]["storage_error"].encode()) == []
     found = {}
