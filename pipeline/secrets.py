@@ -13,10 +13,12 @@ goes through one of:
 - `without_credentials(obj)`: the same structure with credentials removed, for identities and
   hashes (a rotated key is the same job).
 
-Users can name further credential options with `storage_options: {redact_keys: [name, ...]}`;
-pipeline.storage removes that entry before the options reach fsspec.
+Credentials in URIs are moved into the options when a config is parsed (`lift_config_uris`,
+`lift_input_uris`), so recorded paths never carry them. Users can name further credential options
+with `storage_options: {redact_keys: [name, ...]}`; pipeline.storage removes that entry before
+the options reach fsspec.
 
-Pure module: no I/O, no project imports.
+No file or network access and no project imports: the configs, pipeline.storage and the jobs call it.
 """
 
 from __future__ import annotations
@@ -102,7 +104,7 @@ def split_uri_credentials(uri: str) -> tuple[str, dict]:
 
 
 def redact_uri(uri: str) -> str:
-    """Every `scheme://userinfo@` in a string becomes `scheme://<redacted>@`."""
+    """Every `scheme://userinfo@` in a string becomes `scheme://REDACTED@`."""
     return _URI_USERINFO.sub(lambda m: f"{m.group('scheme')}{REDACTED}@", uri)
 
 
@@ -124,7 +126,7 @@ def _walk(obj: Any, names: frozenset[str], in_options: bool, drop: bool, mask_kn
             if in_options and _is_credential(k, names):
                 if drop:
                     continue
-                out[k] = v if v is None or v == "" else REDACTED
+                out[k] = v if v is None or (isinstance(v, str) and not v) else REDACTED  # "none given" stays visible
             elif in_options and k == REDACT_KEYS and drop:
                 continue   # which names are secret does not change what a job computes
             else:
@@ -140,16 +142,10 @@ def _walk(obj: Any, names: frozenset[str], in_options: bool, drop: bool, mask_kn
     return obj
 
 
-def redact_options(options: Any, extra: Iterable[str] = ()) -> Any:
-    """One storage_options mapping with credential-like values (at any depth) replaced by REDACTED.
-    None and empty values are kept: they say that no credential was given here."""
-    names = credential_names(options, extra)
-    return _walk(options, names, True, drop=False, mask_known=True)
-
-
 def redact(obj: Any, extra: Iterable[str] = ()) -> Any:
-    """A JSON-like artifact with every `storage_options` mapping in it redacted (see module doc),
-    credentials in URIs replaced and known secret values masked in every string. Returns a copy."""
+    """A JSON-like artifact with the credential-like values of every `storage_options` mapping in it
+    (at any depth below it) replaced by REDACTED, credentials in URIs replaced and known secret values
+    masked in every string. None and empty values stay: they say no credential was given. A copy."""
     names = credential_names(obj, extra)
     return _walk(obj, names, False, drop=False, mask_known=True)
 
