@@ -24,18 +24,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", help="override the output directory (calibrate: the JSON file)")
     ap.add_argument("--task", help="override the task (sft | dpo | rerank | calibrate)")
     args = ap.parse_args(argv)
+    from pipeline.secrets import inline_credentials_warning, install_excepthook, scrub
+
+    install_excepthook()  # a traceback printed at exit shows no credential
     overrides = {k: v for k, v in {"run": args.run, "output": args.output, "task": args.task}.items() if v}
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        print(scrub(f"config error: {e}"), file=sys.stderr)
         return 2
+    if warning := inline_credentials_warning(cfg.to_dict()):
+        print(warning, file=sys.stderr)
     from pipeline.curation.job import run
 
     man = run(cfg)
     summary = {k: man[k] for k in ("task", "rows_in", "rows_out", "filters", "pairs", "agreement", "temperature",
                                    "output") if k in man}
-    print(json.dumps(summary, indent=2))
+    print(scrub(json.dumps(summary, indent=2)))
     return 0
 
 

@@ -23,25 +23,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", help="override the output root URI")
     ap.add_argument("--incremental", action="store_true", help="only input files no earlier run recorded")
     args = ap.parse_args(argv)
+    from pipeline.secrets import inline_credentials_warning, install_excepthook, scrub
+
+    install_excepthook()  # a traceback printed at exit shows no credential
     overrides = {k: v for k, v in {"run_id": args.run_id, "output": args.output}.items() if v}
     if args.incremental:
         overrides["incremental"] = True
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        print(scrub(f"config error: {e}"), file=sys.stderr)
         return 2
+    if warning := inline_credentials_warning(cfg.to_dict()):
+        print(warning, file=sys.stderr)
     from pipeline.labeling.run import run
 
     from pipeline.labeling.manifest import score_summary
 
     man = run(cfg)
-    print(json.dumps({"run_dir": cfg.run_dir, "manifest": f"{cfg.run_dir}/manifest.json",
+    print(scrub(json.dumps({"run_dir": cfg.run_dir, "manifest": f"{cfg.run_dir}/manifest.json",
                       "data": man["output"]["data"], "sources": man["sources"],
-                      "units_per_s": man["units_per_s"], "tokens_per_s": man["tokens_per_s"]}, indent=2))
+                      "units_per_s": man["units_per_s"], "tokens_per_s": man["tokens_per_s"]}, indent=2)))
     if man["objectives"] and any(s["units_labeled"] for s in man["sources"].values()):
-        print("scores by source: " + json.dumps(score_summary(cfg.run_dir, man["objectives"],
-                                                              cfg.storage_options or None)))
+        print(scrub("scores by source: " + json.dumps(score_summary(cfg.run_dir, man["objectives"],
+                                                              cfg.storage_options or None))))
     return 0
 
 

@@ -21,20 +21,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="HTML file to write")
     ap.add_argument("--storage-options", default="{}", help="JSON storage options for s3:// (endpoint_url, ...)")
     args = ap.parse_args(argv)
+    from pipeline.secrets import install_excepthook, lift_uri_credentials, scrub
+
+    install_excepthook()  # a traceback printed at exit shows no credential
     try:
         storage_options = json.loads(args.storage_options)
     except json.JSONDecodeError as e:
-        print(f"--storage-options is not JSON: {e}", file=sys.stderr)
+        print(scrub(f"--storage-options is not JSON: {e}"), file=sys.stderr)
         return 2
     from pipeline.curation.report import build_report
 
-    try:
-        stats = build_report(args.run, args.out, args.curation_manifest, storage_options)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
+    try:  # s3://KEY:SECRET@... in the paths: moved into the options (and remembered)
+        (run, out, *manifests), storage_options = lift_uri_credentials(
+            [args.run, args.out, *args.curation_manifest], storage_options, "--run/--out/--curation-manifest")
+        stats = build_report(run, out, manifests, storage_options)
+    except (FileNotFoundError, ValueError) as e:
+        print(scrub(f"error: {e}"), file=sys.stderr)
         return 2
-    print(json.dumps({"out": args.out, "units": stats["units"], "sources": stats["sources"],
-                      "objectives": stats["objectives"]}, indent=2))
+    print(scrub(json.dumps({"out": out, "units": stats["units"], "sources": stats["sources"],
+                      "objectives": stats["objectives"]}, indent=2)))
     return 0
 
 

@@ -6,7 +6,7 @@
 
 The submission id is `<job_name>-<date>-<config_hash8>`, where config_hash8 is the first 8 hex
 digits of the sha256 of the canonical config (parsed YAML as sorted, compact JSON: comments,
-key order and formatting do not matter). Ray refuses a second job with an existing submission
+key order, formatting and credentials do not matter). Ray refuses a second job with an existing submission
 id, so a retried cron run, or two schedulers racing, never start the same job twice.
 
 Before submitting, the scheduler looks for jobs of that id on the cluster:
@@ -47,8 +47,11 @@ WORKING_DIR_EXCLUDES = [".git", ".venv", "runs", "__pycache__", "*.egg-info", ".
 # ---- pure parts: identity and the decision -------------------------------------------------
 
 def canonical_config(text: str) -> str:
-    """The config's content independent of comments, key order and formatting."""
-    return json.dumps(yaml.safe_load(text), sort_keys=True, separators=(",", ":"), default=str)
+    """The config's content independent of comments, key order, formatting and credentials (a
+    rotated key is the same job: storage_options credentials and URI userinfo are left out)."""
+    from pipeline.secrets import without_credentials
+
+    return json.dumps(without_credentials(yaml.safe_load(text)), sort_keys=True, separators=(",", ":"), default=str)
 
 
 def config_hash(text: str) -> str:
@@ -202,7 +205,9 @@ def main(argv: list[str] | None = None) -> int:
                           entrypoint=args.entrypoint)
     except (OSError, yaml.YAMLError, ValueError, AuthenticationError) as e:
         # A bad config, an unreachable cluster or a refused token: nothing was submitted.
-        print(f"schedule error: {e}", file=sys.stderr)
+        from pipeline.secrets import scrub  # a YAML error quotes the offending line
+
+        print(scrub(f"schedule error: {e}"), file=sys.stderr)
         return 2
     print(json.dumps(report, indent=2))
     return EXIT_PREVIOUS_FAILED if report["action"] == "previous_failed" else 0

@@ -20,14 +20,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True, help="YAML training config")
     ap.add_argument("--heads-out", help="override heads_out")
     args = ap.parse_args(argv)
+    from pipeline.secrets import install_excepthook, scrub
+
+    install_excepthook()  # a traceback printed at exit shows no credential
     from pipeline.labeling.train import train_from_config
 
     try:
         summary = train_from_config(args.config, heads_out=args.heads_out)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        print(scrub(f"config error: {e}"), file=sys.stderr)
         return 2
-    print(json.dumps({k: summary[k] for k in ("heads", "heads_fingerprint", "units", "wall_time_s")}, indent=2))
+    print(scrub(json.dumps({k: summary[k] for k in ("heads", "heads_fingerprint", "units", "wall_time_s")}, indent=2)))
     print(json.dumps({"mean_pairwise_accuracy": summary["evaluation"]["mean_pairwise_accuracy"]}))
     return 0
 

@@ -13,6 +13,8 @@ from typing import Any, Callable, IO
 
 import fsspec
 
+from pipeline import secrets
+
 StorageOptions = dict[str, Any]
 
 
@@ -26,14 +28,22 @@ def is_remote(uri: str) -> bool:
 def filesystem(uri: str, storage_options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem for a URI and the path within it.
 
-    storage_options go to s3fs for s3:// (e.g. {"endpoint_url": ..., "key": ..., "secret": ...});
-    S3 credentials and endpoint may also come from the usual AWS environment variables.
+    storage_options go to s3fs for s3:// (e.g. {"endpoint_url": ..., "profile": ...}). Credentials
+    are best left to botocore's own lookup (AWS_* environment variables, ~/.aws profiles, instance
+    or pod roles; docs/operations.md); given here (key/secret/token) or in the URI
+    (s3://KEY:SECRET@bucket/...), they are remembered so that pipeline.secrets masks them in
+    anything printed, and a URI's are moved into the options (the path itself never carries them).
+    `redact_keys` (names of further credential options) is ours and not passed on.
     """
-    opts = dict(storage_options or {})
+    uri, creds = secrets.split_uri_credentials(uri)
+    opts = {k: v for k, v in (storage_options or {}).items() if k != secrets.REDACT_KEYS}
+    opts.update(creds)
+    secrets.remember(storage_options)
+    secrets.remember(creds)
     if uri.startswith("s3://"):
         endpoint = opts.pop("endpoint_url", None) or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         if endpoint:
-            opts.setdefault("client_kwargs", {})["endpoint_url"] = endpoint
+            opts["client_kwargs"] = {**(opts.get("client_kwargs") or {}), "endpoint_url": endpoint}  # a copy: never the caller's
         # Listings must see what other processes just wrote (resume, incremental runs).
         opts.setdefault("use_listings_cache", False)
     fs, path = fsspec.core.url_to_fs(uri, **opts)

@@ -100,7 +100,9 @@ def fit_temperature(margins, lo: float = 1e-3, hi: float = 1e3, iters: int = 200
 
 
 def save(calibration: dict, uri: str, storage_options: dict | None = None) -> None:
-    storage.write_atomic(uri, json.dumps(calibration, indent=2, sort_keys=True).encode(), storage_options)
+    from pipeline.secrets import redact
+
+    storage.write_atomic(uri, json.dumps(redact(calibration), indent=2, sort_keys=True).encode(), storage_options)
 
 
 def load(uri: str, storage_options: dict | None = None) -> dict:

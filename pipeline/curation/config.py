@@ -104,8 +104,15 @@ class CurateConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def __repr__(self) -> str:  # a config may end up in a log line or a traceback
+        from pipeline.secrets import redact
+
+        return f"CurateConfig({redact(self.to_dict())})"
+
     def hash(self) -> str:
-        d = self.to_dict()
+        from pipeline.secrets import without_credentials  # a rotated key is the same job
+
+        d = without_credentials(self.to_dict())
         d.pop("ray_address", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -119,6 +126,12 @@ def parse_config(data: dict) -> CurateConfig:
             raise ConfigError(f"config: missing required key {key!r}")
     sections = {"sft": SftConfig, "pairs": PairsConfig, "rerank": RerankConfig, "calibrate": CalibrateConfig}
     parsed = {name: _take(cls, data.pop(name, None), name) for name, cls in sections.items()}
+    from pipeline.secrets import lift_config_uris
+
+    try:
+        data = lift_config_uris(data, ("run", "output", "calibration"))  # s3://KEY:SECRET@... -> storage_options
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     cfg = _take(CurateConfig, {**data, **parsed}, "config")
     _validate(cfg)
     return cfg
@@ -167,6 +180,8 @@ def load_config(path: str, overrides: dict | None = None) -> CurateConfig:
             data = yaml.safe_load(f)
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e}") from e
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config {path} is not valid YAML: {e}") from e
+    except yaml.YAMLError as e:  # its message quotes the offending line, which may hold a secret
+        from pipeline.secrets import scrub
+
+        raise ConfigError(scrub(f"config {path} is not valid YAML: {e}")) from None
     return parse_config({**(data or {}), **(overrides or {})})

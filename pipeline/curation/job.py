@@ -38,7 +38,9 @@ MANIFEST = "manifest.json"
 
 
 def _say(msg: str) -> None:
-    print(f"[curate] {msg}", flush=True)
+    from pipeline.secrets import scrub
+
+    print(scrub(f"[curate] {msg}"), flush=True)
 
 
 def bucket_of(key: str, n: int) -> int:

@@ -237,6 +237,8 @@ def build_report(run_dir: str, out_uri: str, curation_manifests: list[str] | Non
     so = storage_options or None
     units, manifest = read_run_columns(run_dir, so)
     stats = report_stats(units, manifest)
-    manifests = [json.loads(storage.read_bytes(u, so)) for u in curation_manifests or []]
-    storage.write_atomic(out_uri, render_html(stats, manifests).encode("utf-8"), so)
+    from pipeline.secrets import redact, scrub  # manifests of older versions held credentials in clear
+
+    manifests = [redact(json.loads(storage.read_bytes(u, so))) for u in curation_manifests or []]
+    storage.write_atomic(out_uri, scrub(render_html(stats, manifests)).encode("utf-8"), so)
     return stats

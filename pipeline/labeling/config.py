@@ -10,6 +10,8 @@ from typing import Any
 
 import yaml
 
+from pipeline import secrets
+
 
 class ConfigError(ValueError):
     pass
@@ -70,7 +72,11 @@ class LabelConfig:
         return storage.join(self.output, self.run_id)
 
     def to_dict(self) -> dict:
+        """Everything, credentials included: for the job itself. Artifacts get `secrets.redact` of it."""
         return asdict(self)
+
+    def __repr__(self) -> str:  # a config may end up in a log line or a traceback
+        return f"LabelConfig({secrets.redact(self.to_dict())})"
 
     def scoring_identity(self) -> dict:
         """What decides each output row's values (not which rows): a resumed run must match it."""
@@ -83,8 +89,9 @@ class LabelConfig:
                 "heads": m.heads, "heads_fingerprint": heads_fp, "template": m.template, "embeddings": self.embeddings}
 
     def hash(self) -> str:
-        """Identity of what the run computes (not where it runs): used in manifests and submission ids."""
-        d = self.to_dict()
+        """Identity of what the run computes (not where it runs, nor with which credentials): used in
+        manifests and submission ids."""
+        d = secrets.without_credentials(self.to_dict())
         for k in ("ray_address", "progress_interval_s"):
             d.pop(k, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -99,6 +106,7 @@ def parse_config(data: dict) -> LabelConfig:
     for key in ("inputs", "output"):
         if key not in data:
             raise ConfigError(f"config: missing required key {key!r}")
+    data = _lift_uri_credentials(data)
     model = _take(ModelConfig, data.pop("model", None), "model")
     resources = _take(ResourcesConfig, data.pop("resources", None), "resources")
     cfg = _take(LabelConfig, {**data, "model": model, "resources": resources}, "config")
@@ -106,6 +114,22 @@ def parse_config(data: dict) -> LabelConfig:
         raise ConfigError("inputs: expected a non-empty list of input specs")
     _validate(cfg)
     return cfg
+
+
+def _lift_uri_credentials(data: dict) -> dict:
+    """Credentials written into URIs (s3://KEY:SECRET@bucket/...) move into storage_options, so
+    that no recorded path (manifests, source_uri columns, logs) carries them."""
+    try:
+        model = data.get("model") if isinstance(data.get("model"), dict) else None
+        # output and heads share the top-level options
+        data = secrets.lift_config_uris({**data, "heads": model and model.get("heads")}, ("output", "heads"))
+        heads = data.pop("heads")
+        if model is not None:
+            data["model"] = {**model, "heads": heads}
+        data["inputs"] = secrets.lift_input_uris(data["inputs"], data.get("storage_options"))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    return data
 
 
 def _validate(cfg: LabelConfig) -> None:
@@ -153,5 +177,7 @@ def load_config(path: str, overrides: dict | None = None) -> LabelConfig:
             data = yaml.safe_load(f)
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e}") from e
+    except yaml.YAMLError as e:  # its message quotes the offending line, which may hold a secret
+        raise ConfigError(secrets.scrub(f"config {path} is not valid YAML: {e}")) from None
     data = {**(data or {}), **(overrides or {})}
     return parse_config(data)

@@ -26,6 +26,10 @@ def versions() -> dict:
 
 
 def write_json(uri: str, obj: dict, storage_options: dict | None) -> None:
+    """Every JSON artifact (run and curation manifests, markers, _run.json) goes out redacted."""
+    from pipeline.secrets import redact
+
+    obj = redact(obj)
     storage.write_atomic(uri, json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), storage_options)
 
 

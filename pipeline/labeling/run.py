@@ -26,7 +26,9 @@ log = logging.getLogger("armolabel.label")
 
 
 def _say(msg: str) -> None:
-    print(f"[label] {msg}", flush=True)
+    from pipeline.secrets import scrub
+
+    print(scrub(f"[label] {msg}"), flush=True)
 
 
 def job_objectives(cfg: LabelConfig) -> list[str]:

@@ -36,13 +36,17 @@ class TrainConfig:
     storage_options: dict = field(default_factory=dict)
 
     def hash(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        from pipeline.secrets import without_credentials  # a rotated key is the same training
+
+        return hashlib.sha256(json.dumps(without_credentials(asdict(self)), sort_keys=True).encode()).hexdigest()[:12]
 
     def embedding_run(self, **overrides) -> LabelConfig:
         """The embed-only labeling run that fills the cache; its run id is keyed by what it embeds,
         so a rerun reuses (or resumes) it."""
-        what = {"backbone": self.backbone, "template": self.template, "inputs": self.inputs,
-                "limit": self.limit_rows_per_input}
+        from pipeline.secrets import without_credentials  # the cache survives a rotated key
+
+        what = without_credentials({"backbone": self.backbone, "template": self.template, "inputs": self.inputs,
+                                    "limit": self.limit_rows_per_input})
         key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
         res = _take(ResourcesConfig, self.resources, "resources")
         return LabelConfig(inputs=self.inputs, output=self.embeddings_out, run_id=f"{self.name}-{key}",
@@ -57,6 +61,13 @@ def load_train_config(path: str) -> TrainConfig:
             data = yaml.safe_load(f) or {}
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e}") from e
+    from pipeline.secrets import lift_config_uris, lift_input_uris  # s3://KEY:SECRET@... -> storage_options
+
+    try:
+        data = lift_config_uris(data, ("heads_out", "embeddings_out"))
+        data["inputs"] = lift_input_uris(data.get("inputs"), data.get("storage_options"))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"train config: {e}") from e
     cfg = _take(TrainConfig, data, "train config")
     if not cfg.inputs:
         raise ConfigError("train config: inputs must list at least one corpus")
@@ -90,6 +101,8 @@ def train_from_config(path: str, heads_out: str | None = None, ray_address: str 
     from pipeline.evaluation import evaluate_methods
     from pipeline.heads.train import train_heads
 
+    from pipeline.secrets import redact
+
     t0 = time.time()
     cfg = load_train_config(path)
     out = heads_out or cfg.heads_out
@@ -104,7 +117,7 @@ def train_from_config(path: str, heads_out: str | None = None, ray_address: str 
         result.baseline.save(os.path.join(out, "baseline"))
     report = evaluate_methods(test_units, result.heads, result.baseline)
     summary = {
-        "name": cfg.name, "config": asdict(cfg), "config_hash": cfg.hash(), "heads": out,
+        "name": cfg.name, "config": redact(asdict(cfg)), "config_hash": cfg.hash(), "heads": out,
         "heads_fingerprint": result.heads.fingerprint, "embedding_run": run_dir,
         "units": {"train": train_units.num_rows, "test": test_units.num_rows},
         "training": result.summary, "evaluation": report, "wall_time_s": round(time.time() - t0, 1),
