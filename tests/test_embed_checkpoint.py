@@ -1,9 +1,8 @@
 """ArmoRM-layout checkpoints as a backbone source (pipeline/embed/checkpoint.py), tested through the
 path production takes: export, then `checkpoint_backbone` + EmbeddingEngine + heads, as the
-labeling job's scoring stage does. The reference is written here independently: transformers' own
-`LlamaModel.from_pretrained` on the exported directory, right-padded batches with the config's pad
-id, the reward read at the token before the FIRST pad (the released class' rule, docs/armorm.md
-"The released checkpoint"), the gating MLP written out by hand.
+labeling job's scoring stage does, against the independent first-pad reader of
+tests/checkpoint_reference.py (transformers' own loader, right-padded batches, the reward at the
+token before the FIRST pad, as the released class reads it).
 
 Backbones here are tiny random Llamas (format tests) with SmolLM2's real tokenizer; the real
 SmolLM2 weights are exported and checked in test_embed_checkpoint_smollm2.py."""
@@ -17,11 +16,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 
+from checkpoint_reference import first_pad_reference, labeling_path
 from pipeline.corpus import InputSpec, read_units
 from pipeline.embed.backbone import BackboneSpec, load_tokenizer
 from pipeline.embed.checkpoint import (checkpoint_backbone, checkpoint_fingerprint, dedicated_pad_id,
                                        export_armorm_checkpoint, load_armorm_checkpoint, read_objective_names)
-from pipeline.embed.engine import EmbeddingEngine
 from pipeline.embed.templating import TemplatePolicy, tokenize_many
 from pipeline.heads.checkpoint import CheckpointError
 from pipeline.heads.gating import GatingNetwork
@@ -83,50 +82,6 @@ def conversations(shared_data, tokenizer):
     good = [r for r in results if not isinstance(r, Exception)]
     assert len(good) >= 10
     return [r.input_ids for r in good], [r.prompt_end for r in good]
-
-
-def first_pad_reference(directory, seqs, prompt_end, rows_per_batch):
-    """Independent scoring of an exported directory, the way the released class reads it."""
-    config = json.loads((directory / "config.json").read_text())
-    pad = config["pad_token_id"]
-    model = LlamaModel.from_pretrained(str(directory)).eval()  # transformers' loader, not ours
-    from safetensors.torch import load_file
-    index = json.loads((directory / "model.safetensors.index.json").read_text())
-    head = {}
-    for shard in sorted(set(index["weight_map"].values())):
-        head.update({k: v for k, v in load_file(str(directory / shard)).items() if not k.startswith("model.")})
-    out = {"score": [], "rewards": [], "gate": [], "position": []}
-    for start in range(0, len(seqs), rows_per_batch):
-        batch, ends = seqs[start:start + rows_per_batch], prompt_end[start:start + rows_per_batch]
-        width = max(map(len, batch))
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        for i, s in enumerate(batch):
-            ids[i, :len(s)] = torch.tensor(s)
-        is_pad = ids == pad
-        with torch.no_grad():
-            hidden = model(input_ids=ids, attention_mask=(~is_pad).long()).last_hidden_state
-        # the token before the first pad, or the last position when there is none
-        pos = torch.where(is_pad.any(1), is_pad.int().argmax(1) - 1, torch.full((len(batch),), width - 1))
-        rows = torch.arange(len(batch))
-        h_resp, h_prompt = hidden[rows, pos], hidden[rows, torch.tensor(ends)]
-        rewards = h_resp @ head["regression_layer.weight"].T
-        x = h_prompt
-        n_linear = config["gating_n_hidden"] + 1
-        for i in range(n_linear - 1):
-            x = torch.relu(x @ head[f"gating.layers.{i}.weight"].T + head[f"gating.layers.{i}.bias"])
-        logits = x @ head[f"gating.layers.{n_linear - 1}.weight"].T + head[f"gating.layers.{n_linear - 1}.bias"]
-        gate = torch.softmax(logits / config["gating_temperature"], dim=1) * head["gating.logit_scale"]
-        score = (gate * (rewards @ head["reward_transform_matrix"])).sum(1)
-        for key, value in (("score", score), ("rewards", rewards), ("gate", gate), ("position", pos)):
-            out[key].append(value.numpy())
-    return {k: np.concatenate(v) for k, v in out.items()}
-
-
-def labeling_path(path, seqs, prompt_end, token_budget, **kwargs):
-    """What the labeling job's scoring stage does with `model.armorm_checkpoint`."""
-    backbone, heads = checkpoint_backbone(str(path), device="cpu", dtype="float32", **kwargs)
-    e = EmbeddingEngine(backbone, token_budget=token_budget, padding_side="right", packing="never").embed(seqs, prompt_end)
-    return backbone, heads, heads.score(e.response, e.prompt)
 
 
 # --- layout -------------------------------------------------------------------------------------
