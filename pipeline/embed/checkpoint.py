@@ -90,8 +90,9 @@ def _no_weights(path: str, names: list[str]) -> CheckpointError:
 
 def local_checkpoint(path: str, storage_options: dict | None = None) -> str:
     """A local directory with the checkpoint: `path` itself when it is local; a remote one (s3://,
-    any fsspec URI) is copied once per machine under the cache, keyed by its URI, config and index,
-    with only its config, index, safetensors shards and tokenizer files."""
+    any fsspec URI) is copied once per machine under the cache, keyed by its URI and its files
+    (json contents, shard sizes and ETags), with only its config, index, safetensors shards and
+    tokenizer files."""
     if not storage.is_remote(path):
         return os.fspath(path)
     fs, root = storage.filesystem(path, storage_options)
@@ -110,9 +111,15 @@ def local_checkpoint(path: str, storage_options: dict | None = None) -> str:
         raise _no_weights(path, names)
     wanted = [CONFIG_FILE] + ([INDEX_FILE] if weight_map is not None else []) + shards + \
         [n for n in names if n in TOKENIZER_FILES]
-    key = hashlib.sha256(path.encode() + b"\0" + storage.read_bytes(storage.join(path, CONFIG_FILE), storage_options)
-                         + b"\0" + (storage.read_bytes(storage.join(path, INDEX_FILE), storage_options)
-                                    if weight_map is not None else b"")).hexdigest()[:16]
+    h = hashlib.sha256(path.encode())
+    for name in wanted:  # json by content; shards (gigabytes) by size and ETag / mtime
+        full = posixpath.join(root, name)
+        if name.endswith(".json"):
+            h.update(b"\0" + name.encode() + b"\0" + storage.read_bytes(storage.join(path, name), storage_options))
+        else:
+            info = fs.info(full)
+            h.update(b"\0" + name.encode() + json.dumps([info.get("size"), str(info.get("ETag") or info.get("mtime"))]).encode())
+    key = h.hexdigest()[:16]
     final = cache_root() / "checkpoints" / key
     if (final / CONFIG_FILE).is_file():  # written last: a directory with config.json is complete
         return str(final)
