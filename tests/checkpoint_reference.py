@@ -56,5 +56,6 @@ def first_pad_reference(directory, seqs, prompt_end, rows_per_batch):
 def labeling_path(path, seqs, prompt_end, token_budget, **kwargs):
     """What the labeling job's scoring stage does with `model.armorm_checkpoint`."""
     backbone, heads = checkpoint_backbone(str(path), device="cpu", dtype="float32", **kwargs)
-    e = EmbeddingEngine(backbone, token_budget=token_budget, padding_side="right", packing="never").embed(seqs, prompt_end)
+    # constructed as EmbedScoreStage does; on CPU the engine pads (right) rather than packs
+    e = EmbeddingEngine(backbone, token_budget=token_budget).embed(seqs, prompt_end)
     return backbone, heads, heads.score(e.response, e.prompt)

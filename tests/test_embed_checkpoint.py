@@ -252,7 +252,8 @@ def test_release_layout_imports_and_scores_like_the_first_pad_rule(release_check
     out, tok = release_checkpoint
     texts = [[{"role": "user", "content": " ".join(f"w{(7 * i + j) % 128000}" for j in range(n))}]
              for i, n in enumerate([3, 17, 8, 30, 1, 12])]
-    results = tokenize_many(tok, texts, [f"w{9 * i} w{i + 1}" for i in range(len(texts))], TemplatePolicy(max_tokens=128))
+    responses = [f"w{9 * i} w{i + 1}" for i in range(len(texts))]
+    results = tokenize_many(tok, texts, responses, TemplatePolicy(max_tokens=128))
     seqs, ends = [r.input_ids for r in results], [r.prompt_end for r in results]
     assert all(s[0] == 128000 and 128009 in s and 128256 not in s for s in seqs)
     backbone, heads, out_scores = labeling_path(out, seqs, ends, token_budget=80)
@@ -266,7 +267,8 @@ def test_release_layout_imports_and_scores_like_the_first_pad_rule(release_check
 def test_release_layout_export_import_export_is_stable(release_checkpoint, tmp_path):
     out, _ = release_checkpoint
     backbone, heads = checkpoint_backbone(str(out), device="cpu")
-    again = pathlib.Path(export_armorm_checkpoint(heads, str(out), str(tmp_path / "again"), tokenizer=backbone.tokenizer))
+    again = pathlib.Path(export_armorm_checkpoint(heads, str(out), str(tmp_path / "again"),
+                                                  tokenizer=backbone.tokenizer))
     config = json.loads((again / "config.json").read_text())
     assert config["vocab_size"] == 128257 and config["pad_token_id"] == 128256
     original = _tensors(out)
@@ -338,7 +340,8 @@ def test_checkpoint_from_s3_scores_like_the_local_one(exported, heads, backbone,
     assert remote.fingerprint == local.fingerprint and remote.name == "armo"
     np.testing.assert_array_equal(got.score, want.score)
     copies = list((tmp_path / "cache" / "checkpoints").iterdir())
-    assert len(copies) == 1 and sorted(p.name for p in copies[0].iterdir()) == sorted(p.name for p in exported.iterdir())
+    assert len(copies) == 1
+    assert sorted(p.name for p in copies[0].iterdir()) == sorted(p.name for p in exported.iterdir())
     checkpoint_backbone(uri, device="cpu", storage_options=s3_server.storage_options)  # reuses the copy
     assert list((tmp_path / "cache" / "checkpoints").iterdir()) == copies
 

@@ -118,7 +118,8 @@ def local_checkpoint(path: str, storage_options: dict | None = None) -> str:
             h.update(b"\0" + name.encode() + b"\0" + storage.read_bytes(storage.join(path, name), storage_options))
         else:
             info = fs.info(full)
-            h.update(b"\0" + name.encode() + json.dumps([info.get("size"), str(info.get("ETag") or info.get("mtime"))]).encode())
+            stamp = [info.get("size"), str(info.get("ETag") or info.get("mtime"))]
+            h.update(b"\0" + name.encode() + json.dumps(stamp).encode())
     key = h.hexdigest()[:16]
     final = cache_root() / "checkpoints" / key
     if (final / CONFIG_FILE).is_file():  # written last: a directory with config.json is complete
@@ -193,8 +194,9 @@ def load_armorm_checkpoint(path: str, storage_options: dict | None = None) -> tu
     config_objective_names(config, config_uri)
     shard_of = _safetensors_map(directory)
     head_names = sorted(n for n in shard_of if is_head_tensor(n))
+    source = path if storage.is_remote(path) else os.path.abspath(path)
     heads = heads_from_checkpoint(config, _read_tensors(directory, shard_of, head_names), path,
-                                  metadata={"source_checkpoint": path if storage.is_remote(path) else os.path.abspath(path)})
+                                  metadata={"source_checkpoint": source})
     backbone = BackboneWeights(directory, {n: s for n, s in shard_of.items() if n.startswith(BACKBONE_PREFIX)})
     unknown = sorted(set(shard_of) - set(backbone.shard_of) - set(head_names))
     if unknown:
