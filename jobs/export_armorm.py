@@ -2,9 +2,10 @@
 
     python -m jobs.export_armorm --heads runs/heads/smollm2 --backbone smollm2 --out runs/armorm-smollm2
 
-The result (config.json with the ArmoRM keys, sharded safetensors, the tokenizer) loads wherever
-the released checkpoint loads, and a labeling job scores with it through `model.armorm_checkpoint`.
-Only Llama-architecture backbones fit that layout.
+The result (config.json with the ArmoRM keys, sharded safetensors, the tokenizer with a dedicated
+pad token) loads wherever the released checkpoint loads, and a labeling job scores with it through
+`model.armorm_checkpoint`. Only Llama-architecture backbones fit that layout. `--out` may be an
+s3:// URI (credentials and endpoint from the usual AWS environment variables).
 """
 
 from __future__ import annotations
@@ -25,21 +26,24 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from pipeline import storage
     from pipeline.embed.backbone import BackboneSpec, load_backbone
-    from pipeline.heads.checkpoint import CheckpointError, export_armorm_checkpoint
+    from pipeline.embed.checkpoint import export_armorm_checkpoint
+    from pipeline.heads.checkpoint import CheckpointError
     from pipeline.heads.model import ArmoHeads
 
     heads = ArmoHeads.load(args.heads)
     backbone = load_backbone(BackboneSpec(path=args.backbone, device="cpu", dtype="float32"))
     try:
-        out = export_armorm_checkpoint(heads, backbone.model, args.out, shard_size=args.shard_size_mb * 1024 ** 2,
-                                       pad_token_id=backbone.tokenizer.pad_token_id,
-                                       dtype=getattr(torch, args.dtype) if args.dtype else None,
-                                       tokenizer=backbone.tokenizer)
+        out = export_armorm_checkpoint(heads, backbone.model, args.out, tokenizer=backbone.tokenizer,
+                                       shard_size=args.shard_size_mb * 1024 ** 2,
+                                       dtype=getattr(torch, args.dtype) if args.dtype else None)
     except CheckpointError as e:
         print(f"cannot export: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({"checkpoint": out, "objectives": heads.objectives, "heads_fingerprint": heads.fingerprint}))
+    config = json.loads(storage.read_bytes(storage.join(out, "config.json")))
+    print(json.dumps({"checkpoint": out, "objectives": heads.objectives, "heads_fingerprint": heads.fingerprint,
+                      "pad_token_id": config["pad_token_id"], "vocab_size": config["vocab_size"]}))
     return 0
 
 

@@ -1,8 +1,8 @@
-"""The embedding engine: frozen backbone, chat templating, token-budget batching, embedding cache."""
+"""The embedding engine: frozen backbones (Hugging Face / GGUF sources, ArmoRM checkpoints), chat templating,
+token-budget batching."""
 
 from pipeline.embed.backbone import Backbone, BackboneSpec, load_backbone, load_tokenizer
 from pipeline.embed.batching import check_permutation, plan_batches, plan_packs, restore_order
-from pipeline.embed.cache import EmbeddingCacheMismatch, read_embedding_cache, write_embedding_cache
 from pipeline.embed.engine import EmbeddingEngine, Embeddings
 from pipeline.embed.templating import (TemplateError, TemplatePolicy, TokenizedConversation, tokenize_conversation,
                                        tokenize_many)
@@ -10,7 +10,6 @@ from pipeline.embed.templating import (TemplateError, TemplatePolicy, TokenizedC
 __all__ = [
     "Backbone", "BackboneSpec", "load_backbone", "load_tokenizer",
     "check_permutation", "plan_batches", "plan_packs", "restore_order",
-    "EmbeddingCacheMismatch", "read_embedding_cache", "write_embedding_cache",
     "EmbeddingEngine", "Embeddings",
     "TemplateError", "TemplatePolicy", "TokenizedConversation", "tokenize_conversation", "tokenize_many",
 ]

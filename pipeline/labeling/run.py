@@ -35,7 +35,7 @@ def job_objectives(cfg: LabelConfig) -> list[str]:
     """The objective columns this run writes: those of its heads (none in embed-only mode)."""
     m = cfg.model
     if m.armorm_checkpoint:
-        from pipeline.heads.checkpoint import read_objective_names
+        from pipeline.embed.checkpoint import read_objective_names
 
         return read_objective_names(m.armorm_checkpoint)
     if m.heads:

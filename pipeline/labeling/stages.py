@@ -150,7 +150,7 @@ class EmbedScoreStage(Stage):
         self.node = _node_name()
 
         if self.model.armorm_checkpoint:
-            from pipeline.heads.checkpoint import checkpoint_backbone
+            from pipeline.embed.checkpoint import checkpoint_backbone
 
             settings = {k: v for k, v in (self.model.backbone or {}).items() if k in ("device", "dtype")}
             backbone, self.heads = checkpoint_backbone(self.model.armorm_checkpoint, **settings)
