@@ -35,10 +35,19 @@ class InputSpec:
     file_format: str = "auto"             # jsonl | json | parquet | hf_dataset; auto from the name
     storage_options: dict | None = None   # passed to pipeline.storage.filesystem
     options: dict = field(default_factory=dict)  # adapter options
+    objectives: list | None = None        # objectives this input's ratings use (pipeline.objectives.Objective fields)
 
     def __post_init__(self):
+        from pipeline import objectives
         from pipeline.corpus.adapters import ADAPTERS, ALIASES, check_columns
         from pipeline.schema import KINDS
+
+        # Declared objectives first: the columns check below looks their names up. Registering
+        # here also registers them on every worker that rebuilds the spec from its dict.
+        try:
+            objectives.register_all(self.objectives)
+        except ValueError as e:
+            raise InputSpecError(str(e)) from None
 
         if not self.path or not isinstance(self.path, (str, list)):
             raise InputSpecError(f"path: expected a non-empty string or list of strings, got {self.path!r}")
