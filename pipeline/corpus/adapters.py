@@ -26,6 +26,25 @@ Policies for the published sets (what a reader must decide, stated once):
   Unranked or deleted replies are left out of that row; deeper turns give their own rows. A tree
   with no such message is quarantined as a whole. "oasst_pairs" turns each such row into all
   (better, worse) pairs by rank order.
+
+Reading records as people store them (every adapter; adapt_mapping and the hub presets):
+- Values: numeric strings, integral floats and booleans (1/0) are numbers; null, "", "N/A", "NA",
+  "none", "null" and "nan" are missing (a missing rating is left out; a missing label quarantines).
+  A list stored as a JSON string (CSV) is decoded where a list is expected, or where it decodes to
+  chat messages; lists of plain strings only under options.json_cells (see decode_cell).
+- Messages: OpenAI content parts are joined (text parts, newline-separated); a non-text part
+  quarantines the row. Tool traffic (tool/function/observation/ipython roles, assistant tool_calls
+  with `content: null`, ShareGPT function_call) quarantines the row unless options.tool_messages is
+  "inline" (see messages_of). ShareGPT's top-level `system` becomes the system message.
+- H4 / Tulu-3 / Argilla: a `prompt` string beside whole-conversation chosen/rejected; the
+  conversations' shared prefix is the prompt, and `prompt` must agree with it (check_prompt_matches).
+- Labels from a column (columns.label, see label_rule): the winner goes first and is "chosen"; a tie
+  keeps the file's order, tie=True and no preference; a signed strength also gives
+  label_confidence = |strength| / max. Several sides whose conversations differ before the final
+  assistant turn (multi-turn battles) are quarantined (MULTI_TURN_REASON), never paired.
+- Lists of responses (columns.responses): ranks become dense 0-based human ranks (ranks_rule);
+  per-response ratings give one rated row per response in addition to the ranked group or pair
+  (a response is then embedded once per row it belongs to).
 """
 
 from __future__ import annotations
