@@ -387,3 +387,20 @@ def test_json_cells_and_text_that_looks_like_json(tmp_path):
                                                "label": {"column": "q", "values": {"give a json list.": 0}}},
                   options={"json_cells": True})
     assert units[0]["quarantine_reason"] == "a: 2 assistant turns do not match the prompt's single user turn(s)"
+
+
+def test_label_with_per_response_ratings_and_csv_best_of_n(tmp_path):
+    # PKU-SafeRLHF-like: a pair by better_response_id plus a safety rating per response.
+    recs = [{"prompt": "p", "response_0": "r0", "response_1": "r1", "better_response_id": "1",
+             "is_response_0_safe": "False", "is_response_1_safe": "True"}]
+    units = _read(tmp_path, recs, columns={
+        "prompt": "prompt", "responses": ["response_0", "response_1"],
+        "label": {"column": "better_response_id", "values": {0: 0, 1: 1}},
+        "ratings": {"beavertails-is_safe": ["is_response_0_safe", "is_response_1_safe"]}})
+    assert [(u["kind"], u["response"], u["preference"], u["ratings"]) for u in units] == [
+        ("preference", "r1", "chosen", None), ("preference", "r0", "rejected", None),
+        ("rated", "r0", None, [{"name": "beavertails-is_safe", "raw": 0.0, "value": 0.0}]),
+        ("rated", "r1", None, [{"name": "beavertails-is_safe", "raw": 1.0, "value": 1.0}])]
+    # The generic best-of-N format with CSV cells: JSON-encoded responses, ranks as strings.
+    units = _read(tmp_path, [{"prompt": "p", "responses": '["a", "b"]', "ranks": '["1", "0"]'}])
+    assert [(u["response"], u["human_rank"]) for u in units] == [("a", 1), ("b", 0)]

@@ -107,7 +107,7 @@ def path_tokens(path: str) -> list[str]:
     """ "completions[*].annotations.helpfulness.Rating" -> ["completions", "*", "annotations", ...];
     "turns.0.text" and "turns[0].text" are the same path."""
     toks = [m.group(1) or m.group(0) for m in _PATH_TOKEN.finditer(path)]
-    if not toks or "".join(f"[{t}]" if t == "*" else t for t in toks).count("*") > 1:
+    if not toks or toks.count("*") > 1:
         raise ValueError(f"field path {path!r}: expected names separated by '.', with at most one [*]")
     return toks
 
@@ -492,16 +492,20 @@ def adapt_preference(rec: dict, opts: dict) -> list:
 
 def adapt_best_of_n(rec: dict, opts: dict) -> list:
     """`prompt` + `responses` (list of strings) + optional `ranks` (0 = best)."""
-    prompt = prompt_of(field_value(rec, "prompt"), "prompt", _system_option(rec, opts))
-    responses = field_value(rec, "responses")
+    prompt = prompt_of(field_value(rec, "prompt"), "prompt", _system_option(rec, opts), opts)
+    responses = decode_cell(field_value(rec, "responses"), opts, text_ok=False)
     if not isinstance(responses, list):
         raise QuarantineError(f"wrong type: field 'responses' is {_type_name(responses)}, expected a list")
-    texts = [completion_of(r, f"responses[{i}]") for i, r in enumerate(responses)]
-    ranks = rec.get("ranks")
+    texts = [completion_of(r, f"responses[{i}]", opts) for i, r in enumerate(responses)]
+    ranks = decode_cell(rec.get("ranks"), opts, text_ok=False)
     if ranks is not None:
-        if not isinstance(ranks, list) or len(ranks) != len(texts) or not all(_is_int(r) for r in ranks):
+        # Ranks are kept as given (0 = best); integral floats and digit strings (CSV) are integers.
+        values = [number_of(r, "rank") if isinstance(r, (str, float)) else r for r in ranks] \
+            if isinstance(ranks, list) else None
+        if values is None or len(values) != len(texts) or not all(
+                _is_int(v) or (isinstance(v, float) and v == int(v)) for v in values):
             raise QuarantineError("wrong type: 'ranks' must be a list of integers, one per response")
-        ranks = [int(r) for r in ranks]
+        ranks = [int(v) for v in values]
     return [Row("best_of_n", prompt, texts, ranks=ranks)]
 
 
@@ -859,7 +863,7 @@ def check_columns(columns: dict) -> None:
             raise ValueError("columns.ratings: ratings apply to a single response (map 'response' or 'messages')")
 
 
-def _values_at(rec: dict, spec: list[str] | str, what: str) -> tuple[list, list[str]]:
+def _values_at(rec: dict, spec: list[str] | str) -> tuple[list, list[str]]:
     """(values, names) of a list of columns or of a path to a list."""
     if isinstance(spec, list):
         return [field_value(rec, p) for p in spec], list(spec)
@@ -994,7 +998,7 @@ def dense_ranks(values: list[float | None], order: str) -> list[int | None]:
 def _adapt_group(rec: dict, opts: dict, columns: dict) -> list:
     """Several responses to one prompt: a preference row (with a label), a ranked best-of-N row
     (with ranks), per-response rated rows (with ratings), or an unranked best-of-N row."""
-    stored, names = _values_at(rec, columns["responses"], "responses")
+    stored, names = _values_at(rec, columns["responses"])
     sides = [_side(v, n, opts) for v, n in zip(stored, names)]
     turn = None
     if columns.get("turn"):
@@ -1024,7 +1028,7 @@ def _adapt_group(rec: dict, opts: dict, columns: dict) -> list:
                             response_labels=[names[i] for i in order]))
     elif "ranks" in columns:
         rule = ranks_rule(columns["ranks"])
-        raw, _ = _values_at(rec, rule["path"], "ranks")
+        raw, _ = _values_at(rec, rule["path"])
         if len(raw) != len(texts):
             raise QuarantineError(f"ranks: {len(raw)} values for {len(texts)} responses")
         ranks = dense_ranks([number_of(v, f"rank of {n}") for v, n in zip(raw, names)], rule["order"])
@@ -1041,7 +1045,7 @@ def _adapt_group(rec: dict, opts: dict, columns: dict) -> list:
             break
         entries = []
         for obj_name, spec in sorted(columns["ratings"].items()):
-            values, _ = _values_at(rec, spec, f"ratings.{obj_name}")
+            values, _ = _values_at(rec, spec)
             if len(values) != len(texts):
                 raise QuarantineError(f"ratings.{obj_name}: {len(values)} values for {len(texts)} responses")
             try:
