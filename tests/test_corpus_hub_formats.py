@@ -395,3 +395,37 @@ def test_hub_values_as_csv_strings(tmp_path):
     # The Parquet release of the 55k set has integer winner columns.
     ints = [{**r, **{k: int(r[k]) for k in ("winner_model_a", "winner_model_b", "winner_tie")}} for r in ARENA_55K]
     assert summary(read(tmp_path, ints)) == ARENA_55K_EXPECTED
+
+
+# ShareGPT with tool traffic as LLaMA-Factory documents it (data/README.md: roles human, gpt,
+# function_call, observation; top-level system and tools).
+SHAREGPT_TOOLS = [{"conversations": [{"from": "human", "value": "Weather in Oslo?"},
+                                     {"from": "function_call", "value": "{\"name\": \"weather\", \"arguments\": {\"city\": \"Oslo\"}}"},
+                                     {"from": "observation", "value": "{\"temp\": -3}"},
+                                     {"from": "gpt", "value": "It is -3 degrees."}],
+                   "system": "You can call tools.", "tools": "[{\"name\": \"weather\"}]"}]
+
+
+def test_tool_traffic_policy(tmp_path):
+    (bad,) = read(tmp_path, SHAREGPT_TOOLS)
+    assert bad["quarantine_reason"] == ("tool message: conversations[1] is a 'function_call' message; set "
+                                        "options.tool_messages: inline to read tool traffic as text")
+    (good,) = read(tmp_path, SHAREGPT_TOOLS, options={"tool_messages": "inline"})
+    assert good["prompt"] == [{"role": "system", "content": "You can call tools."}, _u("Weather in Oslo?"),
+                              _a('[tool call] {"name": "weather", "arguments": {"city": "Oslo"}}'),
+                              _u('[tool result] {"temp": -3}')]
+    assert good["response"] == "It is -3 degrees."
+    # OpenAI: an assistant turn with text and a tool call, a legacy `function` message with its name.
+    conv = [_u("Add 2 and 3."),
+            {"role": "assistant", "content": "Let me compute.",
+             "tool_calls": [{"id": "c9", "type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]},
+            {"role": "function", "name": "add", "content": "5"}, _a("5.")]
+    (bad,) = read(tmp_path, [{"messages": conv}])
+    assert bad["quarantine_reason"].startswith("tool message: messages[1] is an assistant tool call")
+    (good,) = read(tmp_path, [{"messages": conv}], options={"tool_messages": "inline"})
+    assert good["prompt"][1:] == [_a('Let me compute.\n[tool call] add({"a": 2, "b": 3})'), _u("[tool result add] 5")]
+    # content null without a tool call, and an unknown role, stay wrong.
+    (bad,) = read(tmp_path, [{"messages": [_u("hi"), {"role": "assistant", "content": None}]}])
+    assert bad["quarantine_reason"] == "wrong type: messages[1].content is null, expected a string"
+    (bad,) = read(tmp_path, [{"messages": [{"role": "narrator", "content": "x"}, _a("y")]}])
+    assert bad["quarantine_reason"].startswith("unknown role 'narrator' in messages[0]")
