@@ -26,7 +26,7 @@ raw value directly; its keys are compared as canonical strings (`canonical_key`)
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 KINDS = ("rating", "pairwise")

@@ -291,7 +291,8 @@ TOOL_CONV = [_u("Weather in Paris?"),
              {"role": "tool", "tool_call_id": "call_1", "content": "18C"},
              _a("It is 18C.")]
 OPENAI = [{"messages": [{"role": "system", "content": "Be brief."},
-                        {"role": "user", "content": [{"type": "text", "text": "Look at"}, {"type": "text", "text": "this."}]},
+                        {"role": "user", "content": [{"type": "text", "text": "Look at"},
+                                                     {"type": "text", "text": "this."}]},
                         {"role": "assistant", "content": [{"type": "text", "text": "Seen."}]}]},
           {"messages": [{"role": "user", "content": [{"type": "text", "text": "What is it?"},
                                                      {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]},
@@ -301,7 +302,8 @@ OPENAI_EXPECTED = [(0, "instruction", "Seen.", None, None, None, None, {}),
                    (1, "non-text content: messages[0].content[1] is a 'image_url' part; only text parts can be scored"),
                    (2, "tool message: messages[1] is an assistant tool call; set options.tool_messages: inline to read "
                        "tool traffic as text")]
-OPENAI_TOOLS_EXPECTED = [OPENAI_EXPECTED[0], OPENAI_EXPECTED[1], (2, "instruction", "It is 18C.", None, None, None, None, {})]
+OPENAI_TOOLS_EXPECTED = [OPENAI_EXPECTED[0], OPENAI_EXPECTED[1],
+                         (2, "instruction", "It is 18C.", None, None, None, None, {})]
 
 SHAREGPT = [{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}],
              "system": "You are a pirate."}]
@@ -400,7 +402,8 @@ def test_hub_values_as_csv_strings(tmp_path):
 # ShareGPT with tool traffic as LLaMA-Factory documents it (data/README.md: roles human, gpt,
 # function_call, observation; top-level system and tools).
 SHAREGPT_TOOLS = [{"conversations": [{"from": "human", "value": "Weather in Oslo?"},
-                                     {"from": "function_call", "value": "{\"name\": \"weather\", \"arguments\": {\"city\": \"Oslo\"}}"},
+                                     {"from": "function_call",
+                                      "value": "{\"name\": \"weather\", \"arguments\": {\"city\": \"Oslo\"}}"},
                                      {"from": "observation", "value": "{\"temp\": -3}"},
                                      {"from": "gpt", "value": "It is -3 degrees."}],
                    "system": "You can call tools.", "tools": "[{\"name\": \"weather\"}]"}]
@@ -418,7 +421,8 @@ def test_tool_traffic_policy(tmp_path):
     # OpenAI: an assistant turn with text and a tool call, a legacy `function` message with its name.
     conv = [_u("Add 2 and 3."),
             {"role": "assistant", "content": "Let me compute.",
-             "tool_calls": [{"id": "c9", "type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]},
+             "tool_calls": [{"id": "c9", "type": "function",
+                             "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]},
             {"role": "function", "name": "add", "content": "5"}, _a("5.")]
     (bad,) = read(tmp_path, [{"messages": conv}])
     assert bad["quarantine_reason"].startswith("tool message: messages[1] is an assistant tool call")

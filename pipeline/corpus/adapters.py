@@ -1012,7 +1012,8 @@ def _adapt_group(rec: dict, opts: dict, columns: dict) -> list:
             if t < 1 or t != int(t):
                 raise QuarantineError(f"wrong type: turn {columns['turn']!r} is {t:g}, expected a turn number >= 1")
             turn = int(t)
-    system = text_field(rec, columns["system"], allow_missing=True) if "system" in columns else _system_option(rec, opts)
+    system = (text_field(rec, columns["system"], allow_missing=True) if "system" in columns
+              else _system_option(rec, opts))
     prompt, texts = _group_conversations(_group_prompt(rec, columns, opts), sides, names, turn)
     prompt = with_system(prompt, system)
     rows: list = []
@@ -1166,7 +1167,8 @@ ADAPTERS: dict[str, Adapter] = {a.name: a for a in (
     Adapter("oasst_pairs", adapt_oasst_pairs, "oasst", "Open Assistant trees -> preference pairs by rank"),
     Adapter("ultrafeedback", _preset("ultrafeedback"), "ultrafeedback",
             "openbmb/UltraFeedback raw: rated units per completion + a group ranked by fine-grained_score"),
-    Adapter("helpsteer", _preset("helpsteer"), "helpsteer", "HelpSteer / HelpSteer2 ratings as helpsteer-* (ArmoRM names)"),
+    Adapter("helpsteer", _preset("helpsteer"), "helpsteer",
+            "HelpSteer / HelpSteer2 ratings as helpsteer-* (ArmoRM names)"),
     Adapter("helpsteer2", _preset("helpsteer2"), "helpsteer2", "HelpSteer2 ratings as helpsteer2-*"),
     Adapter("helpsteer2_preference", _preset("helpsteer2_preference"), "helpsteer2_preference",
             "HelpSteer2 preference: signed preference_strength"),

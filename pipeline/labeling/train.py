@@ -42,7 +42,8 @@ class TrainConfig:
     def embedding_run(self, **overrides) -> LabelConfig:
         """The embed-only labeling run that fills the cache; its run id is keyed by what it embeds,
         so a rerun reuses (or resumes) it."""
-        what = {"backbone": self.backbone, "template": self.template, "inputs": self.inputs,
+        # Declared objectives ride in the inputs: a changed scale changes the ratings, so the cache key.
+        what = {"backbone": self.backbone, "template": self.template, "inputs": self.input_specs(),
                 "limit": self.limit_rows_per_input}
         key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
         res = _take(ResourcesConfig, self.resources, "resources")
@@ -50,7 +51,6 @@ class TrainConfig:
                            model=ModelConfig(backbone=self.backbone, template=self.template), resources=res,
                            storage_options=self.storage_options, embeddings=True,
                            limit_rows_per_input=self.limit_rows_per_input, **overrides)
-
 
     def input_specs(self) -> list[dict]:
         """The inputs, each carrying the config's declared objectives (the read tasks register
