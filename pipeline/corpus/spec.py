@@ -43,7 +43,7 @@ class InputSpec:
         from pipeline.schema import KINDS
 
         # Declared objectives first: the columns check below looks their names up. Registering
-        # here also registers them on every worker that rebuilds the spec from its dict.
+        # here (and in __setstate__) registers them in every process that holds the spec.
         try:
             objectives.register_all(self.objectives)
         except ValueError as e:
@@ -75,6 +75,14 @@ class InputSpec:
         if not isinstance(self.options, dict):
             raise InputSpecError(f"options: expected a mapping, got {type(self.options).__name__}")
         self.storage_options = self.storage_options or None
+
+    def __setstate__(self, state: dict) -> None:
+        # Unpickling (a Ray read task receiving the spec) skips __post_init__: register the
+        # declared objectives in that process too, or the adapters could not look them up.
+        self.__dict__.update(state)
+        if self.objectives:
+            from pipeline import objectives
+            objectives.register_all(self.objectives)
 
     @classmethod
     def from_dict(cls, d: dict) -> "InputSpec":
