@@ -159,3 +159,15 @@ def test_a_declared_rated_objective_trains_a_ridge_head():
     X = np.array([r["embedding"] for r in rows[:300]])
     truth = np.array([r["ratings"][0]["value"] for r in rows[:300]])
     assert np.corrcoef(X @ heads.regression_weight[0], truth)[0, 1] > 0.99
+
+
+def test_readme_train_config_example_is_valid(tmp_path):
+    text = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    block = text.split("The ArmoRM recipe on hub data")[1].split("```yaml\n")[1].split("```")[0]
+    cfg_file = tmp_path / "train.yaml"
+    cfg_file.write_text(block)
+    cfg = load_train_config(str(cfg_file))
+    specs = [InputSpec.from_dict(s) for s in cfg.input_specs()]
+    assert [s.format for s in specs] == ["helpsteer", "helpsteer2_preference", "ultrafeedback", "mapping"]
+    assert objectives.get("support-clarity").to_unit(4) == 0.5
+    assert cfg.heads_options()["verbosity"] == "helpsteer-verbosity"
