@@ -394,6 +394,10 @@ def test_hub_values_as_csv_strings(tmp_path):
     arena = [{**r, "conversation_a": json.dumps(r["conversation_a"]), "conversation_b": json.dumps(r["conversation_b"]),
               "turn": str(r["turn"])} for r in ARENA]
     assert summary(read(tmp_path, arena, format="arena")) == ARENA_EXPECTED
+    nectar = [{**r, "answers": json.dumps(r["answers"]), "turns": "2"} for r in NECTAR]
+    assert summary(read(tmp_path, nectar)) == NECTAR_EXPECTED
+    uf_bin = [{**r, "chosen": json.dumps(r["chosen"]), "rejected": json.dumps(r["rejected"])} for r in UF_BIN]
+    assert summary(read(tmp_path, uf_bin)) == UF_BIN_EXPECTED
     # The Parquet release of the 55k set has integer winner columns.
     ints = [{**r, **{k: int(r[k]) for k in ("winner_model_a", "winner_model_b", "winner_tie")}} for r in ARENA_55K]
     assert summary(read(tmp_path, ints)) == ARENA_55K_EXPECTED

@@ -1207,7 +1207,7 @@ def detect(rec: Any) -> str | None:
     for name, fields in _HUB_FIELDS:
         if fields <= keys:
             return name
-    if {"prompt", "answers"} <= keys and _is_list_of_dicts(rec["answers"]):
+    if {"prompt", "answers"} <= keys and _is_list_of_dicts(decode_cell(rec["answers"], {}, text_ok=False)):
         return "nectar"
     if {"chosen", "rejected"} <= keys:
         if "prompt" not in keys and isinstance(rec["chosen"], str) and rec["chosen"].startswith("\n\nHuman:"):
