@@ -360,6 +360,18 @@ def test_readme_spec_reads_the_published_schema(tmp_path, name, spec, auto):
         assert summary(read(tmp_path, records, name="auto.jsonl")) == expected
 
 
+def test_helpsteer2_multi_turn_prompts_are_split_into_turns(tmp_path):
+    # HelpSteer2 card: "About 29% of all prompts used are multi-turn ... {user turn 1}
+    # <extra_id_1>Assistant {assistant turn 1} <extra_id_1>User {user turn 2}".
+    rec = {**HS, "prompt": "Hi there\n<extra_id_1>Assistant\nHello! How can I help?\n<extra_id_1>User\nExplain tides."}
+    (unit,) = read(tmp_path, [rec], format="helpsteer2")
+    assert unit["prompt"] == [_u("Hi there"), _a("Hello! How can I help?"), _u("Explain tides.")]
+    pref = {**HS2_PREF[0], "prompt": rec["prompt"]}
+    assert read(tmp_path, [pref])[0]["prompt"] == unit["prompt"]
+    (plain,) = read(tmp_path, [HS])
+    assert plain["prompt"] == [_u("Explain tides.")]
+
+
 def test_prompts_and_sources_of_hub_layouts(tmp_path):
     nectar = read(tmp_path, NECTAR, format="nectar")
     assert nectar[0]["prompt"] == [_u("What is a cat?"), _a("A pet."), _u("And a dog?")]

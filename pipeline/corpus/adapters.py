@@ -350,6 +350,19 @@ def hh_prompt(text: str, name: str) -> list[dict]:
     return turns
 
 
+_STEERLM_TURN = re.compile(r"\n?<extra_id_1>(User|Assistant)\n")
+
+
+def steerlm_prompt(text: str) -> list[dict]:
+    """A HelpSteer2 multi-turn prompt ("{user 1}\n<extra_id_1>Assistant\n{assistant 1}\n<extra_id_1>User\n
+    {user 2}", as its card documents) split into turns; a prompt without the markers is one user turn."""
+    parts = _STEERLM_TURN.split(text)
+    msgs = [{"role": "user", "content": parts[0].strip()}]
+    for who, turn in zip(parts[1::2], parts[2::2]):
+        msgs.append({"role": "user" if who == "User" else "assistant", "content": turn.strip()})
+    return msgs
+
+
 def with_system(msgs: list[dict], system: str | None) -> list[dict]:
     """Prepend a system prompt given beside the conversation (a column, ShareGPT's top-level
     `system`, options.system); one already at the head of the conversation must say the same."""
@@ -368,7 +381,9 @@ def prompt_of(value: Any, name: str, system: str | None = None, opts: dict | Non
     opts = opts or {}
     value = decode_cell(value, opts)
     if isinstance(value, str):
-        msgs = hh_prompt(value, name) if opts.get("prompt_format") == "hh" else [{"role": "user", "content": value}]
+        fmt = opts.get("prompt_format")
+        msgs = (hh_prompt(value, name) if fmt == "hh" else steerlm_prompt(value) if fmt == "steerlm"
+                else [{"role": "user", "content": value}])
     elif isinstance(value, list) and value and all(isinstance(t, str) for t in value):
         if len(value) != 1:
             raise QuarantineError(f"{name}: {len(value)} user turns without the assistant turns between them; "
@@ -1113,11 +1128,12 @@ PRESETS: dict[str, tuple[dict, dict]] = {
         "ratings": {**{f"ultrafeedback-{a}": f"completions[*].annotations.{a}.Rating" for a in _UF_ASPECTS},
                     "ultrafeedback-overall_score": "completions[*].overall_score"}}, {}),
     "helpsteer": ({"prompt": "prompt", "response": "response",
-                   "ratings": {f"helpsteer-{a}": a for a in _HS_ATTRS}}, {}),
+                   "ratings": {f"helpsteer-{a}": a for a in _HS_ATTRS}}, {"prompt_format": "steerlm"}),
     "helpsteer2": ({"prompt": "prompt", "response": "response",
-                    "ratings": {f"helpsteer2-{a}": a for a in _HS_ATTRS}}, {}),
+                    "ratings": {f"helpsteer2-{a}": a for a in _HS_ATTRS}}, {"prompt_format": "steerlm"}),
     "helpsteer2_preference": ({"prompt": "prompt", "responses": ["response_1", "response_2"],
-                               "label": {"column": "preference_strength", "negative": 0, "max": 3}}, {}),
+                               "label": {"column": "preference_strength", "negative": 0, "max": 3}},
+                              {"prompt_format": "steerlm"}),
     "helpsteer3": ({"prompt": "context", "responses": ["response1", "response2"],
                     "label": {"column": "overall_preference", "negative": 0, "max": 3}}, {}),
     "beavertails": ({"prompt": "prompt", "response": "response", "ratings": {"beavertails-is_safe": "is_safe"}}, {}),
