@@ -449,3 +449,23 @@ def test_tool_traffic_policy(tmp_path):
     assert bad["quarantine_reason"] == "wrong type: messages[1].content is null, expected a string"
     (bad,) = read(tmp_path, [{"messages": [{"role": "narrator", "content": "x"}, _a("y")]}])
     assert bad["quarantine_reason"].startswith("unknown role 'narrator' in messages[0]")
+
+
+def test_a_preset_adjusted_by_columns(tmp_path):
+    # PKU-SafeRLHF pairs plus the per-response safety flags as beavertails-is_safe ratings.
+    units = read(tmp_path, PKU, format="pku_saferlhf",
+                 columns={"ratings": {"beavertails-is_safe": ["is_response_0_safe", "is_response_1_safe"]}})
+    assert summary(units) == PKU_EXPECTED[:2] + [
+        (0, "rated", "Here is how...", None, None, None, None, {"beavertails-is_safe": 0.0}),
+        (0, "rated", "I can't help with that.", None, None, None, None, {"beavertails-is_safe": 1.0})] + \
+        PKU_EXPECTED[2:] + [(1, "rated", "Once upon a time...", None, None, None, None, {"beavertails-is_safe": 1.0}),
+                            (1, "rated", "No.", None, None, None, None, {"beavertails-is_safe": 1.0})]
+    assert {u["source"] for u in units} == {"pku_saferlhf"}
+    # Arena without ties: a tie is now outside the value map and quarantined, not paired.
+    units = read(tmp_path, ARENA[:2], format="arena", source="arena_strict",
+                 columns={"label": {"column": "winner", "values": {"model_a": 0, "model_b": 1}}, "turn": None})
+    assert summary(units) == ARENA_EXPECTED[:2] + [
+        (1, "label 'winner' = 'tie (bothbad)' is not in its value map ['model_a', 'model_b']")]
+    spec = InputSpec.from_dict({"path": "x", "format": "nectar", "columns": {"ranks": None}})
+    assert (spec.format, spec.source, spec.options) == ("mapping", "nectar", {"prompt_format": "hh"})
+    assert "ranks" not in spec.columns and InputSpec.from_dict(spec.to_dict()) == spec
