@@ -148,11 +148,13 @@ def test_a_declared_rated_objective_trains_a_ridge_head():
             rows.append({"row_id": f"p{i}", "kind": "preference", "source": "support_pairs", "preference": pref,
                          "tie": False, "human_rank": None, "ratings": None, "response_tokens": 10,
                          "embedding": emb.tolist(), "prompt_embedding": p})
+    # A declared pairwise objective names the source's Bradley-Terry head (once, not twice).
+    helpful = {"name": "support_pairs.helpful", "kind": "pairwise", "source": "support_pairs", "attribute": "helpful"}
     result = train_heads(pa.Table.from_pylist(rows), {"gating": {"steps": 20, "batch_size": 64, "hidden_dim": 16,
                                                                  "eval_every": 10}, "verbosity": "none",
-                                                      "baseline": False})
+                                                      "baseline": False, "objectives": [helpful]})
     heads = result.heads
-    assert heads.objectives == ["support-clarity", "support_pairs.preferred"]
+    assert heads.objectives == ["support-clarity", "support_pairs.helpful"]
     assert result.summary["objectives"]["support-clarity"]["kind"] == "rating"
     assert result.summary["objectives"]["support-clarity"]["rows"] == 300
     assert heads.metadata["objective_definitions"]["support-clarity"]["high"] == 7

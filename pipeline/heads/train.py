@@ -73,11 +73,10 @@ def resolve_options(options: dict | None) -> dict:
 def choose_objectives(units: pa.Table, extra: list[dict]) -> tuple[list[str], list[registry.Objective]]:
     """(rated objective names in the data, pairwise objectives for the preference sources present)."""
     rated = sorted(human_ratings(units))
-    extra_objs = registry.register_all(list(extra or []))  # a conflicting redefinition is an error
+    registry.register_all(list(extra or []))  # declared ones join the registry; a conflicting redefinition is an error
     pairwise: list[registry.Objective] = []
     for source in sorted(set(preference_pairs(units, include_ties=True).source)):
-        named = registry.for_source(source, "pairwise") + [o for o in extra_objs
-                                                            if o.kind == "pairwise" and o.source == source]
+        named = registry.for_source(source, "pairwise")
         pairwise += named or [registry.Objective(f"{source}.preferred", "pairwise", source, "preferred",
                                                  description=f"the preferred reply in {source}")]
     return rated, pairwise
