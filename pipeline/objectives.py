@@ -215,8 +215,20 @@ def register(obj: Objective | dict) -> Objective:
         where = "a built-in" if obj.name in _BUILTIN_NAMES else "already declared"
         raise ValueError(f"objective {obj.name!r} is {where} with a different definition "
                          f"({_differences(known, obj)}); pick another name")
+    if known is None:
+        # Output columns are named by a column-safe spelling (schema.objective_column): two names
+        # that spell the same there would write one column.
+        clash = [n for n in _BY_NAME if _column_safe(n) == _column_safe(obj.name)]
+        if clash:
+            raise ValueError(f"objective {obj.name!r} would share its output columns with {clash[0]!r}; "
+                             f"pick a name that differs in letters or digits")
     _BY_NAME[obj.name] = obj
     return obj
+
+
+def _column_safe(name: str) -> str:
+    from pipeline.schema import objective_column  # the one rule for output column names
+    return objective_column("", name)
 
 
 def register_all(declared) -> list[Objective]:

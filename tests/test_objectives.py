@@ -52,6 +52,8 @@ def test_objective_definitions_are_checked():
     with pytest.raises(ValueError, match="unknown key"):
         objectives.Objective.from_dict({"name": "x", "kind": "rated", "lo": 1})
     assert objectives.Objective("t-x", "rated", low=1, high=7).kind == "rating"
+    with pytest.raises(ValueError, match="would share its output columns with 'helpsteer-helpfulness'"):
+        objectives.register({"name": "HelpSteer.helpfulness", "kind": "rated", "low": 0, "high": 4})
     with pytest.raises(KeyError, match="declare it"):
         objectives.get("nobody.knows")
 
