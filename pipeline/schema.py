@@ -32,7 +32,7 @@ UNIT_FIELDS = [
     ("n_responses", pa.int32()),
     ("preference", pa.string()),       # "chosen" | "rejected" | null
     ("tie", pa.bool_()),               # preference row judged a tie (order then as in the file)
-    ("label_confidence", pa.float64()),  # share of annotators agreeing with the label, if known
+    ("label_confidence", pa.float64()),  # share of annotators agreeing, or |strength| / max of a signed label
     ("human_rank", pa.int32()),        # best-of-N human rank, 0 = best, null if unranked
     ("ratings", pa.list_(RATING)),     # absolute ratings: raw value and its map to [0, 1]
     ("quarantine_reason", pa.string()),  # null for good units

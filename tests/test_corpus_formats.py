@@ -256,3 +256,168 @@ def test_readers_stream_instead_of_loading_whole_files(reader, packed, monkeypat
     assert f.bytes_read <= formats.CHUNK_BYTES < len(data) / 2  # one chunk in, not the whole file
     assert sum(1 for _ in it) + 1 == len(records)
     assert f.bytes_read == len(data)
+
+
+# --- labels from a column, lists of responses, values as stored ---------------------------------
+
+def _pairs(units):
+    """(source_row, chosen-or-first response, preference, tie, label_confidence) per good pair, or the reason."""
+    out = []
+    for u in units:
+        if u["quarantine_reason"]:
+            out.append((u["source_row"], u["quarantine_reason"]))
+        elif u["response_index"] == 0:
+            out.append((u["source_row"], u["response"], u["preference"], u["tie"], u["label_confidence"]))
+    return out
+
+
+LABEL_RECORDS = [{"q": "Which?", "a": "answer A", "b": "answer B", "idx01": 1, "idx12": 2, "who": "model_b",
+                  "oh_a": 0, "oh_b": 1, "oh_t": 0, "strength": 2},       # B wins in every encoding
+                 {"q": "Which one?", "a": "A again", "b": "B again", "idx01": 0, "idx12": 1, "who": "model_a",
+                  "oh_a": 1, "oh_b": 0, "oh_t": 0, "strength": -3},      # A wins
+                 {"q": "Tie?", "a": "same A", "b": "same B", "idx01": "tie", "idx12": 0, "who": "tie (bothbad)",
+                  "oh_a": 0, "oh_b": 0, "oh_t": 1, "strength": 0}]       # a tie
+
+
+@pytest.mark.parametrize("label, confidence", [
+    ({"column": "idx01", "values": {0: 0, 1: 1, "tie": "tie"}}, (None, None, None)),
+    ({"column": "idx12", "values": {1: 0, 2: 1, 0: "tie"}}, (None, None, None)),
+    ({"column": "who", "values": {"model_a": 0, "model_b": 1, "tie": "tie", "tie (bothbad)": "tie"}}, (None, None, None)),
+    ({"one_hot": {"oh_a": 0, "oh_b": 1, "oh_t": "tie"}}, (None, None, None)),
+    ({"column": "strength", "negative": 0, "max": 3}, (2 / 3, 1.0, None)),
+])
+def test_every_label_encoding_b_wins_a_wins_and_tie(tmp_path, label, confidence):
+    units = _read(tmp_path, LABEL_RECORDS, columns={"prompt": "q", "responses": ["a", "b"], "label": label})
+    assert _pairs(units) == [(0, "answer B", "chosen", False, confidence[0]),
+                             (1, "A again", "chosen", False, confidence[1]),
+                             (2, "same A", None, True, confidence[2])]
+    by_row = {(u["source_row"], u["response_index"]): u for u in units}
+    assert (by_row[0, 1]["response"], by_row[0, 1]["preference"]) == ("answer A", "rejected")
+    assert (by_row[2, 1]["response"], by_row[2, 1]["preference"], by_row[2, 1]["tie"]) == ("same B", None, True)
+    assert by_row[0, 0]["prompt"] == [{"role": "user", "content": "Which?"}]
+
+
+def test_bad_labels_are_quarantined_with_a_reason(tmp_path):
+    recs = [{"q": "x", "a": "A", "b": "B", "w": "model_c", "s": 5, "oa": 1, "ob": 1},
+            {"q": "y", "a": "A", "b": "B", "w": None, "s": "N/A", "oa": 0, "ob": 0},
+            {"q": "z", "a": "A", "b": "B", "w": "model_a", "s": "lots", "oa": "2", "ob": 0}]
+    cols = {"prompt": "q", "responses": ["a", "b"]}
+    reasons = [u["quarantine_reason"] for u in _read(tmp_path, recs, columns={
+        **cols, "label": {"column": "w", "values": {"model_a": 0, "model_b": 1}}})]
+    assert reasons == ["label 'w' = 'model_c' is not in its value map ['model_a', 'model_b']",
+                       "missing label: field 'w' is None", None, None]
+    reasons = [u["quarantine_reason"] for u in _read(tmp_path, recs, columns={
+        **cols, "label": {"column": "s", "negative": 1, "max": 3}})]
+    assert reasons == ["label 's' = 5 is outside [-3, 3]", "missing label: field 's' is 'N/A'",
+                       "wrong type: label 's' is 'lots', expected a number"]
+    reasons = [u["quarantine_reason"] for u in _read(tmp_path, recs, columns={
+        **cols, "label": {"one_hot": {"oa": 0, "ob": 1}}})]
+    assert reasons == ["label: 2 of the one-hot columns ['oa', 'ob'] are set, expected exactly one",
+                       "label: 0 of the one-hot columns ['oa', 'ob'] are set, expected exactly one",
+                       "wrong type: label column 'oa' is 2, expected 0 or 1"]
+
+
+def test_signed_label_with_positive_side_first(tmp_path):
+    # negative: 1 -> a negative value means responses[1] won (the opposite of HelpSteer's convention).
+    units = _read(tmp_path, LABEL_RECORDS, columns={"prompt": "q", "responses": ["a", "b"],
+                                                    "label": {"column": "strength", "negative": 1}})
+    assert _pairs(units) == [(0, "answer A", "chosen", False, None), (1, "B again", "chosen", False, None),
+                             (2, "same A", None, True, None)]
+
+
+def test_wildcards_ranks_and_per_response_ratings(tmp_path):
+    recs = [{"question": "Best fruit?",
+             "answers": [{"text": "apple", "rank": 3, "score": "5", "ok": "true"},
+                         {"text": "mango", "rank": 1, "score": 6.0, "ok": True},
+                         {"text": "kiwi", "rank": 2, "score": "N/A", "ok": 0}]}]
+    cols = {"prompt": "question", "responses": "answers[*].text", "ranks": "answers[*].rank"}
+    units = _read(tmp_path, recs, columns=cols)
+    # 1-based ranks become 0-based (0 = best).
+    assert [(u["kind"], u["response"], u["human_rank"]) for u in units] == [
+        ("best_of_n", "apple", 2), ("best_of_n", "mango", 0), ("best_of_n", "kiwi", 1)]
+    # Descending order: the score is better when higher; a missing score leaves that answer out of the group.
+    units = _read(tmp_path, recs, columns={**cols, "ranks": {"path": "answers[*].score", "order": "descending"}})
+    assert [(u["response"], u["human_rank"], u["n_responses"]) for u in units] == [("apple", 1, 2), ("mango", 0, 2)]
+    # Per-response ratings: one rated unit per answer beside the ranked group.
+    units = _read(tmp_path, recs, columns={**cols, "ratings": {"topical_chat.groundedness": "answers[*].ok",
+                                                               "sfres.overall": "answers[*].score"}})
+    assert [(u["kind"], u["response"], u["human_rank"]) for u in units[:3]] == [
+        ("best_of_n", "apple", 2), ("best_of_n", "mango", 0), ("best_of_n", "kiwi", 1)]
+    rated = [(u["response"], [(r["name"], r["raw"], r["value"]) for r in u["ratings"]]) for u in units[3:]]
+    assert rated == [("apple", [("sfres.overall", 5.0, 0.8), ("topical_chat.groundedness", 1.0, 1.0)]),
+                     ("mango", [("sfres.overall", 6.0, 1.0), ("topical_chat.groundedness", 1.0, 1.0)]),
+                     ("kiwi", [("topical_chat.groundedness", 0.0, 0.0)])]
+    assert {u["prompt"][0]["content"] for u in units} == {"Best fruit?"}
+    # A rating off its scale quarantines that response's rated row only, named by its position.
+    recs[0]["answers"][1]["score"] = 9
+    units = _read(tmp_path, recs, columns={**cols, "ratings": {"sfres.overall": "answers[*].score"}})
+    assert [(u["kind"], u["response"], u["quarantine_reason"]) for u in units] == [
+        ("best_of_n", "apple", None), ("best_of_n", "mango", None), ("best_of_n", "kiwi", None),
+        ("rated", "apple", None),
+        (None, None, "rating 'sfres.overall of answers[1]' = 9.0 is outside its scale [1, 6]"),
+        (None, None, "no rating present for answers[2] (all of its rating values are missing)")]
+
+
+def test_value_coercion_in_ratings(tmp_path):
+    recs = [{"q": "a", "r": "x", "s": "4"}, {"q": "b", "r": "y", "s": 2.0}, {"q": "c", "r": "z", "s": "N/A"},
+            {"q": "d", "r": "w", "s": True}, {"q": "e", "r": "v", "s": "four"}]
+    units = _read(tmp_path, recs, columns={"prompt": "q", "response": "r", "ratings": {"sfres.overall": "s"}})
+    got = [(u["response"], u["ratings"], u["quarantine_reason"]) for u in units]
+    assert got == [("x", [{"name": "sfres.overall", "raw": 4.0, "value": 0.6}], None),
+                   ("y", [{"name": "sfres.overall", "raw": 2.0, "value": 0.2}], None),
+                   (None, None, "no rating present in the mapped rating columns"),
+                   ("w", [{"name": "sfres.overall", "raw": 1.0, "value": 0.0}], None),
+                   (None, None, "wrong type: rating 's' is 'four', expected a number")]
+
+
+def test_mapping_config_errors():
+    base = {"path": "x", "columns": {"prompt": "q", "responses": ["a", "b"]}}
+    for extra, match in [
+        ({"label": {"column": "w"}}, "give `values`"),
+        ({"label": {"column": "w", "values": {"x": 2}}}, r"expected 0 or 1 \(a position in responses\) or 'tie'"),
+        ({"label": {"one_hot": {"a": 0}}}, "one_hot"),
+        ({"label": {"column": "w", "negative": 0, "max": 0}}, "positive number"),
+        ({"ranks": {"path": "r", "order": "up"}}, "ascending or descending"),
+        ({"ratings": {"sfres.overall": "s"}}, r"one column per response \(a list\) or a \[\*\] path"),
+        ({"ratings": {"sfres.overall": ["s"]}}, "1 columns for 2 responses"),
+        ({"response": "r"}, "map either responses or response"),
+    ]:
+        with pytest.raises(InputSpecError, match=match):
+            InputSpec.from_dict({**base, "columns": {**base["columns"], **extra}})
+    with pytest.raises(InputSpecError, match="only with columns.responses"):
+        InputSpec.from_dict({"path": "x", "columns": {"prompt": "q", "response": "r", "label": {"one_hot": {}}}})
+    with pytest.raises(InputSpecError, match="a label picks one of exactly two responses"):
+        InputSpec.from_dict({"path": "x", "columns": {"prompt": "q", "responses": ["a", "b", "c"],
+                                                      "label": {"column": "w", "values": {1: 0}}}})
+
+
+def test_json_cells_and_text_that_looks_like_json(tmp_path):
+    recs = [{"q": "Give a JSON list.", "a": '["x", "y"]', "b": "no"},
+            {"q": json.dumps([{"role": "user", "content": "hi"}]), "a": "A", "b": "B"}]
+    units = _read(tmp_path, recs, columns={"prompt": "q", "responses": ["a", "b"],
+                                           "label": {"column": "q", "values": {"give a json list.": 0}}})
+    # A response that merely looks like a JSON list stays text (no json_cells option) ...
+    assert (units[0]["response"], units[0]["preference"]) == ('["x", "y"]', "chosen")
+    # ... while a cell holding encoded chat messages is decoded (and the label value lookup fails here).
+    assert units[2]["quarantine_reason"].startswith("label 'q' = '[{")
+    units = _read(tmp_path, recs[:1], columns={"prompt": "q", "responses": ["a", "b"],
+                                               "label": {"column": "q", "values": {"give a json list.": 0}}},
+                  options={"json_cells": True})
+    assert units[0]["quarantine_reason"] == "a: 2 assistant turns do not match the prompt's single user turn(s)"
+
+
+def test_label_with_per_response_ratings_and_csv_best_of_n(tmp_path):
+    # PKU-SafeRLHF-like: a pair by better_response_id plus a safety rating per response.
+    recs = [{"prompt": "p", "response_0": "r0", "response_1": "r1", "better_response_id": "1",
+             "is_response_0_safe": "False", "is_response_1_safe": "True"}]
+    units = _read(tmp_path, recs, columns={
+        "prompt": "prompt", "responses": ["response_0", "response_1"],
+        "label": {"column": "better_response_id", "values": {0: 0, 1: 1}},
+        "ratings": {"beavertails-is_safe": ["is_response_0_safe", "is_response_1_safe"]}})
+    assert [(u["kind"], u["response"], u["preference"], u["ratings"]) for u in units] == [
+        ("preference", "r1", "chosen", None), ("preference", "r0", "rejected", None),
+        ("rated", "r0", None, [{"name": "beavertails-is_safe", "raw": 0.0, "value": 0.0}]),
+        ("rated", "r1", None, [{"name": "beavertails-is_safe", "raw": 1.0, "value": 1.0}])]
+    # The generic best-of-N format with CSV cells: JSON-encoded responses, ranks as strings.
+    units = _read(tmp_path, [{"prompt": "p", "responses": '["a", "b"]', "ranks": '["1", "0"]'}])
+    assert [(u["response"], u["human_rank"]) for u in units] == [("a", 1), ("b", 0)]

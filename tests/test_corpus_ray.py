@@ -75,3 +75,18 @@ def test_exclude_shards_files_and_limit(local_ray, specs):
     assert only.num_rows == 50 and sorted(set(only.column("shard_rows").to_pylist())) == [10, 40]
 
     assert read_corpus(specs, files=[]).count() == 0
+
+
+def test_objectives_declared_in_a_spec_reach_the_read_tasks(local_ray, tmp_path):
+    # Read tasks run in Ray worker processes, which never built the spec: its declared objective
+    # must be registered there too, or every rating row would be quarantined.
+    path = tmp_path / "support.jsonl"
+    path.write_text("".join(json.dumps({"q": f"ticket {i}", "a": f"reply {i}", "c": i % 7 + 1}) + "\n"
+                            for i in range(30)))
+    spec = InputSpec.from_dict({"path": str(path), "objectives": [{"name": "raytest-clarity", "kind": "rated",
+                                                                   "low": 1, "high": 7}],
+                                "columns": {"prompt": "q", "response": "a", "ratings": {"raytest-clarity": "c"}}})
+    table = _collect(read_corpus([spec], rows_per_shard=8))
+    assert table.column("quarantine_reason").null_count == table.num_rows == 30
+    assert _sorted(table).equals(_sorted(read_units([spec], rows_per_shard=8)))
+    assert sorted(r[0]["value"] for r in table.column("ratings").to_pylist())[::6] == [0.0, 1 / 6, 2 / 6, 4 / 6, 5 / 6]

@@ -31,15 +31,24 @@ class InputSpec:
     path: str | list[str]                 # file, directory, glob or s3:// URI of any of those (or a list)
     format: str = "auto"                  # adapter name, see pipeline.corpus.adapters.ADAPTERS
     source: str | None = None             # corpus name; default from the adapter, else the file name
-    columns: dict | None = None           # column mapping for the "mapping" adapter
+    columns: dict | None = None           # column mapping for the "mapping" adapter (or changes to a hub preset's)
     kind: str | None = None               # expected kind of every row (checked), e.g. "preference"
     file_format: str = "auto"             # jsonl | json | csv | tsv | parquet | hf_dataset; auto from the name
     storage_options: dict | None = None   # passed to pipeline.storage.filesystem
     options: dict = field(default_factory=dict)  # adapter options
+    objectives: list | None = None        # objectives this input's ratings use (pipeline.objectives.Objective fields)
 
     def __post_init__(self):
-        from pipeline.corpus.adapters import ADAPTERS, ALIASES, check_columns
+        from pipeline import objectives
+        from pipeline.corpus.adapters import ADAPTERS, ALIASES, PRESETS, check_columns
         from pipeline.schema import KINDS
+
+        # Declared objectives first: the columns check below looks their names up. Registering
+        # here (and in __setstate__) registers them in every process that holds the spec.
+        try:
+            objectives.register_all(self.objectives)
+        except ValueError as e:
+            raise InputSpecError(str(e)) from None
 
         if not self.path or not isinstance(self.path, (str, list)):
             raise InputSpecError(f"path: expected a non-empty string or list of strings, got {self.path!r}")
@@ -55,6 +64,15 @@ class InputSpec:
             raise InputSpecError("format 'mapping' needs columns, e.g. {'prompt': 'question', 'response': 'answer'}")
         if self.columns is not None and not isinstance(self.columns, dict):
             raise InputSpecError(f"columns: expected a mapping, got {type(self.columns).__name__}")
+        if self.columns is not None and self.format in PRESETS:
+            # A hub preset adjusted by the spec: its columns with these replacing (null removes one).
+            if not isinstance(self.options, dict):
+                raise InputSpecError(f"options: expected a mapping, got {type(self.options).__name__}")
+            preset_columns, preset_options = PRESETS[self.format]
+            self.source = self.source or ADAPTERS[self.format].default_source
+            self.columns = {k: v for k, v in {**preset_columns, **self.columns}.items() if v is not None}
+            self.options = {**preset_options, **self.options}
+            self.format = "mapping"
         if self.columns is not None and self.format not in ("mapping", "auto"):
             raise InputSpecError(f"columns: only used by format 'mapping', not {self.format!r}")
         if self.columns is not None:
@@ -67,6 +85,14 @@ class InputSpec:
         if not isinstance(self.options, dict):
             raise InputSpecError(f"options: expected a mapping, got {type(self.options).__name__}")
         self.storage_options = self.storage_options or None
+
+    def __setstate__(self, state: dict) -> None:
+        # Unpickling (a Ray read task receiving the spec) skips __post_init__: register the
+        # declared objectives in that process too, or the adapters could not look them up.
+        self.__dict__.update(state)
+        if self.objectives:
+            from pipeline import objectives
+            objectives.register_all(self.objectives)
 
     @classmethod
     def from_dict(cls, d: dict) -> "InputSpec":

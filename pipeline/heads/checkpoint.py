@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from pipeline.objectives import ARMORM_NAMES
+
 from .gating import RELEASE_DROPOUT, RELEASE_HIDDEN_DIM, RELEASE_N_HIDDEN, RELEASE_TEMPERATURE
 from .model import GATING_PREFIX, REGRESSION_KEY, TRANSFORM_KEY, ArmoHeads
 
@@ -29,13 +31,8 @@ DEFAULT_SHARD_SIZE = 5 * 1024 ** 3
 PAD_TOKEN = "[PAD]"
 
 # The release's 19 objectives, in order (docs/armorm.md, "Stage 1"); its config does not name them.
-RELEASE_OBJECTIVES = (
-    "helpsteer-helpfulness", "helpsteer-correctness", "helpsteer-coherence", "helpsteer-complexity",
-    "helpsteer-verbosity", "ultrafeedback-overall_score", "ultrafeedback-instruction_following",
-    "ultrafeedback-truthfulness", "ultrafeedback-honesty", "ultrafeedback-helpfulness", "beavertails-is_safe",
-    "prometheus-score", "argilla-overall_quality", "argilla-judge_lm", "code-complexity", "code-style",
-    "code-explanation", "code-instruction-following", "code-readability",
-)
+# Defined once, with their scales, in the objective registry.
+RELEASE_OBJECTIVES = ARMORM_NAMES
 
 
 class CheckpointError(ValueError):

@@ -44,7 +44,7 @@ DEFAULTS = {
     "verbosity": "length",        # "length" (pseudo-objective), an objective name, or "none"
     "debias_threshold": 0.03,
     "debias_grid": list(DEFAULT_DEBIAS_GRID),
-    "objectives": [],             # extra objectives (Objective fields), e.g. a pairwise one for a new corpus
+    "objectives": [],             # declared objectives (Objective fields): a pairwise one names a source's BT head
     "baseline": True,
     "threads": None,              # torch threads for gating training (None: torch's default)
     "gating": {},
@@ -73,11 +73,10 @@ def resolve_options(options: dict | None) -> dict:
 def choose_objectives(units: pa.Table, extra: list[dict]) -> tuple[list[str], list[registry.Objective]]:
     """(rated objective names in the data, pairwise objectives for the preference sources present)."""
     rated = sorted(human_ratings(units))
-    extra_objs = [registry.Objective.from_dict(d) for d in extra]
+    registry.register_all(list(extra or []))  # declared ones join the registry; a conflicting redefinition is an error
     pairwise: list[registry.Objective] = []
     for source in sorted(set(preference_pairs(units, include_ties=True).source)):
-        named = registry.for_source(source, "pairwise") + [o for o in extra_objs
-                                                            if o.kind == "pairwise" and o.source == source]
+        named = registry.for_source(source, "pairwise")
         pairwise += named or [registry.Objective(f"{source}.preferred", "pairwise", source, "preferred",
                                                  description=f"the preferred reply in {source}")]
     return rated, pairwise
@@ -197,5 +196,6 @@ def train_heads(units: pa.Table, options: dict | None = None) -> TrainResult:
                                if len(held) else None,
                                "val_loss": val_loss}
     heads.metadata = {"training": {k: summary[k] for k in ("objectives", "debias_lambdas")},
-                      "objective_definitions": {o.name: o.to_dict() for o in pairwise}}
+                      "objective_definitions": {**{n: registry.get(n).to_dict() for n in rated if n in registry.known()},
+                                                **{o.name: o.to_dict() for o in pairwise}}}
     return TrainResult(heads=heads, baseline=baseline, summary=summary)

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import yaml
 
-from pipeline import ids, storage
+from pipeline import ids, objectives, storage
 from pipeline.labeling.config import ConfigError, LabelConfig, ModelConfig, ResourcesConfig, _take
 
 
@@ -32,6 +32,7 @@ class TrainConfig:
     test_fraction: float = 0.2              # share of rows (by row-id hash) held out for evaluation
     limit_rows_per_input: int | None = None
     heads: dict = field(default_factory=dict)  # pipeline.heads.train options (gating steps, grids, ...)
+    objectives: list = field(default_factory=list)  # declared objectives (Objective fields), for every input and the heads
     resources: dict = field(default_factory=dict)
     storage_options: dict = field(default_factory=dict)
 
@@ -45,14 +46,28 @@ class TrainConfig:
         so a rerun reuses (or resumes) it."""
         from pipeline.secrets import without_credentials  # the cache survives a rotated key
 
-        what = without_credentials({"backbone": self.backbone, "template": self.template, "inputs": self.inputs,
-                                    "limit": self.limit_rows_per_input})
+        # Declared objectives ride in the inputs: a changed scale changes the ratings, so the cache key.
+        what = without_credentials({"backbone": self.backbone, "template": self.template,
+                                    "inputs": self.input_specs(), "limit": self.limit_rows_per_input})
         key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
         res = _take(ResourcesConfig, self.resources, "resources")
-        return LabelConfig(inputs=self.inputs, output=self.embeddings_out, run_id=f"{self.name}-{key}",
+        return LabelConfig(inputs=self.input_specs(), output=self.embeddings_out, run_id=f"{self.name}-{key}",
                            model=ModelConfig(backbone=self.backbone, template=self.template), resources=res,
                            storage_options=self.storage_options, embeddings=True,
                            limit_rows_per_input=self.limit_rows_per_input, **overrides)
+
+    def input_specs(self) -> list[dict]:
+        """The inputs, each carrying the config's declared objectives (the read tasks register
+        them from the spec, in whatever process they run)."""
+        if not self.objectives:
+            return self.inputs
+        return [{**spec, "objectives": list(self.objectives) + list(spec.get("objectives") or [])}
+                for spec in self.inputs]
+
+    def heads_options(self) -> dict:
+        if not self.objectives:
+            return self.heads
+        return {**self.heads, "objectives": list(self.objectives) + list(self.heads.get("objectives") or [])}
 
 
 def load_train_config(path: str) -> TrainConfig:
@@ -73,6 +88,10 @@ def load_train_config(path: str) -> TrainConfig:
         raise ConfigError("train config: inputs must list at least one corpus")
     if not 0.0 <= cfg.test_fraction < 1.0:
         raise ConfigError("train config: test_fraction must be in [0, 1)")
+    try:
+        objectives.register_all(cfg.objectives)
+    except ValueError as e:
+        raise ConfigError(f"train config: objectives: {e}") from None
     return cfg
 
 
@@ -111,7 +130,7 @@ def train_from_config(path: str, heads_out: str | None = None, ray_address: str 
     test = is_test_row(units.column("row_id").to_pylist(), cfg.test_fraction)
     train_units = units.filter(pa.array(~test))
     test_units = units.filter(pa.array(test))
-    result = train_heads(train_units, cfg.heads)
+    result = train_heads(train_units, cfg.heads_options())
     result.heads.save(out)
     if result.baseline is not None:
         result.baseline.save(os.path.join(out, "baseline"))
