@@ -111,9 +111,9 @@ def test_dpo_pairs_never_cross_prompts_and_counts_reconcile(ray_session, any_run
     assert (chosen["prompt_id"].to_numpy() == got["prompt_id"].to_numpy()).all()
     assert (rejected["prompt_id"].to_numpy() == got["prompt_id"].to_numpy()).all()
     assert np.allclose(got["score_chosen"], chosen["score"].astype(float)) and np.allclose(got["score_rejected"], rejected["score"].astype(float))
-    assert np.allclose(got["margin"], got["score_chosen"] - got["score_rejected"])
-    assert (got["margin"] >= 0.01).all()          # flip policy: every kept pair agrees with the reward
-    assert np.allclose(got["p_chosen"], 1 / (1 + np.exp(-got["margin"])))
+    assert np.allclose(got["score_margin"], got["score_chosen"] - got["score_rejected"])
+    assert (got["score_margin"] >= 0.01).all()          # flip policy: every kept pair agrees with the reward
+    assert np.allclose(got["p_chosen"], 1 / (1 + np.exp(-got["score_margin"])))
     assert [m["content"] for m in got["chosen"][0]] == [chosen["response"].iloc[0]]
     assert got["chosen"][0][0]["role"] == "assistant"
     pref, bon = man["pairs"]["preference"], man["pairs"]["best_of_n"]
@@ -158,7 +158,7 @@ def test_reruns_write_identical_files_and_remove_stale_ones(ray_session, annotat
     assert {k: first[k] for k in ("rows_in", "rows_out", "pairs", "filters")} == \
         {k: second[k] for k in ("rows_in", "rows_out", "pairs", "filters")}
     fewer = curate(ray_session, **{**cfg, "output_files": 2})
-    assert sorted(file_digests(out)) == ["part-00000-of-00002.parquet", "part-00001-of-00002.parquet"]
+    assert sorted(file_digests(out)) == ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]
     assert fewer["output"]["stale_files_removed"] == 4
     assert len(read_output(out)) == first["rows_out"]
 
@@ -180,7 +180,7 @@ def test_calibrate_fits_on_the_whole_run(ray_session, annotated_run, tmp_path):
     out = tmp_path / "dpo-cal"
     curate(ray_session, task="dpo", run=str(annotated_run), output=str(out), calibration=str(target), output_files=1)
     got = read_output(out)
-    assert np.allclose(got["p_chosen"], 1 / (1 + np.exp(-got["margin"] / c["temperature"])))
+    assert np.allclose(got["p_chosen"], 1 / (1 + np.exp(-got["score_margin"] / c["temperature"])))
 
 
 @pytest.fixture
@@ -207,7 +207,7 @@ def test_s3_in_and_out(ray_session, annotated_run, moto_s3):
     man = curate(ray_session, task="sft", run="s3://curate/runs/fixture", output="s3://curate/curated/sft",
                  storage_options=moto_s3, output_files=2, filters=[{"column": "score", "top": 0.25}])
     files = sorted(fs.find("curate/curated/sft/data"))
-    assert [f.rsplit("/", 1)[-1] for f in files] == ["part-00000-of-00002.parquet", "part-00001-of-00002.parquet"]
+    assert [f.rsplit("/", 1)[-1] for f in files] == ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]
     rows = sum(pq.read_table(f, filesystem=fs).num_rows for f in files)
     units = load_units(annotated_run)
     cutoff = kth_largest_cutoff(units["score"], 0.25)
