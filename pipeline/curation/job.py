@@ -40,7 +40,8 @@ from pipeline.runtime import init_ray
 
 MANIFEST = "manifest.json"
 SPLIT = "train"
-IPC_OPTIONS = ipc.IpcWriteOptions(compression="lz4")
+# Uncompressed: fragments live a few seconds on local or cluster scratch; lz4 cost more CPU than it saved I/O.
+IPC_OPTIONS = ipc.IpcWriteOptions(compression=None)
 
 
 def _say(msg: str) -> None:
@@ -184,13 +185,19 @@ def gather_file(k: int, n_files: int, partitions: list[int], cfg: CurateConfig, 
     for p in partitions:
         table, c = fn(read_partition(scratch, p, so, in_schema))
         counts.append(c)
-        if table.num_rows:
+        if table.num_rows and len(partitions) > 1:
             uri = storage.join(scratch, "out", f"r-{p:05d}.arrow")
             storage.write_atomic(uri, lambda f, t=table: _write_ipc(f, t), so)
             staged.append(uri)
+        if table.num_rows:
             out_schema, rows = table.schema, rows + table.num_rows
+        if len(partitions) > 1:
+            del table   # one partition in memory at a time
     name = output_name(k, n_files)
-    if rows:
+    if rows and len(partitions) == 1:
+        # One partition per file (the default layout): its table is still in memory, write it directly.
+        storage.write_atomic(storage.join(out_dir, name), lambda f: pq.write_table(table, f, compression="zstd"), so)
+    elif rows:
         def write(f):
             with pq.ParquetWriter(f, out_schema, compression="zstd") as writer:
                 for uri in staged:
@@ -215,13 +222,33 @@ def shuffle(cfg: CurateConfig, files: list[str], columns: list[str], key: str, f
     slices, total = plan_slices(files, so, cfg.partition_rows)
     partitions, n_files = partition_layout(total, cfg.partition_rows, output_files)
     storage.remove(scratch, so)
+    t0 = time.time()
     task = ray.remote(num_cpus=1)(scatter_slice)
     refs = [task.remote(uri, groups, i, columns, key, partitions, scratch, cfg.partition_rows, fit_columns, so)
             for i, (uri, groups) in enumerate(slices)]
     results = ray.get(refs)
     values = {c: np.concatenate([r["values"][c] for r in results]) if results else np.zeros(0) for c in fit_columns}
-    _say(f"scattered {total} units from {len(slices)} slice(s) into {partitions} partition(s)")
+    _say(f"scattered {total} units from {len(slices)} slice(s) into {partitions} partition(s) "
+         f"in {time.time() - t0:.1f} s")
     return {"partitions": partitions, "files": n_files, "units": total, "values": values}
+
+
+# Columns each task reads besides the filter columns (the rest of a run is never read).
+TASK_COLUMNS = {
+    "sft": ["unit_id", "row_id", "prompt_id", "kind", "source", "prompt", "response", "preference", "score"],
+    "dpo": ["unit_id", "row_id", "prompt_id", "kind", "source", "prompt", "response", "response_index", "preference",
+            "tie", "human_rank", "score"],
+    "rerank": ["unit_id", "row_id", "prompt_id", "kind", "source", "prompt", "response", "human_rank", "score"],
+}
+
+
+def task_columns(task: str, names: list[str], filters: list[Filter]) -> list[str]:
+    """The run's columns a task needs: its own, the per-objective ratings it carries into its output
+    (sft, rerank), and every filtered column."""
+    wanted = set(TASK_COLUMNS[task]) | {f.column for f in filters}
+    if task in ("sft", "rerank"):
+        wanted |= {n for n in names if n.startswith((schema.RATING_PREFIX, schema.DEBIASED_PREFIX))}
+    return [n for n in names if n in wanted]
 
 
 def _scratch(cfg: CurateConfig) -> str:
@@ -273,6 +300,7 @@ def run(cfg: CurateConfig) -> dict:
 
     t0 = time.time()
     init_ray(cfg.ray_address)
+    _say(f"ray ready in {time.time() - t0:.1f} s")
     so = cfg.storage_options or None
     files = storage.run_data_files(cfg.run, so)
     if cfg.task == "calibrate":
@@ -287,7 +315,7 @@ def run(cfg: CurateConfig) -> dict:
     out_dir = storage.join(cfg.output, "data")
     scratch = _scratch(cfg)
     in_schema = run_schema(files, so)
-    columns = [n for n in in_schema.names if n not in dict(schema.EMBEDDING_FIELDS)]
+    columns = task_columns(cfg.task, in_schema.names, filters)
     in_schema = pa.schema([in_schema.field(c) for c in columns])
     try:
         layout = shuffle(cfg, files, columns, "prompt_id", fit_cols, scratch, cfg.output_files)
@@ -295,9 +323,11 @@ def run(cfg: CurateConfig) -> dict:
             _say(f"whole-run quantiles of {fit_cols}")
             filters = resolve_filters(filters, layout["values"])
         n_files, per_file = layout["files"], layout["partitions"] // layout["files"]
+        t1 = time.time()
         task = ray.remote(num_cpus=1)(gather_file)
         summaries = ray.get([task.remote(k, n_files, list(range(k * per_file, (k + 1) * per_file)), cfg, filters,
                                          calibration, scratch, in_schema, out_dir) for k in range(n_files)])
+        _say(f"{cfg.task} on {layout['partitions']} partition(s) -> {n_files} file(s) in {time.time() - t1:.1f} s")
     finally:
         storage.remove(scratch, so)
     written = sorted(s["file"] for s in summaries if s["file"])
