@@ -65,10 +65,30 @@ def hex_ids(prefix: str, values: np.ndarray) -> pa.Array:
     return pa.array([f"{prefix}{v:016x}" for v in values.tolist()], pa.string())
 
 
+CHUNK_UNITS = 400_000
+
+
 def synthetic_run(n_units: int, out: Path, seed: int = 0) -> Path:
-    """Write a labeled run of n_units units (half best-of-N groups of 4, half preference pairs)."""
+    """Write a labeled run of n_units units (half best-of-N groups of 4, half preference pairs), in
+    chunks of at most CHUNK_UNITS units (bounded memory): each chunk is shuffled and cut into files,
+    so the units of a prompt land in different files of their chunk."""
     if (out / "data").exists() and (out / "done").exists():
         return out
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    file_no = 0
+    for k, lo in enumerate(range(0, n_units, CHUNK_UNITS)):
+        table = synthetic_chunk(min(CHUNK_UNITS, n_units - lo), seed + k)
+        for start in range(0, table.num_rows, UNITS_PER_FILE):
+            pq.write_table(table.slice(start, UNITS_PER_FILE), out / "data" / f"part-{file_no:05d}.parquet",
+                           row_group_size=50_000, compression="zstd")
+            file_no += 1
+        del table
+    (out / "manifest.json").write_text(json.dumps({"run_id": f"bench-{n_units}", "objectives": OBJECTIVES}))
+    (out / "done").write_text("")
+    return out
+
+
+def synthetic_chunk(n_units: int, seed: int) -> pa.Table:
     rng = np.random.default_rng(seed)
     n_bon_prompts, n_pref_rows = n_units // 8, n_units // 4          # 4 units / group, 2 units / row
     n = n_bon_prompts * 4 + n_pref_rows * 2
@@ -113,14 +133,7 @@ def synthetic_run(n_units: int, out: Path, seed: int = 0) -> Path:
     out_schema = schema.output_schema(OBJECTIVES)
     table = pa.table({f.name: columns.get(f.name, pa.nulls(n, f.type)) for f in out_schema}, schema=out_schema)
     # Arrival order is arbitrary: the units of a prompt land in different files.
-    table = table.take(pa.array(rng.permutation(n)))
-    (out / "data").mkdir(parents=True, exist_ok=True)
-    for k, lo in enumerate(range(0, n, UNITS_PER_FILE)):
-        pq.write_table(table.slice(lo, UNITS_PER_FILE), out / "data" / f"part-{k:05d}.parquet",
-                       row_group_size=50_000, compression="zstd")
-    (out / "manifest.json").write_text(json.dumps({"run_id": f"bench-{n_units}", "objectives": OBJECTIVES}))
-    (out / "done").write_text("")
-    return out
+    return table.take(pa.array(rng.permutation(n)))
 
 
 JOB_CONFIGS = {

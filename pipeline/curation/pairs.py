@@ -129,12 +129,14 @@ def is_in(table: pa.Table, name: str, values) -> np.ndarray:
                         False).to_numpy(zero_copy_only=False)
 
 
-def unique_rows(table: pa.Table) -> np.ndarray:
-    """Row indices keeping the first row of each unit_id (in unit_id order)."""
-    order = pc.sort_indices(table.select(["unit_id"]), [("unit_id", "ascending")]).to_numpy().astype(np.int64)
+def unique_rows(table: pa.Table, rows: np.ndarray | None = None) -> np.ndarray:
+    """Row indices (of `rows`, default all) keeping the first row of each unit_id, in unit_id order."""
+    rows = np.arange(table.num_rows, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
+    ids = table.column("unit_id").take(rows) if len(rows) != table.num_rows else table.column("unit_id")
+    order = pc.sort_indices(ids).to_numpy().astype(np.int64)
     if len(order) == 0:
-        return order.astype(np.int64)
-    return order[group_starts(table.column("unit_id").take(order).combine_chunks())]
+        return order
+    return rows[order[group_starts(ids.take(order).combine_chunks())]]
 
 
 def sorted_runs(table: pa.Table, rows: np.ndarray, keys: list[tuple[str, str]], group: str):
@@ -262,19 +264,20 @@ def preference_candidates(table: pa.Table, rows: np.ndarray, rules: PairRules) -
     return Candidates(better, worse, "preference", flipped, agrees), counts
 
 
-def make_pairs(units, rules: PairRules) -> tuple[pa.Table, dict[str, PairCounts]]:
+def make_pairs(units, rules: PairRules, rows: np.ndarray | None = None) -> tuple[pa.Table, dict[str, PairCounts]]:
     """All pairs of a set of whole prompts: preference rows pair within their row, the units of the
     kinds in `rules.group_kinds` pair among the responses to their prompt. Returns the pairs in
     TRL's conversational preference format (sorted by prompt_id, origin, chosen and rejected unit_id)
-    and the counts per origin."""
+    and the counts per origin. `rows`: only these rows of `units` (e.g. those that passed the filters)."""
     table = as_table(units)
-    unique = unique_rows(table)
+    rows = np.arange(table.num_rows, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
+    unique = unique_rows(table, rows)
     in_group, is_pref = is_in(table, "kind", rules.group_kinds), equals(table, "kind", "preference")
     bon, bon_counts = best_of_n_candidates(table, unique[in_group[unique]], rules)
     pref, pref_counts = preference_candidates(table, unique[is_pref[unique]], rules)
     # The same content twice (same unit_id) would otherwise pair with itself or give duplicate pairs.
-    bon_counts.duplicate_units = int(in_group.sum() - in_group[unique].sum())
-    pref_counts.duplicate_units = int(is_pref.sum() - is_pref[unique].sum())
+    bon_counts.duplicate_units = int(in_group[rows].sum() - in_group[unique].sum())
+    pref_counts.duplicate_units = int(is_pref[rows].sum() - is_pref[unique].sum())
     return pair_table(table, [bon, pref]), {"best_of_n": bon_counts, "preference": pref_counts}
 
 

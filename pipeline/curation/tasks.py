@@ -51,25 +51,29 @@ def conversations(prompts, responses) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), values)
 
 
-def _pre_filter(units: pa.Table, kinds: list | None, exclude_rejected: bool) -> tuple[pa.Table, list[dict]]:
+def _pre_filter(units: pa.Table, kinds: list | None, exclude_rejected: bool) -> tuple[np.ndarray, list[dict]]:
     """Selection steps that are not thresholds, counted like filters so the manifest explains them.
     Units repeated with the same unit_id (identical input rows: ids are content-based) are kept once.
-    Rows come back in unit_id order."""
+    Returns the surviving row indices in unit_id order (the heavy columns are taken once, at the end)."""
     steps = []
-    order = pc.sort_indices(units.select(["unit_id"]), [("unit_id", "ascending")]).to_numpy().astype(np.int64)
-    units = units.take(order)
-    keep = np.zeros(units.num_rows, dtype=bool)
-    keep[unique_rows(units)] = True
-    steps.append({"label": "unique unit_id", "removed": int(np.sum(~keep)), "failed": int(np.sum(~keep))})
+    rows = unique_rows(units)
+    n = units.num_rows
+    steps.append({"label": "unique unit_id", "removed": n - len(rows), "failed": n - len(rows)})
     if kinds is not None:
         ok = is_in(units, "kind", kinds)
-        steps.append({"label": f"kind in {list(kinds)}", "removed": int(np.sum(keep & ~ok)), "failed": int(np.sum(~ok))})
-        keep &= ok
+        steps.append({"label": f"kind in {list(kinds)}", "removed": int(np.sum(~ok[rows])), "failed": int(np.sum(~ok))})
+        rows = rows[ok[rows]]
     if exclude_rejected:
         ok = ~equals(units, "preference", "rejected")
-        steps.append({"label": "not human-rejected", "removed": int(np.sum(keep & ~ok)), "failed": int(np.sum(~ok))})
-        keep &= ok
-    return units.filter(pa.array(keep)), steps
+        steps.append({"label": "not human-rejected", "removed": int(np.sum(~ok[rows])), "failed": int(np.sum(~ok))})
+        rows = rows[ok[rows]]
+    return rows, steps
+
+
+def _light(units: pa.Table, rows: np.ndarray, columns) -> pa.Table:
+    """A few (scalar) columns of the given rows, for the selection steps."""
+    present = sorted(c for c in set(columns) if c in units.column_names)  # a missing filter column: FilterError later
+    return units.select(present).take(pa.array(rows))
 
 
 def _has_score_calibration(calibration: dict | None) -> bool:
@@ -101,22 +105,24 @@ def select_sft(units, filters: list[Filter], one_per_prompt: bool, kinds: list |
     units = as_table(units)
     ratings = rating_columns(units.column_names)
     rows_in = units.num_rows
-    units, steps = _pre_filter(units, kinds, exclude_human_rejected)
-    keep, filter_counts = apply_filters(units, filters)
-    units = units.filter(pa.array(keep))
+    rows, steps = _pre_filter(units, kinds, exclude_human_rejected)
+    keep, filter_counts = apply_filters(_light(units, rows, [f.column for f in filters] + ["unit_id"]), filters)
+    rows = rows[keep]
     removed_by_one_per_prompt = 0
+    light = _light(units, rows, ["prompt_id", "unit_id", "score"])
     if one_per_prompt:
         # The highest score per prompt; ties go to the smallest unit_id; unscored units never chosen.
-        rows, rank, _ = rank_order(units)
-        best = rows[rank == 0]
-        removed_by_one_per_prompt = units.num_rows - len(best)
-        units = units.take(best)
-    units = units.take(pc.sort_indices(units.select(["prompt_id", "unit_id"]),
-                                       [("prompt_id", "ascending"), ("unit_id", "ascending")]))
+        order, rank, _ = rank_order(light)
+        best = order[rank == 0]
+        removed_by_one_per_prompt = len(rows) - len(best)
+        rows, light = rows[best], light.take(pa.array(best))
+    rows = rows[pc.sort_indices(light.select(["prompt_id", "unit_id"]),
+                                [("prompt_id", "ascending"), ("unit_id", "ascending")]).to_numpy().astype(np.int64)]
+    out = units.take(pa.array(rows))
     out_schema = sft_schema(ratings, _has_score_calibration(calibration))
-    data = {"messages": conversations(units.column("prompt"), units.column("response")),
-            **_unit_columns(units, ["prompt_id", "unit_id", "row_id", "source", "kind", "score", *ratings], out_schema)}
-    data.update(_calibrated(units, calibration))
+    data = {"messages": conversations(out.column("prompt"), out.column("response")),
+            **_unit_columns(out, ["prompt_id", "unit_id", "row_id", "source", "kind", "score", *ratings], out_schema)}
+    data.update(_calibrated(out, calibration))
     table = pa.table(data, schema=out_schema)
     counts = {"rows_in": rows_in, "rows_out": table.num_rows, "selection": steps, "filters": filter_counts,
               "one_per_prompt_removed": removed_by_one_per_prompt}
@@ -141,8 +147,9 @@ def build_dpo(units, filters: list[Filter], rules: PairRules, temperature: float
               reward_margin: bool = False) -> tuple[pa.Table, dict]:
     units = as_table(units)
     rows_in = units.num_rows
-    keep, filter_counts = apply_filters(units, filters)
-    pairs, totals = make_pairs(units.filter(pa.array(keep)), rules)
+    keep, filter_counts = apply_filters(_light(units, np.arange(units.num_rows), [f.column for f in filters] + ["unit_id"]),
+                                        filters)
+    pairs, totals = make_pairs(units, rules, np.flatnonzero(keep))
     sc = pairs.column("score_chosen").to_numpy()
     sr = pairs.column("score_rejected").to_numpy()
     pairs = pairs.add_column(PAIR_SCHEMA.get_field_index("score_margin") + 1, "p_chosen",
@@ -174,20 +181,21 @@ def rerank(units, filters: list[Filter], top_k: int, kinds: list | None = None,
     units = as_table(units)
     ratings = rating_columns(units.column_names)
     rows_in = units.num_rows
-    units, steps = _pre_filter(units, kinds, exclude_rejected=False)
-    agreement = agreement_over_prompts(units) if units.num_rows else Agreement()
-    keep, filter_counts = apply_filters(units, filters)
-    units = units.filter(pa.array(keep))
-    codes, n_prompts = arrow_group_codes(units.column("prompt_id"))
+    rows, steps = _pre_filter(units, kinds, exclude_rejected=False)
+    light = _light(units, rows, ["prompt_id", "unit_id", "score", "human_rank"] + [f.column for f in filters])
+    agreement = agreement_over_prompts(light) if len(rows) else Agreement()
+    keep, filter_counts = apply_filters(light, filters)
+    rows, light = rows[keep], light.filter(pa.array(keep))
+    codes, n_prompts = arrow_group_codes(light.column("prompt_id"))
     candidates = np.bincount(codes, minlength=n_prompts)       # surviving units per prompt, scored or not
-    rows, rank, _ = rank_order(units)
+    order, rank, _ = rank_order(light)
     top = rank < top_k
-    rows, rank = rows[top], rank[top]
-    out = units.take(rows)
+    order, rank = order[top], rank[top]
+    out = units.take(pa.array(rows[order]))
     out_schema = rerank_schema(ratings, _has_score_calibration(calibration))
     data = {"messages": conversations(out.column("prompt"), out.column("response")),
             **_unit_columns(out, ["prompt_id", "unit_id", "row_id", "source", "kind"], out_schema),
-            "rank": pa.array(rank, pa.int32()), "n_candidates": pa.array(candidates[codes[rows]], pa.int32()),
+            "rank": pa.array(rank, pa.int32()), "n_candidates": pa.array(candidates[codes[order]], pa.int32()),
             **_unit_columns(out, ["score", "human_rank", *ratings], out_schema)}
     data.update(_calibrated(out, calibration))
     table = pa.table(data, schema=out_schema)
