@@ -262,7 +262,7 @@ def test_stable_hash_is_fnv1a_of_the_utf8_bytes():
 
 
 @pytest.mark.parametrize("units, rows, files, expected", [
-    (1000, 200_000, None, (1, 1)), (1000, 200_000, 8, (8, 8)), (3_200_000, 200_000, None, (16, 16)),
+    (1000, 200_000, None, (1, 1)), (1000, 200_000, 8, (8, 8)), (3_200_000, 100_000, None, (32, 32)),
     (3_200_000, 200_000, 5, (20, 5)), (950, 100, 2, (10, 2)), (0, 100, None, (1, 1)),
 ])
 def test_partitions_follow_the_data_and_fill_whole_files(units, rows, files, expected):

@@ -6,7 +6,7 @@
     storage_options: {}                # for s3:// (endpoint_url, key, secret, ...)
     filters: [...]                     # unit filters, see pipeline/curation/thresholds.py
     output_files: null                 # output Parquet files (null: one per partition)
-    partition_rows: 200000             # units per shuffle partition: bounds the memory of every task
+    partition_rows: 100000             # units per shuffle partition: bounds the memory of every task
     scratch: null                      # shuffle fragments (default <output>/_shuffle; removed at the end)
     sft:       {one_per_prompt: false, kinds: null, exclude_human_rejected: true}
     pairs:     {best_of_n: best_worst, min_margin: 0.0, group_kinds: [best_of_n],
@@ -99,7 +99,7 @@ class CurateConfig:
     storage_options: dict = field(default_factory=dict)
     filters: list = field(default_factory=list)
     output_files: int | None = None
-    partition_rows: int = 200_000
+    partition_rows: int = 100_000
     scratch: str | None = None
     sft: SftConfig = field(default_factory=SftConfig)
     pairs: PairsConfig = field(default_factory=PairsConfig)

@@ -39,6 +39,8 @@ from pipeline.curation.thresholds import Filter, columns_to_fit, merge_filter_co
 from pipeline.runtime import init_ray
 
 MANIFEST = "manifest.json"
+SLICE_PARTITIONS = 8     # a scatter task reads up to this many partitions' worth of units
+BATCH_ROWS = 50_000      # ... in batches of at most this many units
 SPLIT = "train"
 # Uncompressed: fragments live a few seconds on local or cluster scratch; lz4 cost more CPU than it saved I/O.
 IPC_OPTIONS = ipc.IpcWriteOptions(compression=None)
@@ -219,12 +221,15 @@ def shuffle(cfg: CurateConfig, files: list[str], columns: list[str], key: str, f
     import ray
 
     so = cfg.storage_options or None
-    slices, total = plan_slices(files, so, cfg.partition_rows)
+    # Scatter tasks stream their slice in batches, so a slice can be larger than a partition: fewer
+    # slices keep the number of fragments (slices x partitions) down on big runs.
+    slices, total = plan_slices(files, so, SLICE_PARTITIONS * cfg.partition_rows)
     partitions, n_files = partition_layout(total, cfg.partition_rows, output_files)
     storage.remove(scratch, so)
     t0 = time.time()
     task = ray.remote(num_cpus=1)(scatter_slice)
-    refs = [task.remote(uri, groups, i, columns, key, partitions, scratch, cfg.partition_rows, fit_columns, so)
+    refs = [task.remote(uri, groups, i, columns, key, partitions, scratch, min(cfg.partition_rows, BATCH_ROWS),
+                        fit_columns, so)
             for i, (uri, groups) in enumerate(slices)]
     results = ray.get(refs)
     values = {c: np.concatenate([r["values"][c] for r in results]) if results else np.zeros(0) for c in fit_columns}

@@ -179,11 +179,12 @@ def merge_filter_counts(parts: list[list[dict]]) -> list[dict]:
 
 def best_per_prompt(df: pd.DataFrame, score_column: str = "score") -> np.ndarray:
     """Mask keeping one row per prompt_id: the highest score; ties go to the smallest unit_id so the
-    choice does not depend on row order. Rows without a score are never chosen."""
-    neg_score = -pd.to_numeric(df[score_column], errors="coerce").to_numpy(dtype=np.float64)
-    t = pd.DataFrame({"p": df["prompt_id"].to_numpy(), "s": neg_score, "u": df["unit_id"].to_numpy(),
-                      "pos": np.arange(len(df))})
-    t = t[~np.isnan(neg_score)].sort_values(["p", "s", "u"], kind="mergesort")
+    choice does not depend on row order. Rows without a score are never chosen (rank 0 of rerank)."""
+    from pipeline.curation.rerank import rank_order
+
+    keys = pd.DataFrame({"prompt_id": df["prompt_id"].to_numpy(), "unit_id": df["unit_id"].to_numpy(),
+                         "score": pd.to_numeric(df[score_column], errors="coerce").to_numpy(dtype=np.float64)})
+    rows, rank, _ = rank_order(keys)
     keep = np.zeros(len(df), dtype=bool)
-    keep[t.drop_duplicates("p", keep="first")["pos"].to_numpy()] = True
+    keep[rows[rank == 0]] = True
     return keep
