@@ -4,7 +4,8 @@
     ray job submit --working-dir . -- python -m jobs.curate --config jobs/configs/curate_dpo.yaml
 
 Locally it starts an embedded Ray; under `ray job submit` it joins the cluster. Output files are
-named by hash partition, so a rerun replaces them instead of adding duplicates. The manifest next
+`data/train-<k>-of-<n>.parquet` (a `train` split for `datasets.load_dataset(<output>)`); a rerun
+replaces them instead of adding duplicates. The manifest next
 to the output says how many rows each filter removed and which pairs were kept, flipped or dropped.
 """
 

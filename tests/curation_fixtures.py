@@ -194,3 +194,53 @@ def labeled_run(smollm2_heads, tmp_path_factory) -> Path:
                        resources={"rows_per_shard": 16})
     run_module("jobs.label", "--config", str(write_yaml(tmp / "job.yaml", cfg)))
     return tmp / "labels" / "real"
+
+
+# --- seeded random units for the equivalence tests --------------------------------------------------
+def random_units(seed: int, n_prompts: int = 40):
+    """A pandas frame of units in the output schema's columns with every corner the pair, rerank and
+    SFT rules name: best-of-N groups of 1-6 with tied scores, identical texts, missing scores and
+    tied / missing human ranks; preference rows that are complete, human ties (labelled or not),
+    halves, triples, or hold a missing score or identical texts; repeated identical rows."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    units = []
+    for p in range(n_prompts):
+        pid = f"p{rng.integers(10**6):06d}-{p}"
+        prompt = [{"role": "user", "content": f"question {p}"}]
+        if rng.random() < 0.5:
+            n = int(rng.integers(1, 7))
+            rid = f"{pid}-bon"
+            for i in range(n):
+                units.append({"unit_id": f"{rid}-{i}", "row_id": rid, "prompt_id": pid, "kind": "best_of_n",
+                              "source": "oasst", "prompt": prompt, "response": f"answer {rng.integers(4)}",
+                              "response_index": i, "preference": None, "tie": None,
+                              "human_rank": None if rng.random() < 0.2 else int(rng.integers(0, 3)),
+                              "score": np.nan if rng.random() < 0.1 else float(rng.integers(0, 5)) / 4})
+        for r in range(int(rng.integers(0, 3))):
+            rid = f"{pid}-pref{r}"
+            shape = rng.choice(["pair", "pair", "pair", "tie", "tie_unlabelled", "half", "triple", "same_label"])
+            n = {"half": 1, "triple": 3}.get(shape, 2)
+            labels = {"pair": ["chosen", "rejected"], "tie": ["chosen", "rejected"], "tie_unlabelled": [None, None],
+                      "half": ["chosen"], "triple": ["chosen", "rejected", "rejected"],
+                      "same_label": ["chosen", "chosen"]}[shape]
+            for i in range(n):
+                units.append({"unit_id": f"{rid}-{i}", "row_id": rid, "prompt_id": pid, "kind": "preference",
+                              "source": "hh-rlhf", "prompt": prompt, "response": f"reply {rng.integers(3)}",
+                              "response_index": i, "preference": labels[i], "tie": shape.startswith("tie"),
+                              "human_rank": None,
+                              "score": np.nan if rng.random() < 0.05 else float(rng.integers(-4, 5)) / 8})
+        if rng.random() < 0.2:
+            units.append({"unit_id": f"{pid}-instr-0", "row_id": f"{pid}-instr", "prompt_id": pid,
+                          "kind": "instruction", "source": "alpaca", "prompt": prompt, "response": "text",
+                          "response_index": 0, "preference": None, "tie": None, "human_rank": None,
+                          "score": float(rng.integers(0, 5)) / 4})
+    repeats = [dict(u) for u in units if rng.random() < 0.08]   # identical rows, as repeated input rows give
+    df = pd.DataFrame(units + repeats)
+    df = df.sample(frac=1.0, random_state=seed).reset_index(drop=True)   # arrival order is arbitrary
+    df["score"] = df["score"].astype(np.float32)
+    df["human_rank"] = df["human_rank"].astype("Int32")
+    df["tie"] = df["tie"].astype("boolean")
+    df["rating_a"] = rng.random(len(df)).astype(np.float32)
+    return df

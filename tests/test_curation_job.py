@@ -111,9 +111,9 @@ def test_dpo_pairs_never_cross_prompts_and_counts_reconcile(ray_session, any_run
     assert (chosen["prompt_id"].to_numpy() == got["prompt_id"].to_numpy()).all()
     assert (rejected["prompt_id"].to_numpy() == got["prompt_id"].to_numpy()).all()
     assert np.allclose(got["score_chosen"], chosen["score"].astype(float)) and np.allclose(got["score_rejected"], rejected["score"].astype(float))
-    assert np.allclose(got["margin"], got["score_chosen"] - got["score_rejected"])
-    assert (got["margin"] >= 0.01).all()          # flip policy: every kept pair agrees with the reward
-    assert np.allclose(got["p_chosen"], 1 / (1 + np.exp(-got["margin"])))
+    assert np.allclose(got["score_margin"], got["score_chosen"] - got["score_rejected"])
+    assert (got["score_margin"] >= 0.01).all()          # flip policy: every kept pair agrees with the reward
+    assert np.allclose(got["p_chosen"], 1 / (1 + np.exp(-got["score_margin"])))
     assert [m["content"] for m in got["chosen"][0]] == [chosen["response"].iloc[0]]
     assert got["chosen"][0][0]["role"] == "assistant"
     pref, bon = man["pairs"]["preference"], man["pairs"]["best_of_n"]
@@ -158,7 +158,7 @@ def test_reruns_write_identical_files_and_remove_stale_ones(ray_session, annotat
     assert {k: first[k] for k in ("rows_in", "rows_out", "pairs", "filters")} == \
         {k: second[k] for k in ("rows_in", "rows_out", "pairs", "filters")}
     fewer = curate(ray_session, **{**cfg, "output_files": 2})
-    assert sorted(file_digests(out)) == ["part-00000-of-00002.parquet", "part-00001-of-00002.parquet"]
+    assert sorted(file_digests(out)) == ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]
     assert fewer["output"]["stale_files_removed"] == 4
     assert len(read_output(out)) == first["rows_out"]
 
@@ -178,9 +178,12 @@ def test_calibrate_fits_on_the_whole_run(ray_session, annotated_run, tmp_path):
     assert json.loads((tmp_path / "heads" / "calibration.manifest.json").read_text())["rows_in"] == len(units)
     # the fitted temperature then sets P(chosen beats rejected) on DPO pairs
     out = tmp_path / "dpo-cal"
-    curate(ray_session, task="dpo", run=str(annotated_run), output=str(out), calibration=str(target), output_files=1)
+    curate(ray_session, task="dpo", run=str(annotated_run), output=str(out), calibration=str(target), output_files=1,
+           pairs={"reward_margin": True})
     got = read_output(out)
-    assert np.allclose(got["p_chosen"], 1 / (1 + np.exp(-got["margin"] / c["temperature"])))
+    assert np.allclose(got["p_chosen"], 1 / (1 + np.exp(-got["score_margin"] / c["temperature"])))
+    # the opt-in loss margin for TRL's RewardTrainer: the gap in Bradley-Terry logits
+    assert np.allclose(got["margin"], got["score_margin"] / c["temperature"])
 
 
 @pytest.fixture
@@ -207,7 +210,7 @@ def test_s3_in_and_out(ray_session, annotated_run, moto_s3):
     man = curate(ray_session, task="sft", run="s3://curate/runs/fixture", output="s3://curate/curated/sft",
                  storage_options=moto_s3, output_files=2, filters=[{"column": "score", "top": 0.25}])
     files = sorted(fs.find("curate/curated/sft/data"))
-    assert [f.rsplit("/", 1)[-1] for f in files] == ["part-00000-of-00002.parquet", "part-00001-of-00002.parquet"]
+    assert [f.rsplit("/", 1)[-1] for f in files] == ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]
     rows = sum(pq.read_table(f, filesystem=fs).num_rows for f in files)
     units = load_units(annotated_run)
     cutoff = kth_largest_cutoff(units["score"], 0.25)
@@ -224,6 +227,8 @@ def test_s3_in_and_out(ray_session, annotated_run, moto_s3):
     ({"pairs": {"margin": 1}}, "pairs: unknown key"),
     ({"sft": {"kinds": ["chat"]}}, "sft.kinds"),
     ({"rerank": {"top_k": 0}}, "rerank.top_k"),
+    ({"pairs": {"reward_margin": True}}, "reward_margin: needs `calibration`"),
+    ({"partition_rows": 0}, "partition_rows"),
     ({"colour": "blue"}, "unknown key"),
     ({"task": "calibrate"}, "ending in .json"),
     ({"run": "/nonexistent/run"}, "no Parquet files"),
@@ -238,3 +243,48 @@ def test_cli_reports_config_errors_with_exit_code_2(tmp_path, capsys):
     (tmp_path / "c.yaml").write_text("task: sft\n")
     assert curate_cli.main(["--config", str(tmp_path / "c.yaml")]) == 2
     assert "missing required key 'run'" in capsys.readouterr().err
+
+
+def test_stable_hash_is_fnv1a_of_the_utf8_bytes():
+    import pyarrow as pa
+
+    from pipeline.curation.job import partition_of, stable_hash
+
+    keys = pa.array(["", "a", "foobar", "é"])
+    # published FNV-1a 64-bit test vectors ("", "a", "foobar"); "é" is the two bytes c3 a9
+    expected = [0xCBF29CE484222325, 0xAF63DC4C8601EC8C, 0x85944171F73967E8]
+    h = 0xCBF29CE484222325
+    for b in "é".encode():
+        h = ((h ^ b) * 0x100000001B3) % 2**64
+    assert stable_hash(keys).tolist() == expected + [h]
+    assert stable_hash(keys.slice(1, 2)).tolist() == expected[1:3]            # sliced arrays
+    assert partition_of(pa.chunked_array([["a"], ["a", "foobar"]]), 7).tolist() == [expected[1] % 7] * 2 + [expected[2] % 7]
+
+
+@pytest.mark.parametrize("units, rows, files, expected", [
+    (1000, 200_000, None, (1, 1)), (1000, 200_000, 8, (8, 8)), (3_200_000, 100_000, None, (32, 32)),
+    (3_200_000, 200_000, 5, (20, 5)), (950, 100, 2, (10, 2)), (0, 100, None, (1, 1)),
+])
+def test_partitions_follow_the_data_and_fill_whole_files(units, rows, files, expected):
+    from pipeline.curation.job import partition_layout
+
+    assert partition_layout(units, rows, files) == expected
+
+
+def test_many_small_partitions_give_the_same_rows_and_counts(ray_session, annotated_run, tmp_path):
+    """Partitions of 150 units (so about ten, several per file): every output row and every count as
+    with the whole run in one partition, because a partition always holds whole prompts."""
+    units = load_units(annotated_run)
+    cfg = dict(task="dpo", run=str(annotated_run), filters=[{"column": "score", "above_quantile": 0.1}],
+               pairs={"best_of_n": "all_pairs", "tie_epsilon": 0.01})
+    one = curate(ray_session, **cfg, output=str(tmp_path / "one"), output_files=1)
+    many = curate(ray_session, **cfg, output=str(tmp_path / "many"), output_files=3, partition_rows=150)
+    assert one["partitions"] == 1 and many["partitions"] == 3 * int(np.ceil(len(units) / 150 / 3))
+    assert len(many["output"]["files"]) == 3
+    for key in ("rows_in", "rows_out", "pairs", "filters", "resolved_filters"):
+        assert one[key] == many[key]
+    a = read_output(tmp_path / "one").sort_values(["chosen_unit_id", "rejected_unit_id"]).reset_index(drop=True)
+    b = read_output(tmp_path / "many").sort_values(["chosen_unit_id", "rejected_unit_id"]).reset_index(drop=True)
+    assert a[["chosen_unit_id", "rejected_unit_id", "score_margin", "action"]].equals(
+        b[["chosen_unit_id", "rejected_unit_id", "score_margin", "action"]])
+    assert not (tmp_path / "many" / "_shuffle").exists()   # scratch removed

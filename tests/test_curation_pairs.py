@@ -5,8 +5,7 @@ import pandas as pd
 import pytest
 from curation_fixtures import load_units
 
-from pipeline.curation.pairs import (PairRules, best_of_n_pairs, human_pair_margins, merge_counts, pairs_for_prompt,
-                                     preference_pairs, to_trl)
+from pipeline.curation.pairs import PairRules, human_pair_margins, make_pairs, merge_counts
 
 PROMPT = [{"role": "user", "content": "q"}]
 
@@ -28,11 +27,22 @@ def pref_row(row_id, s_chosen, s_rejected, tie=False, same_text=False, prompt_id
                          "human_rank": [None, None], "score": [s_chosen, s_rejected]})
 
 
+def best_of_n_pairs(units, rules):
+    """The best-of-N pairs of `units` as a list of dicts, and their counts."""
+    table, counts = make_pairs(units, rules)
+    return table.to_pylist(), counts["best_of_n"]
+
+
+def preference_pairs(units, rules):
+    table, counts = make_pairs(units, rules)
+    return table.to_pylist(), counts["preference"]
+
+
 def test_best_worst_pairs_the_highest_with_the_lowest_score():
     pairs, counts = best_of_n_pairs(group([0.2, 0.9, 0.5, 0.1]), PairRules(best_of_n="best_worst"))
     [p] = pairs
     assert (p["chosen_unit_id"], p["rejected_unit_id"]) == ("p-1", "p-3")
-    assert p["score_chosen"] == 0.9 and p["score_rejected"] == 0.1 and p["margin"] == pytest.approx(0.8)
+    assert p["score_chosen"] == 0.9 and p["score_rejected"] == 0.1 and p["score_margin"] == pytest.approx(0.8)
     assert counts.to_dict() == {"pairs_in": 1, "kept": 1, "flipped": 0, "dropped": {}, "dropped_total": 0,
                                  "duplicate_units": 0}
 
@@ -44,7 +54,7 @@ def test_all_pairs_respects_the_margin_and_never_pairs_a_unit_with_itself():
                 for i, j in combinations(range(4), 2) if abs(scores[i] - scores[j]) >= 0.05}
     assert {(p["chosen_unit_id"], p["rejected_unit_id"]) for p in pairs} == expected
     assert counts.pairs_in == 6 and counts.kept == 5 and counts.dropped == {"below_min_margin": 1}
-    assert all(p["chosen_unit_id"] != p["rejected_unit_id"] and p["margin"] >= 0.05 for p in pairs)
+    assert all(p["chosen_unit_id"] != p["rejected_unit_id"] and p["score_margin"] >= 0.05 for p in pairs)
 
 
 def test_best_of_n_drops_identical_texts_and_equal_scores_and_counts_them():
@@ -90,9 +100,9 @@ def test_preference_policy_counts_reconcile(policy, kept, flipped, dropped):
     if policy == "flip":
         flipped_pair = by_row["r2"]
         assert (flipped_pair["chosen_unit_id"], flipped_pair["rejected_unit_id"]) == ("r2-1", "r2-0")
-        assert flipped_pair["action"] == "flipped" and flipped_pair["margin"] == pytest.approx(0.3)
+        assert flipped_pair["action"] == "flipped" and flipped_pair["score_margin"] == pytest.approx(0.3)
     if policy == "keep":
-        assert by_row["r2"]["margin"] == pytest.approx(-0.3) and by_row["r2"]["human_agrees"] is False
+        assert by_row["r2"]["score_margin"] == pytest.approx(-0.3) and by_row["r2"]["human_agrees"] is False
 
 
 def test_human_ties_oriented_by_reward_when_asked():
@@ -108,10 +118,12 @@ def test_human_ties_oriented_by_reward_when_asked():
 def test_pairs_on_real_rows_stay_within_their_prompt_and_reconcile(annotated_run):
     units = load_units(annotated_run)
     rules = PairRules(best_of_n="all_pairs", min_margin=0.02, preference="flip", tie_epsilon=0.01)
+    # two disjoint sets of whole prompts, merged as the job merges its partitions
+    prompts = sorted(units["prompt_id"].unique())
     pairs, totals = [], {"best_of_n": [], "preference": []}
-    for _, g in units.groupby("prompt_id"):
-        p, c = pairs_for_prompt(g, rules)
-        pairs += p
+    for ids in (prompts[::2], prompts[1::2]):
+        table, c = make_pairs(units[units["prompt_id"].isin(ids)], rules)
+        pairs += table.to_pylist()
         for k, v in c.items():
             totals[k].append(v.to_dict())
     by_unit = units.drop_duplicates("unit_id").set_index("unit_id")
@@ -122,7 +134,7 @@ def test_pairs_on_real_rows_stay_within_their_prompt_and_reconcile(annotated_run
         assert p["score_chosen"] == float(chosen["score"]) and p["score_rejected"] == float(rejected["score"])
         if p["origin"] == "preference":
             assert chosen["row_id"] == rejected["row_id"] == p["row_id"]
-        assert p["margin"] == pytest.approx(p["score_chosen"] - p["score_rejected"])
+        assert p["score_margin"] == pytest.approx(p["score_chosen"] - p["score_rejected"])
     bon, pref = merge_counts(totals["best_of_n"]), merge_counts(totals["preference"])
     n_pref_rows = units[units["kind"] == "preference"]["row_id"].nunique()
     # real PandaLM holds repeated rows (same instruction and responses -> same content ids)
@@ -137,14 +149,20 @@ def test_pairs_on_real_rows_stay_within_their_prompt_and_reconcile(annotated_run
     assert pref["flipped"] > 0 and bon["kept"] > 0
 
 
-def test_trl_format_is_conversational():
-    pairs, _ = preference_pairs(pref_row("r1", 0.9, 0.4), PairRules())
-    df = to_trl(pairs)
-    row = df.iloc[0]
+def test_trl_format_is_conversational_and_has_no_margin_column():
+    table, _ = make_pairs(pref_row("r1", 0.9, 0.4), PairRules())
+    [row] = table.to_pylist()
     assert row["prompt"] == PROMPT
     assert row["chosen"] == [{"role": "assistant", "content": "good"}]
     assert row["rejected"] == [{"role": "assistant", "content": "bad"}]
-    assert list(df.columns[:6]) == ["prompt", "chosen", "rejected", "score_chosen", "score_rejected", "margin"]
+    assert table.column_names[:6] == ["prompt", "chosen", "rejected", "score_chosen", "score_rejected", "score_margin"]
+    assert "margin" not in table.column_names  # RewardTrainer would read it as its loss margin
+
+
+def test_no_pairs_gives_an_empty_table_of_the_pair_schema():
+    table, counts = make_pairs(pref_row("r6", 0.8, 0.1).iloc[:1], PairRules())
+    assert table.num_rows == 0 and table.column_names[:3] == ["prompt", "chosen", "rejected"]
+    assert counts["preference"].dropped == {"incomplete_pair": 1}
 
 
 def test_human_pair_margins_skip_ties_and_incomplete_rows():

@@ -75,6 +75,16 @@ def test_group_agreement_top1_and_tau():
     assert (reversed_.top1_hits, reversed_.tau_sum) == (0, -1.0)
     unranked = group_agreement(units([0.1, 0.5], human_rank=[0, None]))
     assert unranked.groups_ranked == 0
+    # a tie for the top score: half the tied units are human-best -> credit 0.5 (pipeline.metrics)
+    tied = group_agreement(units([1.0, 1.0, 0.0], human_rank=[1, 0, 2]))
+    assert (tied.groups_ranked, tied.top1_hits) == (1, 0.5)
+
+
+def test_rank_units_ranks_every_prompt_at_once():
+    two = pd.concat([units([0.2, 0.8], prompt_id="b"), units([0.5, 0.5, 0.9], prompt_id="a")], ignore_index=True)
+    ranked = rank_units(two, top_k=2)
+    assert ranked["unit_id"].tolist() == ["a-2", "a-0", "b-1", "b-0"]
+    assert ranked["rank"].tolist() == [0, 1, 0, 1]
 
 
 def test_agreement_on_real_oasst_ranks_matches_an_independent_count(annotated_run):
@@ -88,14 +98,19 @@ def test_agreement_on_real_oasst_ranks_matches_an_independent_count(annotated_ru
         if len(g) < 2:
             continue
         groups += 1
-        best = g.sort_values(["score", "unit_id"], ascending=[False, True]).iloc[0]
-        hits += int(best["human_rank"] == g["human_rank"].min())
+        g = g[g["score"].notna()]
+        if len(g) < 2:
+            groups -= 1
+            continue
+        top = g[g["score"] == g["score"].max()]      # ties for the top share the credit
+        hits += float((top["human_rank"] == g["human_rank"].min()).mean())
         tau = brute_force_tau_b(g["score"].tolist(), (-g["human_rank"]).tolist())
         if not math.isnan(tau):
             tau_groups += 1
             tau_sum += tau
     assert groups > 50
-    assert (got["groups_ranked"], got["top1_hits"], got["tau_groups"]) == (groups, hits, tau_groups)
+    assert (got["groups_ranked"], got["tau_groups"]) == (groups, tau_groups)
+    assert got["top1_hits"] == pytest.approx(hits)
     assert got["mean_kendall_tau_b"] == pytest.approx(tau_sum / tau_groups)
     # additive over disjoint sets of whole prompts (how the job sums its partitions)
     merged = Agreement()
@@ -104,5 +119,7 @@ def test_agreement_on_real_oasst_ranks_matches_an_independent_count(annotated_ru
         merged.add(agreement_over_prompts(bon[bon["prompt_id"].isin(ids)]))
     merged = merged.to_dict()
     assert merged.pop("tau_sum") == pytest.approx(got.pop("tau_sum"))
+    assert merged.pop("top1_hits") == pytest.approx(got.pop("top1_hits"))
+    assert merged.pop("top1_agreement") == pytest.approx(got.pop("top1_agreement"))
     assert merged.pop("mean_kendall_tau_b") == pytest.approx(got.pop("mean_kendall_tau_b"))
     assert merged == got

@@ -5,10 +5,12 @@
     output: runs/curated/demo-sft      # a directory (calibrate: the JSON file to write)
     storage_options: {}                # for s3:// (endpoint_url, key, secret, ...)
     filters: [...]                     # unit filters, see pipeline/curation/thresholds.py
-    output_files: 8                    # hash partitions by prompt_id = output Parquet files
+    output_files: null                 # output Parquet files (null: one per partition)
+    partition_rows: 100000             # units per shuffle partition: bounds the memory of every task
+    scratch: null                      # shuffle fragments (default <output>/_shuffle; removed at the end)
     sft:       {one_per_prompt: false, kinds: null, exclude_human_rejected: true}
     pairs:     {best_of_n: best_worst, min_margin: 0.0, group_kinds: [best_of_n],
-                preference: flip, tie_epsilon: 0.0, human_ties: drop}
+                preference: flip, tie_epsilon: 0.0, human_ties: drop, reward_margin: false}
     rerank:    {top_k: 1, kinds: null}
     calibrate: {method: zscore, columns: null, n_quantiles: 101, fit_temperature: true}
     calibration: null                  # a calibration JSON: adds score_calibrated, and its temperature
@@ -66,6 +68,9 @@ class PairsConfig:
     preference: str = "flip"
     tie_epsilon: float = 0.0
     human_ties: str = "drop"
+    # Add TRL's `margin` column (RewardTrainer subtracts it inside its loss): score_margin / T with T
+    # from `calibration`, which is then required. Off by default so no trainer picks up a raw gap.
+    reward_margin: bool = False
 
     def rules(self) -> PairRules:
         return PairRules(self.best_of_n, float(self.min_margin), tuple(self.group_kinds), self.preference,
@@ -93,7 +98,9 @@ class CurateConfig:
     output: str
     storage_options: dict = field(default_factory=dict)
     filters: list = field(default_factory=list)
-    output_files: int = 8
+    output_files: int | None = None
+    partition_rows: int = 100_000
+    scratch: str | None = None
     sft: SftConfig = field(default_factory=SftConfig)
     pairs: PairsConfig = field(default_factory=PairsConfig)
     rerank: RerankConfig = field(default_factory=RerankConfig)
@@ -146,8 +153,16 @@ def _validate(cfg: CurateConfig) -> None:
         parse_filters(cfg.filters)
     except FilterError as e:
         raise ConfigError(f"filters: {e}") from e
-    if not isinstance(cfg.output_files, int) or not 1 <= cfg.output_files <= 100_000:
-        raise ConfigError(f"output_files: expected an integer >= 1, got {cfg.output_files!r}")
+    if cfg.output_files is not None and (not isinstance(cfg.output_files, int) or isinstance(cfg.output_files, bool)
+                                         or not 1 <= cfg.output_files <= 100_000):
+        raise ConfigError(f"output_files: expected null or an integer >= 1, got {cfg.output_files!r}")
+    if not isinstance(cfg.partition_rows, int) or isinstance(cfg.partition_rows, bool) or cfg.partition_rows < 1:
+        raise ConfigError(f"partition_rows: expected an integer >= 1, got {cfg.partition_rows!r}")
+    if not isinstance(cfg.pairs.reward_margin, bool):
+        raise ConfigError("pairs.reward_margin: expected true or false")
+    if cfg.pairs.reward_margin and not cfg.calibration:
+        raise ConfigError("pairs.reward_margin: needs `calibration` (the margin is score_margin / T, T fitted "
+                          "by the calibrate task); a raw score gap would set RewardTrainer's loss margin")
     for where, kinds in (("sft.kinds", cfg.sft.kinds), ("rerank.kinds", cfg.rerank.kinds),
                          ("pairs.group_kinds", cfg.pairs.group_kinds)):
         if kinds is not None and (not isinstance(kinds, list) or not set(kinds) <= set(KINDS)):

@@ -1,21 +1,24 @@
-"""What each curation task does to one partition of units (pandas in, Arrow table + counts out).
+"""What each curation task does to one partition of units (Arrow in, Arrow table + counts out).
 
 A partition holds every unit of its prompts (the job hash-partitions units by prompt_id), so these
-functions see whole best-of-N groups and whole preference rows. They never touch Ray or storage,
-and return rows sorted by a stable key so that the written files do not depend on arrival order.
+functions see whole best-of-N groups and whole preference rows. They work on whole columns
+(pyarrow compute + numpy: sorts, run boundaries, masks and takes; no Python loop per prompt or per
+row), never touch Ray or storage, and return rows sorted by a stable key so that the written files
+do not depend on arrival order. pandas frames are accepted too (tests, the report).
 """
 
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline import schema
 from pipeline.curation import calibration as cal
-from pipeline.curation.pairs import PairCounts, PairRules, pairs_for_prompt, to_trl
-from pipeline.curation.rerank import Agreement, agreement_over_prompts, rank_units
-from pipeline.curation.thresholds import Filter, apply_filters, best_per_prompt
+from pipeline.curation.pairs import (PAIR_SCHEMA, PairRules, as_table, assistant_messages, equals, is_in,
+                                     make_pairs, unique_rows)
+from pipeline.curation.rerank import Agreement, agreement_over_prompts, arrow_group_codes, float_column, rank_order
+from pipeline.curation.thresholds import Filter, apply_filters
 
 ASSISTANT = "assistant"
 
@@ -25,38 +28,67 @@ def rating_columns(columns) -> list[str]:
     return sorted(c for c in columns if c.startswith((schema.RATING_PREFIX, schema.DEBIASED_PREFIX)))
 
 
-def conversation(prompt, response: str) -> list[dict]:
-    """Prompt messages plus the response as the assistant turn (TRL's conversational `messages`)."""
-    return [{"role": m["role"], "content": m["content"]} for m in prompt] + [{"role": ASSISTANT, "content": response}]
+def conversations(prompts, responses) -> pa.ListArray:
+    """Prompt messages plus the response as the assistant turn (TRL's conversational `messages`),
+    built from the columns' buffers: offsets grow by one per row, the assistant turn goes last."""
+    prompts = pc.cast(prompts, schema.MESSAGES)
+    prompts = prompts.combine_chunks() if isinstance(prompts, pa.ChunkedArray) else prompts
+    lengths = pc.fill_null(pc.list_value_length(prompts), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    flat = pc.list_flatten(prompts)
+    n, total = len(prompts), len(flat)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum(lengths + 1)
+    last = offsets[1:] - 1
+    idx = np.empty(total + n, dtype=np.int64)
+    is_last = np.zeros(total + n, dtype=bool)
+    is_last[last] = True
+    idx[~is_last] = np.arange(total)
+    idx[is_last] = total + np.arange(n)
+    turns = pc.list_flatten(assistant_messages(responses))
+    values = pa.concat_arrays([flat, turns]).take(pa.array(idx))
+    if offsets[-1] > np.iinfo(np.int32).max:
+        raise ValueError("conversations: more messages than a 32-bit list offset can hold in one partition")
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), values)
 
 
-def _pre_filter(units: pd.DataFrame, kinds: list | None, exclude_rejected: bool) -> tuple[pd.DataFrame, list[dict]]:
+def _pre_filter(units: pa.Table, kinds: list | None, exclude_rejected: bool) -> tuple[np.ndarray, list[dict]]:
     """Selection steps that are not thresholds, counted like filters so the manifest explains them.
-    Units repeated with the same unit_id (identical input rows: ids are content-based) are kept once."""
+    Units repeated with the same unit_id (identical input rows: ids are content-based) are kept once.
+    Returns the surviving row indices in unit_id order (the heavy columns are taken once, at the end)."""
     steps = []
-    units = units.sort_values("unit_id", kind="mergesort")
-    keep = ~units["unit_id"].duplicated().to_numpy()
-    steps.append({"label": "unique unit_id", "removed": int(np.sum(~keep)), "failed": int(np.sum(~keep))})
+    rows = unique_rows(units)
+    n = units.num_rows
+    steps.append({"label": "unique unit_id", "removed": n - len(rows), "failed": n - len(rows)})
     if kinds is not None:
-        ok = units["kind"].isin(list(kinds)).to_numpy()
-        steps.append({"label": f"kind in {list(kinds)}", "removed": int(np.sum(keep & ~ok)), "failed": int(np.sum(~ok))})
-        keep &= ok
+        ok = is_in(units, "kind", kinds)
+        steps.append({"label": f"kind in {list(kinds)}", "removed": int(np.sum(~ok[rows])), "failed": int(np.sum(~ok))})
+        rows = rows[ok[rows]]
     if exclude_rejected:
-        ok = ~units["preference"].isin(["rejected"]).to_numpy(dtype=bool)
-        steps.append({"label": "not human-rejected", "removed": int(np.sum(keep & ~ok)), "failed": int(np.sum(~ok))})
-        keep &= ok
-    return units[keep], steps
+        ok = ~equals(units, "preference", "rejected")
+        steps.append({"label": "not human-rejected", "removed": int(np.sum(~ok[rows])), "failed": int(np.sum(~ok))})
+        rows = rows[ok[rows]]
+    return rows, steps
+
+
+def _light(units: pa.Table, rows: np.ndarray, columns) -> pa.Table:
+    """A few (scalar) columns of the given rows, for the selection steps."""
+    present = sorted(c for c in set(columns) if c in units.column_names)  # a missing filter column: FilterError later
+    return units.select(present).take(pa.array(rows))
 
 
 def _has_score_calibration(calibration: dict | None) -> bool:
     return bool(calibration) and "score" in calibration["columns"]
 
 
-def _calibrated(units: pd.DataFrame, calibration: dict | None) -> dict:
+def _calibrated(units: pa.Table, calibration: dict | None) -> dict:
     if not _has_score_calibration(calibration):
         return {}
-    return {"score_calibrated": pa.array(cal.apply_column(calibration, "score", units["score"].to_numpy()),
+    return {"score_calibrated": pa.array(cal.apply_column(calibration, "score", float_column(units, "score")),
                                          pa.float64())}
+
+
+def _unit_columns(units: pa.Table, names: list[str], out_schema: pa.Schema) -> dict:
+    return {c: pc.cast(units.column(c), out_schema.field(c).type) for c in names}
 
 
 def sft_schema(ratings: list[str], calibrated: bool) -> pa.Schema:
@@ -68,102 +100,105 @@ def sft_schema(ratings: list[str], calibrated: bool) -> pa.Schema:
     return pa.schema(fields)
 
 
-def select_sft(units: pd.DataFrame, filters: list[Filter], one_per_prompt: bool, kinds: list | None = None,
+def select_sft(units, filters: list[Filter], one_per_prompt: bool, kinds: list | None = None,
                exclude_human_rejected: bool = True, calibration: dict | None = None) -> tuple[pa.Table, dict]:
-    ratings = rating_columns(units.columns)
-    rows_in = len(units)
-    units, steps = _pre_filter(units, kinds, exclude_human_rejected)
-    keep, filter_counts = apply_filters(units, filters)
-    units = units[keep]
+    units = as_table(units)
+    ratings = rating_columns(units.column_names)
+    rows_in = units.num_rows
+    rows, steps = _pre_filter(units, kinds, exclude_human_rejected)
+    keep, filter_counts = apply_filters(_light(units, rows, [f.column for f in filters] + ["unit_id"]), filters)
+    rows = rows[keep]
     removed_by_one_per_prompt = 0
+    light = _light(units, rows, ["prompt_id", "unit_id", "score"])
     if one_per_prompt:
-        best = best_per_prompt(units)
-        removed_by_one_per_prompt = int(np.sum(~best))
-        units = units[best]
-    units = units.sort_values(["prompt_id", "unit_id"], kind="mergesort")
-    data = {"messages": [conversation(p, r) for p, r in zip(units["prompt"], units["response"])],
-            **{c: units[c].tolist() for c in ("prompt_id", "unit_id", "row_id", "source", "kind", "score", *ratings)}}
-    data.update(_calibrated(units, calibration))
-    table = pa.table(data, schema=sft_schema(ratings, _has_score_calibration(calibration)))
+        # The highest score per prompt; ties go to the smallest unit_id; unscored units never chosen.
+        order, rank, _ = rank_order(light)
+        best = order[rank == 0]
+        removed_by_one_per_prompt = len(rows) - len(best)
+        rows, light = rows[best], light.take(pa.array(best))
+    rows = rows[pc.sort_indices(light.select(["prompt_id", "unit_id"]),
+                                [("prompt_id", "ascending"), ("unit_id", "ascending")]).to_numpy().astype(np.int64)]
+    out = units.take(pa.array(rows))
+    out_schema = sft_schema(ratings, _has_score_calibration(calibration))
+    data = {"messages": conversations(out.column("prompt"), out.column("response")),
+            **_unit_columns(out, ["prompt_id", "unit_id", "row_id", "source", "kind", "score", *ratings], out_schema)}
+    data.update(_calibrated(out, calibration))
+    table = pa.table(data, schema=out_schema)
     counts = {"rows_in": rows_in, "rows_out": table.num_rows, "selection": steps, "filters": filter_counts,
               "one_per_prompt_removed": removed_by_one_per_prompt}
     return table, counts
 
 
-DPO_SCHEMA = pa.schema([
-    ("prompt", schema.MESSAGES), ("chosen", schema.MESSAGES), ("rejected", schema.MESSAGES),
-    ("score_chosen", pa.float64()), ("score_rejected", pa.float64()), ("margin", pa.float64()),
-    ("p_chosen", pa.float64()),        # P(chosen beats rejected) = sigmoid(margin / T)
-    ("prompt_id", pa.string()), ("source", pa.string()),
-    ("origin", pa.string()),           # best_of_n | preference
-    ("action", pa.string()),           # kept | flipped (against the human label)
-    ("human_agrees", pa.bool_()),      # does the human label / rank agree with the reward's order
-    ("row_id", pa.string()), ("chosen_unit_id", pa.string()), ("rejected_unit_id", pa.string()),
-])
+def dpo_schema(reward_margin: bool = False) -> pa.Schema:
+    fields = list(PAIR_SCHEMA)
+    at = PAIR_SCHEMA.get_field_index("score_margin") + 1
+    fields.insert(at, pa.field("p_chosen", pa.float64()))   # P(chosen beats rejected) = sigmoid(score_margin / T)
+    if reward_margin:
+        # Asked for explicitly: TRL's RewardTrainer subtracts a column named `margin` inside its loss;
+        # score_margin / T is the gap in Bradley-Terry logits (T from the calibration).
+        fields.append(pa.field("margin", pa.float64()))
+    return pa.schema(fields)
 
 
-def build_dpo(units: pd.DataFrame, filters: list[Filter], rules: PairRules,
-              temperature: float = 1.0) -> tuple[pa.Table, dict]:
-    rows_in = len(units)
-    keep, filter_counts = apply_filters(units, filters)
-    units = units[keep]
-    pairs: list[dict] = []
-    totals = {"best_of_n": PairCounts(), "preference": PairCounts()}
-    for _, group in units.groupby("prompt_id", sort=True):
-        p, counts = pairs_for_prompt(group, rules)
-        pairs += p
-        for origin, c in counts.items():
-            t = totals[origin]
-            t.pairs_in += c.pairs_in
-            t.kept += c.kept
-            t.flipped += c.flipped
-            t.duplicate_units += c.duplicate_units
-            for reason, n in c.dropped.items():
-                t.dropped[reason] = t.dropped.get(reason, 0) + n
-    df = to_trl(pairs)
-    df["p_chosen"] = cal.win_probability(df["score_chosen"].to_numpy(dtype=np.float64),
-                                         df["score_rejected"].to_numpy(dtype=np.float64), temperature)
-    df = df.sort_values(["prompt_id", "origin", "chosen_unit_id", "rejected_unit_id"], kind="mergesort")
-    table = pa.Table.from_pandas(df[DPO_SCHEMA.names], schema=DPO_SCHEMA, preserve_index=False)
+DPO_SCHEMA = dpo_schema()
+
+
+def build_dpo(units, filters: list[Filter], rules: PairRules, temperature: float = 1.0,
+              reward_margin: bool = False) -> tuple[pa.Table, dict]:
+    units = as_table(units)
+    rows_in = units.num_rows
+    keep, filter_counts = apply_filters(_light(units, np.arange(units.num_rows), [f.column for f in filters] + ["unit_id"]),
+                                        filters)
+    pairs, totals = make_pairs(units, rules, np.flatnonzero(keep))
+    sc = pairs.column("score_chosen").to_numpy()
+    sr = pairs.column("score_rejected").to_numpy()
+    pairs = pairs.add_column(PAIR_SCHEMA.get_field_index("score_margin") + 1, "p_chosen",
+                             pa.array(cal.win_probability(sc, sr, temperature), pa.float64()))
+    if reward_margin:
+        pairs = pairs.append_column("margin", pa.array((sc - sr) / temperature, pa.float64()))
+    table = pairs.cast(dpo_schema(reward_margin))
     counts = {"rows_in": rows_in, "rows_out": table.num_rows, "filters": filter_counts,
               "pairs": {k: v.to_dict() for k, v in totals.items()}}
-    return table.replace_schema_metadata(None), counts
+    return table, counts
 
 
 def rerank_schema(ratings: list[str], calibrated: bool) -> pa.Schema:
-    fields = [("messages", schema.MESSAGES), ("prompt", schema.MESSAGES), ("response", pa.string()),
-              ("prompt_id", pa.string()), ("unit_id", pa.string()), ("row_id", pa.string()),
-              ("source", pa.string()), ("kind", pa.string()), ("rank", pa.int32()), ("n_candidates", pa.int32()),
-              ("score", pa.float32()), ("human_rank", pa.int32())]
+    # `messages` only (no separate `prompt` / `response`): SFTTrainer takes the file as it is.
+    fields = [("messages", schema.MESSAGES), ("prompt_id", pa.string()), ("unit_id", pa.string()),
+              ("row_id", pa.string()), ("source", pa.string()), ("kind", pa.string()), ("rank", pa.int32()),
+              ("n_candidates", pa.int32()), ("score", pa.float32()), ("human_rank", pa.int32())]
     fields += [(c, pa.float32()) for c in ratings]
     if calibrated:
         fields.append(("score_calibrated", pa.float64()))
     return pa.schema(fields)
 
 
-def rerank(units: pd.DataFrame, filters: list[Filter], top_k: int, kinds: list | None = None,
+def rerank(units, filters: list[Filter], top_k: int, kinds: list | None = None,
            calibration: dict | None = None) -> tuple[pa.Table, dict]:
-    """Per prompt, the top_k surviving units by score with their rank (0 = best); agreement with human
-    ranks is measured on every scored unit of the selected kinds, before the filters."""
-    ratings = rating_columns(units.columns)
-    rows_in = len(units)
-    units, steps = _pre_filter(units, kinds, exclude_rejected=False)
-    agreement = agreement_over_prompts(units) if len(units) else Agreement()
-    keep, filter_counts = apply_filters(units, filters)
-    units = units[keep]
-    ranked = []
-    for _, group in units.groupby("prompt_id", sort=True):
-        top = rank_units(group, top_k)
-        ranked.append(top.assign(n_candidates=np.int32(len(group))))
-    cols = ["prompt", "response", "prompt_id", "unit_id", "row_id", "source", "kind", "rank", "n_candidates",
-            "score", "human_rank", *ratings]
-    out = pd.concat(ranked) if ranked else pd.DataFrame({c: [] for c in cols})
-    data = {"messages": [conversation(p, r) for p, r in zip(out["prompt"], out["response"])],
-            "prompt": [[{"role": m["role"], "content": m["content"]} for m in p] for p in out["prompt"]]}
-    for c in cols[1:]:
-        data[c] = [None if pd.isna(v) else v for v in out[c]] if c == "human_rank" else out[c].tolist()
+    """Per prompt, the top_k surviving units by score with their rank (0 = best; top_k 1 keeps rank 0
+    only); agreement with human ranks is measured on every scored unit of the selected kinds, before
+    the filters."""
+    units = as_table(units)
+    ratings = rating_columns(units.column_names)
+    rows_in = units.num_rows
+    rows, steps = _pre_filter(units, kinds, exclude_rejected=False)
+    light = _light(units, rows, ["prompt_id", "unit_id", "score", "human_rank"] + [f.column for f in filters])
+    agreement = agreement_over_prompts(light) if len(rows) else Agreement()
+    keep, filter_counts = apply_filters(light, filters)
+    rows, light = rows[keep], light.filter(pa.array(keep))
+    codes, n_prompts = arrow_group_codes(light.column("prompt_id"))
+    candidates = np.bincount(codes, minlength=n_prompts)       # surviving units per prompt, scored or not
+    order, rank, _ = rank_order(light)
+    top = rank < top_k
+    order, rank = order[top], rank[top]
+    out = units.take(pa.array(rows[order]))
+    out_schema = rerank_schema(ratings, _has_score_calibration(calibration))
+    data = {"messages": conversations(out.column("prompt"), out.column("response")),
+            **_unit_columns(out, ["prompt_id", "unit_id", "row_id", "source", "kind"], out_schema),
+            "rank": pa.array(rank, pa.int32()), "n_candidates": pa.array(candidates[codes[order]], pa.int32()),
+            **_unit_columns(out, ["score", "human_rank", *ratings], out_schema)}
     data.update(_calibrated(out, calibration))
-    table = pa.table(data, schema=rerank_schema(ratings, _has_score_calibration(calibration)))
+    table = pa.table(data, schema=out_schema)
     counts = {"rows_in": rows_in, "rows_out": table.num_rows, "selection": steps, "filters": filter_counts,
-              "prompts": int(units["prompt_id"].nunique()), "agreement": agreement.to_dict()}
+              "prompts": int(n_prompts), "agreement": agreement.to_dict()}
     return table, counts
