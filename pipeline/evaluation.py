@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from pipeline.heads import metrics
+from pipeline import metrics
 from pipeline.units import embeddings_of, human_ratings, preference_pairs, ranked_groups, response_tokens
 
 LENGTH_BASELINE = "length"
@@ -41,12 +41,11 @@ def evaluate(units: pa.Table, scores: dict[str, np.ndarray],
     ranks = units.column("human_rank").to_numpy(zero_copy_only=False).astype(np.float64) if groups_by_source else None
     for source, groups in sorted(groups_by_source.items()):
         entry = {"prompts": len(groups)}
+        rows = np.concatenate(groups)
+        codes = np.repeat(np.arange(len(groups)), [len(g) for g in groups])
         for m, s in scores.items():
-            top1 = [float(ranks[g][np.argmax(s[g])] == ranks[g].min()) for g in groups]
-            # a higher score should mean a better (lower) rank: correlate score with -rank
-            taus = [metrics.kendall_tau_b(s[g], -ranks[g]) for g in groups]
-            taus = [t for t in taus if np.isfinite(t)]
-            entry[m] = {"top1": float(np.mean(top1)), "kendall_tau": float(np.mean(taus)) if taus else None}
+            summary = metrics.ranking_summary(codes, s[rows], ranks[rows], len(groups))
+            entry[m] = {"top1": summary["top1"], "kendall_tau": summary["kendall_tau_b"]}
         report["best_of_n"][source] = entry
     if predicted_ratings:
         truth = human_ratings(units)

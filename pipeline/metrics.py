@@ -1,7 +1,13 @@
-"""Ranking agreement between model scores and human ranks, vectorised over groups (pure numpy).
+"""Every statistic the project reports, defined once (pure numpy): correlations, pairwise accuracy,
+and ranking agreement between model scores and human ranks, vectorised over groups.
 
-One definition of each metric, for every place that reports it (curation manifests; evaluation and
-the report are to follow). Inputs are flat, equally long arrays: a group key per unit (a prompt),
+Used by evaluation (pipeline.evaluation), heads training and debiasing (pipeline.heads), curation
+manifests (pipeline.curation.rerank) and the HTML report, so they cannot disagree about a run.
+Ties are handled explicitly everywhere (average ranks, tau-b, half or shared credit) because reward
+scores and human labels both tie in practice.
+
+Pairwise accuracy (`pairwise_accuracy`): the share of pairs where the chosen response scores
+higher; an exact score tie counts as half. Inputs are flat, equally long arrays: a group key per unit (a prompt),
 the model score and the human rank (0 = best; lower is better). A unit with a missing score or
 human rank (None / NaN) takes no part.
 
@@ -25,6 +31,52 @@ from __future__ import annotations
 
 import numpy as np
 
+
+def _as_1d(x) -> np.ndarray:
+    return np.asarray(x, dtype=np.float64).reshape(-1)
+
+
+def average_ranks(values) -> np.ndarray:
+    """1-based ranks; tied values share the mean of the ranks they span."""
+    v = _as_1d(values)
+    order = np.argsort(v, kind="stable")
+    sorted_v = v[order]
+    starts = np.concatenate(([True], sorted_v[1:] != sorted_v[:-1]))  # runs of equal values
+    run_id = np.cumsum(starts) - 1
+    run_start = np.flatnonzero(starts)
+    run_end = np.concatenate((run_start[1:], [len(v)]))  # exclusive
+    mean_rank = (run_start + 1 + run_end) / 2.0           # mean of ranks start+1 .. end
+    ranks = np.empty(len(v), dtype=np.float64)
+    ranks[order] = mean_rank[run_id]
+    return ranks
+
+
+def pearson(x, y) -> float:
+    """Pearson correlation; NaN when either side is constant."""
+    a, b = _as_1d(x), _as_1d(y)
+    if len(a) != len(b):
+        raise ValueError("pearson: length mismatch")
+    a = a - a.mean()
+    b = b - b.mean()
+    denom = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / denom) if denom > 0 else float("nan")
+
+
+def spearman(x, y) -> float:
+    """Spearman rank correlation with average ranks for ties (Pearson of the ranks)."""
+    return pearson(average_ranks(x), average_ranks(y))
+
+
+def pairwise_accuracy(score_chosen, score_rejected) -> float:
+    """Share of pairs where the chosen response scores higher; an exact score tie counts as half."""
+    c, r = _as_1d(score_chosen), _as_1d(score_rejected)
+    if len(c) != len(r):
+        raise ValueError("pairwise_accuracy: length mismatch")
+    if len(c) == 0:
+        return float("nan")
+    return float(((c > r) + 0.5 * (c == r)).mean())
+
+
 # Groups up to this size are computed as dense (groups, pairs) matrices; larger ones pair by pair
 # in row chunks so memory stays bounded (evaluation sets can be one big group).
 _DENSE_MAX = 64
@@ -40,10 +92,6 @@ def group_codes(keys) -> tuple[np.ndarray, int]:
     return codes.reshape(-1).astype(np.int64), len(uniques)
 
 
-def _as_float(values) -> np.ndarray:
-    return np.asarray(values, dtype=np.float64).reshape(-1)
-
-
 def _check(*arrays) -> None:
     if len({len(a) for a in arrays}) > 1:
         raise ValueError("metrics: inputs must have the same length")
@@ -54,7 +102,7 @@ def best_of_n_top1(groups, scores, human_rank, n_groups: int | None = None) -> n
 
     `groups` are integer codes 0..n_groups-1 (see group_codes)."""
     g = np.asarray(groups, dtype=np.int64).reshape(-1)
-    s, r = _as_float(scores), _as_float(human_rank)
+    s, r = _as_1d(scores), _as_1d(human_rank)
     _check(g, s, r)
     n_groups = int(g.max()) + 1 if n_groups is None and g.size else (n_groups or 0)
     ok = ~np.isnan(s) & ~np.isnan(r)
@@ -100,7 +148,7 @@ def _pair_signs_one(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
 def kendall_tau_b_grouped(groups, x, y, n_groups: int | None = None) -> np.ndarray:
     """Kendall tau-b per group code; NaN where undefined. Units with a NaN in x or y take no part."""
     g = np.asarray(groups, dtype=np.int64).reshape(-1)
-    x, y = _as_float(x), _as_float(y)
+    x, y = _as_1d(x), _as_1d(y)
     _check(g, x, y)
     n_groups = int(g.max()) + 1 if n_groups is None and g.size else (n_groups or 0)
     ok = ~np.isnan(x) & ~np.isnan(y)
@@ -136,7 +184,7 @@ def kendall_tau_b_grouped(groups, x, y, n_groups: int | None = None) -> np.ndarr
 
 def kendall_tau_b(x, y) -> float:
     """Kendall tau-b of two equally long sequences (one group); NaN when undefined."""
-    x, y = _as_float(x), _as_float(y)
+    x, y = _as_1d(x), _as_1d(y)
     if len(x) != len(y):
         raise ValueError("kendall_tau_b: length mismatch")
     return float(kendall_tau_b_grouped(np.zeros(len(x), dtype=np.int64), x, y, n_groups=1)[0])
@@ -146,6 +194,45 @@ def rank_agreement(groups, scores, human_rank, n_groups: int | None = None) -> d
     """Per group: top-1 credit and Kendall tau-b of score vs human order, over the units that have both
     a score and a human rank; groups with fewer than 2 such units have NaN in both."""
     g = np.asarray(groups, dtype=np.int64).reshape(-1)
-    s, r = _as_float(scores), _as_float(human_rank)
+    s, r = _as_1d(scores), _as_1d(human_rank)
     n_groups = int(g.max()) + 1 if n_groups is None and g.size else (n_groups or 0)
     return {"top1": best_of_n_top1(g, s, r, n_groups), "tau_b": kendall_tau_b_grouped(g, s, -r, n_groups)}
+
+
+def top1_chance(groups, scores, human_rank, n_groups: int | None = None) -> np.ndarray:
+    """Per group, the top-1 credit of a random pick: the share of its units (with both a score and a
+    human rank) that hold the group's lowest rank; NaN for groups that do not count for top-1."""
+    g = np.asarray(groups, dtype=np.int64).reshape(-1)
+    s, r = _as_1d(scores), _as_1d(human_rank)
+    _check(g, s, r)
+    n_groups = int(g.max()) + 1 if n_groups is None and g.size else (n_groups or 0)
+    ok = ~np.isnan(s) & ~np.isnan(r)
+    g, r = g[ok], r[ok]
+    out = np.full(n_groups, np.nan)
+    if g.size == 0:
+        return out
+    size = np.bincount(g, minlength=n_groups)
+    best = np.full(n_groups, np.inf)
+    np.minimum.at(best, g, r)
+    at_best = np.bincount(g, weights=r == best[g], minlength=n_groups)
+    counts = size >= 2
+    out[counts] = at_best[counts] / size[counts]
+    return out
+
+
+def ranking_summary(groups, scores, human_rank, n_groups: int | None = None) -> dict:
+    """Agreement over many groups: `groups` (those counting for top-1), `top1_hits` (their summed
+    credit), `top1` (mean credit),
+    `top1_chance` (mean chance level), `tau_groups` and `kendall_tau_b` (mean over the groups where
+    tau-b is defined), and the per-group `taus`. Means are None when no group counts."""
+    per = rank_agreement(groups, scores, human_rank, n_groups)
+    top1, tau = per["top1"], per["tau_b"]
+    counted = ~np.isnan(top1)
+    taus = tau[~np.isnan(tau)]
+    chance = top1_chance(groups, scores, human_rank, n_groups)[counted]
+    return {"groups": int(counted.sum()), "top1_hits": float(top1[counted].sum()),
+            "top1": float(top1[counted].mean()) if counted.any() else None,
+            "top1_chance": float(chance.mean()) if counted.any() else None,
+            "tau_groups": int(len(taus)),
+            "kendall_tau_b": float(taus.mean()) if len(taus) else None,
+            "taus": taus.tolist()}

@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 from curation_fixtures import load_units
 
-from pipeline.curation.rerank import Agreement, agreement_over_prompts, group_agreement, kendall_tau_b, rank_units
+from pipeline.curation.rerank import Agreement, agreement_over_prompts, group_agreement, rank_units
+from pipeline.metrics import kendall_tau_b
 
 
 def brute_force_tau_b(x, y):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.heads import metrics
+from pipeline import metrics
 from pipeline.heads.gating import GatingNetwork, train_gating
 from pipeline.heads.model import ArmoHeads
 

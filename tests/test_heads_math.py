@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.heads import metrics
+from pipeline import metrics
 from pipeline.heads.bradley_terry import BradleyTerryHead, bt_loss, fit_bradley_terry, fit_bradley_terry_cv
 from pipeline.heads.debias import DEFAULT_DEBIAS_GRID, fit_verbosity_debias, length_target, spearman
 from pipeline.heads.regression import DEFAULT_LAMBDA_GRID, RidgeStats, fit_ridge
@@ -61,7 +61,11 @@ def test_pearson_spearman_kendall_against_references():
     assert metrics.pearson(x, y) == pytest.approx(np.corrcoef(x, y)[0, 1], abs=1e-12)
     assert spearman(x, y) == pytest.approx(brute_pearson(brute_ranks(list(x)), brute_ranks(list(y))), abs=1e-12)
     assert metrics.kendall_tau_b(x, y) == pytest.approx(brute_tau_b(list(x), list(y)), abs=1e-12)
-    assert metrics.kendall_tau_b(x, y, chunk=7) == pytest.approx(brute_tau_b(list(x), list(y)), abs=1e-12)
+    # the same pairs as one big group (chunked pair pass) and as one of two groups (dense pass)
+    big = np.concatenate([x] * 2), np.concatenate([y] * 2)
+    assert metrics.kendall_tau_b(*big) == pytest.approx(brute_tau_b(list(big[0]), list(big[1])), abs=1e-12)
+    assert metrics.kendall_tau_b_grouped([0] * 30 + [1] * 30, x[:60], y[:60])[0] == pytest.approx(
+        brute_tau_b(list(x[:30]), list(y[:30])), abs=1e-12)
     # monotone transforms leave rank statistics unchanged; reversal flips the sign
     assert spearman(np.exp(x), y) == pytest.approx(spearman(x, y), abs=1e-12)
     assert metrics.kendall_tau_b(-x, y) == pytest.approx(-metrics.kendall_tau_b(x, y), abs=1e-12)
@@ -76,8 +80,11 @@ def test_best_of_n_top1():
     scores = [0.9, 0.1, 0.5,   0.2, 0.8,   0.7, 0.7, 0.1,   0.3, 0.4]
     groups = ["a", "a", "a",   "b", "b",   "c", "c", "c",   "d", "d"]
     rank = [0, 1, 2,           0, 1,       1, 0, 2,         1, 2]
-    # a: top is rank 0 → 1; b: top is rank 1 → 0; c: two-way tie at top, one best → 0.5; d: no rank 0 → skipped
-    assert metrics.best_of_n_top1(scores, groups, rank) == pytest.approx((1 + 0 + 0.5) / 3)
+    # a: top is rank 0 → 1; b: top is rank 1 → 0; c: two-way tie at top, one best → 0.5;
+    # d: its best present rank is 1 and the top score has rank 2 → 0 (pipeline.metrics' one rule)
+    codes, n = metrics.group_codes(groups)
+    assert metrics.best_of_n_top1(codes, scores, rank, n).tolist() == [1, 0, 0.5, 0]
+    assert metrics.ranking_summary(codes, scores, rank, n)["top1"] == pytest.approx((1 + 0 + 0.5 + 0) / 4)
 
 
 # --- ridge --------------------------------------------------------------------------------------

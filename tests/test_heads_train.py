@@ -6,7 +6,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline.heads.debias import LENGTH_OBJECTIVE
-from pipeline.heads.metrics import pearson
+from pipeline.metrics import pearson
 from pipeline.heads.train import train_heads
 from pipeline.units import preference_pairs, ranked_pairs
 

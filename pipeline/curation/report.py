@@ -18,9 +18,8 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from pipeline import schema, storage
+from pipeline import metrics, schema, storage
 from pipeline.curation import svg
-from pipeline.curation.rerank import group_agreement, kendall_tau_b
 
 BASE_COLUMNS = ["unit_id", "prompt_id", "source", "kind", "score", "human_rank"]
 
@@ -78,28 +77,19 @@ def report_stats(units: pd.DataFrame, manifest: dict | None = None) -> dict:
 
 def best_of_n_agreement(units: pd.DataFrame) -> dict[str, dict]:
     """Per source with human ranks: prompts with >= 2 ranked responses, top-1 agreement against its
-    chance level (expected hit rate of a random pick), and mean / per-prompt Kendall tau-b."""
+    chance level (expected hit rate of a random pick), and mean / per-prompt Kendall tau-b, all by
+    pipeline.metrics (the definitions the curation manifests and evaluation use)."""
     out = {}
     ranked = units[units["human_rank"].notna() & units["score"].notna()].drop_duplicates("unit_id")
     for src, sub in ranked.groupby("source", sort=True):
-        groups = hits = 0
-        chance = 0.0
-        taus = []
-        for _, g in sub.groupby("prompt_id", sort=True):
-            a = group_agreement(g)
-            if not a.groups_ranked:
-                continue
-            groups += 1
-            hits += a.top1_hits
-            hr = g["human_rank"].to_numpy(dtype=np.float64)
-            chance += float(np.mean(hr == hr.min()))
-            tau = kendall_tau_b(g["score"].to_numpy(dtype=np.float64), -hr)
-            if np.isfinite(tau):
-                taus.append(tau)
-        if groups:
-            out[src] = {"groups": groups, "top1_hits": hits, "top1_agreement": hits / groups,
-                        "top1_chance": chance / groups, "tau_groups": len(taus),
-                        "mean_kendall_tau_b": float(np.mean(taus)) if taus else None, "taus": taus}
+        codes, n = metrics.group_codes(sub["prompt_id"].to_numpy())
+        summary = metrics.ranking_summary(codes, sub["score"].to_numpy(dtype=np.float64),
+                                          sub["human_rank"].to_numpy(dtype=np.float64), n)
+        if summary["groups"]:
+            out[src] = {"groups": summary["groups"], "top1_hits": summary["top1_hits"],
+                        "top1_agreement": summary["top1"], "top1_chance": summary["top1_chance"],
+                        "tau_groups": summary["tau_groups"], "mean_kendall_tau_b": summary["kendall_tau_b"],
+                        "taus": summary["taus"]}
     return out
 
 

@@ -17,9 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import metrics
-from pipeline.metrics import kendall_tau_b  # noqa: F401 - re-exported for the report
 
-__all__ = ["Agreement", "agreement_over_prompts", "group_agreement", "kendall_tau_b", "rank_order", "rank_units"]
+__all__ = ["Agreement", "agreement_over_prompts", "group_agreement", "rank_order", "rank_units"]
 
 
 def _table(units) -> pa.Table:

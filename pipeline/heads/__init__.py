@@ -8,5 +8,4 @@ Everything in this package is math on embedding matrices (numpy / torch); nothin
 - model: ArmoHeads (W, T, gating) with score / save / load / fingerprint
 - checkpoint: the released ArmoRM checkpoint layout: tensor and config names, heads from their tensors,
   the export's config and shard packing (files are read and written by pipeline/embed/checkpoint.py)
-- metrics: pairwise accuracy, Pearson, Spearman, Kendall tau-b, best-of-N top-1
 """

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .metrics import average_ranks, spearman  # noqa: F401  (spearman is part of this module's API)
+from pipeline.metrics import average_ranks, spearman  # noqa: F401  (spearman is part of this module's API)
 
 # {0, 0.01, 0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.25, …, 0.95}
 DEFAULT_DEBIAS_GRID = (0.0, 0.01, 0.025, 0.05, 0.075, 0.1, 0.125, 0.15) + tuple(

@@ -30,7 +30,7 @@ from .bradley_terry import DEFAULT_L2_GRID, BradleyTerryHead, fit_bradley_terry,
 from .debias import DEFAULT_DEBIAS_GRID, LENGTH_OBJECTIVE, fit_verbosity_debias, length_target
 from .gating import (RELEASE_DROPOUT, RELEASE_HIDDEN_DIM, RELEASE_N_HIDDEN, RELEASE_TEMPERATURE, GatingNetwork,
                      train_gating)
-from .metrics import pairwise_accuracy
+from pipeline.metrics import pairwise_accuracy
 from .model import ArmoHeads
 from .regression import DEFAULT_LAMBDA_GRID, RidgeStats, fit_ridge
 
