@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -73,7 +74,12 @@ def test_every_row_labeled_or_quarantined_exactly_once(small_run):
     assert man["sources"]["llmbar"]["rows_in"] == cfg["limit_rows_per_input"]
     assert man["config_hash"] and man["versions"]["ray"] and man["wall_time_s"] > 0
     assert man["tokens_per_s"] > 0 and man["units_per_s"] > 0
-    assert "ETA" in small_run["stdout"] or "units/s" in small_run["stdout"]
+    # progress lines: the planned total announced at the start, then units, rates, share and ETA
+    announced = re.search(r"run \S+: \d+ file\(s\), (\d+) unit\(s\) to label", small_run["stdout"])
+    lines = re.findall(r"(\d+) units, [\d.]+ units/s, \d+ tokens/s, ([\d.]+)% of (\d+), ETA \d+s", small_run["stdout"])
+    assert announced and lines, small_run["stdout"]
+    for done, share, total in lines:
+        assert total == announced.group(1) and float(share) == pytest.approx(100 * int(done) / int(total), abs=0.05)
 
 
 def test_output_schema_and_readers(small_run, smollm2_heads):
