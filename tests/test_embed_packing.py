@@ -21,15 +21,17 @@ from pipeline.embed.packing import layout_row, plan_shared_rows, prompt_groups, 
 TOL = 1e-4
 
 # (file under shared data, reader format, rows read): enough rows that groups form (PandaLM repeats
-# an instruction over consecutive rows, Topical-Chat has 6 rated responses per dialogue, SF-RES 8).
+# an instruction over consecutive rows, Topical-Chat has 6 rated responses per dialogue). None: the
+# whole file, keeping the units of the first prompts that occur more than once.
 SETS = [
-    ("hh-rlhf/harmless-base-test.jsonl.gz", "auto", 10),
-    ("llmbar/LLMBar_Natural.json", "auto", 8),
-    ("pandalm/testset-v1.json", "auto", 10),
-    ("oasst/en_100_message.jsonl", "oasst_best_of_n", 4),
+    ("hh-rlhf/harmless-base-test.jsonl.gz", "auto", 6),
+    ("llmbar/LLMBar_Natural.json", "auto", 5),
+    ("pandalm/testset-v1.json", "auto", 8),
+    ("oasst/en_100_message.jsonl", "oasst_best_of_n", 3),
     ("unieval/topical_chat.json", "auto", 12),
-    ("unieval/sfres.json", "auto", 16),
+    ("unieval/sfres.json", "auto", None),  # repeats are not adjacent: see repeated_prompts
 ]
+MAX_TOKENS = 512  # template truncation (prompts cut by it are simply different groups)
 
 
 def max_rel_err(got: np.ndarray, ref: np.ndarray) -> float:
@@ -128,6 +130,18 @@ def smollm2():
     return load_backbone(BackboneSpec("smollm2", dtype="float32"))
 
 
+def repeated_prompts(table, n_prompts: int):
+    """The units (file order) of the first n_prompts prompts that occur more than once."""
+    import pyarrow as pa
+
+    ids = table.column("prompt_id").to_pylist()
+    counts: dict[str, int] = {}
+    for p in ids:
+        counts[p] = counts.get(p, 0) + 1
+    keep = list(dict.fromkeys(p for p in ids if counts[p] > 1))[:n_prompts]
+    return table.take(pa.array([i for i, p in enumerate(ids) if p in set(keep)]))
+
+
 @pytest.fixture(scope="module")
 def shared_units(smollm2, shared_data):
     """Tokenised units of every shared set: (set name per unit, input_ids, prompt_end)."""
@@ -135,8 +149,10 @@ def shared_units(smollm2, shared_data):
     for path, fmt, rows in SETS:
         table = read_units([InputSpec(str(shared_data / path), format=fmt)], limit_rows=rows)
         table = table.filter(table.column("quarantine_reason").is_null())
+        if rows is None:
+            table = repeated_prompts(table, 5)
         toks = tokenize_many(smollm2.tokenizer, table.column("prompt").to_pylist(),
-                             table.column("response").to_pylist(), TemplatePolicy(max_tokens=768))
+                             table.column("response").to_pylist(), TemplatePolicy(max_tokens=MAX_TOKENS))
         toks = [t for t in toks if not isinstance(t, Exception)]
         names += [path.split("/")[0]] * len(toks)
         ids += [t.input_ids for t in toks]
@@ -156,8 +172,8 @@ def test_every_set_has_shared_prompts(shared_units):
     for name in np.unique(names):
         g = groups[names == name]
         assert len(np.unique(g)) < g.size, f"{name}: no two units share a prompt"
-    # Groups span input rows: Topical-Chat rows are single units, 6 per dialogue.
-    assert np.bincount(groups[names == "unieval"]).max() >= 6
+    # Groups span input rows: Topical-Chat and SF-RES rows are single units.
+    assert np.bincount(groups[names == "unieval"]).max() >= 3
 
 
 def check_parity(names, got, ref):
@@ -264,3 +280,41 @@ def test_share_prompts_setting(smollm2):
     assert not EmbeddingEngine(smollm2, share_prompts="never").shared
     minilm = load_backbone(BackboneSpec("minilm"))
     assert not EmbeddingEngine(minilm).shared  # encoders keep their own path
+
+
+# --- the scoring stage and the manifest report what was computed --------------------------------
+
+def test_scoring_stage_reports_computed_and_useful_tokens(shared_units, per_unit):
+    """EmbedScoreStage (called directly, no Ray) charges every unit its computed and useful
+    tokens; they sum to the engine's, a quarantined unit is charged nothing, and the manifest
+    turns the shard totals into padding waste."""
+    import pyarrow as pa
+
+    from pipeline.labeling import manifest
+    from pipeline.labeling.stages import COMPUTED_TOKENS, USEFUL_TOKENS, EmbedScoreStage, ScoringModel
+    from pipeline.stage import Resources
+
+    _, ids, ends = shared_units
+    take = list(range(12))
+    stage = EmbedScoreStage(ScoringModel({"path": "smollm2", "dtype": "float32"}, None, None, None, True), [],
+                            Resources())
+    stage.setup()
+    reasons = [None] * len(take)
+    reasons[5] = "earlier stage said no"
+    batch = pa.table({"input_ids": [ids[i] for i in take], "prompt_end": [int(ends[i]) for i in take],
+                      "prompt_input_ids": pa.array([None] * len(take), pa.list_(pa.int64())),
+                      "quarantine_reason": pa.array(reasons, pa.string())})
+    out = stage.process(batch)
+    good = [i for i in take if i != 5]
+    expect = EmbeddingEngine(stage.engine.backbone).embed([ids[i] for i in good], ends[good])
+    computed = out.column(COMPUTED_TOKENS).to_numpy()
+    useful = out.column(USEFUL_TOKENS).to_numpy()
+    assert computed[5] == useful[5] == 0
+    assert computed.sum() == expect.computed_tokens and useful.sum() == expect.useful_tokens
+    assert useful.sum() < sum(len(ids[i]) for i in good)  # prompts shared within the call
+    emb = np.stack(out.column("embedding").to_pylist()[:5])
+    assert max_rel_err(emb, per_unit.response[:5]) <= TOL
+    acc = manifest.token_accounting([{"computed_tokens": 30, "useful_tokens": 20}, {"computed_tokens": 10,
+                                                                                     "useful_tokens": 12}, {}])
+    assert acc == {"computed_tokens": 40, "useful_tokens": 32, "padding_waste": 1.25}
+    assert manifest.token_accounting([])["padding_waste"] is None
