@@ -16,4 +16,5 @@ test: setup
 
 bench: setup
 	$(PY) bench/bench_embed.py
+	$(PY) bench/bench_embed.py --prompt-sharing
 	$(PY) bench/bench_job.py

@@ -18,6 +18,18 @@ figures.
   .venv/bin/python bench/bench_embed.py --device cuda        # Llama-3-8B shape, random bf16 weights
   .venv/bin/python bench/bench_embed.py --sweep              # CPU tuning: dtype x threads x budget (ours only)
   .venv/bin/python bench/bench_embed.py --measure-load       # GGUF direct vs materialised load time
+  .venv/bin/python bench/bench_embed.py --prompt-sharing     # per-unit batches vs shared-prompt packing
+
+--prompt-sharing: per shared set (units read by the corpus readers, SmolLM2 template, the first
+--set-rows rows of each file) and a best-of-16 set (real Open Assistant prompts, each with 16 real
+replies: its own, then replies to other prompts), on the same token ids, rounds interleaved:
+  per_unit:   today's path, one full pass per unit in sorted token-budget batches (share_prompts=never);
+  shared:     shared-prompt packing, several groups per row (the default);
+  shared_1g:  shared-prompt packing, one group (piece) per row.
+It prints useful tokens/s (useful = each distinct prompt once + every response, the same count for
+every way), the speedup over per_unit, computed/useful tokens per way, the token-count bound
+(units' tokens / useful tokens: the speedup if time were proportional to tokens) and the max
+relative difference from per_unit.
 """
 
 from __future__ import annotations
@@ -319,6 +331,84 @@ def run_sweep(args) -> dict:
             "best": best, "figures": figures}
 
 
+def prompt_sharing_sets(backbone: Backbone, set_rows: int, bo16_prompts: int, max_tokens: int):
+    """{name: (input_ids, prompt_end)} for every shared set and a best-of-16 set."""
+    from pipeline.corpus import InputSpec, read_units
+
+    files = [("hh_rlhf", "hh-rlhf/harmless-base-test.jsonl.gz", "auto"), ("llmbar", "llmbar/LLMBar_Natural.json", "auto"),
+             ("pandalm", "pandalm/testset-v1.json", "auto"), ("oasst", "oasst/en_100_message.jsonl", "oasst_best_of_n"),
+             ("topical_chat", "unieval/topical_chat.json", "auto"), ("sfres", "unieval/sfres.json", "auto")]
+    policy = TemplatePolicy(max_tokens=max_tokens)
+    sets = {}
+    for name, path, fmt in files:
+        table = read_units([InputSpec(str(DATA / path), format=fmt)], limit_rows=set_rows)
+        table = table.filter(table.column("quarantine_reason").is_null())
+        toks = tokenize_many(backbone.tokenizer, table.column("prompt").to_pylist(), table.column("response").to_pylist(),
+                             policy)
+        toks = [t for t in toks if not isinstance(t, Exception)]
+        sets[name] = ([t.input_ids for t in toks], [t.prompt_end for t in toks])
+    trees = [json.loads(line) for line in open(DATA / "oasst" / "en_100_message.jsonl", encoding="utf-8")]
+    replies = [[r["text"] for r in t.get("replies") or [] if r.get("role") == "assistant"] for t in trees]
+    pool = [r for rs in replies for r in rs]
+    prompts, responses = [], []
+    for k, tree in enumerate(trees[:bo16_prompts]):
+        own = replies[k]
+        others = [pool[(7 * k + j) % len(pool)] for j in range(3 * 16)]
+        picked = (own + [r for r in others if r not in own])[:16]
+        prompts += [[{"role": "user", "content": tree["text"]}]] * 16
+        responses += picked
+    toks = [t for t in tokenize_many(backbone.tokenizer, prompts, responses, policy) if not isinstance(t, Exception)]
+    sets["oasst_best_of_16"] = ([t.input_ids for t in toks], [t.prompt_end for t in toks])
+    return sets
+
+
+def run_prompt_sharing(args) -> dict:
+    backbone = get_backbone(args)
+    threads = torch.get_num_threads() if backbone.device == "cpu" else None
+    engines = {
+        "per_unit": EmbeddingEngine(backbone, token_budget=args.token_budget, num_threads=threads, share_prompts="never"),
+        "shared": EmbeddingEngine(backbone, token_budget=args.token_budget, num_threads=threads, share_prompts="always"),
+        "shared_1g": EmbeddingEngine(backbone, token_budget=args.token_budget, num_threads=threads,
+                                     share_prompts="always", groups_per_row=1),
+    }
+    ways = [w for w in args.ways if w in engines] or list(engines)
+    sets = prompt_sharing_sets(backbone, args.set_rows, args.bo16_prompts, args.max_tokens)
+    print(f"backbone {backbone.name} on {backbone.device} ({backbone.dtype}), torch threads {torch.get_num_threads()}, "
+          f"token budget {args.token_budget}", flush=True)
+    first = next(iter(sets.values()))
+    engines["shared"].embed(first[0][:4], first[1][:4])  # warm-up
+    figures = {}
+    for name, (ids, ends) in sets.items():
+        results, runs = {}, {w: [] for w in ways}
+        for round_ in range(args.repeats):
+            for w in ways:
+                results[w], secs = timed(lambda: engines[w].embed(ids, ends), backbone.device)
+                runs[w].append(secs)
+        ref = results.get("per_unit")
+        any_out = results[ways[0]]
+        useful, tokens = any_out.useful_tokens, any_out.tokens
+        secs = {w: float(np.median(v)) for w, v in runs.items()}
+        fig = {"units": len(ids), "unit_tokens": tokens, "useful_tokens": useful,
+               "token_count_bound": round(tokens / useful, 3),
+               "useful_tokens_per_s": {w: round(useful / v, 1) for w, v in secs.items()},
+               "computed_per_useful": {w: round(results[w].computed_tokens / useful, 3) for w in ways},
+               "seconds_all_rounds": {w: [round(x, 2) for x in v] for w, v in runs.items()}}
+        if ref is not None:
+            fig["speedup_vs_per_unit"] = {w: round(secs["per_unit"] / v, 3) for w, v in secs.items() if w != "per_unit"}
+            fig["share_of_bound"] = {w: round(x / fig["token_count_bound"], 3) for w, x in fig["speedup_vs_per_unit"].items()}
+            fig["max_rel_err_vs_per_unit"] = {
+                w: {"response": max_rel_err(results[w].response, ref.response),
+                    "prompt": max_rel_err(results[w].prompt, ref.prompt)} for w in ways if w != "per_unit"}
+        figures[name] = fig
+        print(name, json.dumps(fig), flush=True)
+    return {"bench": "embed-prompt-sharing", "device": backbone.device,
+            "device_name": torch.cuda.get_device_name() if backbone.device.startswith("cuda") else cpu_model(),
+            "nproc": os.cpu_count(), "torch_threads": torch.get_num_threads(), "backbone": backbone.name,
+            "dtype": backbone.dtype, "token_budget": args.token_budget, "repeats": args.repeats,
+            "set_rows": args.set_rows, "max_tokens": args.max_tokens, "sets": figures,
+            "load_average_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+
+
 LOAD_PROBE = """
 import sys, time
 sys.path.insert(0, {repo!r})
@@ -358,6 +448,10 @@ def main(argv=None) -> None:
     parser.add_argument("--ways", default="model_card,rewardbench,ours")
     parser.add_argument("--sweep", action="store_true", help="CPU tuning sweep (ours only)")
     parser.add_argument("--measure-load", action="store_true", help="GGUF vs materialised load time")
+    parser.add_argument("--prompt-sharing", action="store_true", help="per-unit batches vs shared-prompt packing")
+    parser.add_argument("--set-rows", type=int, default=24, help="--prompt-sharing: rows read from each shared set")
+    parser.add_argument("--bo16-prompts", type=int, default=6, help="--prompt-sharing: prompts in the best-of-16 set")
+    parser.add_argument("--max-tokens", type=int, default=1024, help="--prompt-sharing: template max_tokens")
     parser.add_argument("--repeats", type=int, default=1, help="rounds (compare) or load probes (--measure-load)")
     args = parser.parse_args(argv)
     if args.device == "auto":
@@ -369,7 +463,11 @@ def main(argv=None) -> None:
     args.ways = [w.strip() for w in args.ways.split(",") if w.strip()]
     if not cuda:
         torch.set_num_threads(args.threads or os.cpu_count() or 1)
-    if args.measure_load:
+    if args.prompt_sharing:
+        if args.ways == ["model_card", "rewardbench", "ours"]:
+            args.ways = ["per_unit", "shared", "shared_1g"]
+        headline = run_prompt_sharing(args)
+    elif args.measure_load:
         headline = run_measure_load(args)
     elif args.sweep:
         headline = run_sweep(args)

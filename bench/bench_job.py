@@ -11,6 +11,11 @@ The last line of output is ONE JSON object with the headline figures.
 
   .venv/bin/python bench/bench_job.py                     # SmolLM2, 120 rows each of HH-RLHF and PandaLM
   .venv/bin/python bench/bench_job.py --rows 40 --actors 1   # quick
+  .venv/bin/python bench/bench_job.py --input best_of_n   # Open Assistant best-of-N (prompts shared per row)
+
+The bare engine embeds the units in consecutive calls of --units-per-call, as the job's actors
+receive them, so both share prompts within the same calls and compute the same tokens (reported:
+computed_tokens, useful_tokens from the manifest's padding accounting).
 """
 
 from __future__ import annotations
@@ -35,9 +40,16 @@ import yaml  # noqa: E402
 DATA = (REPO / ".." / "shared" / "data").resolve()
 
 
+INPUTS = {
+    "pairs": [{"path": str(DATA / "hh-rlhf" / "harmless-base-test.jsonl.gz"), "format": "hh_rlhf"},
+              {"path": str(DATA / "pandalm" / "testset-v1.json"), "format": "pandalm"}],
+    "best_of_n": [{"path": str(DATA / "oasst" / "en_100_message.jsonl"), "format": "oasst_best_of_n"}],
+}
+_input = "pairs"
+
+
 def inputs() -> list[dict]:
-    return [{"path": str(DATA / "hh-rlhf" / "harmless-base-test.jsonl.gz"), "format": "hh_rlhf"},
-            {"path": str(DATA / "pandalm" / "testset-v1.json"), "format": "pandalm"}]
+    return INPUTS[_input]
 
 
 def bare_engine(args) -> dict:
@@ -55,12 +67,17 @@ def bare_engine(args) -> dict:
     toks = tokenize_many(backbone.tokenizer, good.column("prompt").to_pylist(), good.column("response").to_pylist(),
                          TemplatePolicy(max_tokens=args.max_tokens), backbone.kind)
     ok = [t for t in toks if not isinstance(t, TemplateError)]
-    emb = engine.embed([t.input_ids for t in ok], [t.prompt_end for t in ok],
-                       [t.prompt_input_ids for t in ok] if backbone.kind == "encoder" else None)
+    computed = useful = embedded = 0
+    for start in range(0, len(ok), args.units_per_call):  # the job's scoring calls, in input order
+        call = ok[start:start + args.units_per_call]
+        emb = engine.embed([t.input_ids for t in call], [t.prompt_end for t in call],
+                           [t.prompt_input_ids for t in call] if backbone.kind == "encoder" else None)
+        computed, useful, embedded = computed + emb.computed_tokens, useful + emb.useful_tokens, embedded + emb.tokens
     wall = time.perf_counter() - t0
     tokens = sum(t.total_tokens for t in ok)
     return {"units": len(ok), "tokens": tokens, "wall_s": round(wall, 2), "tokens_per_s": round(tokens / wall, 1),
-            "threads": torch.get_num_threads(), "embedding_tokens": emb.tokens}
+            "threads": torch.get_num_threads(), "embedding_tokens": embedded, "computed_tokens": computed,
+            "useful_tokens": useful}
 
 
 def job(args, actors: int, workdir: Path) -> dict:
@@ -85,7 +102,9 @@ def job(args, actors: int, workdir: Path) -> dict:
     return {"actors": actors, "threads_per_actor": cfg["resources"]["threads_per_actor"],
             "units": sum(s["units_labeled"] for s in man["sources"].values()), "tokens": tokens,
             "process_wall_s": round(time.perf_counter() - t0, 1), "startup_and_total_tokens_per_s": man["tokens_per_s"],
-            "scoring_window_s": man["scoring_window_s"], "tokens_per_s": man["steady_tokens_per_s"]}
+            "scoring_window_s": man["scoring_window_s"], "tokens_per_s": man["steady_tokens_per_s"],
+            "computed_tokens": man.get("computed_tokens"), "useful_tokens": man.get("useful_tokens"),
+            "padding_waste": man.get("padding_waste")}
 
 
 def main() -> None:
@@ -98,7 +117,10 @@ def main() -> None:
     ap.add_argument("--units-per-call", type=int, default=64)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads in total")
     ap.add_argument("--actors", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--input", choices=sorted(INPUTS), default="pairs")
     args = ap.parse_args()
+    global _input
+    _input = args.input
 
     bare = bare_engine(args)
     print("bare engine:", json.dumps(bare), flush=True)
@@ -111,7 +133,8 @@ def main() -> None:
     assert all(j["tokens"] == bare["tokens"] for j in jobs), "job and engine saw different tokens"
     headline = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "backbone": args.backbone, "units": bare["units"], "tokens": bare["tokens"],
+        "backbone": args.backbone, "input": args.input, "units": bare["units"], "tokens": bare["tokens"],
+        "computed_tokens": {"bare": bare["computed_tokens"], **{str(j["actors"]): j["computed_tokens"] for j in jobs}},
         "bare_tokens_per_s": bare["tokens_per_s"],
         "job_tokens_per_s": {str(j["actors"]): j["tokens_per_s"] for j in jobs},
         "pipeline_efficiency": round(one["tokens_per_s"] / bare["tokens_per_s"], 3),

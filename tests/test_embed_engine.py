@@ -60,7 +60,7 @@ def tokenized(smollm2, shared_data):
 @pytest.fixture(scope="module")
 def one_at_a_time(smollm2, tokenized):
     _, results = tokenized
-    engine = EmbeddingEngine(smollm2)
+    engine = EmbeddingEngine(smollm2, share_prompts="never")
     single = [engine.embed([r.input_ids], [r.prompt_end]) for r in results]
     return np.concatenate([s.response for s in single]), np.concatenate([s.prompt for s in single])
 
@@ -96,13 +96,18 @@ def test_one_at_a_time_matches_plain_transformers(smollm2, tokenized, one_at_a_t
     assert max_rel_err(prompt, np.stack(prompt_ref)) <= TOL
 
 
+NEVER = "never"  # the per-unit path (padded or packed batches); the default shares prompts
+
+
 @pytest.mark.parametrize("settings", [
-    dict(token_budget=16384),
+    dict(token_budget=16384, share_prompts=NEVER),
+    dict(token_budget=1024, share_prompts=NEVER),
+    dict(token_budget=300, share_prompts=NEVER),
+    dict(token_budget=16384, padding_side="left", share_prompts=NEVER),
+    dict(token_budget=700, padding_side="left", share_prompts=NEVER),
+    dict(token_budget=2048, packing="always", share_prompts=NEVER),
     dict(token_budget=1024),
     dict(token_budget=300),
-    dict(token_budget=16384, padding_side="left"),
-    dict(token_budget=700, padding_side="left"),
-    dict(token_budget=2048, packing="always"),
 ], ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
 def test_batched_equals_one_at_a_time(smollm2, tokenized, one_at_a_time, settings):
     _, results = tokenized

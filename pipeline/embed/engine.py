@@ -8,7 +8,17 @@ Encoders (e.g. all-MiniLM-L6-v2): mean of the last hidden states over the real t
 L2-normalised when the model's sentence-transformers recipe ends with Normalize (all-MiniLM-L6-v2
 does, see Backbone.normalize); the prompt embedding comes from a separate pass over the prompt.
 
-Results must not depend on batching: rows are grouped by `plan_batches`, padded (right or left),
+Decoders share prompts by default (share_prompts="auto"): units whose prompt token ids are
+identical are computed as ONE packed segment [prompt | response_1 | ... | response_k], each
+response attending to the prompt and causally to itself only, positions continuing from the
+prompt's end (pipeline/embed/packing.py plans it, pipeline/embed/shared_attention.py computes
+it). The prompt is computed once per group instead of once per unit, rows hold several groups up
+to the token budget, and nothing is padded. The states are those of the per-unit passes
+(causal attention: a response never sees a sibling, the prompt never sees a response), equal
+within fp32 rounding (tests/test_embed_packing.py).
+
+Per-unit paths (share_prompts="never", or a model the shared attention does not support):
+results must not depend on batching: rows are grouped by `plan_batches`, padded (right or left),
 and every pass gets an attention mask AND explicit position ids (cumsum(mask) - 1), so a row gets
 the same positions wherever its padding is. With flash-attention (CUDA) rows are packed into one
 sequence without padding instead; position ids restarting at 0 mark where each row begins.
@@ -24,16 +34,28 @@ import numpy as np
 
 from pipeline.embed.backbone import Backbone
 from pipeline.embed.batching import check_permutation, plan_batches, plan_packs
+from pipeline.embed.packing import layout_row, plan_shared_rows, prompt_groups, useful_tokens
 
 PADDING_SIDES = ("right", "left")
 PACKING = ("auto", "never", "always")
+SHARE_PROMPTS = ("auto", "never", "always")
 
 
 @dataclass
 class Embeddings:
     response: np.ndarray   # [N, H] float32
     prompt: np.ndarray     # [N, H] float32 (NaN rows when a decoder was given no prompt_end)
-    tokens: int            # real (unpadded) tokens processed
+    tokens: int            # real (unpadded) tokens of the units, each unit counted whole
+    computed: np.ndarray | None = None  # [N] int64: token positions the backbone ran, charged per unit
+    useful: np.ndarray | None = None    # [N] int64: tokens that must be run when each prompt runs once
+
+    @property
+    def computed_tokens(self) -> int:
+        return int(self.computed.sum()) if self.computed is not None else self.tokens
+
+    @property
+    def useful_tokens(self) -> int:
+        return int(self.useful.sum()) if self.useful is not None else self.tokens
 
     def __len__(self) -> int:
         return int(self.response.shape[0])
@@ -70,11 +92,17 @@ class EmbeddingEngine:
     per pass. padding_side only matters for padded batches (results are the same either way).
     packing: "auto" packs when the backbone uses flash-attention (varlen kernels, no padding);
     "always" packs with any attention (SDPA builds a block-diagonal mask from the position ids:
-    correct but quadratic in the pack length, so only for checks); "never" pads.
+    correct but quadratic in the pack length, so only for checks); "never" pads. These apply to
+    the per-unit path only.
+    share_prompts: "auto" computes each distinct prompt once (shared-prompt packed rows, token_budget
+    real tokens per row) for decoders whose model supports it, else the per-unit path; "always"
+    raises where unsupported; "never" keeps the per-unit path. groups_per_row caps the pieces per
+    shared row (None: as many as fit).
     """
 
     def __init__(self, backbone: Backbone, token_budget: int | None = None, padding_side: str = "right",
-                 packing: str = "auto", num_threads: int | None = None):
+                 packing: str = "auto", num_threads: int | None = None, share_prompts: str = "auto",
+                 groups_per_row: int | None = None):
         if padding_side not in PADDING_SIDES:
             raise ValueError(f"padding_side must be one of {PADDING_SIDES}, not {padding_side!r}")
         if packing not in PACKING:
@@ -88,6 +116,17 @@ class EmbeddingEngine:
         self.padding_side = padding_side
         flash = str(backbone.attn_implementation).startswith("flash_attention")
         self.packed = backbone.kind == "decoder" and (packing == "always" or (packing == "auto" and flash))
+        if share_prompts not in SHARE_PROMPTS:
+            raise ValueError(f"share_prompts must be one of {SHARE_PROMPTS}, not {share_prompts!r}")
+        self.shared = False
+        if backbone.kind == "decoder" and share_prompts != "never":
+            from pipeline.embed.shared_attention import supports
+
+            why_not = supports(backbone.model)
+            if why_not and share_prompts == "always":
+                raise ValueError(f"share_prompts='always' but {backbone.name} cannot: {why_not}")
+            self.shared = why_not is None
+        self.groups_per_row = groups_per_row
         pad = getattr(backbone.tokenizer, "pad_token_id", None)
         self.pad_id = int(pad) if pad is not None else 0  # any id works: padded positions are masked out
         if str(backbone.device).startswith("cpu"):
@@ -135,8 +174,18 @@ class EmbeddingEngine:
                 raise ValueError(f"row {bad}: prompt_end {int(ends[bad])} outside its {int(lengths[bad])} tokens")
         else:
             ends = None
+        # Prompt identity: the prompt's token ids (a unit without prompt_end is all prompt).
+        prompt_len = ends + 1 if ends is not None else lengths
+        groups = prompt_groups([ids[:k] for ids, k in zip(input_ids, prompt_len.tolist())])
+        useful = useful_tokens(groups, prompt_len, lengths - prompt_len)
+        if self.shared:
+            response, prompt, computed = self._embed_shared(input_ids, groups, prompt_len, lengths)
+            if ends is None:
+                prompt[:] = np.nan
+            return Embeddings(response, prompt, int(lengths.sum()), computed, useful)
         response = np.empty((n, self.backbone.hidden_size), np.float32)
         prompt = np.full((n, self.backbone.hidden_size), np.nan, np.float32)
+        computed = lengths.copy()
         plan = plan_packs(lengths, self.token_budget) if self.packed else plan_batches(lengths, self.token_budget)
         check_permutation(plan, n)
         run = self._packed_pass if self.packed else self._padded_pass
@@ -148,7 +197,39 @@ class EmbeddingEngine:
             response[rows] = states[: len(rows)]
             if ends is not None:
                 prompt[rows] = states[len(rows):]
-        return Embeddings(response, prompt, int(lengths.sum()))
+            if not self.packed:
+                computed[rows] = lengths[rows].max()  # every row of a padded batch runs its width
+        return Embeddings(response, prompt, int(lengths.sum()), computed, useful)
+
+    def _embed_shared(self, input_ids, groups, prompt_len, lengths):
+        """Shared-prompt packed rows; returns (response, prompt, computed tokens per unit)."""
+        import torch
+
+        from pipeline.embed.shared_attention import KWARG, build_pieces, shared_prompt_attention_on
+
+        n = len(input_ids)
+        h = self.backbone.hidden_size
+        response = np.empty((n, h), np.float32)
+        prompt = np.empty((n, h), np.float32)
+        computed = np.zeros(n, np.int64)
+        response_len = lengths - prompt_len
+        rows = plan_shared_rows(groups, prompt_len, response_len, self.token_budget, self.groups_per_row)
+        check_permutation([np.concatenate(r) for r in rows], n)
+        model, device = self.backbone.model, self.backbone.device
+        with shared_prompt_attention_on(model), torch.inference_mode():
+            for row in rows:
+                lay = layout_row(row, prompt_len, response_len)
+                flat = np.concatenate([np.asarray(input_ids[u][b:e], dtype=np.int64) for u, b, e in lay.spans])
+                out = model(input_ids=torch.as_tensor(flat, device=device)[None],
+                            position_ids=torch.as_tensor(lay.positions, device=device)[None],
+                            use_cache=False, **{KWARG: build_pieces(lay.pieces, device)})
+                hidden = out.last_hidden_state[0]
+                picked = hidden[torch.as_tensor(np.concatenate([lay.response_at, lay.prompt_at]), device=device)]
+                picked = picked.float().cpu().numpy()
+                k = lay.units.size
+                response[lay.units], prompt[lay.units] = picked[:k], picked[k:]
+                computed[lay.units] = lay.computed
+        return response, prompt, computed
 
     def _padded_pass(self, seqs: list[Sequence[int]], positions: np.ndarray) -> np.ndarray:
         """Forward over a padded batch; returns the hidden states at `positions`, which hold

@@ -72,6 +72,7 @@ class ShardLedger:
     """Collects written ranges per shard and says when a shard is complete."""
 
     COUNTERS = ("units", "labeled_units", "quarantined_units", "rows_labeled", "rows_quarantined", "tokens")
+    OPTIONAL_COUNTERS = ("computed_tokens", "useful_tokens")  # scoring-pass accounting (0 when absent)
 
     def __init__(self) -> None:
         self.shards: dict[str, ShardProgress] = {}
@@ -84,10 +85,12 @@ class ShardLedger:
             prog = self.shards[sid] = ShardProgress(int(summary["shard_units"]))
             prog.totals = {"shard_id": sid, "source": summary["source"], "source_uri": summary["source_uri"],
                            "shard_rows": int(summary["shard_rows"]), "shard_units": int(summary["shard_units"]),
-                           "files": [], **{k: 0 for k in self.COUNTERS}}
+                           "files": [], **{k: 0 for k in self.COUNTERS + self.OPTIONAL_COUNTERS}}
         prog.add(int(summary["first"]), int(summary["last"]))
         for k in self.COUNTERS:
             prog.totals[k] += int(summary[k])
+        for k in self.OPTIONAL_COUNTERS:
+            prog.totals[k] += int(summary.get(k) or 0)
         prog.totals["files"].extend(summary["files"])
         if prog.covered > prog.shard_units:
             raise ExactlyOnceViolation(f"shard {sid}: {prog.covered} units written, only {prog.shard_units} exist")

@@ -48,6 +48,7 @@ class ResourcesConfig:
     custom_resources_per_actor: dict = field(default_factory=dict)
     token_budget: int | None = None       # padded tokens per forward pass (None: by device, see embed.engine)
     units_per_call: int = 256             # units handed to a scoring actor at once (sorted into batches there)
+    share_prompts: str = "auto"           # decoders: compute each distinct prompt of a call once (auto | never)
     rows_per_shard: int = 256             # input rows per shard (the unit of exactly-once commit)
     cpus_per_cpu_task: float = 0.25       # read / tokenize / write tasks
 
@@ -147,6 +148,8 @@ def _validate(cfg: LabelConfig) -> None:
         raise ConfigError(f"resources.actors: expected a positive number or [min, max], got {r.actors!r}")
     if (r.token_budget is not None and r.token_budget < 16) or r.rows_per_shard < 1 or r.units_per_call < 1:
         raise ConfigError("resources: token_budget must be >= 16, rows_per_shard and units_per_call >= 1")
+    if r.share_prompts not in ("auto", "never", "always"):
+        raise ConfigError(f"resources.share_prompts: expected auto, never or always, got {r.share_prompts!r}")
     m = cfg.model
     if m.heads and m.armorm_checkpoint:
         raise ConfigError("model: give either heads or armorm_checkpoint, not both")

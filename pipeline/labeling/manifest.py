@@ -102,6 +102,17 @@ def summarize_sources(markers: list[dict]) -> dict[str, dict]:
     return out
 
 
+def token_accounting(markers: list[dict]) -> dict:
+    """What the scoring passes computed: computed_tokens (token positions the backbone ran,
+    padding and prompts repeated across packed pieces included), useful_tokens (each distinct
+    prompt of a scoring call once, plus every response) and padding_waste = computed / useful
+    (1.0: nothing computed twice or padded). Units' own token counts are in sources[*].tokens."""
+    computed = sum(int(m.get("computed_tokens") or 0) for m in markers)
+    useful = sum(int(m.get("useful_tokens") or 0) for m in markers)
+    return {"computed_tokens": computed, "useful_tokens": useful,
+            "padding_waste": round(computed / useful, 4) if useful else None}
+
+
 def check_run_identity(run_dir: str, identity: dict, storage_options: dict | None) -> None:
     """Refuse to resume a run with a different model, heads or template: its shards would mix
     scores from two models under one run id. The first attempt records the identity."""

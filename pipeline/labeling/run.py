@@ -164,7 +164,7 @@ def run(cfg: LabelConfig) -> dict:
                             actors=tuple(r.actors) if isinstance(r.actors, list) else r.actors,
                             batch_size=r.units_per_call)
         model = ScoringModel(cfg.model.backbone, cfg.model.heads, cfg.model.armorm_checkpoint, r.token_budget,
-                             cfg.embeddings, r.threads_per_actor)
+                             cfg.embeddings, r.threads_per_actor, r.share_prompts)
         ds = apply_stage(ds, EmbedScoreStage(model, objectives, scoring))
         ds = apply_stage(ds, WriteStage(run_dir, cfg.run_id, objectives, cfg.embeddings, cfg.storage_options, cpu))
         _say(f"run {cfg.run_id}: {len(files)} file(s), {total} unit(s) to label -> {run_dir}")
@@ -193,6 +193,7 @@ def run(cfg: LabelConfig) -> dict:
         "wall_time_s": round(wall, 3),
         "units_per_s": round(labeled / wall, 3) if wall else None,
         "tokens_per_s": round(tokens / wall, 1) if wall else None,
+        **mf.token_accounting(new_markers),
         **steady,
         "output": {"data": storage.join(run_dir, "data"), "quarantine": storage.join(run_dir, "quarantine")},
     }

@@ -26,6 +26,8 @@ QUARANTINE_STAGE = "quarantine_stage"
 SCORED_ON = "scored_on"        # the node that scored the unit
 SCORED_FROM = "scored_from"    # wall-clock start and end of the scoring call (unix seconds):
 SCORED_UNTIL = "scored_until"  # the driver measures pipeline throughput from them
+COMPUTED_TOKENS = "computed_tokens"  # token positions the backbone ran, charged per unit (padding included)
+USEFUL_TOKENS = "useful_tokens"      # tokens that had to run (each distinct prompt of a call once)
 TOKEN_COLUMNS = [name for name, _ in schema.TOKEN_FIELDS]
 DEBIASED_PREFIX = schema.DEBIASED_PREFIX
 
@@ -129,14 +131,17 @@ class ScoringModel:
     token_budget: int | None
     embeddings: bool
     num_threads: int | None = None  # CPU only: torch intra-op threads per actor
+    share_prompts: str = "auto"     # compute each distinct prompt once per call (see embed.engine)
 
 
 class EmbedScoreStage(Stage):
-    """One backbone forward pass per conversation, then the reward heads. Held by actors."""
+    """The backbone over a call's units, then the reward heads. Held by actors. Decoders compute
+    each distinct prompt of the call once (shared-prompt packed rows, EmbeddingEngine)."""
 
     name = "embed_score"
     reads = ("input_ids", "prompt_end", "prompt_input_ids", "quarantine_reason")
-    writes = ("score", "backbone_fingerprint", "heads_fingerprint", "quarantine_reason", QUARANTINE_STAGE, SCORED_ON)
+    writes = ("score", "backbone_fingerprint", "heads_fingerprint", "quarantine_reason", QUARANTINE_STAGE, SCORED_ON,
+              COMPUTED_TOKENS, USEFUL_TOKENS)
 
     def __init__(self, model: ScoringModel, objectives: list[str], resources: Resources):
         self.model = model
@@ -165,7 +170,7 @@ class EmbedScoreStage(Stage):
                 self.heads = ArmoHeads.load(self.model.heads)
                 self.heads_fingerprint = self.heads.fingerprint
         self.engine = EmbeddingEngine(backbone, token_budget=self.model.token_budget,
-                                      num_threads=self.model.num_threads)
+                                      num_threads=self.model.num_threads, share_prompts=self.model.share_prompts)
         self.backbone_fingerprint = backbone.fingerprint
         if self.heads is not None and list(self.heads.objectives) != list(self.objectives):
             raise StageError(f"heads objectives {self.heads.objectives} != job objectives {self.objectives}")
@@ -182,11 +187,17 @@ class EmbedScoreStage(Stage):
         gates = np.full((n, k), np.nan, np.float32)
         score = np.full(n, np.nan, np.float32)
         emb = pemb = None
+        computed = np.zeros(n, np.int64)
+        useful = np.zeros(n, np.int64)
         if len(good):
             ids = batch.column("input_ids").take(pa.array(good)).to_pylist()
             ends = batch.column("prompt_end").take(pa.array(good)).to_pylist()
             pids = batch.column("prompt_input_ids").take(pa.array(good)).to_pylist()
             e = self.engine.embed(ids, ends, pids if any(p is not None for p in pids) else None)
+            if e.computed is not None:
+                computed[good], useful[good] = e.computed, e.useful
+            else:  # encoders: response and prompt passes, padding not counted
+                computed[good] = useful[good] = [len(x) + len(p or ()) for x, p in zip(ids, pids)]
             if self.model.embeddings:
                 emb, pemb = e.response, e.prompt
             if self.heads is not None:
@@ -215,6 +226,8 @@ class EmbedScoreStage(Stage):
         out_t = _set_column(out_t, SCORED_ON, [self.node] * n, pa.string())
         out_t = _set_column(out_t, SCORED_FROM, [started] * n, pa.float64())
         out_t = _set_column(out_t, SCORED_UNTIL, [time.time()] * n, pa.float64())
+        out_t = _set_column(out_t, COMPUTED_TOKENS, computed, pa.int64())
+        out_t = _set_column(out_t, USEFUL_TOKENS, useful, pa.int64())
         return _set_column(out_t, QUARANTINE_STAGE, stages, pa.string())
 
 
@@ -299,6 +312,8 @@ class WriteStage(Stage):
             "rows_labeled": pc.sum(pc.and_(first_units, pc.invert(bad_mask))).as_py() or 0,
             "rows_quarantined": pc.sum(pc.and_(first_units, bad_mask)).as_py() or 0,
             "tokens": tokens or 0,
+            **{c: (pc.sum(part.column(c)).as_py() or 0) if c in part.column_names else 0
+               for c in (COMPUTED_TOKENS, USEFUL_TOKENS)},
             "reasons": json.dumps(Counter(bad.column("quarantine_reason").to_pylist())),
             "scored_on": json.dumps(Counter(part.column(SCORED_ON).to_pylist())
                                     if SCORED_ON in part.column_names else {}),
