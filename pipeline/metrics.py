@@ -97,30 +97,44 @@ def _check(*arrays) -> None:
         raise ValueError("metrics: inputs must have the same length")
 
 
-def best_of_n_top1(groups, scores, human_rank, n_groups: int | None = None) -> np.ndarray:
-    """Top-1 credit per group code (see the module doc); NaN for groups that do not count.
-
-    `groups` are integer codes 0..n_groups-1 (see group_codes)."""
+def _top1_stats(groups, scores, human_rank, n_groups: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Per group code: the top-1 credit and its chance level (the share of the group's units that
+    hold its lowest human rank), both NaN for groups that do not count (fewer than 2 usable units)."""
     g = np.asarray(groups, dtype=np.int64).reshape(-1)
     s, r = _as_1d(scores), _as_1d(human_rank)
     _check(g, s, r)
     n_groups = int(g.max()) + 1 if n_groups is None and g.size else (n_groups or 0)
     ok = ~np.isnan(s) & ~np.isnan(r)
     g, s, r = g[ok], s[ok], r[ok]
-    out = np.full(n_groups, np.nan)
+    credit, chance = np.full(n_groups, np.nan), np.full(n_groups, np.nan)
     if g.size == 0:
-        return out
+        return credit, chance
     size = np.bincount(g, minlength=n_groups)
     top = np.full(n_groups, -np.inf)
     np.maximum.at(top, g, s)
     best = np.full(n_groups, np.inf)
     np.minimum.at(best, g, r)
-    at_top = s == top[g]
-    hits = np.bincount(g, weights=at_top & (r == best[g]), minlength=n_groups)
+    at_top, at_best = s == top[g], r == best[g]
+    hits = np.bincount(g, weights=at_top & at_best, minlength=n_groups)
     tied = np.bincount(g, weights=at_top, minlength=n_groups)
+    best_units = np.bincount(g, weights=at_best, minlength=n_groups)
     counts = size >= 2
-    out[counts] = hits[counts] / tied[counts]
-    return out
+    credit[counts] = hits[counts] / tied[counts]
+    chance[counts] = best_units[counts] / size[counts]
+    return credit, chance
+
+
+def best_of_n_top1(groups, scores, human_rank, n_groups: int | None = None) -> np.ndarray:
+    """Top-1 credit per group code (see the module doc); NaN for groups that do not count.
+
+    `groups` are integer codes 0..n_groups-1 (see group_codes)."""
+    return _top1_stats(groups, scores, human_rank, n_groups)[0]
+
+
+def top1_chance(groups, scores, human_rank, n_groups: int | None = None) -> np.ndarray:
+    """Per group, the top-1 credit of a random pick: the share of its units (with both a score and a
+    human rank) that hold the group's lowest rank; NaN for groups that do not count for top-1."""
+    return _top1_stats(groups, scores, human_rank, n_groups)[1]
 
 
 def _pair_signs_dense(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -197,27 +211,6 @@ def rank_agreement(groups, scores, human_rank, n_groups: int | None = None) -> d
     s, r = _as_1d(scores), _as_1d(human_rank)
     n_groups = int(g.max()) + 1 if n_groups is None and g.size else (n_groups or 0)
     return {"top1": best_of_n_top1(g, s, r, n_groups), "tau_b": kendall_tau_b_grouped(g, s, -r, n_groups)}
-
-
-def top1_chance(groups, scores, human_rank, n_groups: int | None = None) -> np.ndarray:
-    """Per group, the top-1 credit of a random pick: the share of its units (with both a score and a
-    human rank) that hold the group's lowest rank; NaN for groups that do not count for top-1."""
-    g = np.asarray(groups, dtype=np.int64).reshape(-1)
-    s, r = _as_1d(scores), _as_1d(human_rank)
-    _check(g, s, r)
-    n_groups = int(g.max()) + 1 if n_groups is None and g.size else (n_groups or 0)
-    ok = ~np.isnan(s) & ~np.isnan(r)
-    g, r = g[ok], r[ok]
-    out = np.full(n_groups, np.nan)
-    if g.size == 0:
-        return out
-    size = np.bincount(g, minlength=n_groups)
-    best = np.full(n_groups, np.inf)
-    np.minimum.at(best, g, r)
-    at_best = np.bincount(g, weights=r == best[g], minlength=n_groups)
-    counts = size >= 2
-    out[counts] = at_best[counts] / size[counts]
-    return out
 
 
 def ranking_summary(groups, scores, human_rank, n_groups: int | None = None) -> dict:
