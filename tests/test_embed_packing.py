@@ -245,7 +245,7 @@ def test_armorm_checkpoint_scores_equal(smollm2, shared_units, tmp_path):
     packing equal the per-unit path's."""
     from transformers import LlamaConfig, LlamaModel
 
-    from pipeline.heads.checkpoint import checkpoint_backbone, export_armorm_checkpoint
+    from pipeline.embed.checkpoint import checkpoint_backbone, export_armorm_checkpoint
     from pipeline.heads.gating import GatingNetwork
     from pipeline.heads.model import ArmoHeads
 
