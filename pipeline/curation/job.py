@@ -366,7 +366,8 @@ def run_calibrate(cfg: CurateConfig, files: list[str], t0: float) -> dict:
     if missing:
         raise ValueError(f"calibrate.columns: not in the run: {missing}")
     pair_cols = ["row_id", "kind", "preference", "tie", "score"]
-    read = sorted(set(columns) | (set(pair_cols) if cfg.calibrate.fit_temperature else set()))
+    # row_id is the shuffle key even when no temperature is fitted
+    read = sorted(set(columns) | {"row_id"} | (set(pair_cols) if cfg.calibrate.fit_temperature else set()))
     scratch = _scratch(cfg)
     in_schema = run_schema(files, so)
     in_schema = pa.schema([in_schema.field(c) for c in read])
