@@ -66,7 +66,11 @@ def bare_engine(args) -> dict:
     good = units.filter(units.column("quarantine_reason").is_null())
     toks = tokenize_many(backbone.tokenizer, good.column("prompt").to_pylist(), good.column("response").to_pylist(),
                          TemplatePolicy(max_tokens=args.max_tokens), backbone.kind)
-    ok = [t for t in toks if not isinstance(t, TemplateError)]
+    # The job quarantines a whole row when one of its units cannot be templated (a pair or a ranked
+    # group is kept whole), so the bare path drops those rows too: both then embed the same units.
+    rows = good.column("row_id").to_pylist()
+    bad_rows = {rows[i] for i, t in enumerate(toks) if isinstance(t, TemplateError)}
+    ok = [t for i, t in enumerate(toks) if rows[i] not in bad_rows]
     computed = useful = embedded = 0
     for start in range(0, len(ok), args.units_per_call):  # the job's scoring calls, in input order
         call = ok[start:start + args.units_per_call]
