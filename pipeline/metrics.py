@@ -97,15 +97,21 @@ def _check(*arrays) -> None:
         raise ValueError("metrics: inputs must have the same length")
 
 
+def _usable(groups, a, b, n_groups: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Group codes and two value columns with the units missing either value dropped, and the
+    number of groups (taken from the codes when not given)."""
+    g = np.asarray(groups, dtype=np.int64).reshape(-1)
+    a, b = _as_1d(a), _as_1d(b)
+    _check(g, a, b)
+    n_groups = int(g.max()) + 1 if n_groups is None and g.size else (n_groups or 0)
+    ok = ~np.isnan(a) & ~np.isnan(b)
+    return g[ok], a[ok], b[ok], n_groups
+
+
 def _top1_stats(groups, scores, human_rank, n_groups: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Per group code: the top-1 credit and its chance level (the share of the group's units that
     hold its lowest human rank), both NaN for groups that do not count (fewer than 2 usable units)."""
-    g = np.asarray(groups, dtype=np.int64).reshape(-1)
-    s, r = _as_1d(scores), _as_1d(human_rank)
-    _check(g, s, r)
-    n_groups = int(g.max()) + 1 if n_groups is None and g.size else (n_groups or 0)
-    ok = ~np.isnan(s) & ~np.isnan(r)
-    g, s, r = g[ok], s[ok], r[ok]
+    g, s, r, n_groups = _usable(groups, scores, human_rank, n_groups)
     credit, chance = np.full(n_groups, np.nan), np.full(n_groups, np.nan)
     if g.size == 0:
         return credit, chance
@@ -161,12 +167,7 @@ def _pair_signs_one(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
 
 def kendall_tau_b_grouped(groups, x, y, n_groups: int | None = None) -> np.ndarray:
     """Kendall tau-b per group code; NaN where undefined. Units with a NaN in x or y take no part."""
-    g = np.asarray(groups, dtype=np.int64).reshape(-1)
-    x, y = _as_1d(x), _as_1d(y)
-    _check(g, x, y)
-    n_groups = int(g.max()) + 1 if n_groups is None and g.size else (n_groups or 0)
-    ok = ~np.isnan(x) & ~np.isnan(y)
-    g, x, y = g[ok], x[ok], y[ok]
+    g, x, y, n_groups = _usable(groups, x, y, n_groups)
     out = np.full(n_groups, np.nan)
     if g.size == 0:
         return out
