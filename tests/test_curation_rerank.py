@@ -1,32 +1,18 @@
 import math
-from itertools import combinations
 
 import numpy as np
 import pandas as pd
 import pytest
 from curation_fixtures import load_units
+from metric_references import brute_tau_b
 
-from pipeline.curation.rerank import Agreement, agreement_over_prompts, group_agreement, rank_units
+from pipeline.curation.rerank import (
+    Agreement,
+    agreement_over_prompts,
+    group_agreement,
+    rank_units,
+)
 from pipeline.metrics import kendall_tau_b
-
-
-def brute_force_tau_b(x, y):
-    """Textbook tau-b by explicit pair classification."""
-    concordant = discordant = only_x_tied = only_y_tied = 0
-    for i, j in combinations(range(len(x)), 2):
-        dx, dy = x[i] - x[j], y[i] - y[j]
-        if dx == 0 and dy == 0:
-            continue
-        if dx == 0:
-            only_x_tied += 1
-        elif dy == 0:
-            only_y_tied += 1
-        elif dx * dy > 0:
-            concordant += 1
-        else:
-            discordant += 1
-    denom = math.sqrt((concordant + discordant + only_x_tied) * (concordant + discordant + only_y_tied))
-    return (concordant - discordant) / denom if denom else float("nan")
 
 
 def test_kendall_tau_b_matches_brute_force_with_and_without_ties():
@@ -36,7 +22,7 @@ def test_kendall_tau_b_matches_brute_force_with_and_without_ties():
         n = int(rng.integers(2, 12))
         x = rng.integers(0, 4, n).astype(float)  # few distinct values: many ties
         y = rng.integers(0, 4, n).astype(float)
-        expected = brute_force_tau_b(x, y)
+        expected = brute_tau_b(x, y)
         got = kendall_tau_b(x, y)
         if math.isnan(expected):
             assert math.isnan(got)
@@ -105,7 +91,7 @@ def test_agreement_on_real_oasst_ranks_matches_an_independent_count(annotated_ru
             continue
         top = g[g["score"] == g["score"].max()]      # ties for the top share the credit
         hits += float((top["human_rank"] == g["human_rank"].min()).mean())
-        tau = brute_force_tau_b(g["score"].tolist(), (-g["human_rank"]).tolist())
+        tau = brute_tau_b(g["score"].tolist(), (-g["human_rank"]).tolist())
         if not math.isnan(tau):
             tau_groups += 1
             tau_sum += tau
