@@ -114,12 +114,18 @@ def rules_for(seed):
                      tie_epsilon=float(rng.choice([0.0, 0.125, 0.2])), human_ties=str(rng.choice(["drop", "use_reward"])))
 
 
-@pytest.mark.parametrize("seed", SEEDS)
-def test_pairs_match_the_reference(seed):
-    df = random_units(seed)
+def reference_rows(df):
+    """The frame as plain dicts for the references: None for nulls, but NaN for a missing score."""
     rows = df.astype(object).where(df.notna(), None).to_dict("records")
     for r in rows:
         r["score"] = float("nan") if r["score"] is None else float(r["score"])
+    return rows
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_pairs_match_the_reference(seed):
+    df = random_units(seed)
+    rows = reference_rows(df)
     rules = rules_for(seed)
     table, counts = make_pairs(df, rules)
     want, want_counts = reference_pairs(rows, rules)
@@ -145,9 +151,7 @@ def test_pairs_match_the_reference(seed):
 @pytest.mark.parametrize("seed", SEEDS)
 def test_sft_and_rerank_match_the_reference(seed):
     df = random_units(seed)
-    rows = df.astype(object).where(df.notna(), None).to_dict("records")
-    for r in rows:
-        r["score"] = float("nan") if r["score"] is None else float(r["score"])
+    rows = reference_rows(df)
     kinds = [None, ["best_of_n"], ["preference", "instruction"]][seed % 3]
     eligible = [r for r in unique(rows) if kinds is None or r["kind"] in kinds]
     # SFT: not human-rejected, then one per prompt (highest score, ties to the smallest unit_id)
