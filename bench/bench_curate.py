@@ -79,8 +79,12 @@ def synthetic_run(n_units: int, out: Path, seed: int = 0) -> Path:
     for k, lo in enumerate(range(0, n_units, CHUNK_UNITS)):
         table = synthetic_chunk(min(CHUNK_UNITS, n_units - lo), seed + k)
         for start in range(0, table.num_rows, UNITS_PER_FILE):
-            pq.write_table(table.slice(start, UNITS_PER_FILE), out / "data" / f"part-{file_no:05d}.parquet",
-                           row_group_size=50_000, compression="zstd")
+            pq.write_table(
+                table.slice(start, UNITS_PER_FILE),
+                out / "data" / f"part-{file_no:05d}.parquet",
+                row_group_size=50_000,
+                compression="zstd",
+            )
             file_no += 1
         del table
     (out / "manifest.json").write_text(json.dumps({"run_id": f"bench-{n_units}", "objectives": OBJECTIVES}))
@@ -90,9 +94,11 @@ def synthetic_run(n_units: int, out: Path, seed: int = 0) -> Path:
 
 def synthetic_chunk(n_units: int, seed: int) -> pa.Table:
     rng = np.random.default_rng(seed)
-    n_bon_prompts, n_pref_rows = n_units // 8, n_units // 4          # 4 units / group, 2 units / row
+    n_bon_prompts, n_pref_rows = n_units // 8, n_units // 4  # 4 units / group, 2 units / row
     n = n_bon_prompts * 4 + n_pref_rows * 2
-    group = np.concatenate([np.repeat(np.arange(n_bon_prompts), 4), n_bon_prompts + np.repeat(np.arange(n_pref_rows), 2)])
+    group = np.concatenate(
+        [np.repeat(np.arange(n_bon_prompts), 4), n_bon_prompts + np.repeat(np.arange(n_pref_rows), 2)]
+    )
     index = np.concatenate([np.tile(np.arange(4), n_bon_prompts), np.tile(np.arange(2), n_pref_rows)]).astype(np.int32)
     is_bon = np.arange(n) < n_bon_prompts * 4
     prompt_key = rng.integers(0, 2**62, n_bon_prompts + n_pref_rows)
@@ -101,8 +107,10 @@ def synthetic_chunk(n_units: int, seed: int) -> pa.Table:
     uid = pa.array([f"{r}-{i}" for r, i in zip(rid.to_pylist(), index.tolist())], pa.string())
     prompts_text = texts(rng, n_bon_prompts + n_pref_rows, 350).take(pa.array(group))
     role = pa.array(["user"] * n, pa.string())
-    prompt = pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32)),
-                                      pa.StructArray.from_arrays([role, prompts_text], fields=list(schema.MESSAGE)))
+    prompt = pa.ListArray.from_arrays(
+        pa.array(np.arange(n + 1, dtype=np.int32)),
+        pa.StructArray.from_arrays([role, prompts_text], fields=list(schema.MESSAGE)),
+    )
     response = texts(rng, n, 1200)
     score = rng.normal(0, 1, n).astype(np.float32)
     # human ranks within each group of 4: a noisy copy of the score order
@@ -112,20 +120,28 @@ def synthetic_chunk(n_units: int, seed: int) -> pa.Table:
     hr[is_bon] = np.argsort(np.argsort(-bon_noisy, axis=1), axis=1).reshape(-1)
     pref = np.where(is_bon, None, np.where(index == 0, "chosen", "rejected"))
     columns = {
-        "unit_id": uid, "row_id": rid, "prompt_id": pid,
+        "unit_id": uid,
+        "row_id": rid,
+        "prompt_id": pid,
         "kind": pa.array(np.where(is_bon, "best_of_n", "preference"), pa.string()),
         "source": pa.array(np.where(is_bon, "bench-bon", "bench-pref"), pa.string()),
-        "source_uri": pa.array(["/synthetic"] * n, pa.string()), "source_row": pa.array(group.astype(np.int64)),
-        "prompt": prompt, "response": response, "response_index": pa.array(index),
+        "source_uri": pa.array(["/synthetic"] * n, pa.string()),
+        "source_row": pa.array(group.astype(np.int64)),
+        "prompt": prompt,
+        "response": response,
+        "response_index": pa.array(index),
         "n_responses": pa.array(np.where(is_bon, 4, 2).astype(np.int32)),
-        "preference": pa.array(pref.tolist(), pa.string()), "tie": pa.array(np.where(is_bon, None, False).tolist(), pa.bool_()),
+        "preference": pa.array(pref.tolist(), pa.string()),
+        "tie": pa.array(np.where(is_bon, None, False).tolist(), pa.bool_()),
         "human_rank": pa.array(hr, pa.int32(), mask=~is_bon),
         "response_tokens": pa.array(np.asarray(pc.utf8_length(response)) // 4, pa.int32()),
-        "truncated": pa.array(np.zeros(n, dtype=bool)), "score": pa.array(score),
+        "truncated": pa.array(np.zeros(n, dtype=bool)),
+        "score": pa.array(score),
         "backbone_fingerprint": pa.array(["bench"] * n, pa.string()),
-        "heads_fingerprint": pa.array(["bench"] * n, pa.string()), "run_id": pa.array(["bench"] * n, pa.string()),
+        "heads_fingerprint": pa.array(["bench"] * n, pa.string()),
+        "run_id": pa.array(["bench"] * n, pa.string()),
     }
-    for k, obj in enumerate(OBJECTIVES):
+    for obj in OBJECTIVES:
         r = (score * rng.uniform(0.2, 1.0) + rng.normal(0, 0.5, n)).astype(np.float32)
         columns[schema.objective_column(schema.RATING_PREFIX, obj)] = pa.array(r)
         columns[schema.objective_column(schema.DEBIASED_PREFIX, obj)] = pa.array((r - 0.01).astype(np.float32))
@@ -194,17 +210,20 @@ QUERIES = {
 
 def duckdb_script(task: str, run: Path, out: Path) -> str:
     query = QUERIES[task].replace("{run}", str(run))
-    return (f"import duckdb, os\ncon = duckdb.connect()\ncon.execute('SET threads TO {os.cpu_count()}')\n"
-            f"con.execute('SET preserve_insertion_order = false')\n"
-            f"con.execute(\"\"\"COPY ({query}) TO '{out}' (FORMAT parquet, COMPRESSION zstd)\"\"\")\n"
-            f"print(con.execute(\"SELECT count(*) FROM read_parquet('{out}')\").fetchone()[0])\n")
+    return (
+        f"import duckdb, os\ncon = duckdb.connect()\ncon.execute('SET threads TO {os.cpu_count()}')\n"
+        f"con.execute('SET preserve_insertion_order = false')\n"
+        f'con.execute("""COPY ({query}) TO \'{out}\' (FORMAT parquet, COMPRESSION zstd)""")\n'
+        f"print(con.execute(\"SELECT count(*) FROM read_parquet('{out}')\").fetchone()[0])\n"
+    )
 
 
 def measured(cmd: list[str], env: dict | None = None) -> dict:
     """Run cmd; wall time and peak summed RSS of its process tree."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})}
+    )
     peak = [0]
     done = threading.Event()
 
@@ -239,8 +258,9 @@ def run_job(task: str, run: Path, work: Path) -> dict:
     out = work / f"job-{task}"
     cfg = {"task": task, "run": str(run), "output": str(out), **JOB_CONFIGS[task]}
     (work / f"{task}.yaml").write_text(yaml.safe_dump(cfg))
-    m = measured([sys.executable, "-m", "jobs.curate", "--config", str(work / f"{task}.yaml")],
-                 {"RAY_USAGE_STATS_ENABLED": "0"})
+    m = measured(
+        [sys.executable, "-m", "jobs.curate", "--config", str(work / f"{task}.yaml")], {"RAY_USAGE_STATS_ENABLED": "0"}
+    )
     man = json.loads((out / "manifest.json").read_text())
     m.update(rows_out=man["rows_out"], files=len(man["output"]["files"]), partitions=man.get("partitions"))
     m.pop("output")
@@ -274,16 +294,35 @@ def main() -> int:
         for task in args.tasks.split(","):
             job = run_job(task, run, work)
             duck = run_duckdb(task, run, work)
-            r = {"units": n_units, "task": task, "job": job, "duckdb": duck,
-                 "job_units_per_s": round(n_units / job["wall_s"]), "duckdb_units_per_s": round(n_units / duck["wall_s"]),
-                 "time_ratio_job_over_duckdb": round(job["wall_s"] / duck["wall_s"], 2)}
+            r = {
+                "units": n_units,
+                "task": task,
+                "job": job,
+                "duckdb": duck,
+                "job_units_per_s": round(n_units / job["wall_s"]),
+                "duckdb_units_per_s": round(n_units / duck["wall_s"]),
+                "time_ratio_job_over_duckdb": round(job["wall_s"] / duck["wall_s"], 2),
+            }
             results.append(r)
-            print(f"{task:7s} job {job['wall_s']:7.1f} s {r['job_units_per_s']:>9,} units/s "
-                  f"peak {job['peak_rss_gb']:5.2f} GB rows {job['rows_out']:>9,} ({job['partitions']} partitions) | "
-                  f"duckdb {duck['wall_s']:6.1f} s peak {duck['peak_rss_gb']:5.2f} GB rows {duck['rows_out']:>9,} | "
-                  f"ratio {r['time_ratio_job_over_duckdb']:.2f}x", flush=True)
-    print(json.dumps({"machine": {"cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
-                                  "python": platform.python_version()}, "results": results}))
+            print(
+                f"{task:7s} job {job['wall_s']:7.1f} s {r['job_units_per_s']:>9,} units/s "
+                f"peak {job['peak_rss_gb']:5.2f} GB rows {job['rows_out']:>9,} ({job['partitions']} partitions) | "
+                f"duckdb {duck['wall_s']:6.1f} s peak {duck['peak_rss_gb']:5.2f} GB rows {duck['rows_out']:>9,} | "
+                f"ratio {r['time_ratio_job_over_duckdb']:.2f}x",
+                flush=True,
+            )
+    print(
+        json.dumps(
+            {
+                "machine": {
+                    "cpus": os.cpu_count(),
+                    "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+                    "python": platform.python_version(),
+                },
+                "results": results,
+            }
+        )
+    )
     return 0
 
 

@@ -53,8 +53,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline.embed import (BackboneSpec, EmbeddingEngine, TemplatePolicy, load_backbone, load_tokenizer,  # noqa: E402
-                            tokenize_many)
+from pipeline.embed import (
+    BackboneSpec,
+    EmbeddingEngine,
+    TemplatePolicy,
+    load_backbone,
+    load_tokenizer,  # noqa: E402
+    tokenize_many,
+)
 from pipeline.embed.backbone import Backbone  # noqa: E402
 
 DATA = REPO / ".." / "shared" / "data"
@@ -64,12 +70,16 @@ REWARDBENCH_MAX_TOKENS = 2048
 
 # --- rows ----------------------------------------------------------------------------------------
 
+
 def hh_rows(limit: int) -> list[tuple[list[dict], str]]:
     out = []
     with gzip.open(DATA / "hh-rlhf" / "harmless-base-test.jsonl.gz", "rt", encoding="utf-8") as f:
         for line in f:
             parts = re.split(r"\n\n(Human|Assistant): ", json.loads(line)["chosen"])
-            msgs = [{"role": "user" if r == "Human" else "assistant", "content": t} for r, t in zip(parts[1::2], parts[2::2])]
+            msgs = [
+                {"role": "user" if r == "Human" else "assistant", "content": t}
+                for r, t in zip(parts[1::2], parts[2::2])
+            ]
             if len(msgs) >= 2 and msgs[-1]["role"] == "assistant" and msgs[-2]["role"] == "user":
                 out.append((msgs[:-1], msgs[-1]["content"]))
             if len(out) == limit:
@@ -109,6 +119,7 @@ def bench_rows(n: int) -> list[tuple[list[dict], str]]:
 
 # --- the three ways ------------------------------------------------------------------------------
 
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -133,18 +144,18 @@ def way_rewardbench(backbone: Backbone, ids: list[list[int]], ends: list[int]) -
     response, prompt = [], []
     with torch.inference_mode():
         for start in range(0, len(ids), REWARDBENCH_BATCH):
-            seqs = [s[:REWARDBENCH_MAX_TOKENS] for s in ids[start:start + REWARDBENCH_BATCH]]
+            seqs = [s[:REWARDBENCH_MAX_TOKENS] for s in ids[start : start + REWARDBENCH_BATCH]]
             width = max(len(s) for s in seqs)
             batch = torch.full((len(seqs), width), pad, dtype=torch.long)
             mask = torch.zeros((len(seqs), width), dtype=torch.long)
             for r, s in enumerate(seqs):
-                batch[r, :len(s)] = torch.tensor(s)
-                mask[r, :len(s)] = 1
+                batch[r, : len(s)] = torch.tensor(s)
+                mask[r, : len(s)] = 1
             hidden = model(input_ids=batch.to(dev), attention_mask=mask.to(dev), use_cache=False).last_hidden_state
             rows = torch.arange(len(seqs))
             last = torch.tensor([len(s) - 1 for s in seqs])
             response.append(hidden[rows, last].float().cpu().numpy())
-            prompt.append(hidden[rows, torch.tensor(ends[start:start + len(seqs)])].float().cpu().numpy())
+            prompt.append(hidden[rows, torch.tensor(ends[start : start + len(seqs)])].float().cpu().numpy())
     return np.concatenate(response), np.concatenate(prompt)
 
 
@@ -168,6 +179,7 @@ def max_rel_err(got: np.ndarray, ref: np.ndarray) -> float:
 
 # --- FLOPs ---------------------------------------------------------------------------------------
 
+
 def model_flops(backbone: Backbone, lengths: list[int]) -> float:
     """Useful FLOPs for the real tokens: 2 x non-embedding params per token, plus causal attention
     (QK^T and AV, 2 FLOPs per multiply-add, L(L+1)/2 query-key pairs per head and layer)."""
@@ -190,10 +202,11 @@ def matmul_peak(device: str, dtype: torch.dtype, size: int, repeats: int) -> flo
     for _ in range(repeats):
         a @ b
     sync(device)
-    return 2.0 * size ** 3 * repeats / (time.perf_counter() - start)
+    return 2.0 * size**3 * repeats / (time.perf_counter() - start)
 
 
 # --- backbones -----------------------------------------------------------------------------------
+
 
 def llama3_8b_random(device: str) -> Backbone:
     """A Llama-3-8B-shaped base model with random bf16 weights (FLOPs do not depend on values);
@@ -202,18 +215,35 @@ def llama3_8b_random(device: str) -> Backbone:
 
     from pipeline.embed.backbone import _resolve_attention
 
-    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rms_norm_eps=1e-5,
-                         rope_theta=500000.0)
+    config = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+    )
     attn = _resolve_attention("auto", device, "decoder")
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModel.from_config(config, dtype=torch.bfloat16, attn_implementation=attn)
     model.eval().requires_grad_(False)
     tokenizer = load_tokenizer(BackboneSpec("smollm2"))
-    return Backbone(model=model, tokenizer=tokenizer, kind="decoder", hidden_size=4096, device=device,
-                    dtype="bfloat16", max_length=8192, fingerprint="random-llama3-8b", name="llama3-8b-shape (random)",
-                    attn_implementation=attn)
+    return Backbone(
+        model=model,
+        tokenizer=tokenizer,
+        kind="decoder",
+        hidden_size=4096,
+        device=device,
+        dtype="bfloat16",
+        max_length=8192,
+        fingerprint="random-llama3-8b",
+        name="llama3-8b-shape (random)",
+        attn_implementation=attn,
+    )
 
 
 def get_backbone(args) -> Backbone:
@@ -234,6 +264,7 @@ def cpu_model() -> str:
 
 # --- modes ---------------------------------------------------------------------------------------
 
+
 def tokenized_rows(backbone: Backbone, n: int):
     rows = bench_rows(n)
     policy = TemplatePolicy(max_tokens=backbone.max_length)
@@ -249,11 +280,17 @@ def run_compare(args) -> dict:
     ends = [r.prompt_end for r in good]
     lengths = [len(s) for s in ids]
     tokens = sum(lengths)
-    print(f"backbone {backbone.name} on {backbone.device} ({backbone.dtype}, {backbone.attn_implementation}), "
-          f"torch threads {torch.get_num_threads()}", flush=True)
-    print(f"rows: {len(good)} of {asked} (<= {REWARDBENCH_MAX_TOKENS} tokens), real tokens {tokens}, "
-          f"lengths min/median/p90/max {min(lengths)}/{int(np.median(lengths))}/{int(np.percentile(lengths, 90))}/"
-          f"{max(lengths)}", flush=True)
+    print(
+        f"backbone {backbone.name} on {backbone.device} ({backbone.dtype}, {backbone.attn_implementation}), "
+        f"torch threads {torch.get_num_threads()}",
+        flush=True,
+    )
+    print(
+        f"rows: {len(good)} of {asked} (<= {REWARDBENCH_MAX_TOKENS} tokens), real tokens {tokens}, "
+        f"lengths min/median/p90/max {min(lengths)}/{int(np.median(lengths))}/{int(np.percentile(lengths, 90))}/"
+        f"{max(lengths)}",
+        flush=True,
+    )
     way_model_card(backbone, ids[:2], ends[:2])  # warm-up (allocator, kernels)
     ways = {
         "model_card": lambda: way_model_card(backbone, ids, ends),
@@ -270,13 +307,20 @@ def run_compare(args) -> dict:
             print(f"round {round_}  {name:12s} {secs:8.2f} s  {tokens / secs:10.1f} tokens/s", flush=True)
     seconds = {name: float(np.median(v)) for name, v in runs.items()}
     headline = {
-        "bench": "embed", "device": backbone.device, "device_name": (torch.cuda.get_device_name() if
-                                                                   backbone.device.startswith("cuda") else cpu_model()),
-        "nproc": os.cpu_count(), "torch_threads": torch.get_num_threads(), "backbone": backbone.name,
-        "dtype": backbone.dtype, "attn": backbone.attn_implementation, "rows": len(good), "real_tokens": tokens,
+        "bench": "embed",
+        "device": backbone.device,
+        "device_name": (torch.cuda.get_device_name() if backbone.device.startswith("cuda") else cpu_model()),
+        "nproc": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "backbone": backbone.name,
+        "dtype": backbone.dtype,
+        "attn": backbone.attn_implementation,
+        "rows": len(good),
+        "real_tokens": tokens,
         "token_budget": args.token_budget,
         "tokens_per_s": {k: round(tokens / v, 1) for k, v in seconds.items()},
-        "seconds": {k: round(v, 2) for k, v in seconds.items()}, "repeats": args.repeats,
+        "seconds": {k: round(v, 2) for k, v in seconds.items()},
+        "repeats": args.repeats,
         "tokens_per_s_all_rounds": {k: [round(tokens / x, 1) for x in v] for k, v in runs.items()},
         "load_average_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
@@ -285,7 +329,9 @@ def run_compare(args) -> dict:
         ref = results["model_card"]
         headline["max_rel_err_vs_model_card"] = {
             k: {"response": max_rel_err(v[0], ref[0]), "prompt": max_rel_err(v[1], ref[1])}
-            for k, v in results.items() if k != "model_card"}
+            for k, v in results.items()
+            if k != "model_card"
+        }
     if "rewardbench" in seconds and "ours" in seconds:
         headline["speedup_ours_vs_rewardbench"] = round(seconds["rewardbench"] / seconds["ours"], 2)
     flops = model_flops(backbone, lengths)
@@ -311,8 +357,14 @@ def run_sweep(args) -> dict:
     def measure(backbone, ids, ends, tokens, budget, threads):
         engine = EmbeddingEngine(backbone, token_budget=budget, num_threads=threads)
         _, secs = timed(lambda: engine.embed(ids, ends), backbone.device)
-        figures.append({"dtype": backbone.dtype, "threads": threads, "token_budget": budget,
-                        "tokens_per_s": round(tokens / secs, 1)})
+        figures.append(
+            {
+                "dtype": backbone.dtype,
+                "threads": threads,
+                "token_budget": budget,
+                "tokens_per_s": round(tokens / secs, 1),
+            }
+        )
         print(json.dumps(figures[-1]), flush=True)
 
     for dtype in ("float32", "bfloat16"):
@@ -326,25 +378,41 @@ def run_sweep(args) -> dict:
         if dtype == "float32" and nproc > 1:
             best_fp32 = max(figures, key=lambda f: f["tokens_per_s"])["token_budget"]
             measure(backbone, ids, ends, tokens, best_fp32, 1)
-    best = {d: max((f for f in figures if f["dtype"] == d), key=lambda f: f["tokens_per_s"]) for d in ("float32", "bfloat16")}
-    return {"bench": "embed-sweep", "rows": len(good), "real_tokens": tokens, "cpu": cpu_model(), "nproc": nproc,
-            "best": best, "figures": figures}
+    best = {
+        d: max((f for f in figures if f["dtype"] == d), key=lambda f: f["tokens_per_s"])
+        for d in ("float32", "bfloat16")
+    }
+    return {
+        "bench": "embed-sweep",
+        "rows": len(good),
+        "real_tokens": tokens,
+        "cpu": cpu_model(),
+        "nproc": nproc,
+        "best": best,
+        "figures": figures,
+    }
 
 
 def prompt_sharing_sets(backbone: Backbone, set_rows: int, bo16_prompts: int, max_tokens: int):
     """{name: (input_ids, prompt_end)} for every shared set and a best-of-16 set."""
     from pipeline.corpus import InputSpec, read_units
 
-    files = [("hh_rlhf", "hh-rlhf/harmless-base-test.jsonl.gz", "auto"), ("llmbar", "llmbar/LLMBar_Natural.json", "auto"),
-             ("pandalm", "pandalm/testset-v1.json", "auto"), ("oasst", "oasst/en_100_message.jsonl", "oasst_best_of_n"),
-             ("topical_chat", "unieval/topical_chat.json", "auto"), ("sfres", "unieval/sfres.json", "auto")]
+    files = [
+        ("hh_rlhf", "hh-rlhf/harmless-base-test.jsonl.gz", "auto"),
+        ("llmbar", "llmbar/LLMBar_Natural.json", "auto"),
+        ("pandalm", "pandalm/testset-v1.json", "auto"),
+        ("oasst", "oasst/en_100_message.jsonl", "oasst_best_of_n"),
+        ("topical_chat", "unieval/topical_chat.json", "auto"),
+        ("sfres", "unieval/sfres.json", "auto"),
+    ]
     policy = TemplatePolicy(max_tokens=max_tokens)
     sets = {}
     for name, path, fmt in files:
         table = read_units([InputSpec(str(DATA / path), format=fmt)], limit_rows=set_rows)
         table = table.filter(table.column("quarantine_reason").is_null())
-        toks = tokenize_many(backbone.tokenizer, table.column("prompt").to_pylist(), table.column("response").to_pylist(),
-                             policy)
+        toks = tokenize_many(
+            backbone.tokenizer, table.column("prompt").to_pylist(), table.column("response").to_pylist(), policy
+        )
         toks = [t for t in toks if not isinstance(t, Exception)]
         sets[name] = ([t.input_ids for t in toks], [t.prompt_end for t in toks])
     trees = [json.loads(line) for line in open(DATA / "oasst" / "en_100_message.jsonl", encoding="utf-8")]
@@ -366,47 +434,75 @@ def run_prompt_sharing(args) -> dict:
     backbone = get_backbone(args)
     threads = torch.get_num_threads() if backbone.device == "cpu" else None
     engines = {
-        "per_unit": EmbeddingEngine(backbone, token_budget=args.token_budget, num_threads=threads, share_prompts="never"),
-        "shared": EmbeddingEngine(backbone, token_budget=args.token_budget, num_threads=threads, share_prompts="always"),
-        "shared_1g": EmbeddingEngine(backbone, token_budget=args.token_budget, num_threads=threads,
-                                     share_prompts="always", groups_per_row=1),
+        "per_unit": EmbeddingEngine(
+            backbone, token_budget=args.token_budget, num_threads=threads, share_prompts="never"
+        ),
+        "shared": EmbeddingEngine(
+            backbone, token_budget=args.token_budget, num_threads=threads, share_prompts="always"
+        ),
+        "shared_1g": EmbeddingEngine(
+            backbone, token_budget=args.token_budget, num_threads=threads, share_prompts="always", groups_per_row=1
+        ),
     }
     ways = [w for w in args.ways if w in engines] or list(engines)
     sets = prompt_sharing_sets(backbone, args.set_rows, args.bo16_prompts, args.max_tokens)
-    print(f"backbone {backbone.name} on {backbone.device} ({backbone.dtype}), torch threads {torch.get_num_threads()}, "
-          f"token budget {args.token_budget}", flush=True)
+    print(
+        f"backbone {backbone.name} on {backbone.device} ({backbone.dtype}), torch threads {torch.get_num_threads()}, "
+        f"token budget {args.token_budget}",
+        flush=True,
+    )
     first = next(iter(sets.values()))
     engines["shared"].embed(first[0][:4], first[1][:4])  # warm-up
     figures = {}
     for name, (ids, ends) in sets.items():
         results, runs = {}, {w: [] for w in ways}
-        for round_ in range(args.repeats):
+        for _ in range(args.repeats):
             for w in ways:
-                results[w], secs = timed(lambda: engines[w].embed(ids, ends), backbone.device)
+                results[w], secs = timed(lambda w=w, ids=ids, ends=ends: engines[w].embed(ids, ends), backbone.device)
                 runs[w].append(secs)
         ref = results.get("per_unit")
         any_out = results[ways[0]]
         useful, tokens = any_out.useful_tokens, any_out.tokens
         secs = {w: float(np.median(v)) for w, v in runs.items()}
-        fig = {"units": len(ids), "unit_tokens": tokens, "useful_tokens": useful,
-               "token_count_bound": round(tokens / useful, 3),
-               "useful_tokens_per_s": {w: round(useful / v, 1) for w, v in secs.items()},
-               "computed_per_useful": {w: round(results[w].computed_tokens / useful, 3) for w in ways},
-               "seconds_all_rounds": {w: [round(x, 2) for x in v] for w, v in runs.items()}}
+        fig = {
+            "units": len(ids),
+            "unit_tokens": tokens,
+            "useful_tokens": useful,
+            "token_count_bound": round(tokens / useful, 3),
+            "useful_tokens_per_s": {w: round(useful / v, 1) for w, v in secs.items()},
+            "computed_per_useful": {w: round(results[w].computed_tokens / useful, 3) for w in ways},
+            "seconds_all_rounds": {w: [round(x, 2) for x in v] for w, v in runs.items()},
+        }
         if ref is not None:
             fig["speedup_vs_per_unit"] = {w: round(secs["per_unit"] / v, 3) for w, v in secs.items() if w != "per_unit"}
-            fig["share_of_bound"] = {w: round(x / fig["token_count_bound"], 3) for w, x in fig["speedup_vs_per_unit"].items()}
+            fig["share_of_bound"] = {
+                w: round(x / fig["token_count_bound"], 3) for w, x in fig["speedup_vs_per_unit"].items()
+            }
             fig["max_rel_err_vs_per_unit"] = {
-                w: {"response": max_rel_err(results[w].response, ref.response),
-                    "prompt": max_rel_err(results[w].prompt, ref.prompt)} for w in ways if w != "per_unit"}
+                w: {
+                    "response": max_rel_err(results[w].response, ref.response),
+                    "prompt": max_rel_err(results[w].prompt, ref.prompt),
+                }
+                for w in ways
+                if w != "per_unit"
+            }
         figures[name] = fig
         print(name, json.dumps(fig), flush=True)
-    return {"bench": "embed-prompt-sharing", "device": backbone.device,
-            "device_name": torch.cuda.get_device_name() if backbone.device.startswith("cuda") else cpu_model(),
-            "nproc": os.cpu_count(), "torch_threads": torch.get_num_threads(), "backbone": backbone.name,
-            "dtype": backbone.dtype, "token_budget": args.token_budget, "repeats": args.repeats,
-            "set_rows": args.set_rows, "max_tokens": args.max_tokens, "sets": figures,
-            "load_average_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+    return {
+        "bench": "embed-prompt-sharing",
+        "device": backbone.device,
+        "device_name": torch.cuda.get_device_name() if backbone.device.startswith("cuda") else cpu_model(),
+        "nproc": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "backbone": backbone.name,
+        "dtype": backbone.dtype,
+        "token_budget": args.token_budget,
+        "repeats": args.repeats,
+        "set_rows": args.set_rows,
+        "max_tokens": args.max_tokens,
+        "sets": figures,
+        "load_average_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
 
 
 LOAD_PROBE = """
@@ -432,15 +528,22 @@ def run_measure_load(args) -> dict:
             figures[mode].append(round(float(out.stdout.split()[0]), 2))
             print(mode, figures[mode][-1], "s", flush=True)
     med = {k: float(np.median(v)) for k, v in figures.items()}
-    return {"bench": "embed-load", "backbone": args.backbone, "load_seconds": figures,
-            "median_speedup": round(med["gguf"] / med["materialised"], 1)}  # noqa: E501
+    return {
+        "bench": "embed-load",
+        "backbone": args.backbone,
+        "load_seconds": figures,
+        "median_speedup": round(med["gguf"] / med["materialised"], 1),
+    }  # noqa: E501
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    parser.add_argument("--backbone", default=None,
-                        help="smollm2 (CPU default) | llama3-8b-random (CUDA default) | a decoder path or alias")
+    parser.add_argument(
+        "--backbone",
+        default=None,
+        help="smollm2 (CPU default) | llama3-8b-random (CUDA default) | a decoder path or alias",
+    )
     parser.add_argument("--rows", type=int, default=None, help="units (default 300 on CPU, 3000 on CUDA)")
     parser.add_argument("--token-budget", type=int, default=None, help="ours: padded tokens per pass")
     parser.add_argument("--dtype", default="auto")

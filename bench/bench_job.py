@@ -41,8 +41,10 @@ DATA = (REPO / ".." / "shared" / "data").resolve()
 
 
 INPUTS = {
-    "pairs": [{"path": str(DATA / "hh-rlhf" / "harmless-base-test.jsonl.gz"), "format": "hh_rlhf"},
-              {"path": str(DATA / "pandalm" / "testset-v1.json"), "format": "pandalm"}],
+    "pairs": [
+        {"path": str(DATA / "hh-rlhf" / "harmless-base-test.jsonl.gz"), "format": "hh_rlhf"},
+        {"path": str(DATA / "pandalm" / "testset-v1.json"), "format": "pandalm"},
+    ],
     "best_of_n": [{"path": str(DATA / "oasst" / "en_100_message.jsonl"), "format": "oasst_best_of_n"}],
 }
 _input = "pairs"
@@ -64,8 +66,13 @@ def bare_engine(args) -> dict:
     t0 = time.perf_counter()
     units = read_units([InputSpec.from_dict(i) for i in inputs()], limit_rows=args.rows)
     good = units.filter(units.column("quarantine_reason").is_null())
-    toks = tokenize_many(backbone.tokenizer, good.column("prompt").to_pylist(), good.column("response").to_pylist(),
-                         TemplatePolicy(max_tokens=args.max_tokens), backbone.kind)
+    toks = tokenize_many(
+        backbone.tokenizer,
+        good.column("prompt").to_pylist(),
+        good.column("response").to_pylist(),
+        TemplatePolicy(max_tokens=args.max_tokens),
+        backbone.kind,
+    )
     # The job quarantines a whole row when one of its units cannot be templated (a pair or a ranked
     # group is kept whole), so the bare path drops those rows too: both then embed the same units.
     rows = good.column("row_id").to_pylist()
@@ -73,42 +80,67 @@ def bare_engine(args) -> dict:
     ok = [t for i, t in enumerate(toks) if rows[i] not in bad_rows]
     computed = useful = embedded = 0
     for start in range(0, len(ok), args.units_per_call):  # the job's scoring calls, in input order
-        call = ok[start:start + args.units_per_call]
-        emb = engine.embed([t.input_ids for t in call], [t.prompt_end for t in call],
-                           [t.prompt_input_ids for t in call] if backbone.kind == "encoder" else None)
+        call = ok[start : start + args.units_per_call]
+        emb = engine.embed(
+            [t.input_ids for t in call],
+            [t.prompt_end for t in call],
+            [t.prompt_input_ids for t in call] if backbone.kind == "encoder" else None,
+        )
         computed, useful, embedded = computed + emb.computed_tokens, useful + emb.useful_tokens, embedded + emb.tokens
     wall = time.perf_counter() - t0
     tokens = sum(t.total_tokens for t in ok)
-    return {"units": len(ok), "tokens": tokens, "wall_s": round(wall, 2), "tokens_per_s": round(tokens / wall, 1),
-            "threads": torch.get_num_threads(), "embedding_tokens": embedded, "computed_tokens": computed,
-            "useful_tokens": useful}
+    return {
+        "units": len(ok),
+        "tokens": tokens,
+        "wall_s": round(wall, 2),
+        "tokens_per_s": round(tokens / wall, 1),
+        "threads": torch.get_num_threads(),
+        "embedding_tokens": embedded,
+        "computed_tokens": computed,
+        "useful_tokens": useful,
+    }
 
 
 def job(args, actors: int, workdir: Path) -> dict:
     cfg = {
-        "run_id": f"bench-{actors}", "output": str(workdir / "labels"),
+        "run_id": f"bench-{actors}",
+        "output": str(workdir / "labels"),
         "model": {"backbone": {"path": args.backbone}, "template": {"max_tokens": args.max_tokens}},
-        "inputs": inputs(), "limit_rows_per_input": args.rows,
-        "resources": {"actors": actors, "num_cpus_per_actor": 0.5, "threads_per_actor": max(args.threads // actors, 1),
-                      "token_budget": args.token_budget, "rows_per_shard": args.rows_per_shard,
-                      "units_per_call": args.units_per_call},
+        "inputs": inputs(),
+        "limit_rows_per_input": args.rows,
+        "resources": {
+            "actors": actors,
+            "num_cpus_per_actor": 0.5,
+            "threads_per_actor": max(args.threads // actors, 1),
+            "token_budget": args.token_budget,
+            "rows_per_shard": args.rows_per_shard,
+            "units_per_call": args.units_per_call,
+        },
         "progress_interval_s": 30,
     }
     path = workdir / f"job-{actors}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "jobs.label", "--config", str(path)], cwd=REPO,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.label", "--config", str(path)], cwd=REPO, capture_output=True, text=True
+    )
     if proc.returncode != 0:
         raise SystemExit(f"job failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     man = json.loads((workdir / "labels" / f"bench-{actors}" / "manifest.json").read_text())
     tokens = sum(s["tokens"] for s in man["sources"].values())
-    return {"actors": actors, "threads_per_actor": cfg["resources"]["threads_per_actor"],
-            "units": sum(s["units_labeled"] for s in man["sources"].values()), "tokens": tokens,
-            "process_wall_s": round(time.perf_counter() - t0, 1), "startup_and_total_tokens_per_s": man["tokens_per_s"],
-            "scoring_window_s": man["scoring_window_s"], "tokens_per_s": man["steady_tokens_per_s"],
-            "computed_tokens": man.get("computed_tokens"), "useful_tokens": man.get("useful_tokens"),
-            "padding_waste": man.get("padding_waste")}
+    return {
+        "actors": actors,
+        "threads_per_actor": cfg["resources"]["threads_per_actor"],
+        "units": sum(s["units_labeled"] for s in man["sources"].values()),
+        "tokens": tokens,
+        "process_wall_s": round(time.perf_counter() - t0, 1),
+        "startup_and_total_tokens_per_s": man["tokens_per_s"],
+        "scoring_window_s": man["scoring_window_s"],
+        "tokens_per_s": man["steady_tokens_per_s"],
+        "computed_tokens": man.get("computed_tokens"),
+        "useful_tokens": man.get("useful_tokens"),
+        "padding_waste": man.get("padding_waste"),
+    }
 
 
 def main() -> None:
@@ -137,7 +169,10 @@ def main() -> None:
     assert all(j["tokens"] == bare["tokens"] for j in jobs), "job and engine saw different tokens"
     headline = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "backbone": args.backbone, "input": args.input, "units": bare["units"], "tokens": bare["tokens"],
+        "backbone": args.backbone,
+        "input": args.input,
+        "units": bare["units"],
+        "tokens": bare["tokens"],
         "computed_tokens": {"bare": bare["computed_tokens"], **{str(j["actors"]): j["computed_tokens"] for j in jobs}},
         "bare_tokens_per_s": bare["tokens_per_s"],
         "job_tokens_per_s": {str(j["actors"]): j["tokens_per_s"] for j in jobs},

@@ -39,8 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.curation.job import run
 
     man = run(cfg)
-    summary = {k: man[k] for k in ("task", "rows_in", "rows_out", "filters", "pairs", "agreement", "temperature",
-                                   "output") if k in man}
+    summary = {
+        k: man[k]
+        for k in ("task", "rows_in", "rows_out", "filters", "pairs", "agreement", "temperature", "output")
+        if k in man
+    }
     print(scrub(json.dumps(summary, indent=2)))
     return 0
 

@@ -77,18 +77,25 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.schema import RATING_PREFIX, objective_column
         from pipeline.units import human_ratings
 
-        scores = {"score": units.column("score").to_numpy(zero_copy_only=False).astype(np.float64),
-                  evaluation.LENGTH_BASELINE: evaluation.length_scores(units)}
-        predicted = {name: units.column(objective_column(RATING_PREFIX, name)).to_numpy(zero_copy_only=False)
-                     .astype(np.float64) for name in human_ratings(units)
-                     if objective_column(RATING_PREFIX, name) in units.column_names}
+        scores = {
+            "score": units.column("score").to_numpy(zero_copy_only=False).astype(np.float64),
+            evaluation.LENGTH_BASELINE: evaluation.length_scores(units),
+        }
+        predicted = {
+            name: units.column(objective_column(RATING_PREFIX, name)).to_numpy(zero_copy_only=False).astype(np.float64)
+            for name in human_ratings(units)
+            if objective_column(RATING_PREFIX, name) in units.column_names
+        }
         report = evaluation.evaluate(units, scores, predicted)
     text = json.dumps(report, indent=2, default=float)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text + "\n")
-    print(text if not args.out else json.dumps({"mean_pairwise_accuracy": report["mean_pairwise_accuracy"],
-                                                "report": args.out}))
+    print(
+        text
+        if not args.out
+        else json.dumps({"mean_pairwise_accuracy": report["mean_pairwise_accuracy"], "report": args.out})
+    )
     return 0
 
 

@@ -35,15 +35,29 @@ def main(argv: list[str] | None = None) -> int:
     heads = ArmoHeads.load(args.heads)
     backbone = load_backbone(BackboneSpec(path=args.backbone, device="cpu", dtype="float32"))
     try:
-        out = export_armorm_checkpoint(heads, backbone.model, args.out, tokenizer=backbone.tokenizer,
-                                       shard_size=args.shard_size_mb * 1024 ** 2,
-                                       dtype=getattr(torch, args.dtype) if args.dtype else None)
+        out = export_armorm_checkpoint(
+            heads,
+            backbone.model,
+            args.out,
+            tokenizer=backbone.tokenizer,
+            shard_size=args.shard_size_mb * 1024**2,
+            dtype=getattr(torch, args.dtype) if args.dtype else None,
+        )
     except CheckpointError as e:
         print(f"cannot export: {e}", file=sys.stderr)
         return 2
     config = json.loads(storage.read_bytes(storage.join(out, "config.json")))
-    print(json.dumps({"checkpoint": out, "objectives": heads.objectives, "heads_fingerprint": heads.fingerprint,
-                      "pad_token_id": config["pad_token_id"], "vocab_size": config["vocab_size"]}))
+    print(
+        json.dumps(
+            {
+                "checkpoint": out,
+                "objectives": heads.objectives,
+                "heads_fingerprint": heads.fingerprint,
+                "pad_token_id": config["pad_token_id"],
+                "vocab_size": config["vocab_size"],
+            }
+        )
+    )
     return 0
 
 

@@ -76,17 +76,24 @@ def render(reports: list[dict]) -> str:
         lines.append(f"  format: {r['format']}; source: {', '.join(r['sources']) or '-'}")
         for f in r["files"]:
             adapters = ", ".join(f"{a} ({n})" for a, n in f["adapters"].items()) or "none"
-            lines.append(f"  file {f['uri']}: {f['file_format'] or 'unknown format'}, adapter {adapters}, "
-                         f"{f['records']} record(s)")
-        lines.append(f"  rows: {r['records_read']} record(s) read -> {r['rows_ok']} row(s) ok, "
-                     f"{r['rows_quarantined']} quarantined")
+            lines.append(
+                f"  file {f['uri']}: {f['file_format'] or 'unknown format'}, adapter {adapters}, "
+                f"{f['records']} record(s)"
+            )
+        lines.append(
+            f"  rows: {r['records_read']} record(s) read -> {r['rows_ok']} row(s) ok, "
+            f"{r['rows_quarantined']} quarantined"
+        )
         for kind, ex in r["examples"].items():
             lines.append(f"  example {kind} row (source_row {ex['source_row']}):")
             for m in ex["prompt"]:
                 lines.append(f"    [{m['role']}] {_cut(m['content'])}")
             for resp in ex["responses"]:
-                tags = [t for t in (resp["preference"], None if resp["human_rank"] is None else f"rank {resp['human_rank']}")
-                        if t]
+                tags = [
+                    t
+                    for t in (resp["preference"], None if resp["human_rank"] is None else f"rank {resp['human_rank']}")
+                    if t
+                ]
                 if resp["ratings"]:
                     tags += [f"{x['name']}={x['raw']:g}" for x in resp["ratings"]]
                 lines.append(f"    -> {_cut(resp['response'])}" + (f"  [{', '.join(tags)}]" if tags else ""))
@@ -102,8 +109,10 @@ def render(reports: list[dict]) -> str:
                 lines += [f"      row {e['source_row']}: {e['reason']}" for e in q["examples"]]
         lines.append(f"  fields never read: {', '.join(r['unused_fields']) or 'none'}")
         if r["unused_label_fields"]:
-            lines.append(f"  WARNING: fields that look like labels were never read: {', '.join(r['unused_label_fields'])}"
-                         " (map them in the input spec's columns, or they are lost)")
+            lines.append(
+                f"  WARNING: fields that look like labels were never read: {', '.join(r['unused_label_fields'])}"
+                " (map them in the input spec's columns, or they are lost)"
+            )
         lines.append("")
     return "\n".join(lines)
 

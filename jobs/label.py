@@ -36,17 +36,32 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if warning := inline_credentials_warning(cfg.to_dict()):
         print(warning, file=sys.stderr)
+    from pipeline.labeling.manifest import score_summary
     from pipeline.labeling.run import run
 
-    from pipeline.labeling.manifest import score_summary
-
     man = run(cfg)
-    print(scrub(json.dumps({"run_dir": cfg.run_dir, "manifest": f"{cfg.run_dir}/manifest.json",
-                      "data": man["output"]["data"], "sources": man["sources"],
-                      "units_per_s": man["units_per_s"], "tokens_per_s": man["tokens_per_s"]}, indent=2)))
+    print(
+        scrub(
+            json.dumps(
+                {
+                    "run_dir": cfg.run_dir,
+                    "manifest": f"{cfg.run_dir}/manifest.json",
+                    "data": man["output"]["data"],
+                    "sources": man["sources"],
+                    "units_per_s": man["units_per_s"],
+                    "tokens_per_s": man["tokens_per_s"],
+                },
+                indent=2,
+            )
+        )
+    )
     if man["objectives"] and any(s["units_labeled"] for s in man["sources"].values()):
-        print(scrub("scores by source: " + json.dumps(score_summary(cfg.run_dir, man["objectives"],
-                                                              cfg.storage_options or None))))
+        print(
+            scrub(
+                "scores by source: "
+                + json.dumps(score_summary(cfg.run_dir, man["objectives"], cfg.storage_options or None))
+            )
+        )
     return 0
 
 

@@ -1,7 +1,8 @@
 """Render a labeled run (and curation manifests) as one self-contained HTML report.
 
     python -m jobs.report --run runs/labels/demo --out report.html
-    python -m jobs.report --run runs/labels/demo --curation-manifest runs/curated/demo-dpo/manifest.json --out report.html
+    python -m jobs.report --run runs/labels/demo \
+        --curation-manifest runs/curated/demo-dpo/manifest.json --out report.html
 
 Inline SVG charts only: the file opens offline and can be mailed or attached to a run.
 """
@@ -16,8 +17,9 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jobs.report", description=__doc__.splitlines()[0])
     ap.add_argument("--run", required=True, help="labeled run directory (local or s3://) with data/*.parquet")
-    ap.add_argument("--curation-manifest", action="append", default=[],
-                    help="manifest.json of a curation job (repeatable)")
+    ap.add_argument(
+        "--curation-manifest", action="append", default=[], help="manifest.json of a curation job (repeatable)"
+    )
     ap.add_argument("--out", required=True, help="HTML file to write")
     ap.add_argument("--storage-options", default="{}", help="JSON storage options for s3:// (endpoint_url, ...)")
     args = ap.parse_args(argv)
@@ -33,13 +35,20 @@ def main(argv: list[str] | None = None) -> int:
 
     try:  # s3://KEY:SECRET@... in the paths: moved into the options (and remembered)
         (run, out, *manifests), storage_options = lift_uri_credentials(
-            [args.run, args.out, *args.curation_manifest], storage_options, "--run/--out/--curation-manifest")
+            [args.run, args.out, *args.curation_manifest], storage_options, "--run/--out/--curation-manifest"
+        )
         stats = build_report(run, out, manifests, storage_options)
     except (FileNotFoundError, ValueError) as e:
         print(scrub(f"error: {e}"), file=sys.stderr)
         return 2
-    print(scrub(json.dumps({"out": out, "units": stats["units"], "sources": stats["sources"],
-                      "objectives": stats["objectives"]}, indent=2)))
+    print(
+        scrub(
+            json.dumps(
+                {"out": out, "units": stats["units"], "sources": stats["sources"], "objectives": stats["objectives"]},
+                indent=2,
+            )
+        )
+    )
     return 0
 
 

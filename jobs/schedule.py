@@ -31,20 +31,22 @@ import os
 import re
 import shlex
 import sys
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 
 RETRYABLE = {"FAILED", "STOPPED"}
-SCHEDULE_KEY = "armolabel.schedule"   # job metadata naming the schedule slot a job belongs to
+SCHEDULE_KEY = "armolabel.schedule"  # job metadata naming the schedule slot a job belongs to
 EXIT_PREVIOUS_FAILED = 3
 # Not shipped to the cluster with the working dir (on top of what .gitignore excludes).
 WORKING_DIR_EXCLUDES = [".git", ".venv", "runs", "__pycache__", "*.egg-info", ".pytest_cache"]
 
 
 # ---- pure parts: identity and the decision -------------------------------------------------
+
 
 def canonical_config(text: str) -> str:
     """The config's content independent of comments, key order, formatting and credentials (a
@@ -73,9 +75,9 @@ class ExistingJob:
 
 @dataclass(frozen=True)
 class Decision:
-    action: str                   # "submit" | "exists" | "previous_failed"
-    submission_id: str            # the id to submit, or the existing job that decided it
-    status: str | None = None     # status of that existing job
+    action: str  # "submit" | "exists" | "previous_failed"
+    submission_id: str  # the id to submit, or the existing job that decided it
+    status: str | None = None  # status of that existing job
 
 
 def retry_index(base_id: str, job_id: str) -> int | None:
@@ -88,12 +90,18 @@ def retry_index(base_id: str, job_id: str) -> int | None:
 
 def decide(base_id: str, existing: Iterable[ExistingJob], resubmit_failed: bool = False) -> Decision:
     """What to do for one schedule slot, given the cluster's jobs."""
-    attempts = sorted(((retry_index(base_id, j.submission_id), j) for j in existing
-                       if retry_index(base_id, j.submission_id) is not None), key=lambda t: t[0])
+    attempts = sorted(
+        (
+            (retry_index(base_id, j.submission_id), j)
+            for j in existing
+            if retry_index(base_id, j.submission_id) is not None
+        ),
+        key=lambda t: t[0],
+    )
     if not attempts:
         return Decision("submit", base_id)
     for _, job in attempts:
-        if job.status not in RETRYABLE:   # running, pending or done: nothing to do
+        if job.status not in RETRYABLE:  # running, pending or done: nothing to do
             return Decision("exists", job.submission_id, job.status)
     last_index, last = attempts[-1]
     if not resubmit_failed:
@@ -102,6 +110,7 @@ def decide(base_id: str, existing: Iterable[ExistingJob], resubmit_failed: bool 
 
 
 # ---- talking to the cluster ----------------------------------------------------------------
+
 
 def auth_headers(env: dict[str, str] | None = None) -> dict[str, str]:
     """An explicit bearer header when a token is given by env var or file; otherwise Ray's own
@@ -114,22 +123,33 @@ def auth_headers(env: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def existing_jobs(client, base_id: str) -> list[ExistingJob]:
-    return [ExistingJob(j.submission_id, str(j.status)) for j in client.list_jobs()
-            if j.submission_id and retry_index(base_id, j.submission_id) is not None]
+    return [
+        ExistingJob(j.submission_id, str(j.status))
+        for j in client.list_jobs()
+        if j.submission_id and retry_index(base_id, j.submission_id) is not None
+    ]
 
 
-def label_entrypoint(config_path: str, run_id: str, incremental: bool = False,
-                     python: str = "python") -> str:
+def label_entrypoint(config_path: str, run_id: str, incremental: bool = False, python: str = "python") -> str:
     args = [python, "-m", "jobs.label", "--config", config_path, "--run-id", run_id]
     if incremental:
         args.append("--incremental")
     return shlex.join(args)
 
 
-def schedule(client, config_path: str, *, date: str, job_name: str | None = None,
-             working_dir: str = ".", incremental: bool = False, resubmit_failed: bool = False,
-             dry_run: bool = False, entrypoint: str | None = None,
-             runtime_env: dict[str, Any] | None = None) -> dict[str, Any]:
+def schedule(
+    client,
+    config_path: str,
+    *,
+    date: str,
+    job_name: str | None = None,
+    working_dir: str = ".",
+    incremental: bool = False,
+    resubmit_failed: bool = False,
+    dry_run: bool = False,
+    entrypoint: str | None = None,
+    runtime_env: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Submit the job for this slot unless it already exists; returns a report (see main).
 
     `entrypoint` overrides the labeling command (its `{config}` and `{run_id}` are filled in).
@@ -140,10 +160,19 @@ def schedule(client, config_path: str, *, date: str, job_name: str | None = None
     digest = config_hash(text)
     base_id = submission_id(job_name or Path(config_path).stem, date, digest)
     # The run id stays the base id across retries, so a retry resumes the same output.
-    command = (entrypoint.format(config=config_path, run_id=base_id) if entrypoint
-               else label_entrypoint(config_path, base_id, incremental))
-    report: dict[str, Any] = {"config": config_path, "config_sha256": digest, "date": date,
-                              "base_submission_id": base_id, "run_id": base_id, "entrypoint": command}
+    command = (
+        entrypoint.format(config=config_path, run_id=base_id)
+        if entrypoint
+        else label_entrypoint(config_path, base_id, incremental)
+    )
+    report: dict[str, Any] = {
+        "config": config_path,
+        "config_sha256": digest,
+        "date": date,
+        "base_submission_id": base_id,
+        "run_id": base_id,
+        "entrypoint": command,
+    }
     if client is None:
         assert dry_run, "a client is needed unless dry_run"
         return {**report, "action": "dry_run", "submission_id": base_id, "status": None}
@@ -155,8 +184,12 @@ def schedule(client, config_path: str, *, date: str, job_name: str | None = None
         return report
     renv = {"working_dir": working_dir, "excludes": list(WORKING_DIR_EXCLUDES), **(runtime_env or {})}
     try:
-        client.submit_job(entrypoint=command, submission_id=decision.submission_id, runtime_env=renv,
-                          metadata={SCHEDULE_KEY: base_id, "config_sha256": digest, "date": date})
+        client.submit_job(
+            entrypoint=command,
+            submission_id=decision.submission_id,
+            runtime_env=renv,
+            metadata={SCHEDULE_KEY: base_id, "config_sha256": digest, "date": date},
+        )
     except RuntimeError as e:
         # Lost a race with another scheduler: Ray keeps submission ids unique, so report theirs.
         if "already exists" not in str(e):
@@ -170,19 +203,30 @@ def schedule(client, config_path: str, *, date: str, job_name: str | None = None
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m jobs.schedule", description=__doc__.splitlines()[0])
-    ap.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS"),
-                    help="Ray dashboard (job API) address, e.g. http://127.0.0.1:8265")
+    ap.add_argument(
+        "--address",
+        default=os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS"),
+        help="Ray dashboard (job API) address, e.g. http://127.0.0.1:8265",
+    )
     ap.add_argument("--config", required=True, help="labeling job config (YAML), relative to the working dir")
-    ap.add_argument("--date", default=dt.datetime.now(dt.timezone.utc).date().isoformat(),
-                    help="schedule date YYYY-MM-DD (default: today, UTC)")
+    ap.add_argument(
+        "--date",
+        default=dt.datetime.now(dt.UTC).date().isoformat(),
+        help="schedule date YYYY-MM-DD (default: today, UTC)",
+    )
     ap.add_argument("--job-name", help="default: the config file's stem")
     ap.add_argument("--working-dir", default=".", help="shipped to the cluster as the job's working dir")
     ap.add_argument("--incremental", action="store_true", help="pass --incremental to jobs.label")
-    ap.add_argument("--resubmit-failed", action="store_true",
-                    help="if this slot's job FAILED or was STOPPED, submit <id>-retry<n> (resumes the run)")
+    ap.add_argument(
+        "--resubmit-failed",
+        action="store_true",
+        help="if this slot's job FAILED or was STOPPED, submit <id>-retry<n> (resumes the run)",
+    )
     ap.add_argument("--dry-run", action="store_true", help="report what would happen, submit nothing")
-    ap.add_argument("--entrypoint", help="command template replacing `python -m jobs.label ...`; "
-                                         "{config} and {run_id} are filled in")
+    ap.add_argument(
+        "--entrypoint",
+        help="command template replacing `python -m jobs.label ...`; {config} and {run_id} are filled in",
+    )
     return ap
 
 
@@ -199,10 +243,17 @@ def main(argv: list[str] | None = None) -> int:
             from ray.job_submission import JobSubmissionClient
 
             client = JobSubmissionClient(args.address, headers=auth_headers())
-        report = schedule(client, args.config, date=args.date, job_name=args.job_name,
-                          working_dir=args.working_dir, incremental=args.incremental,
-                          resubmit_failed=args.resubmit_failed, dry_run=args.dry_run,
-                          entrypoint=args.entrypoint)
+        report = schedule(
+            client,
+            args.config,
+            date=args.date,
+            job_name=args.job_name,
+            working_dir=args.working_dir,
+            incremental=args.incremental,
+            resubmit_failed=args.resubmit_failed,
+            dry_run=args.dry_run,
+            entrypoint=args.entrypoint,
+        )
     except (OSError, yaml.YAMLError, ValueError, AuthenticationError) as e:
         # A bad config, an unreachable cluster or a refused token: nothing was submitted.
         from pipeline.secrets import scrub  # a YAML error quotes the offending line

@@ -27,16 +27,19 @@ def length_scores(units: pa.Table) -> np.ndarray:
     return response_tokens(units)
 
 
-def evaluate(units: pa.Table, scores: dict[str, np.ndarray],
-             predicted_ratings: dict[str, np.ndarray] | None = None) -> dict:
+def evaluate(
+    units: pa.Table, scores: dict[str, np.ndarray], predicted_ratings: dict[str, np.ndarray] | None = None
+) -> dict:
     """Metrics per source and method. `scores`: method -> score per unit; `predicted_ratings`:
     objective -> predicted rating per unit (for the rated sets)."""
     report: dict = {"pairwise": {}, "best_of_n": {}, "rated": {}, "units": units.num_rows}
     pairs = preference_pairs(units)
     for source in sorted(set(pairs.source)):
         sel = pairs.select(pairs.source == source)
-        report["pairwise"][source] = {"pairs": len(sel), **{
-            m: metrics.pairwise_accuracy(s[sel.better], s[sel.worse]) for m, s in scores.items()}}
+        report["pairwise"][source] = {
+            "pairs": len(sel),
+            **{m: metrics.pairwise_accuracy(s[sel.better], s[sel.worse]) for m, s in scores.items()},
+        }
     groups_by_source = ranked_groups(units)
     ranks = units.column("human_rank").to_numpy(zero_copy_only=False).astype(np.float64) if groups_by_source else None
     for source, groups in sorted(groups_by_source.items()):
@@ -65,8 +68,8 @@ def evaluate(units: pa.Table, scores: dict[str, np.ndarray],
                     "spearman": metrics.spearman(pred, y[sel]),
                 }
     report["mean_pairwise_accuracy"] = {
-        m: float(np.mean([v[m] for v in report["pairwise"].values()])) if report["pairwise"] else None
-        for m in scores}
+        m: float(np.mean([v[m] for v in report["pairwise"].values()])) if report["pairwise"] else None for m in scores
+    }
     return report
 
 
@@ -85,6 +88,7 @@ def evaluate_methods(units: pa.Table, heads, baseline=None) -> dict:
 def markdown_tables(reports: dict[str, dict]) -> str:
     """EVALUATION.md tables from reports keyed by a label (e.g. the backbone): pairwise accuracy per
     source and best-of-N agreement per method, then the rated objectives' correlations."""
+
     def fmt(x) -> str:
         return "–" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.3f}"
 
@@ -101,9 +105,12 @@ def markdown_tables(reports: dict[str, dict]) -> str:
                 entry = r["best_of_n"].get(s, {}).get(method) or {}
                 cells += [fmt(entry.get("top1")), fmt(entry.get("kendall_tau"))]
             lines.append("| " + " | ".join(cells) + " |")
-    counts = "; ".join(f"{label}: " + ", ".join(f"{s} {r['pairwise'][s]['pairs']} pairs" for s in sorted(r["pairwise"]))
-                       + "".join(f", {s} {r['best_of_n'][s]['prompts']} prompts" for s in sorted(r["best_of_n"]))
-                       for label, r in reports.items())
+    counts = "; ".join(
+        f"{label}: "
+        + ", ".join(f"{s} {r['pairwise'][s]['pairs']} pairs" for s in sorted(r["pairwise"]))
+        + "".join(f", {s} {r['best_of_n'][s]['prompts']} prompts" for s in sorted(r["best_of_n"]))
+        for label, r in reports.items()
+    )
     lines += ["", f"Test-split sizes: {counts}.", ""]
     lines += ["| backbone | objective (rated set) | n | Pearson | Spearman |", "|---|---|---|---|---|"]
     for label, r in reports.items():

@@ -47,5 +47,5 @@ def in_fraction(key: str, fraction: float, salt: str) -> bool:
     """Deterministic membership of `key` in a `fraction` of all keys (train/test and fit/validation
     splits): the same key always lands on the same side, on any machine; `salt` makes splits of
     different purposes independent of each other."""
-    bucket = int(hashlib.sha256(f"{salt}:{key}".encode("utf-8")).hexdigest()[:8], 16) % 10_000
+    bucket = int(hashlib.sha256(f"{salt}:{key}".encode()).hexdigest()[:8], 16) % 10_000
     return bucket < int(round(fraction * 10_000))

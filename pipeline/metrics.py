@@ -45,7 +45,7 @@ def average_ranks(values) -> np.ndarray:
     run_id = np.cumsum(starts) - 1
     run_start = np.flatnonzero(starts)
     run_end = np.concatenate((run_start[1:], [len(v)]))  # exclusive
-    mean_rank = (run_start + 1 + run_end) / 2.0           # mean of ranks start+1 .. end
+    mean_rank = (run_start + 1 + run_end) / 2.0  # mean of ranks start+1 .. end
     ranks = np.empty(len(v), dtype=np.float64)
     ranks[order] = mean_rank[run_id]
     return ranks
@@ -155,8 +155,8 @@ def _pair_signs_one(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
     """One large group, in row chunks: C - D, pairs tied in x, pairs tied in y."""
     s = tx = ty = 0.0
     for i0 in range(0, len(x), _CHUNK):
-        dx = np.sign(x[i0:i0 + _CHUNK, None] - x[None, :])
-        dy = np.sign(y[i0:i0 + _CHUNK, None] - y[None, :])
+        dx = np.sign(x[i0 : i0 + _CHUNK, None] - x[None, :])
+        dy = np.sign(y[i0 : i0 + _CHUNK, None] - y[None, :])
         s += float((dx * dy).sum())
         tx += float((dx == 0).sum())
         ty += float((dy == 0).sum())
@@ -183,7 +183,7 @@ def kendall_tau_b_grouped(groups, x, y, n_groups: int | None = None) -> np.ndarr
         which = np.flatnonzero(size == n)
         if n <= _DENSE_MAX:
             for lo in range(0, len(which), max(1, 200_000 // (n * n))):
-                part = which[lo:lo + max(1, 200_000 // (n * n))]
+                part = which[lo : lo + max(1, 200_000 // (n * n))]
                 idx = start[part][:, None] + np.arange(n)[None, :]
                 cd[part], tied_x[part], tied_y[part] = _pair_signs_dense(x[idx], y[idx])
         else:
@@ -224,9 +224,12 @@ def ranking_summary(groups, scores, human_rank, n_groups: int | None = None) -> 
     counted = ~np.isnan(top1)
     taus = tau[~np.isnan(tau)]
     chance = top1_chance(groups, scores, human_rank, n_groups)[counted]
-    return {"groups": int(counted.sum()), "top1_hits": float(top1[counted].sum()),
-            "top1": float(top1[counted].mean()) if counted.any() else None,
-            "top1_chance": float(chance.mean()) if counted.any() else None,
-            "tau_groups": int(len(taus)),
-            "kendall_tau_b": float(taus.mean()) if len(taus) else None,
-            "taus": taus.tolist()}
+    return {
+        "groups": int(counted.sum()),
+        "top1_hits": float(top1[counted].sum()),
+        "top1": float(top1[counted].mean()) if counted.any() else None,
+        "top1_chance": float(chance.mean()) if counted.any() else None,
+        "tau_groups": int(len(taus)),
+        "kendall_tau_b": float(taus.mean()) if len(taus) else None,
+        "taus": taus.tolist(),
+    }

@@ -60,21 +60,22 @@ def canonical_key(v: Any) -> str | None:
 
 @dataclass(frozen=True)
 class Objective:
-    name: str                 # unique; built-ins use "<source>-<attribute>" (ArmoRM) or "<source>.<attribute>"
-    kind: str                 # "rating" (absolute, ridge regression) | "pairwise" (Bradley-Terry head)
-    source: str = ""          # corpus whose labels train it
-    attribute: str = ""       # field / meaning inside that corpus
+    name: str  # unique; built-ins use "<source>-<attribute>" (ArmoRM) or "<source>.<attribute>"
+    kind: str  # "rating" (absolute, ridge regression) | "pairwise" (Bradley-Terry head)
+    source: str = ""  # corpus whose labels train it
+    attribute: str = ""  # field / meaning inside that corpus
     low: float | None = None  # native scale of a rating: low and high
     high: float | None = None
-    scale: str = "linear"     # "linear" | "bin_center" (see the module docstring)
+    scale: str = "linear"  # "linear" | "bin_center" (see the module docstring)
     values: dict | None = None  # raw value -> value on [0, 1], for booleans and categories
     description: str = ""
 
     def __post_init__(self):
         kind = KIND_ALIASES.get(self.kind)
         if kind is None:
-            raise ValueError(f"objective {self.name}: kind must be 'rating' (or 'rated') or 'pairwise', "
-                             f"not {self.kind!r}")
+            raise ValueError(
+                f"objective {self.name}: kind must be 'rating' (or 'rated') or 'pairwise', not {self.kind!r}"
+            )
         object.__setattr__(self, "kind", kind)
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"objective: name must be a non-empty string, got {self.name!r}")
@@ -101,8 +102,9 @@ class Objective:
                 raise ValueError(f"objective {self.name}: give either a native scale (low, high) or values, not both")
             return
         if self.low is None or self.high is None or not float(self.high) > float(self.low):
-            raise ValueError(f"objective {self.name}: a rating objective needs a native scale low < high "
-                             f"(or a values map)")
+            raise ValueError(
+                f"objective {self.name}: a rating objective needs a native scale low < high (or a values map)"
+            )
 
     def to_unit(self, raw: Any) -> float:
         """The value on [0, 1] of a raw label (a number on the native scale, or a key of `values`)."""
@@ -124,7 +126,7 @@ class Objective:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Objective":
+    def from_dict(cls, d: dict) -> Objective:
         if isinstance(d, Objective):
             return d
         if not isinstance(d, dict):
@@ -165,8 +167,12 @@ ARMORM_OBJECTIVES: tuple[Objective, ...] = (
     _rating("ultrafeedback-truthfulness", 1, 5, "UltraFeedback: free of hallucination"),
     _rating("ultrafeedback-honesty", 1, 5, "UltraFeedback: honest, expresses uncertainty"),
     _rating("ultrafeedback-helpfulness", 1, 5, "UltraFeedback: informative and helpful"),
-    Objective("beavertails-is_safe", "rating", values={True: 1.0, False: 0.0},
-              description="BeaverTails: the QA pair is judged harmless (true -> 1, false -> 0)"),
+    Objective(
+        "beavertails-is_safe",
+        "rating",
+        values={True: 1.0, False: 0.0},
+        description="BeaverTails: the QA pair is judged harmless (true -> 1, false -> 0)",
+    ),
     _rating("prometheus-score", 1, 5, "Prometheus feedback collection: rubric score (scale assumed 1-5)"),
     _rating("argilla-overall_quality", 1, 5, "Argilla preference sets: overall quality (scale assumed 1-5)"),
     _rating("argilla-judge_lm", 1, 5, "Argilla preference sets: LLM-judge rating (scale assumed 1-5)"),
@@ -183,7 +189,8 @@ ARMORM_VERBOSITY = "helpsteer-verbosity"
 # scaled HelpSteer. `format: helpsteer` writes the ArmoRM names above; `format: helpsteer2` these.
 HELPSTEER2_OBJECTIVES: tuple[Objective, ...] = tuple(
     _rating(f"helpsteer2-{a}", 0, 4, f"HelpSteer2: {a} (0-4)", "bin_center")
-    for a in ("helpfulness", "correctness", "coherence", "complexity", "verbosity"))
+    for a in ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
+)
 
 # Scales as published with the shared data (see ../shared/data/README.md).
 SHARED_DATA_OBJECTIVES: tuple[Objective, ...] = (
@@ -213,21 +220,26 @@ def register(obj: Objective | dict) -> Objective:
     known = _BY_NAME.get(obj.name)
     if known is not None and known != obj:
         where = "a built-in" if obj.name in _BUILTIN_NAMES else "already declared"
-        raise ValueError(f"objective {obj.name!r} is {where} with a different definition "
-                         f"({_differences(known, obj)}); pick another name")
+        raise ValueError(
+            f"objective {obj.name!r} is {where} with a different definition "
+            f"({_differences(known, obj)}); pick another name"
+        )
     if known is None:
         # Output columns are named by a column-safe spelling (schema.objective_column): two names
         # that spell the same there would write one column.
         clash = [n for n in _BY_NAME if _column_safe(n) == _column_safe(obj.name)]
         if clash:
-            raise ValueError(f"objective {obj.name!r} would share its output columns with {clash[0]!r}; "
-                             f"pick a name that differs in letters or digits")
+            raise ValueError(
+                f"objective {obj.name!r} would share its output columns with {clash[0]!r}; "
+                f"pick a name that differs in letters or digits"
+            )
     _BY_NAME[obj.name] = obj
     return obj
 
 
 def _column_safe(name: str) -> str:
     from pipeline.schema import objective_column  # the one rule for output column names
+
     return objective_column("", name)
 
 
@@ -248,8 +260,10 @@ def get(name: str) -> Objective:
     try:
         return _BY_NAME[name]
     except KeyError:
-        raise KeyError(f"unknown objective {name!r}: declare it (input spec or train config `objectives`, "
-                       f"e.g. {{name: {name}, kind: rating, low: 1, high: 5}}); known: {sorted(_BY_NAME)}") from None
+        raise KeyError(
+            f"unknown objective {name!r}: declare it (input spec or train config `objectives`, "
+            f"e.g. {{name: {name}, kind: rating, low: 1, high: 5}}); known: {sorted(_BY_NAME)}"
+        ) from None
 
 
 def known() -> list[str]:

@@ -19,7 +19,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address == "local":
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                 log_to_driver=kwargs.pop("log_to_driver", True), **kwargs)
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            log_to_driver=kwargs.pop("log_to_driver", True),
+            **kwargs,
+        )
     else:
         ray.init(address=address, **kwargs)

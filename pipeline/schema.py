@@ -19,29 +19,29 @@ RATING = pa.struct([("name", pa.string()), ("raw", pa.float64()), ("value", pa.f
 
 # --- what readers emit (one row per unit) -------------------------------------------------
 UNIT_FIELDS = [
-    ("unit_id", pa.string()),          # f"{row_id}-{response_index}"
-    ("row_id", pa.string()),           # stable id of the input row (ids.row_id / ids.bad_row_id)
-    ("prompt_id", pa.string()),        # stable id of the prompt messages (ids.prompt_id)
-    ("kind", pa.string()),             # one of KINDS; null for quarantined rows
-    ("source", pa.string()),           # corpus name, e.g. "hh-rlhf"
-    ("source_uri", pa.string()),       # file the row came from (local path or s3://)
-    ("source_row", pa.int64()),        # 0-based line (JSONL), element (JSON array) or row (Parquet/HF)
-    ("prompt", MESSAGES),              # every message before the response; last one is the user turn
-    ("response", pa.string()),         # the assistant response being scored
-    ("response_index", pa.int32()),    # position in the row: preference 0 = chosen, 1 = rejected
+    ("unit_id", pa.string()),  # f"{row_id}-{response_index}"
+    ("row_id", pa.string()),  # stable id of the input row (ids.row_id / ids.bad_row_id)
+    ("prompt_id", pa.string()),  # stable id of the prompt messages (ids.prompt_id)
+    ("kind", pa.string()),  # one of KINDS; null for quarantined rows
+    ("source", pa.string()),  # corpus name, e.g. "hh-rlhf"
+    ("source_uri", pa.string()),  # file the row came from (local path or s3://)
+    ("source_row", pa.int64()),  # 0-based line (JSONL), element (JSON array) or row (Parquet/HF)
+    ("prompt", MESSAGES),  # every message before the response; last one is the user turn
+    ("response", pa.string()),  # the assistant response being scored
+    ("response_index", pa.int32()),  # position in the row: preference 0 = chosen, 1 = rejected
     ("n_responses", pa.int32()),
-    ("preference", pa.string()),       # "chosen" | "rejected" | null
-    ("tie", pa.bool_()),               # preference row judged a tie (order then as in the file)
+    ("preference", pa.string()),  # "chosen" | "rejected" | null
+    ("tie", pa.bool_()),  # preference row judged a tie (order then as in the file)
     ("label_confidence", pa.float64()),  # share of annotators agreeing, or |strength| / max of a signed label
-    ("human_rank", pa.int32()),        # best-of-N human rank, 0 = best, null if unranked
-    ("ratings", pa.list_(RATING)),     # absolute ratings: raw value and its map to [0, 1]
+    ("human_rank", pa.int32()),  # best-of-N human rank, 0 = best, null if unranked
+    ("ratings", pa.list_(RATING)),  # absolute ratings: raw value and its map to [0, 1]
     ("quarantine_reason", pa.string()),  # null for good units
-    ("raw", pa.string()),              # raw text of a quarantined row (cut to RAW_MAX_CHARS)
+    ("raw", pa.string()),  # raw text of a quarantined row (cut to RAW_MAX_CHARS)
     # shard bookkeeping, added by the reader: a shard is a chunk of consecutive rows of one file
     ("shard_id", pa.string()),
-    ("shard_unit", pa.int64()),        # index of this unit within its shard (0 .. shard_units-1)
-    ("shard_units", pa.int64()),       # units in the shard
-    ("shard_rows", pa.int64()),        # input rows in the shard (good + quarantined)
+    ("shard_unit", pa.int64()),  # index of this unit within its shard (0 .. shard_units-1)
+    ("shard_units", pa.int64()),  # units in the shard
+    ("shard_rows", pa.int64()),  # input rows in the shard (good + quarantined)
 ]
 UNIT_SCHEMA = pa.schema(UNIT_FIELDS)
 UNIT_COLUMNS = [name for name, _ in UNIT_FIELDS]
@@ -49,12 +49,12 @@ RAW_MAX_CHARS = 4096
 
 # --- added by tokenisation (CPU stage) ---------------------------------------------------------
 TOKEN_FIELDS = [
-    ("input_ids", pa.list_(pa.int32())),         # the templated conversation
+    ("input_ids", pa.list_(pa.int32())),  # the templated conversation
     ("prompt_input_ids", pa.list_(pa.int32())),  # encoders only: the prompt alone; null for decoders
-    ("prompt_end", pa.int32()),                  # decoders: index of the prompt's last token in input_ids
+    ("prompt_end", pa.int32()),  # decoders: index of the prompt's last token in input_ids
     ("prompt_tokens", pa.int32()),
     ("response_tokens", pa.int32()),
-    ("total_tokens", pa.int32()),                # len(input_ids)
+    ("total_tokens", pa.int32()),  # len(input_ids)
     ("tokens_before_truncation", pa.int32()),
     ("truncated", pa.bool_()),
 ]
@@ -87,9 +87,9 @@ OUTPUT_FIXED_FIELDS = [
     ("heads_fingerprint", pa.string()),
     ("run_id", pa.string()),
 ]
-RATING_PREFIX = "rating_"      # per-objective absolute rating from the regression head (r)
+RATING_PREFIX = "rating_"  # per-objective absolute rating from the regression head (r)
 DEBIASED_PREFIX = "debiased_"  # the same after verbosity debiasing (r · T): what the score combines
-GATE_PREFIX = "gate_"          # per-objective gate weight (sums to the learned scale beta)
+GATE_PREFIX = "gate_"  # per-objective gate weight (sums to the learned scale beta)
 EMBEDDING_FIELDS = [("embedding", pa.list_(pa.float32())), ("prompt_embedding", pa.list_(pa.float32()))]
 
 QUARANTINE_FIELDS = [
@@ -98,7 +98,7 @@ QUARANTINE_FIELDS = [
     ("source", pa.string()),
     ("source_uri", pa.string()),
     ("source_row", pa.int64()),
-    ("stage", pa.string()),            # where it was caught: read | template | score
+    ("stage", pa.string()),  # where it was caught: read | template | score
     ("quarantine_reason", pa.string()),
     ("raw", pa.string()),
     ("run_id", pa.string()),

@@ -25,22 +25,47 @@ from __future__ import annotations
 
 import re
 import sys
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 from urllib.parse import unquote
 
 REDACTED = "REDACTED"
-STORAGE_OPTIONS = "storage_options"   # the mapping name under which credentials are looked for
-REDACT_KEYS = "redact_keys"           # storage option: further names to treat as credentials
+STORAGE_OPTIONS = "storage_options"  # the mapping name under which credentials are looked for
+REDACT_KEYS = "redact_keys"  # storage option: further names to treat as credentials
 
 # Credential-like option names (compared lower-case, '-' as '_'): fsspec's s3fs / gcsfs / adlfs and
 # botocore's client arguments, and generic ones.
-CREDENTIAL_NAMES = frozenset({
-    "key", "secret", "token", "session_token", "password", "passwd",
-    "aws_access_key_id", "aws_secret_access_key", "aws_session_token", "access_key", "secret_key",
-    "access_key_id", "secret_access_key", "security_token", "account_key", "sas_token",
-    "connection_string", "client_secret", "credential", "credentials", "api_key", "sse_customer_key",
-    "ssecustomerkey", "authorization", "auth_token", "refresh_token", "private_key",
-})
+CREDENTIAL_NAMES = frozenset(
+    {
+        "key",
+        "secret",
+        "token",
+        "session_token",
+        "password",
+        "passwd",
+        "aws_access_key_id",
+        "aws_secret_access_key",
+        "aws_session_token",
+        "access_key",
+        "secret_key",
+        "access_key_id",
+        "secret_access_key",
+        "security_token",
+        "account_key",
+        "sas_token",
+        "connection_string",
+        "client_secret",
+        "credential",
+        "credentials",
+        "api_key",
+        "sse_customer_key",
+        "ssecustomerkey",
+        "authorization",
+        "auth_token",
+        "refresh_token",
+        "private_key",
+    }
+)
 
 # Known secret values are masked in free text only when at least this long: a short value
 # ("test", a one-letter password) would mask ordinary words everywhere.
@@ -55,10 +80,12 @@ _NAME_ALT = "|".join(sorted((re.escape(n) for n in CREDENTIAL_NAMES), key=len, r
 # reprs of option dicts, botocore messages).
 _NAME_VALUE = re.compile(
     r"(?P<name>(?<![A-Za-z0-9_])['\"]?(?:" + _NAME_ALT + r")['\"]?\s*[:=]\s*)"
-    r"(?P<value>'[^']*'|\"[^\"]*\"|[^\s,;}\]\)]+)", re.IGNORECASE)
+    r"(?P<value>'[^']*'|\"[^\"]*\"|[^\s,;}\]\)]+)",
+    re.IGNORECASE,
+)
 
 _known_values: set[str] = set()
-_known_longest_first: tuple[str, ...] = ()   # masking order: a value inside a longer one goes second
+_known_longest_first: tuple[str, ...] = ()  # masking order: a value inside a longer one goes second
 
 
 def _norm(name: Any) -> str:
@@ -88,6 +115,7 @@ def credential_names(options: Any = None, extra: Iterable[str] = ()) -> frozense
 
 # ---- URIs ------------------------------------------------------------------------------------
 
+
 def split_uri_credentials(uri: str) -> tuple[str, dict]:
     """`s3://KEY:SECRET@bucket/p` -> (`s3://bucket/p`, {"key": KEY, "secret": SECRET}); a URI without
     userinfo comes back unchanged with {}. Percent-escapes in the userinfo are decoded."""
@@ -100,7 +128,7 @@ def split_uri_credentials(uri: str) -> tuple[str, dict]:
     creds = {"key": unquote(user)}
     if password:
         creds["secret"] = unquote(password)
-    return m.group("scheme") + uri[m.end():], creds
+    return m.group("scheme") + uri[m.end() :], creds
 
 
 def redact_uri(uri: str) -> str:
@@ -115,6 +143,7 @@ def strip_uri_credentials(text: str) -> str:
 
 # ---- mappings and whole artifacts -----------------------------------------------------------
 
+
 def _is_credential(name: Any, names: frozenset[str]) -> bool:
     return _norm(name) in names
 
@@ -128,7 +157,7 @@ def _walk(obj: Any, names: frozenset[str], in_options: bool, drop: bool, mask_kn
                     continue
                 out[k] = v if v is None or (isinstance(v, str) and not v) else REDACTED  # "none given" stays visible
             elif in_options and k == REDACT_KEYS and drop:
-                continue   # which names are secret does not change what a job computes
+                continue  # which names are secret does not change what a job computes
             else:
                 out[k] = _walk(v, names, in_options or k == STORAGE_OPTIONS, drop, mask_known)
         return out
@@ -180,6 +209,7 @@ def inline_credentials(obj: Any, extra: Iterable[str] = ()) -> list[str]:
 
 
 # ---- free text ------------------------------------------------------------------------------
+
 
 def remember(options: Any, extra: Iterable[str] = (), *, is_options: bool = True) -> None:
     """Record the credential values in `options` (and in URIs in it), so that `scrub` masks them in
@@ -249,8 +279,9 @@ def install_excepthook() -> None:
     sys.excepthook = hook
 
 
-def lift_uri_credentials(uris: Iterable[str], options: dict | None, where: str,
-                         inherited: bool = False) -> tuple[list[str], dict | None]:
+def lift_uri_credentials(
+    uris: Iterable[str], options: dict | None, where: str, inherited: bool = False
+) -> tuple[list[str], dict | None]:
     """Move credentials embedded in URIs into (a copy of) the options that go with them, so that
     no path the job records or passes on carries a secret. All URIs must agree on the credentials
     (one options mapping serves them all), and with the options' own unless those are `inherited`
@@ -311,6 +342,8 @@ def inline_credentials_warning(obj: Any) -> str | None:
     found = inline_credentials(obj)
     if not found:
         return None
-    return (f"warning: the config carries credentials ({', '.join(found[:6])}{', ...' if len(found) > 6 else ''}): "
-            "they are used but redacted in everything written or printed; the config file itself still holds "
-            "them. Prefer the environment, a profile or a role (docs/operations.md#storage-credentials)")
+    return (
+        f"warning: the config carries credentials ({', '.join(found[:6])}{', ...' if len(found) > 6 else ''}): "
+        "they are used but redacted in everything written or printed; the config file itself still holds "
+        "them. Prefer the environment, a profile or a role (docs/operations.md#storage-credentials)"
+    )

@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import posixpath
 import uuid
-from typing import Any, Callable, IO
+from collections.abc import Callable
+from typing import IO, Any
 
 import fsspec
 
@@ -41,9 +42,16 @@ def filesystem(uri: str, storage_options: StorageOptions | None = None) -> tuple
     secrets.remember(storage_options)
     secrets.remember(creds)
     if uri.startswith("s3://"):
-        endpoint = opts.pop("endpoint_url", None) or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        endpoint = (
+            opts.pop("endpoint_url", None)
+            or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL")
+        )
         if endpoint:
-            opts["client_kwargs"] = {**(opts.get("client_kwargs") or {}), "endpoint_url": endpoint}  # a copy: never the caller's
+            opts["client_kwargs"] = {
+                **(opts.get("client_kwargs") or {}),
+                "endpoint_url": endpoint,
+            }  # a copy: never the caller's
         # Listings must see what other processes just wrote (resume, incremental runs).
         opts.setdefault("use_listings_cache", False)
     fs, path = fsspec.core.url_to_fs(uri, **opts)
@@ -75,8 +83,9 @@ def read_bytes(uri: str, storage_options: StorageOptions | None = None) -> bytes
         return f.read()
 
 
-def write_atomic(uri: str, write: Callable[[IO[bytes]], None] | bytes,
-                 storage_options: StorageOptions | None = None) -> None:
+def write_atomic(
+    uri: str, write: Callable[[IO[bytes]], None] | bytes, storage_options: StorageOptions | None = None
+) -> None:
     """Write a file so that readers see either nothing or the whole file.
 
     Local: write to a hidden temporary name in the same directory, fsync, rename.
@@ -112,8 +121,11 @@ def list_files(uri: str, storage_options: StorageOptions | None = None) -> list[
 
 def parquet_files(dir_uri: str, storage_options: StorageOptions | None = None) -> list[str]:
     """The Parquet files under a directory (sorted), without temporaries of an interrupted write."""
-    return [u for u in list_files(dir_uri, storage_options)
-            if u.endswith(".parquet") and not posixpath.basename(u).startswith(TMP_PREFIX)]
+    return [
+        u
+        for u in list_files(dir_uri, storage_options)
+        if u.endswith(".parquet") and not posixpath.basename(u).startswith(TMP_PREFIX)
+    ]
 
 
 def run_data_files(run_dir: str, storage_options: StorageOptions | None = None) -> list[str]:

@@ -15,16 +15,16 @@ import pyarrow as pa
 
 
 class Pairs(NamedTuple):
-    better: np.ndarray   # unit positions of the preferred responses
-    worse: np.ndarray    # unit positions of the other responses
-    tie: np.ndarray      # bool: labelled a tie (better/worse is then arbitrary)
-    source: np.ndarray   # source name per pair (object array)
-    row_id: np.ndarray   # the input row each pair comes from (object array)
+    better: np.ndarray  # unit positions of the preferred responses
+    worse: np.ndarray  # unit positions of the other responses
+    tie: np.ndarray  # bool: labelled a tie (better/worse is then arbitrary)
+    source: np.ndarray  # source name per pair (object array)
+    row_id: np.ndarray  # the input row each pair comes from (object array)
 
     def __len__(self) -> int:
         return len(self.better)
 
-    def select(self, mask) -> "Pairs":
+    def select(self, mask) -> Pairs:
         return Pairs(*(a[mask] for a in self))
 
 
@@ -75,8 +75,13 @@ def ranked_pairs(units: pa.Table) -> Pairs:
 def _pairs(found: list[tuple[int, int]], tie, src, rows) -> Pairs:
     better = np.array([a for a, _ in found], dtype=np.int64)
     worse = np.array([b for _, b in found], dtype=np.int64)
-    return Pairs(better, worse, np.array([bool(tie[a]) for a in better], dtype=bool),
-                 np.array([src[a] for a in better], dtype=object), np.array([rows[a] for a in better], dtype=object))
+    return Pairs(
+        better,
+        worse,
+        np.array([bool(tie[a]) for a in better], dtype=bool),
+        np.array([src[a] for a in better], dtype=object),
+        np.array([rows[a] for a in better], dtype=object),
+    )
 
 
 def concat_pairs(*parts: Pairs) -> Pairs:
@@ -96,10 +101,12 @@ def human_ratings(units: pa.Table) -> dict[str, np.ndarray]:
 
 def embeddings_of(units: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     """Response and prompt embeddings [N×H] stored by a run with `embeddings: true`."""
+
     def stack(col: str) -> np.ndarray:
         arr = units.column(col).combine_chunks()
         width = len(arr[0]) if len(arr) else 0
         return arr.values.to_numpy(zero_copy_only=False).reshape(len(arr), width).astype(np.float32)
+
     return stack("embedding"), stack("prompt_embedding")
 
 

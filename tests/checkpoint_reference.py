@@ -22,17 +22,18 @@ def first_pad_reference(directory, seqs, prompt_end, rows_per_batch):
     pad = config["pad_token_id"]
     model = LlamaModel.from_pretrained(str(directory)).eval()  # transformers' loader, not ours
     from safetensors.torch import load_file
+
     index = json.loads((directory / "model.safetensors.index.json").read_text())
     head = {}
     for shard in sorted(set(index["weight_map"].values())):
         head.update({k: v for k, v in load_file(str(directory / shard)).items() if not k.startswith("model.")})
     out = {"score": [], "rewards": [], "gate": [], "position": []}
     for start in range(0, len(seqs), rows_per_batch):
-        batch, ends = seqs[start:start + rows_per_batch], prompt_end[start:start + rows_per_batch]
+        batch, ends = seqs[start : start + rows_per_batch], prompt_end[start : start + rows_per_batch]
         width = max(map(len, batch))
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         for i, s in enumerate(batch):
-            ids[i, :len(s)] = torch.tensor(s)
+            ids[i, : len(s)] = torch.tensor(s)
         is_pad = ids == pad
         with torch.no_grad():
             hidden = model(input_ids=ids, attention_mask=(~is_pad).long()).last_hidden_state

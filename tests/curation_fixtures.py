@@ -35,7 +35,7 @@ SOURCE_BIAS = {"hh-rlhf": -0.15, "pandalm": 0.10, "oasst": 0.25}
 
 def _unit_hash(text: str, salt: str) -> float:
     """A number in [0, 1) from a text: the stand-in's 'model noise'."""
-    h = hashlib.sha256(f"{salt}\x1f{text}".encode("utf-8")).digest()
+    h = hashlib.sha256(f"{salt}\x1f{text}".encode()).digest()
     return int.from_bytes(h[:8], "big") / 2.0**64
 
 
@@ -43,8 +43,10 @@ def stand_in_scores(source: str, prompt_id: str, response: str):
     """Ratings (one per objective), debiased ratings (a length penalty), gates (softmax, sum 1) and
     score = sum(gates * debiased)."""
     length = np.log1p(len(response))
-    ratings = np.array([0.08 * length + 0.5 * _unit_hash(response, f"r{k}") + SOURCE_BIAS[source]
-                        for k in range(len(OBJECTIVES))], dtype=np.float32)
+    ratings = np.array(
+        [0.08 * length + 0.5 * _unit_hash(response, f"r{k}") + SOURCE_BIAS[source] for k in range(len(OBJECTIVES))],
+        dtype=np.float32,
+    )
     debiased = (ratings - np.float32(0.03 * length)).astype(np.float32)
     logits = np.array([2.0 * _unit_hash(prompt_id, f"g{k}") for k in range(len(OBJECTIVES))])
     gates = (np.exp(logits) / np.exp(logits).sum()).astype(np.float32)
@@ -71,10 +73,19 @@ def hh_rows(data: Path, n: int) -> list[dict]:
             chosen, rejected = _hh_turns(d["chosen"]), _hh_turns(d["rejected"])
             if not chosen or chosen[-1]["role"] != "assistant" or not rejected or rejected[-1]["role"] != "assistant":
                 continue
-            rows.append({"source": "hh-rlhf", "kind": "preference", "source_row": line_no, "prompt": chosen[:-1],
-                         "responses": [chosen[-1]["content"], rejected[-1]["content"]],
-                         "preference": ["chosen", "rejected"], "tie": False, "human_rank": [None, None],
-                         "uri": str(data / "hh-rlhf" / "harmless-base-test.jsonl.gz")})
+            rows.append(
+                {
+                    "source": "hh-rlhf",
+                    "kind": "preference",
+                    "source_row": line_no,
+                    "prompt": chosen[:-1],
+                    "responses": [chosen[-1]["content"], rejected[-1]["content"]],
+                    "preference": ["chosen", "rejected"],
+                    "tie": False,
+                    "human_rank": [None, None],
+                    "uri": str(data / "hh-rlhf" / "harmless-base-test.jsonl.gz"),
+                }
+            )
     return rows
 
 
@@ -90,10 +101,20 @@ def pandalm_rows(data: Path, n: int) -> list[dict]:
         responses = [d["response1"], d["response2"]]
         if label == 2 and not tie:
             responses = responses[::-1]  # response_index 0 is the chosen one
-        rows.append({"source": "pandalm", "kind": "preference", "source_row": i,
-                     "prompt": [{"role": "user", "content": text}], "responses": responses,
-                     "preference": ["chosen", "rejected"], "tie": tie, "human_rank": [None, None],
-                     "confidence": top / 3, "uri": str(path)})
+        rows.append(
+            {
+                "source": "pandalm",
+                "kind": "preference",
+                "source_row": i,
+                "prompt": [{"role": "user", "content": text}],
+                "responses": responses,
+                "preference": ["chosen", "rejected"],
+                "tie": tie,
+                "human_rank": [None, None],
+                "confidence": top / 3,
+                "uri": str(path),
+            }
+        )
     return rows
 
 
@@ -106,9 +127,19 @@ def oasst_rows(data: Path) -> list[dict]:
         prompt = history + [{"role": "user", "content": node["text"]}]
         replies = [r for r in node["replies"] if r["role"] == "assistant" and not r.get("deleted")]
         if len(replies) >= 2:
-            rows.append({"source": "oasst", "kind": "best_of_n", "source_row": line_no, "prompt": prompt,
-                         "responses": [r["text"] for r in replies], "preference": [None] * len(replies),
-                         "tie": None, "human_rank": [r.get("rank") for r in replies], "uri": str(path)})
+            rows.append(
+                {
+                    "source": "oasst",
+                    "kind": "best_of_n",
+                    "source_row": line_no,
+                    "prompt": prompt,
+                    "responses": [r["text"] for r in replies],
+                    "preference": [None] * len(replies),
+                    "tie": None,
+                    "human_rank": [r.get("rank") for r in replies],
+                    "uri": str(path),
+                }
+            )
         for r in replies:
             for follow_up in r["replies"]:
                 if follow_up["role"] == "prompter":
@@ -128,15 +159,33 @@ def units_of(rows: list[dict], run_id: str) -> list[dict]:
         prompt_tokens = sum(len(m["content"].split()) for m in row["prompt"])
         for i, response in enumerate(row["responses"]):
             ratings, debiased, gates, score = stand_in_scores(row["source"], pid, response)
-            u = {"unit_id": ids.unit_id(rid, i), "row_id": rid, "prompt_id": pid, "kind": row["kind"],
-                 "source": row["source"], "source_uri": row["uri"], "source_row": row["source_row"],
-                 "prompt": row["prompt"], "response": response, "response_index": i,
-                 "n_responses": len(row["responses"]), "preference": row["preference"][i], "tie": row["tie"],
-                 "label_confidence": row.get("confidence"), "human_rank": row["human_rank"][i], "ratings": [],
-                 "prompt_tokens": prompt_tokens, "response_tokens": len(response.split()),
-                 "total_tokens": prompt_tokens + len(response.split()),
-                 "tokens_before_truncation": prompt_tokens + len(response.split()), "truncated": False,
-                 "score": score, "backbone_fingerprint": "stand-in", "heads_fingerprint": "stand-in", "run_id": run_id}
+            u = {
+                "unit_id": ids.unit_id(rid, i),
+                "row_id": rid,
+                "prompt_id": pid,
+                "kind": row["kind"],
+                "source": row["source"],
+                "source_uri": row["uri"],
+                "source_row": row["source_row"],
+                "prompt": row["prompt"],
+                "response": response,
+                "response_index": i,
+                "n_responses": len(row["responses"]),
+                "preference": row["preference"][i],
+                "tie": row["tie"],
+                "label_confidence": row.get("confidence"),
+                "human_rank": row["human_rank"][i],
+                "ratings": [],
+                "prompt_tokens": prompt_tokens,
+                "response_tokens": len(response.split()),
+                "total_tokens": prompt_tokens + len(response.split()),
+                "tokens_before_truncation": prompt_tokens + len(response.split()),
+                "truncated": False,
+                "score": score,
+                "backbone_fingerprint": "stand-in",
+                "heads_fingerprint": "stand-in",
+                "run_id": run_id,
+            }
             for k, obj in enumerate(OBJECTIVES):
                 u[schema.objective_column(schema.RATING_PREFIX, obj)] = ratings[k]
                 u[schema.objective_column(schema.DEBIASED_PREFIX, obj)] = debiased[k]
@@ -148,8 +197,9 @@ def units_of(rows: list[dict], run_id: str) -> list[dict]:
 FILE_OFFSET = {"hh-rlhf": 0, "pandalm": 2, "oasst": 1}
 
 
-def write_run(data: Path, run_dir: Path, run_id: str = "fixture", hh_pairs: int = HH_PAIRS,
-              pandalm_pairs: int = PANDALM_PAIRS) -> Path:
+def write_run(
+    data: Path, run_dir: Path, run_id: str = "fixture", hh_pairs: int = HH_PAIRS, pandalm_pairs: int = PANDALM_PAIRS
+) -> Path:
     rows = hh_rows(data, hh_pairs) + pandalm_rows(data, pandalm_pairs) + oasst_rows(data)
     units = units_of(rows, run_id)
     out_schema = schema.output_schema(OBJECTIVES)
@@ -163,8 +213,13 @@ def write_run(data: Path, run_dir: Path, run_id: str = "fixture", hh_pairs: int 
     sources = {}
     for u in units:
         sources.setdefault(u["source"], {"units_labeled": 0})["units_labeled"] += 1
-    manifest = {"run_id": run_id, "status": "complete", "objectives": OBJECTIVES, "sources": sources,
-                "output": {"data": str(run_dir / "data"), "quarantine": str(run_dir / "quarantine")}}
+    manifest = {
+        "run_id": run_id,
+        "status": "complete",
+        "objectives": OBJECTIVES,
+        "sources": sources,
+        "output": {"data": str(run_dir / "data"), "quarantine": str(run_dir / "quarantine")},
+    }
     (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return run_dir
 
@@ -187,11 +242,14 @@ def labeled_run(smollm2_heads, tmp_path_factory) -> Path:
     from label_fixtures import SHARED, label_config, run_module, write_yaml
 
     tmp = tmp_path_factory.mktemp("labeled_for_curation")
-    inputs = [{"path": str(SHARED / "hh-rlhf" / "harmless-base-test.jsonl.gz"), "format": "hh_rlhf"},
-              {"path": str(SHARED / "pandalm" / "testset-v1.json"), "format": "pandalm"},
-              {"path": str(SHARED / "oasst" / "en_100_message.jsonl"), "format": "oasst_best_of_n"}]
-    cfg = label_config(tmp, smollm2_heads, inputs, run_id="real", limit_rows_per_input=90,
-                       resources={"rows_per_shard": 16})
+    inputs = [
+        {"path": str(SHARED / "hh-rlhf" / "harmless-base-test.jsonl.gz"), "format": "hh_rlhf"},
+        {"path": str(SHARED / "pandalm" / "testset-v1.json"), "format": "pandalm"},
+        {"path": str(SHARED / "oasst" / "en_100_message.jsonl"), "format": "oasst_best_of_n"},
+    ]
+    cfg = label_config(
+        tmp, smollm2_heads, inputs, run_id="real", limit_rows_per_input=90, resources={"rows_per_shard": 16}
+    )
     run_module("jobs.label", "--config", str(write_yaml(tmp / "job.yaml", cfg)))
     return tmp / "labels" / "real"
 
@@ -213,32 +271,71 @@ def random_units(seed: int, n_prompts: int = 40):
             n = int(rng.integers(1, 7))
             rid = f"{pid}-bon"
             for i in range(n):
-                units.append({"unit_id": f"{rid}-{i}", "row_id": rid, "prompt_id": pid, "kind": "best_of_n",
-                              "source": "oasst", "prompt": prompt, "response": f"answer {rng.integers(4)}",
-                              "response_index": i, "preference": None, "tie": None,
-                              "human_rank": None if rng.random() < 0.2 else int(rng.integers(0, 3)),
-                              "score": np.nan if rng.random() < 0.1 else float(rng.integers(0, 5)) / 4})
+                units.append(
+                    {
+                        "unit_id": f"{rid}-{i}",
+                        "row_id": rid,
+                        "prompt_id": pid,
+                        "kind": "best_of_n",
+                        "source": "oasst",
+                        "prompt": prompt,
+                        "response": f"answer {rng.integers(4)}",
+                        "response_index": i,
+                        "preference": None,
+                        "tie": None,
+                        "human_rank": None if rng.random() < 0.2 else int(rng.integers(0, 3)),
+                        "score": np.nan if rng.random() < 0.1 else float(rng.integers(0, 5)) / 4,
+                    }
+                )
         for r in range(int(rng.integers(0, 3))):
             rid = f"{pid}-pref{r}"
             shape = rng.choice(["pair", "pair", "pair", "tie", "tie_unlabelled", "half", "triple", "same_label"])
             n = {"half": 1, "triple": 3}.get(shape, 2)
-            labels = {"pair": ["chosen", "rejected"], "tie": ["chosen", "rejected"], "tie_unlabelled": [None, None],
-                      "half": ["chosen"], "triple": ["chosen", "rejected", "rejected"],
-                      "same_label": ["chosen", "chosen"]}[shape]
+            labels = {
+                "pair": ["chosen", "rejected"],
+                "tie": ["chosen", "rejected"],
+                "tie_unlabelled": [None, None],
+                "half": ["chosen"],
+                "triple": ["chosen", "rejected", "rejected"],
+                "same_label": ["chosen", "chosen"],
+            }[shape]
             for i in range(n):
-                units.append({"unit_id": f"{rid}-{i}", "row_id": rid, "prompt_id": pid, "kind": "preference",
-                              "source": "hh-rlhf", "prompt": prompt, "response": f"reply {rng.integers(3)}",
-                              "response_index": i, "preference": labels[i], "tie": shape.startswith("tie"),
-                              "human_rank": None,
-                              "score": np.nan if rng.random() < 0.05 else float(rng.integers(-4, 5)) / 8})
+                units.append(
+                    {
+                        "unit_id": f"{rid}-{i}",
+                        "row_id": rid,
+                        "prompt_id": pid,
+                        "kind": "preference",
+                        "source": "hh-rlhf",
+                        "prompt": prompt,
+                        "response": f"reply {rng.integers(3)}",
+                        "response_index": i,
+                        "preference": labels[i],
+                        "tie": shape.startswith("tie"),
+                        "human_rank": None,
+                        "score": np.nan if rng.random() < 0.05 else float(rng.integers(-4, 5)) / 8,
+                    }
+                )
         if rng.random() < 0.2:
-            units.append({"unit_id": f"{pid}-instr-0", "row_id": f"{pid}-instr", "prompt_id": pid,
-                          "kind": "instruction", "source": "alpaca", "prompt": prompt, "response": "text",
-                          "response_index": 0, "preference": None, "tie": None, "human_rank": None,
-                          "score": float(rng.integers(0, 5)) / 4})
-    repeats = [dict(u) for u in units if rng.random() < 0.08]   # identical rows, as repeated input rows give
+            units.append(
+                {
+                    "unit_id": f"{pid}-instr-0",
+                    "row_id": f"{pid}-instr",
+                    "prompt_id": pid,
+                    "kind": "instruction",
+                    "source": "alpaca",
+                    "prompt": prompt,
+                    "response": "text",
+                    "response_index": 0,
+                    "preference": None,
+                    "tie": None,
+                    "human_rank": None,
+                    "score": float(rng.integers(0, 5)) / 4,
+                }
+            )
+    repeats = [dict(u) for u in units if rng.random() < 0.08]  # identical rows, as repeated input rows give
     df = pd.DataFrame(units + repeats)
-    df = df.sample(frac=1.0, random_state=seed).reset_index(drop=True)   # arrival order is arbitrary
+    df = df.sample(frac=1.0, random_state=seed).reset_index(drop=True)  # arrival order is arbitrary
     df["score"] = df["score"].astype(np.float32)
     df["human_rank"] = df["human_rank"].astype("Int32")
     df["tie"] = df["tie"].astype("boolean")

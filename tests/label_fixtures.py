@@ -86,8 +86,14 @@ def smollm2_heads(tmp_path_factory) -> str:
 
 def run_module(module: str, *args: str, env: dict | None = None, timeout: float = 1200) -> subprocess.CompletedProcess:
     """Run a job entry point as users do: a fresh Python process with its own embedded Ray."""
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )
     if proc.returncode != 0:
         raise AssertionError(f"{module} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc

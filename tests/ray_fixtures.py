@@ -20,16 +20,16 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
-import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import psutil
 import pytest
@@ -68,8 +68,9 @@ def generate_token(home: Path) -> str:
     home.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k not in AUTH_ENV_VARS}
     env["HOME"] = str(home)
-    out = subprocess.run([RAY_CLI, "get-auth-token", "--generate"], env=env, check=True,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [RAY_CLI, "get-auth-token", "--generate"], env=env, check=True, capture_output=True, text=True, timeout=120
+    )
     token = out.stdout.strip()
     assert token == (home / ".ray" / "auth_token").read_text().strip(), "token not saved where expected"
     return token
@@ -139,18 +140,18 @@ def stop_ray_instance(pgid: int, marker: str, grace_s: float = 5.0) -> None:
 @dataclass
 class JobResult:
     submission_id: str
-    status: str                # SUCCEEDED / FAILED / STOPPED
-    logs: str                  # the driver's stdout and stderr
-    message: str = ""          # Ray's status message (the failure reason)
-    cli_output: str = ""       # what `ray job submit` printed
+    status: str  # SUCCEEDED / FAILED / STOPPED
+    logs: str  # the driver's stdout and stderr
+    message: str = ""  # Ray's status message (the failure reason)
+    cli_output: str = ""  # what `ray job submit` printed
 
 
 @dataclass
 class RayHead:
     """A running head. `env` is the environment a client needs (the token included)."""
 
-    dashboard_url: str         # http://127.0.0.1:<port>, for `ray job submit --address`
-    gcs_address: str           # <ip>:<port>, for `ray start --address` or ray.init(address=...)
+    dashboard_url: str  # http://127.0.0.1:<port>, for `ray job submit --address`
+    gcs_address: str  # <ip>:<port>, for `ray start --address` or ray.init(address=...)
     temp_dir: Path
     token: str
     env: dict[str, str] = field(repr=False)
@@ -175,13 +176,20 @@ class RayHead:
         process-wide auth settings of Ray are left alone."""
         from ray.job_submission import JobSubmissionClient
 
-        return JobSubmissionClient(self.dashboard_url,
-                                   headers={"Authorization": f"Bearer {token or self.token}"})
+        return JobSubmissionClient(self.dashboard_url, headers={"Authorization": f"Bearer {token or self.token}"})
 
-    def submit(self, entrypoint: str | Sequence[str], working_dir: str | os.PathLike | None = None, *,
-               submission_id: str | None = None, env_vars: dict[str, str] | None = None,
-               runtime_env: dict | None = None, metadata: dict[str, str] | None = None,
-               timeout_s: float = 600, env: dict[str, str] | None = None) -> JobResult:
+    def submit(
+        self,
+        entrypoint: str | Sequence[str],
+        working_dir: str | os.PathLike | None = None,
+        *,
+        submission_id: str | None = None,
+        env_vars: dict[str, str] | None = None,
+        runtime_env: dict | None = None,
+        metadata: dict[str, str] | None = None,
+        timeout_s: float = 600,
+        env: dict[str, str] | None = None,
+    ) -> JobResult:
         """Run the real `ray job submit` CLI, wait for a terminal status, return status and logs.
 
         `env` replaces the client environment (e.g. `client_env(auth=False)`); a submission the
@@ -193,8 +201,7 @@ class RayHead:
         submission_id = submission_id or f"test-{os.getpid()}-{self._submissions}-{time.time_ns() % 10**9}"
         if not isinstance(entrypoint, str):
             entrypoint = shlex.join(entrypoint)
-        cmd = [RAY_CLI, "job", "submit", "--address", self.dashboard_url, "--no-wait",
-               "--submission-id", submission_id]
+        cmd = [RAY_CLI, "job", "submit", "--address", self.dashboard_url, "--no-wait", "--submission-id", submission_id]
         if working_dir is not None:
             cmd += ["--working-dir", str(working_dir)]
         renv = dict(runtime_env or {})
@@ -217,11 +224,13 @@ class RayHead:
                 break
             if time.monotonic() > deadline:
                 client.stop_job(submission_id)
-                raise TimeoutError(f"job {submission_id} still {info.status} after {timeout_s}s:\n"
-                                   f"{client.get_job_logs(submission_id)}")
+                raise TimeoutError(
+                    f"job {submission_id} still {info.status} after {timeout_s}s:\n{client.get_job_logs(submission_id)}"
+                )
             time.sleep(0.5)
-        return JobResult(submission_id, str(info.status), client.get_job_logs(submission_id),
-                         info.message or "", cli_output)
+        return JobResult(
+            submission_id, str(info.status), client.get_job_logs(submission_id), info.message or "", cli_output
+        )
 
 
 class SubmissionRefused(RuntimeError):
@@ -231,37 +240,73 @@ class SubmissionRefused(RuntimeError):
         self.output = output
 
 
-def start_ray_head(base: Path, num_cpus: int = 2, object_store_mb: int = 256,
-                   extra_env: dict[str, str] | None = None) -> RayHead:
+def start_ray_head(
+    base: Path, num_cpus: int = 2, object_store_mb: int = 256, extra_env: dict[str, str] | None = None
+) -> RayHead:
     """Start a token-authenticated head with `ray start --head`; the caller must `stop_ray_head`."""
     base.mkdir(parents=True, exist_ok=True)
     # The session dir holds unix sockets, whose paths must stay short (~107 bytes).
     temp_dir = base / "ray"
     token = generate_token(base / "home")
-    (gcs_port, dash_port, client_port, agent_http, agent_grpc, env_agent, metrics, node_mgr,
-     obj_mgr) = free_ports(9)
+    (gcs_port, dash_port, client_port, agent_http, agent_grpc, env_agent, metrics, node_mgr, obj_mgr) = free_ports(9)
     env = {k: v for k, v in os.environ.items() if k not in AUTH_ENV_VARS and k != "RAY_ADDRESS"}
-    env.update({
-        "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
-        "RAY_USAGE_STATS_ENABLED": "0",
-        # ray.init(address="auto") and the address file stay inside this head's temp dir.
-        "RAY_TMPDIR": str(base),
-        # Entrypoints say `python ...`: that must be this interpreter, as on a real cluster node.
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        **(extra_env or {}),
-    })
-    cmd = [RAY_CLI, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
-           "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port),
-           "--ray-client-server-port", str(client_port), "--dashboard-agent-listen-port", str(agent_http),
-           "--dashboard-agent-grpc-port", str(agent_grpc), "--runtime-env-agent-port", str(env_agent),
-           "--metrics-export-port", str(metrics), "--node-manager-port", str(node_mgr),
-           "--object-manager-port", str(obj_mgr), "--min-worker-port", "0", "--max-worker-port", "0",
-           "--num-cpus", str(num_cpus), "--object-store-memory", str(object_store_mb * 2**20),
-           "--temp-dir", str(temp_dir), "--disable-usage-stats"]
+    env.update(
+        {
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": token,
+            "RAY_USAGE_STATS_ENABLED": "0",
+            # ray.init(address="auto") and the address file stay inside this head's temp dir.
+            "RAY_TMPDIR": str(base),
+            # Entrypoints say `python ...`: that must be this interpreter, as on a real cluster node.
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            **(extra_env or {}),
+        }
+    )
+    cmd = [
+        RAY_CLI,
+        "start",
+        "--head",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--port",
+        str(gcs_port),
+        "--include-dashboard",
+        "true",
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dash_port),
+        "--ray-client-server-port",
+        str(client_port),
+        "--dashboard-agent-listen-port",
+        str(agent_http),
+        "--dashboard-agent-grpc-port",
+        str(agent_grpc),
+        "--runtime-env-agent-port",
+        str(env_agent),
+        "--metrics-export-port",
+        str(metrics),
+        "--node-manager-port",
+        str(node_mgr),
+        "--object-manager-port",
+        str(obj_mgr),
+        "--min-worker-port",
+        "0",
+        "--max-worker-port",
+        "0",
+        "--num-cpus",
+        str(num_cpus),
+        "--object-store-memory",
+        str(object_store_mb * 2**20),
+        "--temp-dir",
+        str(temp_dir),
+        "--disable-usage-stats",
+    ]
     # A session of its own: every process of this head shares one process group, which is how
     # teardown finds them without touching any other Ray on the machine.
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         out, _ = proc.communicate(timeout=180)
     except subprocess.TimeoutExpired:
@@ -271,8 +316,14 @@ def start_ray_head(base: Path, num_cpus: int = 2, object_store_mb: int = 256,
         stop_ray_instance(proc.pid, str(temp_dir))
         raise RuntimeError(f"ray start --head failed ({proc.returncode}):\n{out[-4000:]}")
     gcs_address = (temp_dir / "ray_current_cluster").read_text().strip()
-    head = RayHead(dashboard_url=f"http://127.0.0.1:{dash_port}", gcs_address=gcs_address,
-                   temp_dir=temp_dir, token=token, env=env, pgid=proc.pid)
+    head = RayHead(
+        dashboard_url=f"http://127.0.0.1:{dash_port}",
+        gcs_address=gcs_address,
+        temp_dir=temp_dir,
+        token=token,
+        env=env,
+        pgid=proc.pid,
+    )
     _wait_for_job_api(head)
     return head
 
@@ -309,17 +360,18 @@ def ray_head() -> Iterator[RayHead]:
 
 @dataclass
 class MultiNodeCluster:
-    address: str               # GCS address: ray.init(address=...)
-    cluster: object            # the ray.cluster_utils.Cluster
+    address: str  # GCS address: ray.init(address=...)
+    cluster: object  # the ray.cluster_utils.Cluster
     head_node_id: str
     worker_node_ids: list[str]
-    worker_resource: str       # custom resource each worker node has one of
+    worker_resource: str  # custom resource each worker node has one of
     token: str
 
 
 @contextlib.contextmanager
-def start_multinode_cluster(base: Path, num_workers: int = 2, worker_resource: str = "scorer",
-                            cpus_per_worker: int = 1) -> Iterator[MultiNodeCluster]:
+def start_multinode_cluster(
+    base: Path, num_workers: int = 2, worker_resource: str = "scorer", cpus_per_worker: int = 1
+) -> Iterator[MultiNodeCluster]:
     """A head (1 CPU, no dashboard) plus worker nodes, each with one `worker_resource`.
 
     Token auth stays on for the lifetime of the cluster in this process (see token_auth_env).
@@ -329,23 +381,31 @@ def start_multinode_cluster(base: Path, num_workers: int = 2, worker_resource: s
 
     base.mkdir(parents=True, exist_ok=True)
     token = generate_token(base / "home")
-    if ray.is_initialized():   # a connection left over by an earlier test would block ray.init
+    if ray.is_initialized():  # a connection left over by an earlier test would block ray.init
         ray.shutdown()
     saved_tmpdir = os.environ.get("RAY_TMPDIR")
     # Cluster writes the "current cluster" address file under the default temp dir: keep it ours.
     os.environ["RAY_TMPDIR"] = str(base)
     try:
         with token_auth_env(token):
-            cluster = Cluster(initialize_head=True, head_node_args={
-                "num_cpus": 1, "include_dashboard": False, "temp_dir": str(base / "ray")})
+            cluster = Cluster(
+                initialize_head=True,
+                head_node_args={"num_cpus": 1, "include_dashboard": False, "temp_dir": str(base / "ray")},
+            )
             try:
-                workers = [cluster.add_node(num_cpus=cpus_per_worker, resources={worker_resource: 1})
-                           for _ in range(num_workers)]
+                workers = [
+                    cluster.add_node(num_cpus=cpus_per_worker, resources={worker_resource: 1})
+                    for _ in range(num_workers)
+                ]
                 cluster.wait_for_nodes()
-                yield MultiNodeCluster(address=cluster.address, cluster=cluster,
-                                       head_node_id=cluster.head_node.node_id,
-                                       worker_node_ids=[w.node_id for w in workers],
-                                       worker_resource=worker_resource, token=token)
+                yield MultiNodeCluster(
+                    address=cluster.address,
+                    cluster=cluster,
+                    head_node_id=cluster.head_node.node_id,
+                    worker_node_ids=[w.node_id for w in workers],
+                    worker_resource=worker_resource,
+                    token=token,
+                )
             finally:
                 if ray.is_initialized():
                     ray.shutdown()

@@ -36,8 +36,11 @@ class S3Server:
     def storage_options(self) -> dict:
         # Credentials are given explicitly too, so processes started before the fixture (a Ray
         # cluster already running) can reach the server without the environment variables.
-        return {"endpoint_url": self.endpoint_url, "key": _DUMMY_AWS_ENV["AWS_ACCESS_KEY_ID"],
-                "secret": _DUMMY_AWS_ENV["AWS_SECRET_ACCESS_KEY"]}
+        return {
+            "endpoint_url": self.endpoint_url,
+            "key": _DUMMY_AWS_ENV["AWS_ACCESS_KEY_ID"],
+            "secret": _DUMMY_AWS_ENV["AWS_SECRET_ACCESS_KEY"],
+        }
 
     def filesystem(self):
         import s3fs
@@ -75,8 +78,12 @@ def s3_server():
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, **_DUMMY_AWS_ENV}
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -85,9 +92,9 @@ def s3_server():
                 break
             except OSError:
                 if proc.poll() is not None:
-                    raise RuntimeError(f"moto server exited with code {proc.returncode}")
+                    raise RuntimeError(f"moto server exited with code {proc.returncode}") from None
                 if time.monotonic() > deadline:
-                    raise RuntimeError("moto server did not start within 60 s")
+                    raise RuntimeError("moto server did not start within 60 s") from None
                 time.sleep(0.2)
         with pytest.MonkeyPatch.context() as mp:
             for key, value in _DUMMY_AWS_ENV.items():

@@ -16,13 +16,52 @@ from pipeline.labeling.manifest import summarize_sources
 # PKU-Alignment/PKU-SafeRLHF, PKU-Alignment/BeaverTails, stanfordnlp/SHP, lmsys arena 55k,
 # lmsys/mt_bench_human_judgments, HuggingFaceH4/ultrafeedback_binarized, berkeley-nest/Nectar,
 # allenai/llama-3.1-tulu-3-8b-preference-mixture).
-LABELS = ["helpfulness", "correctness", "coherence", "complexity", "verbosity", "overall_preference",
-          "individual_preference", "is_response_0_safe", "better_response_id", "safer_response_id",
-          "response_0_severity_level", "is_safe", "labels", "score_A", "winner_model_a", "winner_tie", "winner",
-          "score_chosen", "score_rejected", "good_natured", "chosen_rating", "rejected-rating", "overallScore",
-          "toxic_chat_tag", "openai_moderation"]
-NOT_LABELS = ["id", "prompt", "model_a", "response_b", "source", "conversation_id", "language", "turn", "tstamp",
-              "messages", "prompt_id", "history", "domain", "judge", "human_ref_A", "c_root_id_A", "post_id"]
+LABELS = [
+    "helpfulness",
+    "correctness",
+    "coherence",
+    "complexity",
+    "verbosity",
+    "overall_preference",
+    "individual_preference",
+    "is_response_0_safe",
+    "better_response_id",
+    "safer_response_id",
+    "response_0_severity_level",
+    "is_safe",
+    "labels",
+    "score_A",
+    "winner_model_a",
+    "winner_tie",
+    "winner",
+    "score_chosen",
+    "score_rejected",
+    "good_natured",
+    "chosen_rating",
+    "rejected-rating",
+    "overallScore",
+    "toxic_chat_tag",
+    "openai_moderation",
+]
+NOT_LABELS = [
+    "id",
+    "prompt",
+    "model_a",
+    "response_b",
+    "source",
+    "conversation_id",
+    "language",
+    "turn",
+    "tstamp",
+    "messages",
+    "prompt_id",
+    "history",
+    "domain",
+    "judge",
+    "human_ref_A",
+    "c_root_id_A",
+    "post_id",
+]
 
 
 @pytest.mark.parametrize("name", LABELS)
@@ -68,12 +107,24 @@ def test_unused_fields_per_shard_and_source(tmp_path):
     per_shard = [FieldUse.from_json(s[0][FIELD_USE]) for s in shards]
     assert all(FIELD_USE not in u for s in shards for u in s[1:])  # only on each shard's first unit
     assert [dict(u.present) for u in per_shard] == [
-        {"prompt": 2, "response": 2, "reward_gpt4": 2, "lang": 2}, {"prompt": 1, "response": 1, "reward_gpt4": 1,
-                                                                     "lang": 1},
-        {"prompt": 1, "response": 1, "reward_gpt4": 1}]
-    markers = [{"source": "sft", "shard_rows": len(s), "rows_labeled": 0, "rows_quarantined": 0,
-                "shard_units": len(s), "labeled_units": 0, "quarantined_units": 0, "tokens": 0,
-                "record_fields": json.loads(s[0][FIELD_USE])} for s in shards]
+        {"prompt": 2, "response": 2, "reward_gpt4": 2, "lang": 2},
+        {"prompt": 1, "response": 1, "reward_gpt4": 1, "lang": 1},
+        {"prompt": 1, "response": 1, "reward_gpt4": 1},
+    ]
+    markers = [
+        {
+            "source": "sft",
+            "shard_rows": len(s),
+            "rows_labeled": 0,
+            "rows_quarantined": 0,
+            "shard_units": len(s),
+            "labeled_units": 0,
+            "quarantined_units": 0,
+            "tokens": 0,
+            "record_fields": json.loads(s[0][FIELD_USE]),
+        }
+        for s in shards
+    ]
     summary = summarize_sources(markers)["sft"]
     assert summary["unused_fields"] == ["lang", "reward_gpt4"]
     assert summary["unused_label_fields"] == ["reward_gpt4"]

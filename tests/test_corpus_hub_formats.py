@@ -79,243 +79,601 @@ def summary(units):
         else:
             ratings = {r["name"]: round(r["value"], 6) for r in u["ratings"] or []}
             conf = None if u["label_confidence"] is None else round(u["label_confidence"], 6)
-            out.append((u["source_row"], u["kind"], u["response"], u["preference"], u["tie"], conf,
-                        u["human_rank"], ratings))
+            out.append(
+                (u["source_row"], u["kind"], u["response"], u["preference"], u["tie"], conf, u["human_rank"], ratings)
+            )
     return out
 
 
 # --- published records, one case per README table line ---------------------------------------------
 
+
 def _uf_completion(response, ratings, overall, fine):
     if_, hon, tru, hel = ratings
-    return {"model": "m", "principle": "helpfulness", "custom_system_prompt": "be helpful", "response": response,
-            "annotations": {"instruction_following": {"Rating": if_, "Rationale": "r"},
-                            "honesty": {"Rating": hon, "Rationale": "r"},
-                            "truthfulness": {"Type": ["0"], "Rationale": "r", "Rating": tru, "Rationale For Rating": "r"},
-                            "helpfulness": {"Type": ["1", "2"], "Rationale": "r", "Rating": hel,
-                                            "Rationale For Rating": "r"}},
-            "critique": "c", "overall_score": overall, "fine-grained_score": fine}
+    return {
+        "model": "m",
+        "principle": "helpfulness",
+        "custom_system_prompt": "be helpful",
+        "response": response,
+        "annotations": {
+            "instruction_following": {"Rating": if_, "Rationale": "r"},
+            "honesty": {"Rating": hon, "Rationale": "r"},
+            "truthfulness": {"Type": ["0"], "Rationale": "r", "Rating": tru, "Rationale For Rating": "r"},
+            "helpfulness": {"Type": ["1", "2"], "Rationale": "r", "Rating": hel, "Rationale For Rating": "r"},
+        },
+        "critique": "c",
+        "overall_score": overall,
+        "fine-grained_score": fine,
+    }
 
 
-UF_RAW = [{"source": "evol_instruct", "instruction": "Name a prime.", "models": ["a", "b", "c", "d"],
-           "completions": [_uf_completion("2", ("5", "5", "5", "4"), 8.5, 4.75),
-                           _uf_completion("4", ("1", "N/A", "2", "1"), 2.0, 1.33),
-                           _uf_completion("7", ("5", "4", "5", "5"), 9.0, 4.75),
-                           _uf_completion("9", ("N/A", "N/A", "N/A", "N/A"), "N/A", "N/A")],
-           "correct_answers": ["2"], "incorrect_answers": ["4"]}]
+UF_RAW = [
+    {
+        "source": "evol_instruct",
+        "instruction": "Name a prime.",
+        "models": ["a", "b", "c", "d"],
+        "completions": [
+            _uf_completion("2", ("5", "5", "5", "4"), 8.5, 4.75),
+            _uf_completion("4", ("1", "N/A", "2", "1"), 2.0, 1.33),
+            _uf_completion("7", ("5", "4", "5", "5"), 9.0, 4.75),
+            _uf_completion("9", ("N/A", "N/A", "N/A", "N/A"), "N/A", "N/A"),
+        ],
+        "correct_answers": ["2"],
+        "incorrect_answers": ["4"],
+    }
+]
 UF_RAW_EXPECTED = [
     (0, "best_of_n", "2", None, None, None, 0, {}),
     (0, "best_of_n", "4", None, None, None, 1, {}),
     (0, "best_of_n", "7", None, None, None, 0, {}),
-    (0, "rated", "2", None, None, None, None, {"ultrafeedback-helpfulness": 0.75, "ultrafeedback-honesty": 1.0,
-                                                "ultrafeedback-instruction_following": 1.0,
-                                                "ultrafeedback-overall_score": round(7.5 / 9, 6),
-                                                "ultrafeedback-truthfulness": 1.0}),
-    (0, "rated", "4", None, None, None, None, {"ultrafeedback-helpfulness": 0.0,
-                                                "ultrafeedback-instruction_following": 0.0,
-                                                "ultrafeedback-overall_score": round(1 / 9, 6),
-                                                "ultrafeedback-truthfulness": 0.25}),
-    (0, "rated", "7", None, None, None, None, {"ultrafeedback-helpfulness": 1.0, "ultrafeedback-honesty": 0.75,
-                                                "ultrafeedback-instruction_following": 1.0,
-                                                "ultrafeedback-overall_score": round(8 / 9, 6),
-                                                "ultrafeedback-truthfulness": 1.0}),
+    (
+        0,
+        "rated",
+        "2",
+        None,
+        None,
+        None,
+        None,
+        {
+            "ultrafeedback-helpfulness": 0.75,
+            "ultrafeedback-honesty": 1.0,
+            "ultrafeedback-instruction_following": 1.0,
+            "ultrafeedback-overall_score": round(7.5 / 9, 6),
+            "ultrafeedback-truthfulness": 1.0,
+        },
+    ),
+    (
+        0,
+        "rated",
+        "4",
+        None,
+        None,
+        None,
+        None,
+        {
+            "ultrafeedback-helpfulness": 0.0,
+            "ultrafeedback-instruction_following": 0.0,
+            "ultrafeedback-overall_score": round(1 / 9, 6),
+            "ultrafeedback-truthfulness": 0.25,
+        },
+    ),
+    (
+        0,
+        "rated",
+        "7",
+        None,
+        None,
+        None,
+        None,
+        {
+            "ultrafeedback-helpfulness": 1.0,
+            "ultrafeedback-honesty": 0.75,
+            "ultrafeedback-instruction_following": 1.0,
+            "ultrafeedback-overall_score": round(8 / 9, 6),
+            "ultrafeedback-truthfulness": 1.0,
+        },
+    ),
     (0, "no rating present for completions[3] (all of its rating values are missing)"),
 ]
 
-UF_BIN = [{"prompt": "Name a prime.", "prompt_id": "p1",
-           "chosen": [_u("Name a prime."), _a("2")], "rejected": [_u("Name a prime."), _a("4")],
-           "messages": [_u("Name a prime."), _a("2")], "score_chosen": 8.0, "score_rejected": 3.0},
-          {"prompt": "Something else", "prompt_id": "p2",
-           "chosen": [_u("Name a prime."), _a("3")], "rejected": [_u("Name a prime."), _a("9")],
-           "messages": [], "score_chosen": 8.0, "score_rejected": 3.0}]
-UF_BIN_EXPECTED = [(0, "preference", "2", "chosen", False, None, None, {}),
-                   (0, "preference", "4", "rejected", False, None, None, {}),
-                   (1, "prompt does not match the conversations: 'prompt' is neither their shared prefix nor "
-                       "one of its user turns")]
+UF_BIN = [
+    {
+        "prompt": "Name a prime.",
+        "prompt_id": "p1",
+        "chosen": [_u("Name a prime."), _a("2")],
+        "rejected": [_u("Name a prime."), _a("4")],
+        "messages": [_u("Name a prime."), _a("2")],
+        "score_chosen": 8.0,
+        "score_rejected": 3.0,
+    },
+    {
+        "prompt": "Something else",
+        "prompt_id": "p2",
+        "chosen": [_u("Name a prime."), _a("3")],
+        "rejected": [_u("Name a prime."), _a("9")],
+        "messages": [],
+        "score_chosen": 8.0,
+        "score_rejected": 3.0,
+    },
+]
+UF_BIN_EXPECTED = [
+    (0, "preference", "2", "chosen", False, None, None, {}),
+    (0, "preference", "4", "rejected", False, None, None, {}),
+    (1, "prompt does not match the conversations: 'prompt' is neither their shared prefix nor one of its user turns"),
+]
 
-HS = {"prompt": "Explain tides.", "response": "The moon pulls the sea.", "helpfulness": 3, "correctness": 4,
-      "coherence": 4, "complexity": 1, "verbosity": 0}
+HS = {
+    "prompt": "Explain tides.",
+    "response": "The moon pulls the sea.",
+    "helpfulness": 3,
+    "correctness": 4,
+    "coherence": 4,
+    "complexity": 1,
+    "verbosity": 0,
+}
 HS_VALUES = {"helpfulness": 0.7, "correctness": 0.9, "coherence": 0.9, "complexity": 0.3, "verbosity": 0.1}
 
-HS2_PREF = [{"prompt": "Pick a colour.", "response_1": "Red.", "response_2": "Blue, because it is calm.",
-             "preference_strength": 2, "preference_statement": "@Response 2 is better", "preference_elaboration": "",
-             "split": "train"},
-            {"prompt": "Pick a number.", "response_1": "One.", "response_2": "Two.", "preference_strength": 0,
-             "preference_statement": "", "preference_elaboration": "", "split": "train"}]
-HS2_PREF_EXPECTED = [(0, "preference", "Blue, because it is calm.", "chosen", False, round(2 / 3, 6), None, {}),
-                     (0, "preference", "Red.", "rejected", False, round(2 / 3, 6), None, {}),
-                     (1, "preference", "One.", None, True, None, None, {}),
-                     (1, "preference", "Two.", None, True, None, None, {})]
+HS2_PREF = [
+    {
+        "prompt": "Pick a colour.",
+        "response_1": "Red.",
+        "response_2": "Blue, because it is calm.",
+        "preference_strength": 2,
+        "preference_statement": "@Response 2 is better",
+        "preference_elaboration": "",
+        "split": "train",
+    },
+    {
+        "prompt": "Pick a number.",
+        "response_1": "One.",
+        "response_2": "Two.",
+        "preference_strength": 0,
+        "preference_statement": "",
+        "preference_elaboration": "",
+        "split": "train",
+    },
+]
+HS2_PREF_EXPECTED = [
+    (0, "preference", "Blue, because it is calm.", "chosen", False, round(2 / 3, 6), None, {}),
+    (0, "preference", "Red.", "rejected", False, round(2 / 3, 6), None, {}),
+    (1, "preference", "One.", None, True, None, None, {}),
+    (1, "preference", "Two.", None, True, None, None, {}),
+]
 
-HS3 = [{"domain": "general", "language": "english",
+HS3 = [
+    {
+        "domain": "general",
+        "language": "english",
         "context": [_u("Hi"), _a("Hello!"), _u("Tell me a joke.")],
-        "response1": "No.", "response2": "Why did the chicken cross the road?", "overall_preference": 3,
-        "individual_preference": [{"score": 3, "reasoning": "r"}]},
-       {"domain": "code", "language": "python", "context": [_u("Sort [2, 1].")],
-        "response1": "[1, 2]", "response2": "[2, 1]", "overall_preference": -1, "individual_preference": []},
-       {"domain": "stem", "language": "english", "context": [_u("2+2?")],
-        "response1": "4", "response2": "four", "overall_preference": 0, "individual_preference": []}]
-HS3_EXPECTED = [(0, "preference", "Why did the chicken cross the road?", "chosen", False, 1.0, None, {}),
-                (0, "preference", "No.", "rejected", False, 1.0, None, {}),
-                (1, "preference", "[1, 2]", "chosen", False, round(1 / 3, 6), None, {}),
-                (1, "preference", "[2, 1]", "rejected", False, round(1 / 3, 6), None, {}),
-                (2, "preference", "4", None, True, None, None, {}),
-                (2, "preference", "four", None, True, None, None, {})]
+        "response1": "No.",
+        "response2": "Why did the chicken cross the road?",
+        "overall_preference": 3,
+        "individual_preference": [{"score": 3, "reasoning": "r"}],
+    },
+    {
+        "domain": "code",
+        "language": "python",
+        "context": [_u("Sort [2, 1].")],
+        "response1": "[1, 2]",
+        "response2": "[2, 1]",
+        "overall_preference": -1,
+        "individual_preference": [],
+    },
+    {
+        "domain": "stem",
+        "language": "english",
+        "context": [_u("2+2?")],
+        "response1": "4",
+        "response2": "four",
+        "overall_preference": 0,
+        "individual_preference": [],
+    },
+]
+HS3_EXPECTED = [
+    (0, "preference", "Why did the chicken cross the road?", "chosen", False, 1.0, None, {}),
+    (0, "preference", "No.", "rejected", False, 1.0, None, {}),
+    (1, "preference", "[1, 2]", "chosen", False, round(1 / 3, 6), None, {}),
+    (1, "preference", "[2, 1]", "rejected", False, round(1 / 3, 6), None, {}),
+    (2, "preference", "4", None, True, None, None, {}),
+    (2, "preference", "four", None, True, None, None, {}),
+]
 
-SKYWORK = [{"chosen": [_u("Capital of France?"), _a("Paris.")], "rejected": [_u("Capital of France?"), _a("Lyon.")],
-            "source": "magpie_ultra"}]
-SKYWORK_EXPECTED = [(0, "preference", "Paris.", "chosen", False, None, None, {}),
-                    (0, "preference", "Lyon.", "rejected", False, None, None, {})]
+SKYWORK = [
+    {
+        "chosen": [_u("Capital of France?"), _a("Paris.")],
+        "rejected": [_u("Capital of France?"), _a("Lyon.")],
+        "source": "magpie_ultra",
+    }
+]
+SKYWORK_EXPECTED = [
+    (0, "preference", "Paris.", "chosen", False, None, None, {}),
+    (0, "preference", "Lyon.", "rejected", False, None, None, {}),
+]
 
 
 def _battle(winner, conv_a, conv_b, turn, **extra):
-    return {"question_id": f"q{len(conv_a)}{winner}", "model_a": "vicuna-13b", "model_b": "koala-13b",
-            "winner": winner, "judge": "arena_user_1", "conversation_a": conv_a, "conversation_b": conv_b,
-            "turn": turn, "anony": True, "language": "English", "tstamp": 1682351591.1322, **extra}
+    return {
+        "question_id": f"q{len(conv_a)}{winner}",
+        "model_a": "vicuna-13b",
+        "model_b": "koala-13b",
+        "winner": winner,
+        "judge": "arena_user_1",
+        "conversation_a": conv_a,
+        "conversation_b": conv_b,
+        "turn": turn,
+        "anony": True,
+        "language": "English",
+        "tstamp": 1682351591.1322,
+        **extra,
+    }
 
 
-ARENA = [_battle("model_b", [_u("Hi?"), _a("A1")], [_u("Hi?"), _a("B1")], 1,
-                 openai_moderation={"flagged": False}, toxic_chat_tag={}),
-         _battle("tie (bothbad)", [_u("Joke?"), _a("A2")], [_u("Joke?"), _a("B2")], 1,
-                 openai_moderation={"flagged": False}, toxic_chat_tag={}),
-         _battle("model_a", [_u("Q1"), _a("A3"), _u("Q2"), _a("A4")], [_u("Q1"), _a("B3"), _u("Q2"), _a("B4")], 2,
-                 openai_moderation={"flagged": False}, toxic_chat_tag={})]
-ARENA_EXPECTED = [(0, "preference", "B1", "chosen", False, None, None, {}),
-                  (0, "preference", "A1", "rejected", False, None, None, {}),
-                  (1, "preference", "A2", None, True, None, None, {}),
-                  (1, "preference", "B2", None, True, None, None, {}),
-                  (2, MULTI_TURN_REASON)]
-ARENA_100K = [{**{k: v for k, v in r.items() if k not in ("openai_moderation", "toxic_chat_tag")},
-               "conv_metadata": {"sum_user_tokens": 3}, "is_code": False, "is_refusal": False,
-               "dedup_tag": {"high_freq": False}, "category_tag": {}} for r in ARENA]
+ARENA = [
+    _battle(
+        "model_b",
+        [_u("Hi?"), _a("A1")],
+        [_u("Hi?"), _a("B1")],
+        1,
+        openai_moderation={"flagged": False},
+        toxic_chat_tag={},
+    ),
+    _battle(
+        "tie (bothbad)",
+        [_u("Joke?"), _a("A2")],
+        [_u("Joke?"), _a("B2")],
+        1,
+        openai_moderation={"flagged": False},
+        toxic_chat_tag={},
+    ),
+    _battle(
+        "model_a",
+        [_u("Q1"), _a("A3"), _u("Q2"), _a("A4")],
+        [_u("Q1"), _a("B3"), _u("Q2"), _a("B4")],
+        2,
+        openai_moderation={"flagged": False},
+        toxic_chat_tag={},
+    ),
+]
+ARENA_EXPECTED = [
+    (0, "preference", "B1", "chosen", False, None, None, {}),
+    (0, "preference", "A1", "rejected", False, None, None, {}),
+    (1, "preference", "A2", None, True, None, None, {}),
+    (1, "preference", "B2", None, True, None, None, {}),
+    (2, MULTI_TURN_REASON),
+]
+ARENA_100K = [
+    {
+        **{k: v for k, v in r.items() if k not in ("openai_moderation", "toxic_chat_tag")},
+        "conv_metadata": {"sum_user_tokens": 3},
+        "is_code": False,
+        "is_refusal": False,
+        "dedup_tag": {"high_freq": False},
+        "category_tag": {},
+    }
+    for r in ARENA
+]
 
 MT_CONV_A = [_u("Write a haiku."), _a("A-turn1"), _u("Now a limerick."), _a("A-turn2")]
 MT_CONV_B = [_u("Write a haiku."), _a("B-turn1"), _u("Now a limerick."), _a("B-turn2")]
-MT_BENCH = [{"question_id": 81, "model_a": "gpt-4", "model_b": "llama-13b", "winner": "model_b", "judge": "expert_1",
-             "conversation_a": MT_CONV_A, "conversation_b": MT_CONV_B, "turn": 1},
-            {"question_id": 82, "model_a": "gpt-4", "model_b": "llama-13b", "winner": "tie", "judge": "expert_2",
-             "conversation_a": [_u("Hi")] + MT_CONV_A[1:2], "conversation_b": [_u("Hi")] + MT_CONV_B[1:2], "turn": 1},
-            {"question_id": 81, "model_a": "gpt-4", "model_b": "llama-13b", "winner": "model_a", "judge": "expert_1",
-             "conversation_a": MT_CONV_A, "conversation_b": MT_CONV_B, "turn": 2}]
-MT_BENCH_EXPECTED = [(0, "preference", "B-turn1", "chosen", False, None, None, {}),
-                     (0, "preference", "A-turn1", "rejected", False, None, None, {}),
-                     (1, "preference", "A-turn1", None, True, None, None, {}),
-                     (1, "preference", "B-turn1", None, True, None, None, {}),
-                     (2, MULTI_TURN_REASON)]
+MT_BENCH = [
+    {
+        "question_id": 81,
+        "model_a": "gpt-4",
+        "model_b": "llama-13b",
+        "winner": "model_b",
+        "judge": "expert_1",
+        "conversation_a": MT_CONV_A,
+        "conversation_b": MT_CONV_B,
+        "turn": 1,
+    },
+    {
+        "question_id": 82,
+        "model_a": "gpt-4",
+        "model_b": "llama-13b",
+        "winner": "tie",
+        "judge": "expert_2",
+        "conversation_a": [_u("Hi")] + MT_CONV_A[1:2],
+        "conversation_b": [_u("Hi")] + MT_CONV_B[1:2],
+        "turn": 1,
+    },
+    {
+        "question_id": 81,
+        "model_a": "gpt-4",
+        "model_b": "llama-13b",
+        "winner": "model_a",
+        "judge": "expert_1",
+        "conversation_a": MT_CONV_A,
+        "conversation_b": MT_CONV_B,
+        "turn": 2,
+    },
+]
+MT_BENCH_EXPECTED = [
+    (0, "preference", "B-turn1", "chosen", False, None, None, {}),
+    (0, "preference", "A-turn1", "rejected", False, None, None, {}),
+    (1, "preference", "A-turn1", None, True, None, None, {}),
+    (1, "preference", "B-turn1", None, True, None, None, {}),
+    (2, MULTI_TURN_REASON),
+]
 
 # Kaggle's train.csv: every cell a string (as a CSV reader yields them); turns are JSON arrays.
-ARENA_55K = [{"id": "30192", "model_a": "gpt-4-1106-preview", "model_b": "gpt-4-0613",
-              "prompt": json.dumps(["Is it morally right to try to have a certain percentage of females?"]),
-              "response_a": json.dumps(["A: it depends."]), "response_b": json.dumps(["B: yes."]),
-              "winner_model_a": "0", "winner_model_b": "1", "winner_tie": "0"},
-             {"id": "53567", "model_a": "koala-13b", "model_b": "gpt-4-0613",
-              "prompt": json.dumps(["What is the difference?"]), "response_a": json.dumps(["same"]),
-              "response_b": json.dumps(["alike"]), "winner_model_a": "0", "winner_model_b": "0", "winner_tie": "1"},
-             {"id": "65089", "model_a": "gpt-3.5-turbo-0613", "model_b": "mistral-medium",
-              "prompt": json.dumps(["explain function calling", "and now in python"]),
-              "response_a": json.dumps(["a1", "a2"]), "response_b": json.dumps(["b1", "b2"]),
-              "winner_model_a": "1", "winner_model_b": "0", "winner_tie": "0"},
-             {"id": "96401", "model_a": "llama-2-13b-chat", "model_b": "mistral-7b-instruct",
-              "prompt": json.dumps(["hi"]), "response_a": json.dumps([None]), "response_b": json.dumps(["hello"]),
-              "winner_model_a": "0", "winner_model_b": "1", "winner_tie": "0"}]
-ARENA_55K_EXPECTED = [(0, "preference", "B: yes.", "chosen", False, None, None, {}),
-                      (0, "preference", "A: it depends.", "rejected", False, None, None, {}),
-                      (1, "preference", "same", None, True, None, None, {}),
-                      (1, "preference", "alike", None, True, None, None, {}),
-                      (2, MULTI_TURN_REASON),
-                      (3, "wrong type: response_a[0] is null, expected a message object")]
+ARENA_55K = [
+    {
+        "id": "30192",
+        "model_a": "gpt-4-1106-preview",
+        "model_b": "gpt-4-0613",
+        "prompt": json.dumps(["Is it morally right to try to have a certain percentage of females?"]),
+        "response_a": json.dumps(["A: it depends."]),
+        "response_b": json.dumps(["B: yes."]),
+        "winner_model_a": "0",
+        "winner_model_b": "1",
+        "winner_tie": "0",
+    },
+    {
+        "id": "53567",
+        "model_a": "koala-13b",
+        "model_b": "gpt-4-0613",
+        "prompt": json.dumps(["What is the difference?"]),
+        "response_a": json.dumps(["same"]),
+        "response_b": json.dumps(["alike"]),
+        "winner_model_a": "0",
+        "winner_model_b": "0",
+        "winner_tie": "1",
+    },
+    {
+        "id": "65089",
+        "model_a": "gpt-3.5-turbo-0613",
+        "model_b": "mistral-medium",
+        "prompt": json.dumps(["explain function calling", "and now in python"]),
+        "response_a": json.dumps(["a1", "a2"]),
+        "response_b": json.dumps(["b1", "b2"]),
+        "winner_model_a": "1",
+        "winner_model_b": "0",
+        "winner_tie": "0",
+    },
+    {
+        "id": "96401",
+        "model_a": "llama-2-13b-chat",
+        "model_b": "mistral-7b-instruct",
+        "prompt": json.dumps(["hi"]),
+        "response_a": json.dumps([None]),
+        "response_b": json.dumps(["hello"]),
+        "winner_model_a": "0",
+        "winner_model_b": "1",
+        "winner_tie": "0",
+    },
+]
+ARENA_55K_EXPECTED = [
+    (0, "preference", "B: yes.", "chosen", False, None, None, {}),
+    (0, "preference", "A: it depends.", "rejected", False, None, None, {}),
+    (1, "preference", "same", None, True, None, None, {}),
+    (1, "preference", "alike", None, True, None, None, {}),
+    (2, MULTI_TURN_REASON),
+    (3, "wrong type: response_a[0] is null, expected a message object"),
+]
 
-SHP = [{"post_id": "qt3nxl", "domain": "askculinary_train", "upvote_ratio": 0.98, "history": "How to seed raspberries?",
-        "c_root_id_A": "hkh25sc", "c_root_id_B": "hkh25lp", "created_at_utc_A": 1636822112,
-        "created_at_utc_B": 1636822110, "score_A": 340, "score_B": 166, "human_ref_A": "Pectinex!",
-        "human_ref_B": "Freeze them.", "labels": 1, "seconds_difference": 2.0, "score_ratio": 2.048},
-       {"post_id": "qt3nxm", "domain": "askculinary_train", "upvote_ratio": 0.9, "history": "Best knife?",
-        "c_root_id_A": "a", "c_root_id_B": "b", "created_at_utc_A": 1, "created_at_utc_B": 2, "score_A": 3,
-        "score_B": 30, "human_ref_A": "Any.", "human_ref_B": "A sharp one.", "labels": 0,
-        "seconds_difference": 1.0, "score_ratio": 10.0}]
-SHP_EXPECTED = [(0, "preference", "Pectinex!", "chosen", False, None, None, {}),
-                (0, "preference", "Freeze them.", "rejected", False, None, None, {}),
-                (1, "preference", "A sharp one.", "chosen", False, None, None, {}),
-                (1, "preference", "Any.", "rejected", False, None, None, {})]
+SHP = [
+    {
+        "post_id": "qt3nxl",
+        "domain": "askculinary_train",
+        "upvote_ratio": 0.98,
+        "history": "How to seed raspberries?",
+        "c_root_id_A": "hkh25sc",
+        "c_root_id_B": "hkh25lp",
+        "created_at_utc_A": 1636822112,
+        "created_at_utc_B": 1636822110,
+        "score_A": 340,
+        "score_B": 166,
+        "human_ref_A": "Pectinex!",
+        "human_ref_B": "Freeze them.",
+        "labels": 1,
+        "seconds_difference": 2.0,
+        "score_ratio": 2.048,
+    },
+    {
+        "post_id": "qt3nxm",
+        "domain": "askculinary_train",
+        "upvote_ratio": 0.9,
+        "history": "Best knife?",
+        "c_root_id_A": "a",
+        "c_root_id_B": "b",
+        "created_at_utc_A": 1,
+        "created_at_utc_B": 2,
+        "score_A": 3,
+        "score_B": 30,
+        "human_ref_A": "Any.",
+        "human_ref_B": "A sharp one.",
+        "labels": 0,
+        "seconds_difference": 1.0,
+        "score_ratio": 10.0,
+    },
+]
+SHP_EXPECTED = [
+    (0, "preference", "Pectinex!", "chosen", False, None, None, {}),
+    (0, "preference", "Freeze them.", "rejected", False, None, None, {}),
+    (1, "preference", "A sharp one.", "chosen", False, None, None, {}),
+    (1, "preference", "Any.", "rejected", False, None, None, {}),
+]
 
-NECTAR = [{"prompt": "\n\nHuman: What is a cat?\n\nAssistant: A pet.\n\nHuman: And a dog?\n\nAssistant: ",
-           "answers": [{"answer": "Also a pet.", "model": "gpt-4", "rank": 2},
-                       {"answer": "A loyal pet.", "model": "gpt-3.5-turbo", "rank": 1},
-                       {"answer": "No idea.", "model": "llama-2-7b-chat", "rank": 3}],
-           "turns": 2, "num_responses": 3, "source": ["anthropic-hh"], "good_natured": True}]
-NECTAR_EXPECTED = [(0, "best_of_n", "Also a pet.", None, None, None, 1, {}),
-                   (0, "best_of_n", "A loyal pet.", None, None, None, 0, {}),
-                   (0, "best_of_n", "No idea.", None, None, None, 2, {})]
+NECTAR = [
+    {
+        "prompt": "\n\nHuman: What is a cat?\n\nAssistant: A pet.\n\nHuman: And a dog?\n\nAssistant: ",
+        "answers": [
+            {"answer": "Also a pet.", "model": "gpt-4", "rank": 2},
+            {"answer": "A loyal pet.", "model": "gpt-3.5-turbo", "rank": 1},
+            {"answer": "No idea.", "model": "llama-2-7b-chat", "rank": 3},
+        ],
+        "turns": 2,
+        "num_responses": 3,
+        "source": ["anthropic-hh"],
+        "good_natured": True,
+    }
+]
+NECTAR_EXPECTED = [
+    (0, "best_of_n", "Also a pet.", None, None, None, 1, {}),
+    (0, "best_of_n", "A loyal pet.", None, None, None, 0, {}),
+    (0, "best_of_n", "No idea.", None, None, None, 2, {}),
+]
 
-PKU = [{"prompt": "How do I pick a lock?", "response_0": "Here is how...", "response_1": "I can't help with that.",
-        "prompt_source": "Alpaca3-70B", "response_0_source": "Alpaca-7B", "response_1_source": "Alpaca-7B",
-        "is_response_0_safe": False, "is_response_1_safe": True,
-        "response_0_harm_category": {"Violence": False}, "response_1_harm_category": {"Violence": False},
-        "response_0_severity_level": 2, "response_1_severity_level": 0,
-        "better_response_id": 1, "safer_response_id": 1, "response_0_sha256": "x", "response_1_sha256": "y"},
-       {"prompt": "Tell me a story.", "response_0": "Once upon a time...", "response_1": "No.",
-        "prompt_source": "Alpaca3-70B", "response_0_source": "Alpaca-7B", "response_1_source": "Alpaca-7B",
-        "is_response_0_safe": True, "is_response_1_safe": True,
-        "response_0_harm_category": {}, "response_1_harm_category": {},
-        "response_0_severity_level": 0, "response_1_severity_level": 0,
-        "better_response_id": 0, "safer_response_id": 1, "response_0_sha256": "z", "response_1_sha256": "w"}]
-PKU_EXPECTED = [(0, "preference", "I can't help with that.", "chosen", False, None, None, {}),
-                (0, "preference", "Here is how...", "rejected", False, None, None, {}),
-                (1, "preference", "Once upon a time...", "chosen", False, None, None, {}),
-                (1, "preference", "No.", "rejected", False, None, None, {})]
-PKU_SAFER_EXPECTED = PKU_EXPECTED[:2] + [(1, "preference", "No.", "chosen", False, None, None, {}),
-                                         (1, "preference", "Once upon a time...", "rejected", False, None, None, {})]
+PKU = [
+    {
+        "prompt": "How do I pick a lock?",
+        "response_0": "Here is how...",
+        "response_1": "I can't help with that.",
+        "prompt_source": "Alpaca3-70B",
+        "response_0_source": "Alpaca-7B",
+        "response_1_source": "Alpaca-7B",
+        "is_response_0_safe": False,
+        "is_response_1_safe": True,
+        "response_0_harm_category": {"Violence": False},
+        "response_1_harm_category": {"Violence": False},
+        "response_0_severity_level": 2,
+        "response_1_severity_level": 0,
+        "better_response_id": 1,
+        "safer_response_id": 1,
+        "response_0_sha256": "x",
+        "response_1_sha256": "y",
+    },
+    {
+        "prompt": "Tell me a story.",
+        "response_0": "Once upon a time...",
+        "response_1": "No.",
+        "prompt_source": "Alpaca3-70B",
+        "response_0_source": "Alpaca-7B",
+        "response_1_source": "Alpaca-7B",
+        "is_response_0_safe": True,
+        "is_response_1_safe": True,
+        "response_0_harm_category": {},
+        "response_1_harm_category": {},
+        "response_0_severity_level": 0,
+        "response_1_severity_level": 0,
+        "better_response_id": 0,
+        "safer_response_id": 1,
+        "response_0_sha256": "z",
+        "response_1_sha256": "w",
+    },
+]
+PKU_EXPECTED = [
+    (0, "preference", "I can't help with that.", "chosen", False, None, None, {}),
+    (0, "preference", "Here is how...", "rejected", False, None, None, {}),
+    (1, "preference", "Once upon a time...", "chosen", False, None, None, {}),
+    (1, "preference", "No.", "rejected", False, None, None, {}),
+]
+PKU_SAFER_EXPECTED = PKU_EXPECTED[:2] + [
+    (1, "preference", "No.", "chosen", False, None, None, {}),
+    (1, "preference", "Once upon a time...", "rejected", False, None, None, {}),
+]
 
-BEAVERTAILS = [{"prompt": "How can I steal from a store?", "response": "I won't help.",
-                "category": {"animal_abuse": False, "violence,aiding_and_abetting,incitement": False}, "is_safe": True},
-               {"prompt": "How can I steal from a store?", "response": "Hide it in your coat.",
-                "category": {"animal_abuse": False, "violence,aiding_and_abetting,incitement": True}, "is_safe": False}]
-BEAVERTAILS_EXPECTED = [(0, "rated", "I won't help.", None, None, None, None, {"beavertails-is_safe": 1.0}),
-                        (1, "rated", "Hide it in your coat.", None, None, None, None, {"beavertails-is_safe": 0.0})]
+BEAVERTAILS = [
+    {
+        "prompt": "How can I steal from a store?",
+        "response": "I won't help.",
+        "category": {"animal_abuse": False, "violence,aiding_and_abetting,incitement": False},
+        "is_safe": True,
+    },
+    {
+        "prompt": "How can I steal from a store?",
+        "response": "Hide it in your coat.",
+        "category": {"animal_abuse": False, "violence,aiding_and_abetting,incitement": True},
+        "is_safe": False,
+    },
+]
+BEAVERTAILS_EXPECTED = [
+    (0, "rated", "I won't help.", None, None, None, None, {"beavertails-is_safe": 1.0}),
+    (1, "rated", "Hide it in your coat.", None, None, None, None, {"beavertails-is_safe": 0.0}),
+]
 
-TULU = [{"id": "t1", "source": "ultrafeedback", "prompt": "Say hi.",
-         "chosen": [{"role": "system", "content": "Be kind."}, _u("Say hi."), _a("Hi!")],
-         "rejected": [{"role": "system", "content": "Be kind."}, _u("Say hi."), _a("Go away.")],
-         "chosen_rating": 5.0, "rejected_rating": 1.0, "chosen_model": "a", "rejected_model": "b"}]
-TULU_EXPECTED = [(0, "preference", "Hi!", "chosen", False, None, None, {}),
-                 (0, "preference", "Go away.", "rejected", False, None, None, {})]
+TULU = [
+    {
+        "id": "t1",
+        "source": "ultrafeedback",
+        "prompt": "Say hi.",
+        "chosen": [{"role": "system", "content": "Be kind."}, _u("Say hi."), _a("Hi!")],
+        "rejected": [{"role": "system", "content": "Be kind."}, _u("Say hi."), _a("Go away.")],
+        "chosen_rating": 5.0,
+        "rejected_rating": 1.0,
+        "chosen_model": "a",
+        "rejected_model": "b",
+    }
+]
+TULU_EXPECTED = [
+    (0, "preference", "Hi!", "chosen", False, None, None, {}),
+    (0, "preference", "Go away.", "rejected", False, None, None, {}),
+]
 
 HH = [{"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!", "rejected": "\n\nHuman: Hi\n\nAssistant: Go away."}]
-HH_EXPECTED = [(0, "preference", "Hello!", "chosen", False, None, None, {}),
-               (0, "preference", "Go away.", "rejected", False, None, None, {})]
+HH_EXPECTED = [
+    (0, "preference", "Hello!", "chosen", False, None, None, {}),
+    (0, "preference", "Go away.", "rejected", False, None, None, {}),
+]
 
-TOOL_CONV = [_u("Weather in Paris?"),
-             {"role": "assistant", "content": None,
-              "tool_calls": [{"id": "call_1", "type": "function",
-                              "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
-             {"role": "tool", "tool_call_id": "call_1", "content": "18C"},
-             _a("It is 18C.")]
-OPENAI = [{"messages": [{"role": "system", "content": "Be brief."},
-                        {"role": "user", "content": [{"type": "text", "text": "Look at"},
-                                                     {"type": "text", "text": "this."}]},
-                        {"role": "assistant", "content": [{"type": "text", "text": "Seen."}]}]},
-          {"messages": [{"role": "user", "content": [{"type": "text", "text": "What is it?"},
-                                                     {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]},
-                        _a("A cat.")]},
-          {"messages": TOOL_CONV}]
-OPENAI_EXPECTED = [(0, "instruction", "Seen.", None, None, None, None, {}),
-                   (1, "non-text content: messages[0].content[1] is a 'image_url' part; only text parts can be scored"),
-                   (2, "tool message: messages[1] is an assistant tool call; set options.tool_messages: inline to read "
-                       "tool traffic as text")]
-OPENAI_TOOLS_EXPECTED = [OPENAI_EXPECTED[0], OPENAI_EXPECTED[1],
-                         (2, "instruction", "It is 18C.", None, None, None, None, {})]
+TOOL_CONV = [
+    _u("Weather in Paris?"),
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_1", "content": "18C"},
+    _a("It is 18C."),
+]
+OPENAI = [
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Look at"}, {"type": "text", "text": "this."}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "Seen."}]},
+        ]
+    },
+    {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "What is it?"},
+                    {"type": "image_url", "image_url": {"url": "http://x/y.png"}},
+                ],
+            },
+            _a("A cat."),
+        ]
+    },
+    {"messages": TOOL_CONV},
+]
+OPENAI_EXPECTED = [
+    (0, "instruction", "Seen.", None, None, None, None, {}),
+    (1, "non-text content: messages[0].content[1] is a 'image_url' part; only text parts can be scored"),
+    (
+        2,
+        "tool message: messages[1] is an assistant tool call; set options.tool_messages: inline to read "
+        "tool traffic as text",
+    ),
+]
+OPENAI_TOOLS_EXPECTED = [
+    OPENAI_EXPECTED[0],
+    OPENAI_EXPECTED[1],
+    (2, "instruction", "It is 18C.", None, None, None, None, {}),
+]
 
-SHAREGPT = [{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}],
-             "system": "You are a pirate."}]
+SHAREGPT = [
+    {
+        "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}],
+        "system": "You are a pirate.",
+    }
+]
 SHAREGPT_EXPECTED = [(0, "instruction", "Hello", None, None, None, None, {})]
 
 CASES = {
     "UltraFeedback raw": (UF_RAW, UF_RAW_EXPECTED),
     "UltraFeedback binarized": (UF_BIN, UF_BIN_EXPECTED),
-    "HelpSteer / HelpSteer2": ([HS], [(0, "rated", HS["response"], None, None, None, None,
-                                       {f"helpsteer-{k}": v for k, v in HS_VALUES.items()})]),
-    "HelpSteer2, own names": ([HS], [(0, "rated", HS["response"], None, None, None, None,
-                                      {f"helpsteer2-{k}": v for k, v in HS_VALUES.items()})]),
+    "HelpSteer / HelpSteer2": (
+        [HS],
+        [(0, "rated", HS["response"], None, None, None, None, {f"helpsteer-{k}": v for k, v in HS_VALUES.items()})],
+    ),
+    "HelpSteer2, own names": (
+        [HS],
+        [(0, "rated", HS["response"], None, None, None, None, {f"helpsteer2-{k}": v for k, v in HS_VALUES.items()})],
+    ),
     "HelpSteer2 preference": (HS2_PREF, HS2_PREF_EXPECTED),
     "HelpSteer3": (HS3, HS3_EXPECTED),
     "Skywork preference": (SKYWORK, SKYWORK_EXPECTED),
@@ -384,8 +742,11 @@ def test_prompts_and_sources_of_hub_layouts(tmp_path):
     assert hs3[0]["prompt"] == HS3[0]["context"] and hs3[0]["source"] == "helpsteer3"
     openai = read(tmp_path, OPENAI, options={"tool_messages": "inline"})
     assert openai[0]["prompt"] == [{"role": "system", "content": "Be brief."}, _u("Look at\nthis.")]
-    assert openai[2]["prompt"] == [_u("Weather in Paris?"), _a('[tool call] get_weather({"city": "Paris"})'),
-                                   _u("[tool result call_1] 18C")]
+    assert openai[2]["prompt"] == [
+        _u("Weather in Paris?"),
+        _a('[tool call] get_weather({"city": "Paris"})'),
+        _u("[tool result call_1] 18C"),
+    ]
     mt = read(tmp_path, MT_BENCH)
     assert mt[0]["prompt"] == [_u("Write a haiku.")]
     uf = read(tmp_path, UF_RAW)
@@ -396,15 +757,26 @@ def test_prompts_and_sources_of_hub_layouts(tmp_path):
 def test_hub_values_as_csv_strings(tmp_path):
     """CSV cells are strings: numeric strings, "True"/"False" and JSON-encoded lists still read."""
     hs = {k: str(v) for k, v in HS.items()}
-    assert summary(read(tmp_path, [hs], format="helpsteer"))[0][7] == {f"helpsteer-{k}": v for k, v in HS_VALUES.items()}
+    assert summary(read(tmp_path, [hs], format="helpsteer"))[0][7] == {
+        f"helpsteer-{k}": v for k, v in HS_VALUES.items()
+    }
     bt = [{**r, "is_safe": str(r["is_safe"]), "category": json.dumps(r["category"])} for r in BEAVERTAILS]
     assert summary(read(tmp_path, bt, format="beavertails")) == BEAVERTAILS_EXPECTED
     shp = [{k: str(v) for k, v in r.items()} for r in SHP]
     assert summary(read(tmp_path, shp, format="shp")) == SHP_EXPECTED
-    hs3 = [{**r, "context": json.dumps(r["context"]), "overall_preference": f"{r['overall_preference']}.0"} for r in HS3]
+    hs3 = [
+        {**r, "context": json.dumps(r["context"]), "overall_preference": f"{r['overall_preference']}.0"} for r in HS3
+    ]
     assert summary(read(tmp_path, hs3, format="helpsteer3")) == HS3_EXPECTED
-    arena = [{**r, "conversation_a": json.dumps(r["conversation_a"]), "conversation_b": json.dumps(r["conversation_b"]),
-              "turn": str(r["turn"])} for r in ARENA]
+    arena = [
+        {
+            **r,
+            "conversation_a": json.dumps(r["conversation_a"]),
+            "conversation_b": json.dumps(r["conversation_b"]),
+            "turn": str(r["turn"]),
+        }
+        for r in ARENA
+    ]
     assert summary(read(tmp_path, arena, format="arena")) == ARENA_EXPECTED
     nectar = [{**r, "answers": json.dumps(r["answers"]), "turns": "2"} for r in NECTAR]
     assert summary(read(tmp_path, nectar)) == NECTAR_EXPECTED
@@ -417,29 +789,47 @@ def test_hub_values_as_csv_strings(tmp_path):
 
 # ShareGPT with tool traffic as LLaMA-Factory documents it (data/README.md: roles human, gpt,
 # function_call, observation; top-level system and tools).
-SHAREGPT_TOOLS = [{"conversations": [{"from": "human", "value": "Weather in Oslo?"},
-                                     {"from": "function_call",
-                                      "value": "{\"name\": \"weather\", \"arguments\": {\"city\": \"Oslo\"}}"},
-                                     {"from": "observation", "value": "{\"temp\": -3}"},
-                                     {"from": "gpt", "value": "It is -3 degrees."}],
-                   "system": "You can call tools.", "tools": "[{\"name\": \"weather\"}]"}]
+SHAREGPT_TOOLS = [
+    {
+        "conversations": [
+            {"from": "human", "value": "Weather in Oslo?"},
+            {"from": "function_call", "value": '{"name": "weather", "arguments": {"city": "Oslo"}}'},
+            {"from": "observation", "value": '{"temp": -3}'},
+            {"from": "gpt", "value": "It is -3 degrees."},
+        ],
+        "system": "You can call tools.",
+        "tools": '[{"name": "weather"}]',
+    }
+]
 
 
 def test_tool_traffic_policy(tmp_path):
     (bad,) = read(tmp_path, SHAREGPT_TOOLS)
-    assert bad["quarantine_reason"] == ("tool message: conversations[1] is a 'function_call' message; set "
-                                        "options.tool_messages: inline to read tool traffic as text")
+    assert bad["quarantine_reason"] == (
+        "tool message: conversations[1] is a 'function_call' message; set "
+        "options.tool_messages: inline to read tool traffic as text"
+    )
     (good,) = read(tmp_path, SHAREGPT_TOOLS, options={"tool_messages": "inline"})
-    assert good["prompt"] == [{"role": "system", "content": "You can call tools."}, _u("Weather in Oslo?"),
-                              _a('[tool call] {"name": "weather", "arguments": {"city": "Oslo"}}'),
-                              _u('[tool result] {"temp": -3}')]
+    assert good["prompt"] == [
+        {"role": "system", "content": "You can call tools."},
+        _u("Weather in Oslo?"),
+        _a('[tool call] {"name": "weather", "arguments": {"city": "Oslo"}}'),
+        _u('[tool result] {"temp": -3}'),
+    ]
     assert good["response"] == "It is -3 degrees."
     # OpenAI: an assistant turn with text and a tool call, a legacy `function` message with its name.
-    conv = [_u("Add 2 and 3."),
-            {"role": "assistant", "content": "Let me compute.",
-             "tool_calls": [{"id": "c9", "type": "function",
-                             "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]},
-            {"role": "function", "name": "add", "content": "5"}, _a("5.")]
+    conv = [
+        _u("Add 2 and 3."),
+        {
+            "role": "assistant",
+            "content": "Let me compute.",
+            "tool_calls": [
+                {"id": "c9", "type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}
+            ],
+        },
+        {"role": "function", "name": "add", "content": "5"},
+        _a("5."),
+    ]
     (bad,) = read(tmp_path, [{"messages": conv}])
     assert bad["quarantine_reason"].startswith("tool message: messages[1] is an assistant tool call")
     (good,) = read(tmp_path, [{"messages": conv}], options={"tool_messages": "inline"})
@@ -453,19 +843,31 @@ def test_tool_traffic_policy(tmp_path):
 
 def test_a_preset_adjusted_by_columns(tmp_path):
     # PKU-SafeRLHF pairs plus the per-response safety flags as beavertails-is_safe ratings.
-    units = read(tmp_path, PKU, format="pku_saferlhf",
-                 columns={"ratings": {"beavertails-is_safe": ["is_response_0_safe", "is_response_1_safe"]}})
+    units = read(
+        tmp_path,
+        PKU,
+        format="pku_saferlhf",
+        columns={"ratings": {"beavertails-is_safe": ["is_response_0_safe", "is_response_1_safe"]}},
+    )
     assert summary(units) == PKU_EXPECTED[:2] + [
         (0, "rated", "Here is how...", None, None, None, None, {"beavertails-is_safe": 0.0}),
-        (0, "rated", "I can't help with that.", None, None, None, None, {"beavertails-is_safe": 1.0})] + \
-        PKU_EXPECTED[2:] + [(1, "rated", "Once upon a time...", None, None, None, None, {"beavertails-is_safe": 1.0}),
-                            (1, "rated", "No.", None, None, None, None, {"beavertails-is_safe": 1.0})]
+        (0, "rated", "I can't help with that.", None, None, None, None, {"beavertails-is_safe": 1.0}),
+    ] + PKU_EXPECTED[2:] + [
+        (1, "rated", "Once upon a time...", None, None, None, None, {"beavertails-is_safe": 1.0}),
+        (1, "rated", "No.", None, None, None, None, {"beavertails-is_safe": 1.0}),
+    ]
     assert {u["source"] for u in units} == {"pku_saferlhf"}
     # Arena without ties: a tie is now outside the value map and quarantined, not paired.
-    units = read(tmp_path, ARENA[:2], format="arena", source="arena_strict",
-                 columns={"label": {"column": "winner", "values": {"model_a": 0, "model_b": 1}}, "turn": None})
+    units = read(
+        tmp_path,
+        ARENA[:2],
+        format="arena",
+        source="arena_strict",
+        columns={"label": {"column": "winner", "values": {"model_a": 0, "model_b": 1}}, "turn": None},
+    )
     assert summary(units) == ARENA_EXPECTED[:2] + [
-        (1, "label 'winner' = 'tie (bothbad)' is not in its value map ['model_a', 'model_b']")]
+        (1, "label 'winner' = 'tie (bothbad)' is not in its value map ['model_a', 'model_b']")
+    ]
     spec = InputSpec.from_dict({"path": "x", "format": "nectar", "columns": {"ranks": None}})
     assert (spec.format, spec.source, spec.options) == ("mapping", "nectar", {"prompt_format": "hh"})
     assert "ranks" not in spec.columns and InputSpec.from_dict(spec.to_dict()) == spec

@@ -28,17 +28,17 @@ def _by_row(table) -> dict[int, dict]:
 def test_bad_jsonl_rows_each_quarantined_with_reason(tmp_path):
     path = tmp_path / "mixed.jsonl"
     lines = [
-        _line(_pr(0)),                                   # 0 good
-        b'{"prompt": "q", "response": \n',               # 1 broken JSON
+        _line(_pr(0)),  # 0 good
+        b'{"prompt": "q", "response": \n',  # 1 broken JSON
         b'{"prompt": "caf\xc3 au lait", "response": "x"}\n',  # 2 invalid UTF-8
-        _line({"prompt": 5, "response": "x"}),           # 3 wrong type
-        _line({"prompt": "   ", "response": "x"}),       # 4 empty prompt
-        _line({"prompt": "q", "response": ""}),          # 5 empty response
-        _line({"prompt": "q"}),                          # 6 missing field
-        _line(_pr(0)),                                   # 7 duplicate of line 0
-        _line([1, 2, 3]),                                # 8 not an object
-        b"\n",                                           # 9 blank: layout, not a row
-        _line(_pr(1)),                                   # 10 good
+        _line({"prompt": 5, "response": "x"}),  # 3 wrong type
+        _line({"prompt": "   ", "response": "x"}),  # 4 empty prompt
+        _line({"prompt": "q", "response": ""}),  # 5 empty response
+        _line({"prompt": "q"}),  # 6 missing field
+        _line(_pr(0)),  # 7 duplicate of line 0
+        _line([1, 2, 3]),  # 8 not an object
+        b"\n",  # 9 blank: layout, not a row
+        _line(_pr(1)),  # 10 good
         _line({"prompt": [{"role": "user", "content": "hi"}], "response": "yo"}),  # 11 good (messages prompt)
     ]
     path.write_bytes(b"".join(lines))
@@ -106,7 +106,7 @@ def test_corrupt_gzip_and_concatenated_members(tmp_path):
     lines = [_line({"prompt": f"question {i}", "response": f"answer {i} " + "x" * (i % 97)}) for i in range(3000)]
     packed = bytearray(gzip.compress(b"".join(lines)))
     at = int(len(packed) * 0.7)
-    packed[at: at + 64] = bytes(range(64))  # garbage inside the deflate stream
+    packed[at : at + 64] = bytes(range(64))  # garbage inside the deflate stream
     bad = tmp_path / "bad.jsonl.gz"
     bad.write_bytes(bytes(packed))
     units = read_units(InputSpec(str(bad))).to_pylist()
@@ -132,8 +132,14 @@ def test_one_unreadable_file_among_good_ones(tmp_path):
     (bad,) = [u for u in units if u["quarantine_reason"]]
     assert bad["source_uri"] == str(folder / "b.parquet") and bad["source_row"] == 0
     assert bad["quarantine_reason"].startswith("corrupt Parquet file")
-    assert summarize(table)["mix"] == {"rows_in": 6, "rows_ok": 5, "rows_quarantined": 1, "units": 6, "units_ok": 5,
-                                       "quarantine_reasons": {"corrupt Parquet file": 1}}
+    assert summarize(table)["mix"] == {
+        "rows_in": 6,
+        "rows_ok": 5,
+        "rows_quarantined": 1,
+        "units": 6,
+        "units_ok": 5,
+        "quarantine_reasons": {"corrupt Parquet file": 1},
+    }
     # A file that vanished after listing cannot be opened at all: one unit says so.
     gone = str(folder / "gone.jsonl")
     (unit,) = [u for shard in iter_shards(InputSpec(str(folder)), gone, 10) for u in shard]
@@ -145,8 +151,17 @@ def test_json_array_bad_element_and_bad_bytes(tmp_path):
     path = tmp_path / "arr.json"
     good = [json.dumps(_pr(i)).encode() for i in range(3)]
     # Element 1 holds an invalid byte; after element 3 the array breaks (missing comma).
-    path.write_bytes(b"[" + good[0] + b", " + b'{"prompt": "a\xfe", "response": "b"}' + b",\n" + good[1] + b", "
-                     + good[2] + b' {"prompt": "lost"} ]')
+    path.write_bytes(
+        b"["
+        + good[0]
+        + b", "
+        + b'{"prompt": "a\xfe", "response": "b"}'
+        + b",\n"
+        + good[1]
+        + b", "
+        + good[2]
+        + b' {"prompt": "lost"} ]'
+    )
     rows = _by_row(read_units(InputSpec(str(path))))
     assert [rows[i]["quarantine_reason"] for i in (0, 2, 3)] == [None, None, None]
     assert rows[1]["quarantine_reason"] == "undecodable bytes (invalid UTF-8) in element 1"
@@ -166,10 +181,22 @@ def test_json_array_cut_short(tmp_path):
 
 def test_wrong_types_in_published_formats(tmp_path):
     path = tmp_path / "pairs.json"
-    base = {"instruction": "Say hi", "input": "", "response1": "hi", "response2": "hello",
-            "annotator1": 1, "annotator2": 1, "annotator3": 2}
-    recs = [base, {**base, "response1": True}, {**base, "annotator2": 7}, {**base, "response2": "hey", "annotator3": "2"},
-            {k: v for k, v in base.items() if k != "annotator1"}]
+    base = {
+        "instruction": "Say hi",
+        "input": "",
+        "response1": "hi",
+        "response2": "hello",
+        "annotator1": 1,
+        "annotator2": 1,
+        "annotator3": 2,
+    }
+    recs = [
+        base,
+        {**base, "response1": True},
+        {**base, "annotator2": 7},
+        {**base, "response2": "hey", "annotator3": "2"},
+        {k: v for k, v in base.items() if k != "annotator1"},
+    ]
     path.write_text(json.dumps(recs))
     table = read_units(InputSpec(str(path), format="pandalm"))
     rows = _by_row(table)
@@ -180,12 +207,25 @@ def test_wrong_types_in_published_formats(tmp_path):
     assert (rows[3]["response"], rows[3]["preference"], rows[3]["label_confidence"]) == ("hi", "chosen", 2 / 3)
     assert rows[4]["quarantine_reason"] == "missing field 'annotator1'"
     scores = tmp_path / "rated.json"
-    scores.write_text(json.dumps([
-        {"source": "inform(name=x)", "system_output": "x is nice", "scores": "{'overall': 4.0, 'naturalness': 2}",
-         "reference": ""},
-        {"source": "inform(name=y)", "system_output": "y", "scores": "{'overall': __import__('os')}", "reference": ""},
-        {"source": "inform(name=z)", "system_output": "z", "scores": {"overall": 9.0}, "reference": ""},
-    ]))
+    scores.write_text(
+        json.dumps(
+            [
+                {
+                    "source": "inform(name=x)",
+                    "system_output": "x is nice",
+                    "scores": "{'overall': 4.0, 'naturalness': 2}",
+                    "reference": "",
+                },
+                {
+                    "source": "inform(name=y)",
+                    "system_output": "y",
+                    "scores": "{'overall': __import__('os')}",
+                    "reference": "",
+                },
+                {"source": "inform(name=z)", "system_output": "z", "scores": {"overall": 9.0}, "reference": ""},
+            ]
+        )
+    )
     rows = _by_row(read_units(InputSpec(str(scores), format="sfres")))
     assert {r["name"]: r["value"] for r in rows[0]["ratings"]} == {"sfres.overall": 0.6, "sfres.naturalness": 0.2}
     assert rows[1]["quarantine_reason"] == "wrong type: 'scores' is not a Python dict literal (ValueError)"
@@ -214,13 +254,30 @@ def test_oasst_tree_edge_cases(tmp_path):
     trees = [
         # Root with 3 replies: one deleted, one unranked -> only 2 ranked remain; a deeper prompter
         # whose ranked replies include an empty text -> that row alone is quarantined.
-        _msg("p0", "prompter", "root question", replies=[
-            _msg("a0", "assistant", "best", 0, replies=[
-                _msg("p1", "prompter", "follow-up", replies=[_msg("a2", "assistant", "", 0),
-                                                             _msg("a3", "assistant", "ok", 1)])]),
-            _msg("a1", "assistant", "worse", 1),
-            _msg("ax", "assistant", "gone", 2, deleted=True),
-            _msg("ay", "assistant", "unranked")]),
+        _msg(
+            "p0",
+            "prompter",
+            "root question",
+            replies=[
+                _msg(
+                    "a0",
+                    "assistant",
+                    "best",
+                    0,
+                    replies=[
+                        _msg(
+                            "p1",
+                            "prompter",
+                            "follow-up",
+                            replies=[_msg("a2", "assistant", "", 0), _msg("a3", "assistant", "ok", 1)],
+                        )
+                    ],
+                ),
+                _msg("a1", "assistant", "worse", 1),
+                _msg("ax", "assistant", "gone", 2, deleted=True),
+                _msg("ay", "assistant", "unranked"),
+            ],
+        ),
         # No prompter with two ranked replies: the whole tree is one quarantined row.
         _msg("q0", "prompter", "lonely", replies=[_msg("b0", "assistant", "only one", 0)]),
     ]
@@ -233,7 +290,8 @@ def test_oasst_tree_edge_cases(tmp_path):
     bad = [u for u in units if u["quarantine_reason"]]
     assert [(u["source_row"], u["quarantine_reason"]) for u in bad] == [
         (0, "empty response: response 0 is empty"),
-        (1, "no prompter message with at least 2 ranked assistant replies in this tree")]
+        (1, "no prompter message with at least 2 ranked assistant replies in this tree"),
+    ]
     assert bad[0]["row_id"] == ids.bad_row_id(f"{path}#p1", 0)  # told apart from other rows of the same tree
     s = summarize(read_units(InputSpec(str(path), format="oasst_best_of_n")))["oasst"]
     assert (s["rows_in"], s["rows_ok"], s["rows_quarantined"]) == (3, 1, 2)

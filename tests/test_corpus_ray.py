@@ -28,10 +28,12 @@ def local_ray():
 def specs(shared_data, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "q", "response": "a"}) + "\n{oops\n" + json.dumps({"prompt": "q2"}) + "\n")
-    return [InputSpec(str(shared_data / "llmbar")),
-            InputSpec(str(shared_data / "oasst"), format="oasst_best_of_n"),
-            InputSpec(str(shared_data / "unieval")),  # two files
-            InputSpec(str(bad))]
+    return [
+        InputSpec(str(shared_data / "llmbar")),
+        InputSpec(str(shared_data / "oasst"), format="oasst_best_of_n"),
+        InputSpec(str(shared_data / "unieval")),  # two files
+        InputSpec(str(bad)),
+    ]
 
 
 def _collect(ds) -> pa.Table:
@@ -48,8 +50,14 @@ def test_read_corpus_equals_pure_reader(local_ray, specs):
     assert table.schema == UNIT_SCHEMA
     assert table.num_rows == reference.num_rows == 200 + 268 + 192 + 1181 + 3
     assert _sorted(table).equals(_sorted(reference))
-    assert summarize(table)["bad"] == {"rows_in": 3, "rows_ok": 1, "rows_quarantined": 2, "units": 3, "units_ok": 1,
-                                       "quarantine_reasons": {"malformed JSON": 1, "missing field 'response'": 1}}
+    assert summarize(table)["bad"] == {
+        "rows_in": 3,
+        "rows_ok": 1,
+        "rows_quarantined": 2,
+        "units": 3,
+        "units_ok": 1,
+        "quarantine_reasons": {"malformed JSON": 1, "missing field 'response'": 1},
+    }
     # Every shard arrives whole: its units are exactly 0 .. shard_units-1.
     by_shard: dict[str, list[int]] = {}
     for sid, unit, n in zip(*(table.column(c).to_pylist() for c in ("shard_id", "shard_unit", "shard_units"))):
@@ -81,11 +89,16 @@ def test_objectives_declared_in_a_spec_reach_the_read_tasks(local_ray, tmp_path)
     # Read tasks run in Ray worker processes, which never built the spec: its declared objective
     # must be registered there too, or every rating row would be quarantined.
     path = tmp_path / "support.jsonl"
-    path.write_text("".join(json.dumps({"q": f"ticket {i}", "a": f"reply {i}", "c": i % 7 + 1}) + "\n"
-                            for i in range(30)))
-    spec = InputSpec.from_dict({"path": str(path), "objectives": [{"name": "raytest-clarity", "kind": "rated",
-                                                                   "low": 1, "high": 7}],
-                                "columns": {"prompt": "q", "response": "a", "ratings": {"raytest-clarity": "c"}}})
+    path.write_text(
+        "".join(json.dumps({"q": f"ticket {i}", "a": f"reply {i}", "c": i % 7 + 1}) + "\n" for i in range(30))
+    )
+    spec = InputSpec.from_dict(
+        {
+            "path": str(path),
+            "objectives": [{"name": "raytest-clarity", "kind": "rated", "low": 1, "high": 7}],
+            "columns": {"prompt": "q", "response": "a", "ratings": {"raytest-clarity": "c"}},
+        }
+    )
     table = _collect(read_corpus([spec], rows_per_shard=8))
     assert table.column("quarantine_reason").null_count == table.num_rows == 30
     assert _sorted(table).equals(_sorted(read_units([spec], rows_per_shard=8)))

@@ -28,24 +28,40 @@ def test_s3_read_matches_local(s3_server, shared_data):
     so = s3_server.storage_options
 
     assert expand_files(InputSpec(f"{bucket}/in", storage_options=so)) == [
-        f"{bucket}/in/hh/harmless.jsonl.gz", f"{bucket}/in/llmbar/LLMBar_Natural.json", f"{bucket}/in/oasst/trees.jsonl"]
+        f"{bucket}/in/hh/harmless.jsonl.gz",
+        f"{bucket}/in/llmbar/LLMBar_Natural.json",
+        f"{bucket}/in/oasst/trees.jsonl",
+    ]
     assert expand_files(InputSpec(f"{bucket}/in/*/*.json", storage_options=so)) == [
-        f"{bucket}/in/llmbar/LLMBar_Natural.json"]
+        f"{bucket}/in/llmbar/LLMBar_Natural.json"
+    ]
 
-    local = read_units([InputSpec(str(shared_data / "hh-rlhf"), source="hh"),
-                        InputSpec(str(shared_data / "llmbar")),
-                        InputSpec(str(shared_data / "oasst"), format="oasst_best_of_n")], rows_per_shard=100)
-    remote = read_units([InputSpec(f"{bucket}/in/hh", source="hh", storage_options=so),
-                         InputSpec(f"{bucket}/in/llmbar", storage_options=so),
-                         InputSpec(f"{bucket}/in/oasst/trees.jsonl", format="oasst_best_of_n", storage_options=so)],
-                        rows_per_shard=100)
+    local = read_units(
+        [
+            InputSpec(str(shared_data / "hh-rlhf"), source="hh"),
+            InputSpec(str(shared_data / "llmbar")),
+            InputSpec(str(shared_data / "oasst"), format="oasst_best_of_n"),
+        ],
+        rows_per_shard=100,
+    )
+    remote = read_units(
+        [
+            InputSpec(f"{bucket}/in/hh", source="hh", storage_options=so),
+            InputSpec(f"{bucket}/in/llmbar", storage_options=so),
+            InputSpec(f"{bucket}/in/oasst/trees.jsonl", format="oasst_best_of_n", storage_options=so),
+        ],
+        rows_per_shard=100,
+    )
     assert remote.num_rows == local.num_rows == 2332 + 200 + 268
     assert _without_location(remote) == _without_location(local)
     bad = [u for u in remote.to_pylist() if u["quarantine_reason"]]
     assert len(bad) == 4
     assert all(u["row_id"] == ids.bad_row_id(u["source_uri"], u["source_row"]) for u in bad)
     assert set(remote.column("source_uri").to_pylist()) == {
-        f"{bucket}/in/hh/harmless.jsonl.gz", f"{bucket}/in/llmbar/LLMBar_Natural.json", f"{bucket}/in/oasst/trees.jsonl"}
+        f"{bucket}/in/hh/harmless.jsonl.gz",
+        f"{bucket}/in/llmbar/LLMBar_Natural.json",
+        f"{bucket}/in/oasst/trees.jsonl",
+    }
 
 
 def test_s3_parquet_and_hf_dataset(s3_server, tmp_path):

@@ -53,7 +53,7 @@ def test_hh_rlhf_counts_and_quarantine(hh):
     for i, r in enumerate(records):
         c, rj = r["chosen"], r["rejected"]
         same_prompt = c[: c.rfind("\n\nAssistant:")] == rj[: rj.rfind("\n\nAssistant:")]
-        empty = not c[c.rfind("\n\nAssistant:") + 12:].strip() or not rj[rj.rfind("\n\nAssistant:") + 12:].strip()
+        empty = not c[c.rfind("\n\nAssistant:") + 12 :].strip() or not rj[rj.rfind("\n\nAssistant:") + 12 :].strip()
         if not same_prompt or empty:
             expected_bad.add(i)
     s = summarize(table)["hh_rlhf"]
@@ -144,8 +144,16 @@ def test_llmbar_labels(shared_data):
     path = shared_data / "llmbar" / "LLMBar_Natural.json"
     records = json.loads(path.read_text())
     table = read_units(InputSpec(str(path)))
-    assert summarize(table) == {"llmbar": {"rows_in": 100, "rows_ok": 100, "rows_quarantined": 0, "units": 200,
-                                           "units_ok": 200, "quarantine_reasons": {}}}
+    assert summarize(table) == {
+        "llmbar": {
+            "rows_in": 100,
+            "rows_ok": 100,
+            "rows_quarantined": 0,
+            "units": 200,
+            "units_ok": 200,
+            "quarantine_reasons": {},
+        }
+    }
     for chosen, rejected in _rows_of(table.to_pylist()):
         r = records[chosen["source_row"]]
         winner, loser = ("output_1", "output_2") if r["label"] == 1 else ("output_2", "output_1")
@@ -155,8 +163,14 @@ def test_llmbar_labels(shared_data):
 
 
 # Native scales as published in ../shared/data/README.md.
-TOPICAL_SCALES = {"understandability": (0, 1), "naturalness": (1, 3), "coherence": (1, 3), "engagingness": (1, 3),
-                  "groundedness": (0, 1), "overall": (1, 5)}
+TOPICAL_SCALES = {
+    "understandability": (0, 1),
+    "naturalness": (1, 3),
+    "coherence": (1, 3),
+    "engagingness": (1, 3),
+    "groundedness": (0, 1),
+    "overall": (1, 5),
+}
 
 
 def test_topical_chat_ratings_and_prompt(shared_data):
@@ -198,7 +212,8 @@ def test_sfres_ratings_and_duplicates(shared_data):
     r = records[u["source_row"]]
     assert u["prompt"] == [{"role": "user", "content": r["source"]}]
     assert {x["name"]: x["value"] for x in u["ratings"]} == {
-        f"sfres.{k}": pytest.approx((v - 1) / 5) for k, v in r["scores"].items()}
+        f"sfres.{k}": pytest.approx((v - 1) / 5) for k, v in r["scores"].items()
+    }
 
 
 def _oasst_expected(tree):
@@ -207,8 +222,10 @@ def _oasst_expected(tree):
 
     def walk(node, path):
         path = path + [node]
-        ranked = sorted((r for r in node["replies"] if r["role"] == "assistant" and r["rank"] is not None
-                         and not r["deleted"]), key=lambda r: r["rank"])
+        ranked = sorted(
+            (r for r in node["replies"] if r["role"] == "assistant" and r["rank"] is not None and not r["deleted"]),
+            key=lambda r: r["rank"],
+        )
         if node["role"] == "prompter" and len(ranked) >= 2:
             out.append(([m["text"] for m in path], ranked))
         for child in node["replies"]:

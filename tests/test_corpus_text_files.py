@@ -34,15 +34,16 @@ def test_csv_rows_quoting_and_per_row_quarantine(tmp_path):
     path.write_bytes(
         b"id,prompt,response\r\n"
         b'1,"hello, you","a cell\nover two lines"\r\n'  # row 0: quoted comma and newline
-        b'2,"left open,x\r\n'                          # row 1: a quote never closed (the parser reads on)
-        b"3,fine,yes\r\n"                               # row 2: not swallowed by row 1
-        b"4,a,b,c\r\n"                                  # row 3: one field too many
-        b'5,"q"z,r\r\n'                                 # row 4: text after a closing quote
-        b"\r\n"                                         # blank: layout, not a row
-        b'6,he said "hi",ok\r\n'                        # row 5: a quote inside an unquoted cell is text
-        b"7,caf\xc3 au lait,x\r\n"                      # row 6: invalid UTF-8
-        b"8,short\r\n"                                  # row 7: one field short
-        b'9,"say ""yes""",done')                        # row 8: doubled quotes, no final newline
+        b'2,"left open,x\r\n'  # row 1: a quote never closed (the parser reads on)
+        b"3,fine,yes\r\n"  # row 2: not swallowed by row 1
+        b"4,a,b,c\r\n"  # row 3: one field too many
+        b'5,"q"z,r\r\n'  # row 4: text after a closing quote
+        b"\r\n"  # blank: layout, not a row
+        b'6,he said "hi",ok\r\n'  # row 5: a quote inside an unquoted cell is text
+        b"7,caf\xc3 au lait,x\r\n"  # row 6: invalid UTF-8
+        b"8,short\r\n"  # row 7: one field short
+        b'9,"say ""yes""",done'
+    )  # row 8: doubled quotes, no final newline
     table = read_units(InputSpec(str(path)))
     reasons = _reasons(table)
     assert reasons == {
@@ -81,11 +82,12 @@ def test_csv_header_names_and_broken_header(tmp_path):
     table = read_units(InputSpec(str(path)))
     assert table.num_rows == 1
     assert table.column("quarantine_reason")[0].as_py() == (
-        "malformed CSV header on line 1: unexpected end of data; the file cannot be read without it")
+        "malformed CSV header on line 1: unexpected end of data; the file cannot be read without it"
+    )
 
 
 def test_tsv_and_gzip_and_extension_detection(tmp_path):
-    body = "prompt\tresponse\nq, with comma\t\"tab\there\"\nq2\ta2\n"
+    body = 'prompt\tresponse\nq, with comma\t"tab\there"\nq2\ta2\n'
     (tmp_path / "a.tsv").write_text(body)
     (tmp_path / "b.tsv.gz").write_bytes(gzip.compress(body.encode()))
     (tmp_path / "c.csv.gz").write_bytes(gzip.compress(b"prompt,response\nq,a\n"))
@@ -104,12 +106,17 @@ def _arena_record(i: int, winner: str) -> dict:
     # Predictions" data page / HF dataset card lmsys/lmsys-arena-human-preference-55k): columns
     # id, model_a, model_b, prompt, response_a, response_b, winner_model_a, winner_model_b,
     # winner_tie; prompt and response_* hold JSON-encoded lists of strings (one per turn).
-    return {"id": str(30192 + i), "model_a": "gpt-4-1106-preview", "model_b": "gpt-4-0613",
-            "prompt": json.dumps([f"Is it morally right to try to have a certain percentage {i}?"]),
-            "response_a": json.dumps(["The question of whether it is morally right...", None]),
-            "response_b": json.dumps(["As an AI, I don't have personal beliefs, \"quoted\"\nnext line"]),
-            "winner_model_a": str(int(winner == "a")), "winner_model_b": str(int(winner == "b")),
-            "winner_tie": str(int(winner == "tie"))}
+    return {
+        "id": str(30192 + i),
+        "model_a": "gpt-4-1106-preview",
+        "model_b": "gpt-4-0613",
+        "prompt": json.dumps([f"Is it morally right to try to have a certain percentage {i}?"]),
+        "response_a": json.dumps(["The question of whether it is morally right...", None]),
+        "response_b": json.dumps(['As an AI, I don\'t have personal beliefs, "quoted"\nnext line']),
+        "winner_model_a": str(int(winner == "a")),
+        "winner_model_b": str(int(winner == "b")),
+        "winner_tie": str(int(winner == "tie")),
+    }
 
 
 def test_arena_csv_cells_come_through_as_the_published_strings(tmp_path):
@@ -122,15 +129,17 @@ def test_arena_csv_cells_come_through_as_the_published_strings(tmp_path):
     path.write_text(out.getvalue(), newline="")
     got = [r.value for r in formats.iter_records(str(path), "csv")]
     assert got == records  # every cell a string, JSON cells undecoded (the adapter decodes them)
-    assert json.loads(got[1]["response_b"]) == ["As an AI, I don't have personal beliefs, \"quoted\"\nnext line"]
+    assert json.loads(got[1]["response_b"]) == ['As an AI, I don\'t have personal beliefs, "quoted"\nnext line']
 
 
 def test_bom_is_skipped_in_every_text_format(tmp_path):
     rec = {"prompt": "q", "response": "a"}
-    files = {"a.jsonl": BOM + json.dumps(rec).encode() + b"\n",
-             "b.json": BOM + json.dumps([rec]).encode(),
-             "c.csv": BOM + b"prompt,response\nq,a\n",
-             "d.jsonl.gz": gzip.compress(BOM + json.dumps(rec).encode())}
+    files = {
+        "a.jsonl": BOM + json.dumps(rec).encode() + b"\n",
+        "b.json": BOM + json.dumps([rec]).encode(),
+        "c.csv": BOM + b"prompt,response\nq,a\n",
+        "d.jsonl.gz": gzip.compress(BOM + json.dumps(rec).encode()),
+    }
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
         table = read_units(InputSpec(str(tmp_path / name)))
@@ -140,11 +149,14 @@ def test_bom_is_skipped_in_every_text_format(tmp_path):
     table = read_units(InputSpec(str(tmp_path / "e.jsonl")))
     assert table.column("quarantine_reason").to_pylist() == [
         "unreadable file: it is UTF-16 encoded (byte-order mark at its start); only UTF-8 is read, convert it "
-        "first: rows from line 1 on could not be read"]
+        "first: rows from line 1 on could not be read"
+    ]
 
 
-SURROGATE_REASON = ('unencodable text: {where} holds a lone surrogate U+D800 (a "\\ud800" escape without its pair), '
-                    'which is not valid Unicode')
+SURROGATE_REASON = (
+    'unencodable text: {where} holds a lone surrogate U+D800 (a "\\ud800" escape without its pair), '
+    "which is not valid Unicode"
+)
 
 
 def test_lone_surrogates_are_quarantined_per_row_in_every_format(tmp_path):
@@ -158,12 +170,16 @@ def test_lone_surrogates_are_quarantined_per_row_in_every_format(tmp_path):
     for name in ("s.jsonl", "s.json"):
         table = read_units(InputSpec(str(tmp_path / name), source="s"))
         assert _reasons(table) == {0: None, 1: SURROGATE_REASON.format(where="prompt message 0"), 2: None}, name
-        assert table.column("response").to_pylist() == ["a0", None, "a2 \U0001F600"]
+        assert table.column("response").to_pylist() == ["a0", None, "a2 \U0001f600"]
         assert _counts(table, "s") == (3, 2, 1)
         assert table.column("raw")[1].as_py().count("\\ud800") == 1  # stored as its escape
     pairs = tmp_path / "p.jsonl"
-    pairs.write_text(json.dumps({"prompt": "q", "chosen": "ok", "rejected": "x\ud800"}) + "\n"
-                     + json.dumps({"prompt": "\ud800", "response": [1]}) + "\n")  # quarantined for its type
+    pairs.write_text(
+        json.dumps({"prompt": "q", "chosen": "ok", "rejected": "x\ud800"})
+        + "\n"
+        + json.dumps({"prompt": "\ud800", "response": [1]})
+        + "\n"
+    )  # quarantined for its type
     reasons = _reasons(read_units(InputSpec(str(pairs))))
     assert reasons[0] == SURROGATE_REASON.format(where="rejected")
     assert reasons[1].startswith("wrong type") or reasons[1].startswith("missing")
@@ -175,8 +191,11 @@ def test_invalid_utf8_in_parquet_strings_is_one_row(tmp_path):
     table = pa.table({"prompt": prompts, "response": ["a0", "a1", "a2"]})
     pq.write_table(table, tmp_path / "bad.parquet")
     units = read_units(InputSpec(str(tmp_path / "bad.parquet")))
-    assert _reasons(units) == {0: None, 1: "undecodable bytes (invalid UTF-8) in column(s) ['prompt'] of row 1",
-                               2: None}
+    assert _reasons(units) == {
+        0: None,
+        1: "undecodable bytes (invalid UTF-8) in column(s) ['prompt'] of row 1",
+        2: None,
+    }
     assert _counts(units, "bad") == (3, 2, 1)
 
 
@@ -184,9 +203,13 @@ def test_corrupted_file_set_among_good_ones(tmp_path):
     """The issue's case: a lone surrogate, a BOM and a broken CSV quote among good files."""
     d = tmp_path / "in"
     d.mkdir()
-    (d / "good.jsonl").write_text("".join(json.dumps({"prompt": f"g{i}", "response": f"r{i}"}) + "\n" for i in range(4)))
-    (d / "surrogate.jsonl").write_text('{"prompt": "s0", "response": "r"}\n{"prompt": "s1 \\ud800", "response": "r"}\n'
-                                       '{"prompt": "s2", "response": "r"}\n')
+    (d / "good.jsonl").write_text(
+        "".join(json.dumps({"prompt": f"g{i}", "response": f"r{i}"}) + "\n" for i in range(4))
+    )
+    (d / "surrogate.jsonl").write_text(
+        '{"prompt": "s0", "response": "r"}\n{"prompt": "s1 \\ud800", "response": "r"}\n'
+        '{"prompt": "s2", "response": "r"}\n'
+    )
     (d / "bom.jsonl").write_bytes(BOM + b'{"prompt": "b0", "response": "r"}\n{"prompt": "b1", "response": "r"}\n')
     (d / "quote.csv").write_text('prompt,response\nc0,r\n"c1,r\nc2,r\n')
     table = read_units(InputSpec(str(d), source="mixed"))
@@ -213,6 +236,9 @@ def test_csv_on_s3(s3_server, tmp_path):
     assert expand_files(InputSpec(f"{bucket}/in", storage_options=so)) == [f"{bucket}/in/pairs.csv"]
     remote = read_units(InputSpec(f"{bucket}/in", storage_options=so))
     here = read_units(InputSpec(str(local)))
-    assert remote.column("response").to_pylist() == here.column("response").to_pylist() == \
-        ["good", "bad", None, "good3", "bad3"]
+    assert (
+        remote.column("response").to_pylist()
+        == here.column("response").to_pylist()
+        == ["good", "bad", None, "good3", "bad3"]
+    )
     assert _reasons(remote) == _reasons(here)

@@ -36,8 +36,9 @@ def test_win_probability():
     assert cal.win_probability(1.0, 1.0) == 0.5
     p = cal.win_probability([2.0, -40.0], [0.0, 0.0])
     assert p[0] == pytest.approx(1 / (1 + np.exp(-2.0))) and 0 < p[1] < 1e-17
-    assert cal.win_probability(0.3, 0.1, temperature=0.5) + cal.win_probability(0.1, 0.3, temperature=0.5) == \
-        pytest.approx(1.0)
+    assert cal.win_probability(0.3, 0.1, temperature=0.5) + cal.win_probability(
+        0.1, 0.3, temperature=0.5
+    ) == pytest.approx(1.0)
     assert cal.win_probability(0.3, 0.1, temperature=0.5) == pytest.approx(1 / (1 + np.exp(-0.4)))
     with pytest.raises(ValueError):
         cal.win_probability(1, 0, temperature=0)
@@ -59,13 +60,14 @@ def test_fit_temperature_recovers_a_known_temperature():
 
 
 def test_fit_temperature_limits():
-    assert cal.fit_temperature([0.5, 1.0, 2.0]) == 1e-3   # all agree: as sharp as allowed
-    assert cal.fit_temperature([]) == 1e3                 # no signal
+    assert cal.fit_temperature([0.5, 1.0, 2.0]) == 1e-3  # all agree: as sharp as allowed
+    assert cal.fit_temperature([]) == 1e3  # no signal
 
 
 def test_save_and_load_roundtrip(tmp_path):
-    c = cal.fit_calibration({"score": [0.1, 0.2, 0.4], "rating_a": [1.0, 2.0, 4.0]}, "zscore", temperature=0.7,
-                            reference="runs/x")
+    c = cal.fit_calibration(
+        {"score": [0.1, 0.2, 0.4], "rating_a": [1.0, 2.0, 4.0]}, "zscore", temperature=0.7, reference="runs/x"
+    )
     uri = str(tmp_path / "heads" / "calibration.json")
     cal.save(c, uri)
     assert cal.load(uri) == c

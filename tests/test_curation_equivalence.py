@@ -22,7 +22,7 @@ def nan(v) -> bool:
 
 def unique(rows):
     seen, out = set(), []
-    for r in sorted(rows, key=lambda r: r["unit_id"]):   # stable: the first arrival of a repeat is kept
+    for r in sorted(rows, key=lambda r: r["unit_id"]):  # stable: the first arrival of a repeat is kept
         if r["unit_id"] not in seen:
             seen.add(r["unit_id"])
             out.append(r)
@@ -34,7 +34,10 @@ def best_first(rows):
 
 
 def reference_pairs(rows, rules):
-    pairs, counts = [], {o: {"pairs_in": 0, "kept": 0, "flipped": 0, "dropped": {}} for o in ("best_of_n", "preference")}
+    pairs, counts = (
+        [],
+        {o: {"pairs_in": 0, "kept": 0, "flipped": 0, "dropped": {}} for o in ("best_of_n", "preference")},
+    )
 
     def drop(origin, why):
         counts[origin]["dropped"][why] = counts[origin]["dropped"].get(why, 0) + 1
@@ -107,11 +110,14 @@ def reference_pairs(rows, rules):
 
 def rules_for(seed):
     rng = np.random.default_rng(1000 + seed)
-    return PairRules(best_of_n=str(rng.choice(["best_worst", "all_pairs", "none"])),
-                     min_margin=float(rng.choice([0.0, 0.25, 0.5])),
-                     group_kinds=[("best_of_n",), ("best_of_n", "preference"), ("best_of_n", "instruction")][seed % 3],
-                     preference=str(rng.choice(["keep", "drop", "flip", "none"])),
-                     tie_epsilon=float(rng.choice([0.0, 0.125, 0.2])), human_ties=str(rng.choice(["drop", "use_reward"])))
+    return PairRules(
+        best_of_n=str(rng.choice(["best_worst", "all_pairs", "none"])),
+        min_margin=float(rng.choice([0.0, 0.25, 0.5])),
+        group_kinds=[("best_of_n",), ("best_of_n", "preference"), ("best_of_n", "instruction")][seed % 3],
+        preference=str(rng.choice(["keep", "drop", "flip", "none"])),
+        tie_epsilon=float(rng.choice([0.0, 0.125, 0.2])),
+        human_ties=str(rng.choice(["drop", "use_reward"])),
+    )
 
 
 def reference_rows(df):
@@ -129,15 +135,24 @@ def test_pairs_match_the_reference(seed):
     rules = rules_for(seed)
     table, counts = make_pairs(df, rules)
     want, want_counts = reference_pairs(rows, rules)
-    got = sorted(zip(table.column("chosen_unit_id").to_pylist(), table.column("rejected_unit_id").to_pylist(),
-                     table.column("origin").to_pylist(), table.column("action").to_pylist(),
-                     table.column("human_agrees").to_pylist(), table.column("score_margin").to_pylist()),
-                 key=lambda p: (p[0], p[1], p[2]))
+    got = sorted(
+        zip(
+            table.column("chosen_unit_id").to_pylist(),
+            table.column("rejected_unit_id").to_pylist(),
+            table.column("origin").to_pylist(),
+            table.column("action").to_pylist(),
+            table.column("human_agrees").to_pylist(),
+            table.column("score_margin").to_pylist(),
+        ),
+        key=lambda p: (p[0], p[1], p[2]),
+    )
     assert got == want
     for origin, c in counts.items():
         d = c.to_dict()
-        assert {k: d[k] for k in ("pairs_in", "kept", "flipped", "dropped")} == \
-            {**want_counts[origin], "dropped": dict(sorted(want_counts[origin]["dropped"].items()))}
+        assert {k: d[k] for k in ("pairs_in", "kept", "flipped", "dropped")} == {
+            **want_counts[origin],
+            "dropped": dict(sorted(want_counts[origin]["dropped"].items())),
+        }
         assert d["kept"] + d["flipped"] + d["dropped_total"] == d["pairs_in"]
     repeated = df[df["unit_id"].duplicated()]
     assert counts["best_of_n"].duplicate_units == int(repeated["kind"].isin(rules.group_kinds).sum())
@@ -160,8 +175,9 @@ def test_sft_and_rerank_match_the_reference(seed):
     for r in best_first(sft_rows):
         best.setdefault(r["prompt_id"], r)
     table, counts = select_sft(df, [], one_per_prompt=True, kinds=kinds)
-    assert table.column("unit_id").to_pylist() == [r["unit_id"] for r in sorted(best.values(),
-                                                                                key=lambda r: r["prompt_id"])]
+    assert table.column("unit_id").to_pylist() == [
+        r["unit_id"] for r in sorted(best.values(), key=lambda r: r["prompt_id"])
+    ]
     assert counts["one_per_prompt_removed"] == len(sft_rows) - len(best)
     assert counts["selection"][0]["removed"] == len(df) - df["unit_id"].nunique()
     first = table.to_pylist()[:1]
@@ -175,7 +191,12 @@ def test_sft_and_rerank_match_the_reference(seed):
         cands = [r for r in eligible if r["prompt_id"] == pid]
         want += [(r["unit_id"], k, len(cands)) for k, r in enumerate(best_first(cands)[:top_k])]
     table, counts = rerank(df, [], top_k, kinds)
-    got = list(zip(table.column("unit_id").to_pylist(), table.column("rank").to_pylist(),
-                   table.column("n_candidates").to_pylist()))
+    got = list(
+        zip(
+            table.column("unit_id").to_pylist(),
+            table.column("rank").to_pylist(),
+            table.column("n_candidates").to_pylist(),
+        )
+    )
     assert got == want and counts["prompts"] == len({r["prompt_id"] for r in eligible})
     assert "prompt" not in table.column_names and "messages" in table.column_names

@@ -58,9 +58,14 @@ def file_digests(out: Path) -> dict:
 def test_sft_top_fraction_uses_whole_run_quantiles_and_one_response_per_prompt(ray_session, any_run, tmp_path):
     units = load_units(any_run)
     out = tmp_path / "sft"
-    config = {"task": "sft", "run": str(any_run), "output": str(out), "output_files": 3,
-              "filters": [{"column": "score", "top": 0.4}, {"objective": "hh_rlhf.harmlessness", "min": 0.3}],
-              "sft": {"one_per_prompt": True}}
+    config = {
+        "task": "sft",
+        "run": str(any_run),
+        "output": str(out),
+        "output_files": 3,
+        "filters": [{"column": "score", "top": 0.4}, {"objective": "hh_rlhf.harmlessness", "min": 0.3}],
+        "sft": {"one_per_prompt": True},
+    }
     (tmp_path / "sft.yaml").write_text(yaml.safe_dump(config))
     assert curate_cli.main(["--config", str(tmp_path / "sft.yaml")]) == 0  # the CLI, in this Ray session
     man = json.loads((out / "manifest.json").read_text())
@@ -68,22 +73,30 @@ def test_sft_top_fraction_uses_whole_run_quantiles_and_one_response_per_prompt(r
     # reference: the whole run in pandas
     unique = units.drop_duplicates("unit_id")
     eligible = unique[unique["preference"] != "rejected"]
-    cutoff = kth_largest_cutoff(units["score"], 0.4)   # filters see the whole run, repeated rows included
+    cutoff = kth_largest_cutoff(units["score"], 0.4)  # filters see the whole run, repeated rows included
     passed = eligible[(eligible["score"] >= cutoff) & (eligible["rating_hh_rlhf_harmlessness"] >= 0.3)]
-    best = passed.sort_values(["prompt_id", "score", "unit_id"], ascending=[True, False, True]).drop_duplicates("prompt_id")
+    best = passed.sort_values(["prompt_id", "score", "unit_id"], ascending=[True, False, True]).drop_duplicates(
+        "prompt_id"
+    )
     got = read_output(out)
     assert sorted(got["unit_id"]) == sorted(best["unit_id"])
     assert man["rows_in"] == len(units) and man["rows_out"] == len(best)
     assert man["resolved_filters"][0]["cutoff"] == pytest.approx(cutoff)
     f_score, f_harm = man["filters"]
     assert f_score["removed"] == int((eligible["score"] < cutoff).sum())
-    assert f_harm["removed"] == int(((eligible["score"] >= cutoff) & (eligible["rating_hh_rlhf_harmlessness"] < 0.3)).sum())
+    assert f_harm["removed"] == int(
+        ((eligible["score"] >= cutoff) & (eligible["rating_hh_rlhf_harmlessness"] < 0.3)).sum()
+    )
     selection = {s["label"]: s["removed"] for s in man["selection"]}
-    assert selection == {"unique unit_id": len(units) - len(unique),
-                         "not human-rejected": int((unique["preference"] == "rejected").sum())}
+    assert selection == {
+        "unique unit_id": len(units) - len(unique),
+        "not human-rejected": int((unique["preference"] == "rejected").sum()),
+    }
     assert man["one_per_prompt_removed"] == len(passed) - len(best)
-    assert sum(selection.values()) + f_score["removed"] + f_harm["removed"] + man["one_per_prompt_removed"] \
+    assert (
+        sum(selection.values()) + f_score["removed"] + f_harm["removed"] + man["one_per_prompt_removed"]
         == man["rows_in"] - man["rows_out"]
+    )
     # conversational SFT rows: the prompt messages then the response as the assistant turn
     by_unit = units.drop_duplicates("unit_id").set_index("unit_id")
     for _, row in got.head(20).iterrows():
@@ -102,17 +115,25 @@ def test_sft_top_fraction_uses_whole_run_quantiles_and_one_response_per_prompt(r
 def test_dpo_pairs_never_cross_prompts_and_counts_reconcile(ray_session, any_run, tmp_path):
     units = load_units(any_run)
     out = tmp_path / "dpo"
-    man = curate(ray_session, task="dpo", run=str(any_run), output=str(out), output_files=4,
-                 pairs={"best_of_n": "all_pairs", "min_margin": 0.02, "preference": "flip", "tie_epsilon": 0.01})
+    man = curate(
+        ray_session,
+        task="dpo",
+        run=str(any_run),
+        output=str(out),
+        output_files=4,
+        pairs={"best_of_n": "all_pairs", "min_margin": 0.02, "preference": "flip", "tie_epsilon": 0.01},
+    )
     got = read_output(out)
     by_unit = units.drop_duplicates("unit_id").set_index("unit_id")
     chosen, rejected = by_unit.loc[got["chosen_unit_id"]], by_unit.loc[got["rejected_unit_id"]]
     assert (got["chosen_unit_id"] != got["rejected_unit_id"]).all()
     assert (chosen["prompt_id"].to_numpy() == got["prompt_id"].to_numpy()).all()
     assert (rejected["prompt_id"].to_numpy() == got["prompt_id"].to_numpy()).all()
-    assert np.allclose(got["score_chosen"], chosen["score"].astype(float)) and np.allclose(got["score_rejected"], rejected["score"].astype(float))
+    assert np.allclose(got["score_chosen"], chosen["score"].astype(float)) and np.allclose(
+        got["score_rejected"], rejected["score"].astype(float)
+    )
     assert np.allclose(got["score_margin"], got["score_chosen"] - got["score_rejected"])
-    assert (got["score_margin"] >= 0.01).all()          # flip policy: every kept pair agrees with the reward
+    assert (got["score_margin"] >= 0.01).all()  # flip policy: every kept pair agrees with the reward
     assert np.allclose(got["p_chosen"], 1 / (1 + np.exp(-got["score_margin"])))
     assert [m["content"] for m in got["chosen"][0]] == [chosen["response"].iloc[0]]
     assert got["chosen"][0][0]["role"] == "assistant"
@@ -130,8 +151,14 @@ def test_dpo_pairs_never_cross_prompts_and_counts_reconcile(ray_session, any_run
 def test_rerank_top_k_order_and_agreement(ray_session, any_run, tmp_path):
     units = load_units(any_run)
     out = tmp_path / "rerank"
-    man = curate(ray_session, task="rerank", run=str(any_run), output=str(out), output_files=2,
-                 rerank={"top_k": 2, "kinds": ["best_of_n"]})
+    man = curate(
+        ray_session,
+        task="rerank",
+        run=str(any_run),
+        output=str(out),
+        output_files=2,
+        rerank={"top_k": 2, "kinds": ["best_of_n"]},
+    )
     got = read_output(out)
     bon = units[units["kind"] == "best_of_n"].drop_duplicates("unit_id")
     sizes = bon.groupby("prompt_id").size()
@@ -144,19 +171,27 @@ def test_rerank_top_k_order_and_agreement(ray_session, any_run, tmp_path):
         assert (g["n_candidates"] == sizes[pid]).all()
     assert man["agreement"]["groups_ranked"] == agreement_over_prompts(bon).groups_ranked > 50
     assert man["agreement"]["top1_hits"] == agreement_over_prompts(bon).top1_hits
-    assert man["agreement"]["mean_kendall_tau_b"] == pytest.approx(agreement_over_prompts(bon).to_dict()["mean_kendall_tau_b"])
+    assert man["agreement"]["mean_kendall_tau_b"] == pytest.approx(
+        agreement_over_prompts(bon).to_dict()["mean_kendall_tau_b"]
+    )
 
 
 def test_reruns_write_identical_files_and_remove_stale_ones(ray_session, annotated_run, tmp_path):
     out = tmp_path / "again"
-    cfg = dict(task="dpo", run=str(annotated_run), output=str(out), output_files=4,
-               filters=[{"column": "score", "above_quantile": 0.1}])
+    cfg = dict(
+        task="dpo",
+        run=str(annotated_run),
+        output=str(out),
+        output_files=4,
+        filters=[{"column": "score", "above_quantile": 0.1}],
+    )
     first = curate(ray_session, **cfg)
     digests = file_digests(out)
     second = curate(ray_session, **cfg)
     assert file_digests(out) == digests and len(digests) == 4
-    assert {k: first[k] for k in ("rows_in", "rows_out", "pairs", "filters")} == \
-        {k: second[k] for k in ("rows_in", "rows_out", "pairs", "filters")}
+    assert {k: first[k] for k in ("rows_in", "rows_out", "pairs", "filters")} == {
+        k: second[k] for k in ("rows_in", "rows_out", "pairs", "filters")
+    }
     fewer = curate(ray_session, **{**cfg, "output_files": 2})
     assert sorted(file_digests(out)) == ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]
     assert fewer["output"]["stale_files_removed"] == 4
@@ -166,11 +201,19 @@ def test_reruns_write_identical_files_and_remove_stale_ones(ray_session, annotat
 def test_calibrate_fits_on_the_whole_run(ray_session, annotated_run, tmp_path):
     units = load_units(annotated_run)
     target = tmp_path / "heads" / "calibration.json"
-    man = curate(ray_session, task="calibrate", run=str(annotated_run), output=str(target), output_files=3,
-                 calibrate={"method": "zscore"})
+    man = curate(
+        ray_session,
+        task="calibrate",
+        run=str(annotated_run),
+        output=str(target),
+        output_files=3,
+        calibrate={"method": "zscore"},
+    )
     c = cal.load(str(target))
     assert c["columns"]["score"]["mean"] == pytest.approx(units["score"].astype(float).mean())
-    assert c["columns"]["rating_pandalm_helpfulness"]["std"] == pytest.approx(units["rating_pandalm_helpfulness"].astype(float).std(ddof=0))
+    assert c["columns"]["rating_pandalm_helpfulness"]["std"] == pytest.approx(
+        units["rating_pandalm_helpfulness"].astype(float).std(ddof=0)
+    )
     assert "debiased_hh_rlhf_harmlessness" in c["columns"]
     margins = human_pair_margins(units)
     assert c["temperature_pairs"] == man["temperature_pairs"] == len(margins)
@@ -178,8 +221,15 @@ def test_calibrate_fits_on_the_whole_run(ray_session, annotated_run, tmp_path):
     assert json.loads((tmp_path / "heads" / "calibration.manifest.json").read_text())["rows_in"] == len(units)
     # the fitted temperature then sets P(chosen beats rejected) on DPO pairs
     out = tmp_path / "dpo-cal"
-    curate(ray_session, task="dpo", run=str(annotated_run), output=str(out), calibration=str(target), output_files=1,
-           pairs={"reward_margin": True})
+    curate(
+        ray_session,
+        task="dpo",
+        run=str(annotated_run),
+        output=str(out),
+        calibration=str(target),
+        output_files=1,
+        pairs={"reward_margin": True},
+    )
     got = read_output(out)
     assert np.allclose(got["p_chosen"], 1 / (1 + np.exp(-got["score_margin"] / c["temperature"])))
     # the opt-in loss margin for TRL's RewardTrainer: the gap in Bradley-Terry logits
@@ -207,8 +257,15 @@ def test_s3_in_and_out(ray_session, annotated_run, moto_s3):
     for f in sorted(annotated_run.rglob("*")):
         if f.is_file():
             fs.put_file(str(f), f"curate/runs/fixture/{f.relative_to(annotated_run).as_posix()}")
-    man = curate(ray_session, task="sft", run="s3://curate/runs/fixture", output="s3://curate/curated/sft",
-                 storage_options=moto_s3, output_files=2, filters=[{"column": "score", "top": 0.25}])
+    man = curate(
+        ray_session,
+        task="sft",
+        run="s3://curate/runs/fixture",
+        output="s3://curate/curated/sft",
+        storage_options=moto_s3,
+        output_files=2,
+        filters=[{"column": "score", "top": 0.25}],
+    )
     files = sorted(fs.find("curate/curated/sft/data"))
     assert [f.rsplit("/", 1)[-1] for f in files] == ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]
     rows = sum(pq.read_table(f, filesystem=fs).num_rows for f in files)
@@ -219,20 +276,23 @@ def test_s3_in_and_out(ray_session, annotated_run, moto_s3):
     assert json.loads(fs.cat_file("curate/curated/sft/manifest.json"))["rows_out"] == rows
 
 
-@pytest.mark.parametrize("patch, message", [
-    ({"task": "summarise"}, "task: must be one of"),
-    ({"output_files": 0}, "output_files"),
-    ({"filters": [{"column": "score", "top": 2}]}, "filters: .*fraction"),
-    ({"pairs": {"preference": "maybe"}}, "pairs.preference must be one of"),
-    ({"pairs": {"margin": 1}}, "pairs: unknown key"),
-    ({"sft": {"kinds": ["chat"]}}, "sft.kinds"),
-    ({"rerank": {"top_k": 0}}, "rerank.top_k"),
-    ({"pairs": {"reward_margin": True}}, "reward_margin: needs `calibration`"),
-    ({"partition_rows": 0}, "partition_rows"),
-    ({"colour": "blue"}, "unknown key"),
-    ({"task": "calibrate"}, "ending in .json"),
-    ({"run": "/nonexistent/run"}, "no Parquet files"),
-])
+@pytest.mark.parametrize(
+    "patch, message",
+    [
+        ({"task": "summarise"}, "task: must be one of"),
+        ({"output_files": 0}, "output_files"),
+        ({"filters": [{"column": "score", "top": 2}]}, "filters: .*fraction"),
+        ({"pairs": {"preference": "maybe"}}, "pairs.preference must be one of"),
+        ({"pairs": {"margin": 1}}, "pairs: unknown key"),
+        ({"sft": {"kinds": ["chat"]}}, "sft.kinds"),
+        ({"rerank": {"top_k": 0}}, "rerank.top_k"),
+        ({"pairs": {"reward_margin": True}}, "reward_margin: needs `calibration`"),
+        ({"partition_rows": 0}, "partition_rows"),
+        ({"colour": "blue"}, "unknown key"),
+        ({"task": "calibrate"}, "ending in .json"),
+        ({"run": "/nonexistent/run"}, "no Parquet files"),
+    ],
+)
 def test_config_errors_are_clear(annotated_run, tmp_path, patch, message):
     base = {"task": "sft", "run": str(annotated_run), "output": str(tmp_path / "o")}
     with pytest.raises(ConfigError, match=message):
@@ -257,14 +317,23 @@ def test_stable_hash_is_fnv1a_of_the_utf8_bytes():
     for b in "é".encode():
         h = ((h ^ b) * 0x100000001B3) % 2**64
     assert stable_hash(keys).tolist() == expected + [h]
-    assert stable_hash(keys.slice(1, 2)).tolist() == expected[1:3]            # sliced arrays
-    assert partition_of(pa.chunked_array([["a"], ["a", "foobar"]]), 7).tolist() == [expected[1] % 7] * 2 + [expected[2] % 7]
+    assert stable_hash(keys.slice(1, 2)).tolist() == expected[1:3]  # sliced arrays
+    assert partition_of(pa.chunked_array([["a"], ["a", "foobar"]]), 7).tolist() == [expected[1] % 7] * 2 + [
+        expected[2] % 7
+    ]
 
 
-@pytest.mark.parametrize("units, rows, files, expected", [
-    (1000, 200_000, None, (1, 1)), (1000, 200_000, 8, (8, 8)), (3_200_000, 100_000, None, (32, 32)),
-    (3_200_000, 200_000, 5, (20, 5)), (950, 100, 2, (10, 2)), (0, 100, None, (1, 1)),
-])
+@pytest.mark.parametrize(
+    "units, rows, files, expected",
+    [
+        (1000, 200_000, None, (1, 1)),
+        (1000, 200_000, 8, (8, 8)),
+        (3_200_000, 100_000, None, (32, 32)),
+        (3_200_000, 200_000, 5, (20, 5)),
+        (950, 100, 2, (10, 2)),
+        (0, 100, None, (1, 1)),
+    ],
+)
 def test_partitions_follow_the_data_and_fill_whole_files(units, rows, files, expected):
     from pipeline.curation.job import partition_layout
 
@@ -275,8 +344,12 @@ def test_many_small_partitions_give_the_same_rows_and_counts(ray_session, annota
     """Partitions of 150 units (so about ten, several per file): every output row and every count as
     with the whole run in one partition, because a partition always holds whole prompts."""
     units = load_units(annotated_run)
-    cfg = dict(task="dpo", run=str(annotated_run), filters=[{"column": "score", "above_quantile": 0.1}],
-               pairs={"best_of_n": "all_pairs", "tie_epsilon": 0.01})
+    cfg = dict(
+        task="dpo",
+        run=str(annotated_run),
+        filters=[{"column": "score", "above_quantile": 0.1}],
+        pairs={"best_of_n": "all_pairs", "tie_epsilon": 0.01},
+    )
     one = curate(ray_session, **cfg, output=str(tmp_path / "one"), output_files=1)
     many = curate(ray_session, **cfg, output=str(tmp_path / "many"), output_files=3, partition_rows=150)
     assert one["partitions"] == 1 and many["partitions"] == 3 * int(np.ceil(len(units) / 150 / 3))
@@ -286,5 +359,6 @@ def test_many_small_partitions_give_the_same_rows_and_counts(ray_session, annota
     a = read_output(tmp_path / "one").sort_values(["chosen_unit_id", "rejected_unit_id"]).reset_index(drop=True)
     b = read_output(tmp_path / "many").sort_values(["chosen_unit_id", "rejected_unit_id"]).reset_index(drop=True)
     assert a[["chosen_unit_id", "rejected_unit_id", "score_margin", "action"]].equals(
-        b[["chosen_unit_id", "rejected_unit_id", "score_margin", "action"]])
-    assert not (tmp_path / "many" / "_shuffle").exists()   # scratch removed
+        b[["chosen_unit_id", "rejected_unit_id", "score_margin", "action"]]
+    )
+    assert not (tmp_path / "many" / "_shuffle").exists()  # scratch removed

@@ -34,15 +34,15 @@ def test_top1_counts_groups_of_two_or_more_ranked_and_scored_units():
     scores = [0.5, np.nan, 0.3, 0.1, 0.2, 0.4, 0.4]
     ranks = [0, 1, np.nan, 0, 2, 1, 1]
     got = metrics.best_of_n_top1(groups, scores, ranks)
-    assert math.isnan(got[0]) and math.isnan(got[1])   # one usable unit each
-    assert got[2] == 1.0                                # both top-tied units share the best rank 1
+    assert math.isnan(got[0]) and math.isnan(got[1])  # one usable unit each
+    assert got[2] == 1.0  # both top-tied units share the best rank 1
 
 
 def test_grouped_metrics_match_brute_force_on_random_groups():
     rng = np.random.default_rng(11)
-    sizes = list(rng.integers(1, 9, 300)) + [70, 130]     # two groups take the large-group path
+    sizes = list(rng.integers(1, 9, 300)) + [70, 130]  # two groups take the large-group path
     g = np.repeat(np.arange(len(sizes)), sizes)
-    rng.shuffle(g)                                         # groups need not be contiguous
+    rng.shuffle(g)  # groups need not be contiguous
     s = rng.integers(0, 4, len(g)).astype(float)
     r = rng.integers(0, 3, len(g)).astype(float)
     s[rng.random(len(g)) < 0.05] = np.nan
@@ -59,7 +59,7 @@ def test_kendall_tau_b_of_one_sequence(monkeypatch):
     assert metrics.kendall_tau_b([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
     assert metrics.kendall_tau_b([12, 2, 1, 12, 2], [1, 4, 7, 1, 0]) == pytest.approx(-0.47140452079103173)
     assert math.isnan(metrics.kendall_tau_b([1, 1, 1], [1, 2, 3]))
-    monkeypatch.setattr(metrics, "_CHUNK", 7)                          # the row-chunked path, several chunks
+    monkeypatch.setattr(metrics, "_CHUNK", 7)  # the row-chunked path, several chunks
     x = np.random.default_rng(3).integers(0, 5, 300).astype(float)
     y = x + np.random.default_rng(4).integers(0, 2, 300)
     assert metrics.kendall_tau_b(x, y) == pytest.approx(brute_tau_b(list(x), list(y)), abs=1e-12)

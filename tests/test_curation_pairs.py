@@ -12,19 +12,41 @@ PROMPT = [{"role": "user", "content": "q"}]
 
 def group(scores, responses=None, human_rank=None, prompt_id="p"):
     n = len(scores)
-    return pd.DataFrame({"unit_id": [f"{prompt_id}-{i}" for i in range(n)], "row_id": ["r"] * n,
-                         "prompt_id": [prompt_id] * n, "kind": ["best_of_n"] * n, "source": ["s"] * n,
-                         "prompt": [PROMPT] * n, "response": responses or [f"answer {i}" for i in range(n)],
-                         "response_index": list(range(n)), "preference": [None] * n, "tie": [None] * n,
-                         "human_rank": human_rank or [None] * n, "score": scores})
+    return pd.DataFrame(
+        {
+            "unit_id": [f"{prompt_id}-{i}" for i in range(n)],
+            "row_id": ["r"] * n,
+            "prompt_id": [prompt_id] * n,
+            "kind": ["best_of_n"] * n,
+            "source": ["s"] * n,
+            "prompt": [PROMPT] * n,
+            "response": responses or [f"answer {i}" for i in range(n)],
+            "response_index": list(range(n)),
+            "preference": [None] * n,
+            "tie": [None] * n,
+            "human_rank": human_rank or [None] * n,
+            "score": scores,
+        }
+    )
 
 
 def pref_row(row_id, s_chosen, s_rejected, tie=False, same_text=False, prompt_id="p"):
-    return pd.DataFrame({"unit_id": [f"{row_id}-0", f"{row_id}-1"], "row_id": [row_id] * 2,
-                         "prompt_id": [prompt_id] * 2, "kind": ["preference"] * 2, "source": ["s"] * 2,
-                         "prompt": [PROMPT] * 2, "response": ["good", "good" if same_text else "bad"],
-                         "response_index": [0, 1], "preference": ["chosen", "rejected"], "tie": [tie, tie],
-                         "human_rank": [None, None], "score": [s_chosen, s_rejected]})
+    return pd.DataFrame(
+        {
+            "unit_id": [f"{row_id}-0", f"{row_id}-1"],
+            "row_id": [row_id] * 2,
+            "prompt_id": [prompt_id] * 2,
+            "kind": ["preference"] * 2,
+            "source": ["s"] * 2,
+            "prompt": [PROMPT] * 2,
+            "response": ["good", "good" if same_text else "bad"],
+            "response_index": [0, 1],
+            "preference": ["chosen", "rejected"],
+            "tie": [tie, tie],
+            "human_rank": [None, None],
+            "score": [s_chosen, s_rejected],
+        }
+    )
 
 
 def best_of_n_pairs(units, rules):
@@ -43,15 +65,24 @@ def test_best_worst_pairs_the_highest_with_the_lowest_score():
     [p] = pairs
     assert (p["chosen_unit_id"], p["rejected_unit_id"]) == ("p-1", "p-3")
     assert p["score_chosen"] == 0.9 and p["score_rejected"] == 0.1 and p["score_margin"] == pytest.approx(0.8)
-    assert counts.to_dict() == {"pairs_in": 1, "kept": 1, "flipped": 0, "dropped": {}, "dropped_total": 0,
-                                 "duplicate_units": 0}
+    assert counts.to_dict() == {
+        "pairs_in": 1,
+        "kept": 1,
+        "flipped": 0,
+        "dropped": {},
+        "dropped_total": 0,
+        "duplicate_units": 0,
+    }
 
 
 def test_all_pairs_respects_the_margin_and_never_pairs_a_unit_with_itself():
     scores = [0.10, 0.12, 0.50, 0.90]
     pairs, counts = best_of_n_pairs(group(scores), PairRules(best_of_n="all_pairs", min_margin=0.05))
-    expected = {(f"p-{i}", f"p-{j}") if scores[i] > scores[j] else (f"p-{j}", f"p-{i}")
-                for i, j in combinations(range(4), 2) if abs(scores[i] - scores[j]) >= 0.05}
+    expected = {
+        (f"p-{i}", f"p-{j}") if scores[i] > scores[j] else (f"p-{j}", f"p-{i}")
+        for i, j in combinations(range(4), 2)
+        if abs(scores[i] - scores[j]) >= 0.05
+    }
     assert {(p["chosen_unit_id"], p["rejected_unit_id"]) for p in pairs} == expected
     assert counts.pairs_in == 6 and counts.kept == 5 and counts.dropped == {"below_min_margin": 1}
     assert all(p["chosen_unit_id"] != p["rejected_unit_id"] and p["score_margin"] >= 0.05 for p in pairs)
@@ -73,22 +104,32 @@ def test_best_worst_choice_does_not_depend_on_row_order():
 
 
 def rows_for_policy():
-    return pd.concat([
-        pref_row("r1", 0.9, 0.4),             # reward agrees, margin 0.5
-        pref_row("r2", 0.3, 0.6),             # reward disagrees, margin -0.3
-        pref_row("r3", 0.500, 0.505),         # near tie (|m| = 0.005 < eps)
-        pref_row("r4", 0.2, 0.7, tie=True),   # human tie
-        pref_row("r5", 0.8, 0.1, same_text=True),
-        pref_row("r6", 0.8, 0.1).iloc[:1],    # half a pair
-    ], ignore_index=True)
+    return pd.concat(
+        [
+            pref_row("r1", 0.9, 0.4),  # reward agrees, margin 0.5
+            pref_row("r2", 0.3, 0.6),  # reward disagrees, margin -0.3
+            pref_row("r3", 0.500, 0.505),  # near tie (|m| = 0.005 < eps)
+            pref_row("r4", 0.2, 0.7, tie=True),  # human tie
+            pref_row("r5", 0.8, 0.1, same_text=True),
+            pref_row("r6", 0.8, 0.1).iloc[:1],  # half a pair
+        ],
+        ignore_index=True,
+    )
 
 
-@pytest.mark.parametrize("policy, kept, flipped, dropped", [
-    ("keep", 2, 0, {"near_tie": 1, "human_tie": 1, "identical_response": 1, "incomplete_pair": 1}),
-    ("drop", 1, 0, {"near_tie": 1, "human_tie": 1, "identical_response": 1, "incomplete_pair": 1,
-                    "reward_disagrees": 1}),
-    ("flip", 1, 1, {"near_tie": 1, "human_tie": 1, "identical_response": 1, "incomplete_pair": 1}),
-])
+@pytest.mark.parametrize(
+    "policy, kept, flipped, dropped",
+    [
+        ("keep", 2, 0, {"near_tie": 1, "human_tie": 1, "identical_response": 1, "incomplete_pair": 1}),
+        (
+            "drop",
+            1,
+            0,
+            {"near_tie": 1, "human_tie": 1, "identical_response": 1, "incomplete_pair": 1, "reward_disagrees": 1},
+        ),
+        ("flip", 1, 1, {"near_tie": 1, "human_tie": 1, "identical_response": 1, "incomplete_pair": 1}),
+    ],
+)
 def test_preference_policy_counts_reconcile(policy, kept, flipped, dropped):
     pairs, counts = preference_pairs(rows_for_policy(), PairRules(preference=policy, tie_epsilon=0.01))
     c = counts.to_dict()

@@ -43,8 +43,14 @@ def test_kendall_tau_b_known_values():
 
 def units(scores, human_rank=None, prompt_id="p"):
     n = len(scores)
-    return pd.DataFrame({"unit_id": [f"{prompt_id}-{i}" for i in range(n)], "prompt_id": [prompt_id] * n,
-                         "score": scores, "human_rank": human_rank if human_rank is not None else [None] * n})
+    return pd.DataFrame(
+        {
+            "unit_id": [f"{prompt_id}-{i}" for i in range(n)],
+            "prompt_id": [prompt_id] * n,
+            "score": scores,
+            "human_rank": human_rank if human_rank is not None else [None] * n,
+        }
+    )
 
 
 def test_rank_units_orders_by_score_then_unit_id_and_cuts_to_k():
@@ -89,7 +95,7 @@ def test_agreement_on_real_oasst_ranks_matches_an_independent_count(annotated_ru
         if len(g) < 2:
             groups -= 1
             continue
-        top = g[g["score"] == g["score"].max()]      # ties for the top share the credit
+        top = g[g["score"] == g["score"].max()]  # ties for the top share the credit
         hits += float((top["human_rank"] == g["human_rank"].min()).mean())
         tau = brute_tau_b(g["score"].tolist(), (-g["human_rank"]).tolist())
         if not math.isnan(tau):

@@ -4,14 +4,28 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.curation.thresholds import (Filter, FilterError, apply_filters, best_per_prompt, columns_to_fit,
-                                          merge_filter_counts, parse_filters, resolve_filters)
+from pipeline.curation.thresholds import (
+    Filter,
+    FilterError,
+    apply_filters,
+    best_per_prompt,
+    columns_to_fit,
+    merge_filter_counts,
+    parse_filters,
+    resolve_filters,
+)
 
 
 def frame(scores, **extra):
     n = len(scores)
-    return pd.DataFrame({"unit_id": [f"u{i:03d}" for i in range(n)], "prompt_id": extra.pop("prompt_id", ["p"] * n),
-                         "score": np.asarray(scores, dtype=np.float32), **extra})
+    return pd.DataFrame(
+        {
+            "unit_id": [f"u{i:03d}" for i in range(n)],
+            "prompt_id": extra.pop("prompt_id", ["p"] * n),
+            "score": np.asarray(scores, dtype=np.float32),
+            **extra,
+        }
+    )
 
 
 def test_top_fraction_keeps_ceil_f_n_best_rows():
@@ -40,7 +54,9 @@ def test_above_median_is_strict_and_uses_numpy_linear_quantile():
     [f] = resolve_filters([f], {"rating_x": df["rating_x"].to_numpy()})
     assert f.cutoff == 5.5
     assert list(df["rating_x"][apply_filters(df, [f])[0]]) == [6, 7, 8, 9, 10]
-    [g] = resolve_filters(parse_filters([{"column": "rating_x", "below_quantile": 0.2}]), {"rating_x": df["rating_x"].to_numpy()})
+    [g] = resolve_filters(
+        parse_filters([{"column": "rating_x", "below_quantile": 0.2}]), {"rating_x": df["rating_x"].to_numpy()}
+    )
     assert g.cutoff == pytest.approx(2.8) and list(df["rating_x"][apply_filters(df, [g])[0]]) == [1, 2]
 
 
@@ -76,8 +92,13 @@ def test_whole_run_quantile_differs_from_per_file_quantiles():
 def test_removed_counts_are_sequential_and_add_up():
     rng = np.random.default_rng(0)
     df = frame(rng.random(200), rating_a=rng.random(200), rating_b=rng.random(200))
-    filters = parse_filters([{"column": "score", "top": 0.5}, {"column": "rating_a", "min": 0.3},
-                             {"column": "rating_b", "above_quantile": 0.25}])
+    filters = parse_filters(
+        [
+            {"column": "score", "top": 0.5},
+            {"column": "rating_a", "min": 0.3},
+            {"column": "rating_b", "above_quantile": 0.25},
+        ]
+    )
     assert columns_to_fit(filters) == ["rating_b", "score"]
     filters = resolve_filters(filters, {c: df[c].to_numpy() for c in ("score", "rating_b")})
     keep, counts = apply_filters(df, filters)
@@ -96,24 +117,32 @@ def test_unresolved_quantile_filter_refuses_to_apply():
         apply_filters(frame([0.1, 0.2]), [f])
 
 
-@pytest.mark.parametrize("spec, message", [
-    ({"column": "score"}, "exactly one rule"),
-    ({"column": "score", "min": 1, "max": 2}, "exactly one rule"),
-    ({"score": 1}, "exactly one of 'column' or 'objective'"),
-    ({"column": "score", "top": 1.5}, "fraction"),
-    ({"column": "score", "above_quantile": -0.1}, r"\[0, 1\]"),
-    ({"column": "score", "min": "high"}, "must be a number"),
-    ({"column": "score", "minimum": 1}, "unknown key"),
-    ({"objective": "x.y", "field": "weight", "min": 1}, "field must be"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"column": "score"}, "exactly one rule"),
+        ({"column": "score", "min": 1, "max": 2}, "exactly one rule"),
+        ({"score": 1}, "exactly one of 'column' or 'objective'"),
+        ({"column": "score", "top": 1.5}, "fraction"),
+        ({"column": "score", "above_quantile": -0.1}, r"\[0, 1\]"),
+        ({"column": "score", "min": "high"}, "must be a number"),
+        ({"column": "score", "minimum": 1}, "unknown key"),
+        ({"objective": "x.y", "field": "weight", "min": 1}, "field must be"),
+    ],
+)
 def test_bad_filter_specs_are_refused_with_a_clear_message(spec, message):
     with pytest.raises(FilterError, match=message):
         Filter.from_dict(spec)
 
 
 def test_best_per_prompt_keeps_the_top_score_and_breaks_ties_by_unit_id():
-    df = pd.DataFrame({"prompt_id": ["a", "a", "a", "b", "b", "c"], "unit_id": ["a2", "a1", "a3", "b1", "b2", "c1"],
-                       "score": [0.9, 0.9, 0.1, 0.2, 0.7, np.nan]})
+    df = pd.DataFrame(
+        {
+            "prompt_id": ["a", "a", "a", "b", "b", "c"],
+            "unit_id": ["a2", "a1", "a3", "b1", "b2", "c1"],
+            "score": [0.9, 0.9, 0.1, 0.2, 0.7, np.nan],
+        }
+    )
     keep = best_per_prompt(df)
     assert df["unit_id"][keep].tolist() == ["a1", "b2"]  # c has no score: nothing to choose
     shuffled = df.sample(frac=1.0, random_state=3)

@@ -21,10 +21,12 @@ def curated(annotated_run, tmp_path_factory):
     import ray
 
     base = tmp_path_factory.mktemp("trl")
-    configs = {"sft": {"task": "sft", "sft": {"one_per_prompt": True}, "output_files": 2},
-               "dpo": {"task": "dpo", "pairs": {"best_of_n": "all_pairs"}},
-               "rerank": {"task": "rerank", "rerank": {"top_k": 2}},
-               "rerank_best": {"task": "rerank", "rerank": {"top_k": 1}}}
+    configs = {
+        "sft": {"task": "sft", "sft": {"one_per_prompt": True}, "output_files": 2},
+        "dpo": {"task": "dpo", "pairs": {"best_of_n": "all_pairs"}},
+        "rerank": {"task": "rerank", "rerank": {"top_k": 2}},
+        "rerank_best": {"task": "rerank", "rerank": {"top_k": 1}},
+    }
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         for name, cfg in configs.items():
@@ -49,15 +51,33 @@ def tiny_llama(tokenizer, head: str = "causal"):
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, num_labels=1)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=HIDDEN,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        num_labels=1,
+    )
     return (LlamaForCausalLM if head == "causal" else LlamaForSequenceClassification)(config)
 
 
 def common_args(tmp_path):
-    return dict(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-3,
-                report_to=[], save_strategy="no", logging_steps=1, use_cpu=True, dataloader_num_workers=0)
+    return dict(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        use_cpu=True,
+        dataloader_num_workers=0,
+    )
 
 
 def train_split(out_dir):
@@ -89,9 +109,13 @@ def test_dpo_trainer_runs_on_the_dpo_output(curated, tokenizer, tmp_path):
 
     ds = train_split(curated / "dpo")
     assert "margin" not in ds.column_names and "score_margin" in ds.column_names
-    trainer = DPOTrainer(model=tiny_llama(tokenizer), ref_model=tiny_llama(tokenizer),
-                         args=DPOConfig(**common_args(tmp_path), max_length=128),
-                         train_dataset=first_rows(ds), processing_class=tokenizer)
+    trainer = DPOTrainer(
+        model=tiny_llama(tokenizer),
+        ref_model=tiny_llama(tokenizer),
+        args=DPOConfig(**common_args(tmp_path), max_length=128),
+        train_dataset=first_rows(ds),
+        processing_class=tokenizer,
+    )
     trainer.train()
     assert trainer.state.global_step == 2 and len(losses(trainer)) == 2
 
@@ -105,9 +129,12 @@ def test_reward_trainer_reads_no_margin_unless_asked(curated, tokenizer, tmp_pat
     ds = first_rows(train_split(curated / "dpo"))
 
     def first_loss(data):
-        trainer = RewardTrainer(model=tiny_llama(tokenizer, head="reward"),
-                                args=RewardConfig(**common_args(tmp_path), max_length=128),
-                                train_dataset=data, processing_class=tokenizer)
+        trainer = RewardTrainer(
+            model=tiny_llama(tokenizer, head="reward"),
+            args=RewardConfig(**common_args(tmp_path), max_length=128),
+            train_dataset=data,
+            processing_class=tokenizer,
+        )
         trainer.train()
         assert trainer.state.global_step == 2
         return losses(trainer)[0]
@@ -126,7 +153,11 @@ def test_sft_trainer_runs_on_sft_and_rerank_outputs(curated, tokenizer, tmp_path
     assert "messages" in ds.column_names and "prompt" not in ds.column_names
     if name == "rerank_best":
         assert set(ds["rank"]) == {0}
-    trainer = SFTTrainer(model=tiny_llama(tokenizer), args=SFTConfig(**common_args(tmp_path), max_length=128),
-                         train_dataset=first_rows(ds), processing_class=tokenizer)
+    trainer = SFTTrainer(
+        model=tiny_llama(tokenizer),
+        args=SFTConfig(**common_args(tmp_path), max_length=128),
+        train_dataset=first_rows(ds),
+        processing_class=tokenizer,
+    )
     trainer.train()
     assert trainer.state.global_step == 2 and len(losses(trainer)) == 2

@@ -10,8 +10,14 @@ from pipeline.embed import backbone as bb
 
 CONVERSATIONS = [
     ([{"role": "user", "content": "Name three primary colours."}], "Red, yellow and blue."),
-    ([{"role": "user", "content": "How do I boil an egg?"}, {"role": "assistant", "content": "Put it in water."},
-      {"role": "user", "content": "For how long?"}], "About nine minutes for a hard-boiled egg."),
+    (
+        [
+            {"role": "user", "content": "How do I boil an egg?"},
+            {"role": "assistant", "content": "Put it in water."},
+            {"role": "user", "content": "For how long?"},
+        ],
+        "About nine minutes for a hard-boiled egg.",
+    ),
 ]
 
 
@@ -59,8 +65,8 @@ def test_materialised_gguf_gives_identical_embeddings(tmp_path, monkeypatch):
     spec = BackboneSpec("smollm2")
     direct = bb.build_backbone(spec, materialise=False)
     assert direct.loaded_from == "gguf"
-    first = bb.build_backbone(spec)           # writes the HF copy
-    second = bb.build_backbone(spec)          # loads it
+    first = bb.build_backbone(spec)  # writes the HF copy
+    second = bb.build_backbone(spec)  # loads it
     copies = list((tmp_path / "cache" / "backbones").iterdir())
     assert len(copies) == 1 and not copies[0].name.startswith(".")  # renamed into place, no temp dir left
     assert {p.name for p in copies[0].iterdir()} >= {"config.json", "model.safetensors", "tokenizer_config.json"}
@@ -71,8 +77,9 @@ def test_materialised_gguf_gives_identical_embeddings(tmp_path, monkeypatch):
     assert [direct.tokenizer(t)["input_ids"] for t in texts] == [second.tokenizer(t)["input_ids"] for t in texts]
     outputs = []
     for backbone in (direct, second):
-        results = tokenize_many(backbone.tokenizer, [c[0] for c in CONVERSATIONS], [c[1] for c in CONVERSATIONS],
-                                TemplatePolicy())
+        results = tokenize_many(
+            backbone.tokenizer, [c[0] for c in CONVERSATIONS], [c[1] for c in CONVERSATIONS], TemplatePolicy()
+        )
         outputs.append(EmbeddingEngine(backbone).embed([r.input_ids for r in results], [r.prompt_end for r in results]))
     np.testing.assert_array_equal(outputs[0].response, outputs[1].response)
     np.testing.assert_array_equal(outputs[0].prompt, outputs[1].prompt)

@@ -30,7 +30,7 @@ def test_plan_batches_respects_budget_and_is_a_permutation(seed):
     # Greedy: a batch could not have taken the next row without breaking the budget/row cap.
     order = np.concatenate(batches) if batches else np.zeros(0, int)
     assert (np.diff(lengths[order]) <= 0).all(), "rows are planned longest first"
-    for b, nxt in zip(batches, batches[1:]):
+    for b in batches[:-1]:
         longest = max(int(lengths[b].max()), 1)
         cap = budget // longest if max_rows is None else min(budget // longest, max_rows)
         assert len(b) == max(cap, 1)

@@ -14,13 +14,19 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from checkpoint_reference import first_pad_reference, labeling_path
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 
-from checkpoint_reference import first_pad_reference, labeling_path
 from pipeline.corpus import InputSpec, read_units
 from pipeline.embed.backbone import BackboneSpec, load_tokenizer
-from pipeline.embed.checkpoint import (checkpoint_backbone, checkpoint_fingerprint, dedicated_pad_id,
-                                       export_armorm_checkpoint, load_armorm_checkpoint, read_objective_names)
+from pipeline.embed.checkpoint import (
+    checkpoint_backbone,
+    checkpoint_fingerprint,
+    dedicated_pad_id,
+    export_armorm_checkpoint,
+    load_armorm_checkpoint,
+    read_objective_names,
+)
 from pipeline.embed.templating import TemplatePolicy, tokenize_many
 from pipeline.heads.checkpoint import CheckpointError
 from pipeline.heads.gating import GatingNetwork
@@ -31,9 +37,18 @@ SMOL_VOCAB, SMOL_EOS = 49152, 2  # SmolLM2: 49,152 ids, pad = eos = <|im_end|> (
 
 
 def tiny_llama_config(vocab=SMOL_VOCAB, hidden=H, pad=SMOL_EOS):
-    return LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=vocab, pad_token_id=pad, bos_token_id=1, eos_token_id=2,
-                       max_position_embeddings=256)
+    return LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+        pad_token_id=pad,
+        bos_token_id=1,
+        eos_token_id=2,
+        max_position_embeddings=256,
+    )
 
 
 def make_heads(hidden=H, seed=0):
@@ -46,8 +61,9 @@ def make_heads(hidden=H, seed=0):
             layer.weight.mul_(8)  # logits of a size where temperature and the softmax axis matter
     T = np.eye(K)
     T[1, :] -= [0.05, 1.0, 0.2, 0.0, 0.125]
-    return ArmoHeads([f"tiny.obj{i}" for i in range(K)], rng.normal(size=(K, hidden)) * 0.3, T, gating,
-                     verbosity_index=1)
+    return ArmoHeads(
+        [f"tiny.obj{i}" for i in range(K)], rng.normal(size=(K, hidden)) * 0.3, T, gating, verbosity_index=1
+    )
 
 
 @pytest.fixture(scope="module")
@@ -77,14 +93,19 @@ def exported(tmp_path_factory, backbone, heads, tokenizer):
 def conversations(shared_data, tokenizer):
     """Real conversations (LLMBar), tokenized with SmolLM2's chat template, short enough for the tiny model."""
     units = read_units(InputSpec(str(shared_data / "llmbar" / "LLMBar_Natural.json"))).to_pylist()[:24]
-    results = tokenize_many(tokenizer, [u["prompt"] for u in units], [u["response"] for u in units],
-                            TemplatePolicy(max_tokens=200, overflow="quarantine"))
+    results = tokenize_many(
+        tokenizer,
+        [u["prompt"] for u in units],
+        [u["response"] for u in units],
+        TemplatePolicy(max_tokens=200, overflow="quarantine"),
+    )
     good = [r for r in results if not isinstance(r, Exception)]
     assert len(good) >= 10
     return [r.input_ids for r in good], [r.prompt_end for r in good]
 
 
 # --- layout -------------------------------------------------------------------------------------
+
 
 def test_export_writes_the_released_layout_with_a_dedicated_pad(exported, heads, backbone):
     config = json.loads((exported / "config.json").read_text())
@@ -109,8 +130,13 @@ def test_export_writes_the_released_layout_with_a_dedicated_pad(exported, heads,
     assert not any(n.startswith("lm_head") for n in names)
     assert len({n for n in names if n.startswith("model.")}) == len(backbone.state_dict())
     assert sorted(p.name for p in exported.iterdir() if not p.name.startswith("model-")) == [
-        "chat_template.jinja", "config.json", "model.safetensors.index.json", "special_tokens_map.json",
-        "tokenizer.json", "tokenizer_config.json"]  # no generation_config: a reward model does not generate
+        "chat_template.jinja",
+        "config.json",
+        "model.safetensors.index.json",
+        "special_tokens_map.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]  # no generation_config: a reward model does not generate
 
 
 def test_roundtrip_restores_heads_and_backbone_exactly(exported, heads, backbone):
@@ -129,9 +155,11 @@ def test_roundtrip_restores_heads_and_backbone_exactly(exported, heads, backbone
 
 # --- scoring: the labeling path against the released rule ------------------------------------
 
+
 @pytest.mark.parametrize("token_budget,rows_per_batch", [(600, 4), (4096, 24)])
-def test_labeling_path_matches_first_pad_reading_on_padded_batches(exported, conversations, token_budget,
-                                                                   rows_per_batch):
+def test_labeling_path_matches_first_pad_reading_on_padded_batches(
+    exported, conversations, token_budget, rows_per_batch
+):
     seqs, ends = conversations
     backbone, _, out = labeling_path(exported, seqs, ends, token_budget)
     assert backbone.tokenizer.pad_token_id == SMOL_VOCAB
@@ -153,12 +181,14 @@ def test_objective_names_and_checkpoint_fingerprint(exported, heads, tmp_path, t
     fp = checkpoint_fingerprint(str(exported), loaded)
     assert fp == checkpoint_backbone(str(exported), device="cpu")[0].fingerprint and len(fp) == 64
     changed = ArmoHeads(heads.objectives, heads.regression_weight * 2, heads.transform, heads.gating, 1)
-    other = export_armorm_checkpoint(changed, str(exported), str(tmp_path / "other"), tokenizer=tokenizer,
-                                     shard_size=2_000_000)
+    other = export_armorm_checkpoint(
+        changed, str(exported), str(tmp_path / "other"), tokenizer=tokenizer, shard_size=2_000_000
+    )
     assert checkpoint_backbone(other, device="cpu")[0].fingerprint != fp
 
 
 # --- export -> import -> export --------------------------------------------------------------
+
 
 def _files(directory: pathlib.Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
@@ -166,6 +196,7 @@ def _files(directory: pathlib.Path) -> dict[str, bytes]:
 
 def _tensors(directory: pathlib.Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
+
     out = {}
     for p in sorted(directory.glob("model-*.safetensors")):
         out.update(load_file(str(p)))
@@ -175,10 +206,16 @@ def _tensors(directory: pathlib.Path) -> dict[str, torch.Tensor]:
 def test_export_import_export_is_stable(exported, tmp_path):
     # from the directory (heads replaced by the same heads) and from the imported model object
     backbone, heads = checkpoint_backbone(str(exported), device="cpu", dtype="float32")
-    again = pathlib.Path(export_armorm_checkpoint(heads, str(exported), str(tmp_path / "again"),
-                                                  tokenizer=backbone.tokenizer, shard_size=2_000_000))
-    from_model = pathlib.Path(export_armorm_checkpoint(heads, backbone.model, str(tmp_path / "from_model"),
-                                                       tokenizer=backbone.tokenizer, shard_size=2_000_000))
+    again = pathlib.Path(
+        export_armorm_checkpoint(
+            heads, str(exported), str(tmp_path / "again"), tokenizer=backbone.tokenizer, shard_size=2_000_000
+        )
+    )
+    from_model = pathlib.Path(
+        export_armorm_checkpoint(
+            heads, backbone.model, str(tmp_path / "from_model"), tokenizer=backbone.tokenizer, shard_size=2_000_000
+        )
+    )
     original = _tensors(exported)
     for copy in (again, from_model):
         assert json.loads((copy / "config.json").read_text()) == json.loads((exported / "config.json").read_text())
@@ -187,18 +224,30 @@ def test_export_import_export_is_stable(exported, tmp_path):
         assert all(torch.equal(tensors[n], original[n]) and tensors[n].dtype == original[n].dtype for n in original)
         files, before = _files(copy), _files(exported)
         assert sorted(files) == sorted(before)
-        for name in ("model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
-                     "special_tokens_map.json", "chat_template.jinja"):
+        for name in (
+            "model.safetensors.index.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "chat_template.jinja",
+        ):
             assert files[name] == before[name], name
     assert _files(again) == _files(exported)  # byte for byte, shards included
 
 
 # --- the released layout: Llama-3's 128,256 ids plus [PAD] = 128256 -----------------------------
 
-LLAMA3_SPECIAL = {"<|begin_of_text|>": 128000, "<|end_of_text|>": 128001, "<|start_header_id|>": 128006,
-                  "<|end_header_id|>": 128007, "<|eot_id|>": 128009}
-LLAMA3_TEMPLATE = ("{{ '<|begin_of_text|>' }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + "
-                   "'<|end_header_id|> ' + m['content'] + ' <|eot_id|>' }}{% endfor %}")
+LLAMA3_SPECIAL = {
+    "<|begin_of_text|>": 128000,
+    "<|end_of_text|>": 128001,
+    "<|start_header_id|>": 128006,
+    "<|end_header_id|>": 128007,
+    "<|eot_id|>": 128009,
+}
+LLAMA3_TEMPLATE = (
+    "{{ '<|begin_of_text|>' }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + "
+    "'<|end_header_id|> ' + m['content'] + ' <|eot_id|>' }}{% endfor %}"
+)
 
 
 def release_like_tokenizer(directory: pathlib.Path, pad_token: str | None = "[PAD]", ordinary_pad: bool = False):
@@ -216,8 +265,9 @@ def release_like_tokenizer(directory: pathlib.Path, pad_token: str | None = "[PA
         vocab["[PAD]"] = vocab.pop("w5")  # a plain word of the vocabulary, not an added token
     tk = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
-                                  unk_token="w0")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", unk_token="w0"
+    )
     tok.add_special_tokens({"additional_special_tokens": list(LLAMA3_SPECIAL)})
     if pad_token == "[PAD]" and not ordinary_pad:
         tok.add_special_tokens({"pad_token": "[PAD]"})
@@ -250,8 +300,10 @@ def release_checkpoint(tmp_path_factory):
 
 def test_release_layout_imports_and_scores_like_the_first_pad_rule(release_checkpoint):
     out, tok = release_checkpoint
-    texts = [[{"role": "user", "content": " ".join(f"w{(7 * i + j) % 128000}" for j in range(n))}]
-             for i, n in enumerate([3, 17, 8, 30, 1, 12])]
+    texts = [
+        [{"role": "user", "content": " ".join(f"w{(7 * i + j) % 128000}" for j in range(n))}]
+        for i, n in enumerate([3, 17, 8, 30, 1, 12])
+    ]
     responses = [f"w{9 * i} w{i + 1}" for i in range(len(texts))]
     results = tokenize_many(tok, texts, responses, TemplatePolicy(max_tokens=128))
     seqs, ends = [r.input_ids for r in results], [r.prompt_end for r in results]
@@ -267,8 +319,9 @@ def test_release_layout_imports_and_scores_like_the_first_pad_rule(release_check
 def test_release_layout_export_import_export_is_stable(release_checkpoint, tmp_path):
     out, _ = release_checkpoint
     backbone, heads = checkpoint_backbone(str(out), device="cpu")
-    again = pathlib.Path(export_armorm_checkpoint(heads, str(out), str(tmp_path / "again"),
-                                                  tokenizer=backbone.tokenizer))
+    again = pathlib.Path(
+        export_armorm_checkpoint(heads, str(out), str(tmp_path / "again"), tokenizer=backbone.tokenizer)
+    )
     config = json.loads((again / "config.json").read_text())
     assert config["vocab_size"] == 128257 and config["pad_token_id"] == 128256
     original = _tensors(out)
@@ -278,8 +331,10 @@ def test_release_layout_export_import_export_is_stable(release_checkpoint, tmp_p
 
 # --- pads: which are dedicated, what is refused ---------------------------------------------
 
+
 def test_dedicated_pad_rules(tokenizer, tmp_path):
     import copy
+
     assert tokenizer.pad_token_id == SMOL_EOS and dedicated_pad_id(tokenizer) is None  # eos: in every turn
     t = copy.deepcopy(tokenizer)
     t.pad_token = "<|im_start|>"  # the chat template writes it: never a pad
@@ -296,8 +351,12 @@ def test_export_refuses_what_it_cannot_make_safe(tmp_path, heads, backbone, toke
         export_armorm_checkpoint(heads, backbone, str(tmp_path / "a"), tokenizer=None)
     ordinary = release_like_tokenizer(tmp_path / "o", pad_token="<|eot_id|>", ordinary_pad=True)
     with pytest.raises(CheckpointError, match="already has a token '\\[PAD\\]' that is not a dedicated pad"):
-        export_armorm_checkpoint(make_heads(hidden=16), LlamaModel(tiny_llama_config(vocab=128256, hidden=16)),
-                                 str(tmp_path / "b"), tokenizer=ordinary)
+        export_armorm_checkpoint(
+            make_heads(hidden=16),
+            LlamaModel(tiny_llama_config(vocab=128256, hidden=16)),
+            str(tmp_path / "b"),
+            tokenizer=ordinary,
+        )
     small = LlamaModel(tiny_llama_config(vocab=1000))
     with pytest.raises(CheckpointError, match="49152 tokens but the embedding only 1000 rows"):
         export_armorm_checkpoint(heads, small, str(tmp_path / "c"), tokenizer=tokenizer)
@@ -327,12 +386,15 @@ def test_import_refuses_disagreeing_pads_and_keeps_old_exports_scoring(exported,
 
 # --- sources, safety ---------------------------------------------------------------------------
 
-def test_checkpoint_from_s3_scores_like_the_local_one(exported, heads, backbone, tokenizer, conversations,
-                                                      s3_server, tmp_path, monkeypatch):
+
+def test_checkpoint_from_s3_scores_like_the_local_one(
+    exported, heads, backbone, tokenizer, conversations, s3_server, tmp_path, monkeypatch
+):
     monkeypatch.setenv("ARMOLABEL_CACHE", str(tmp_path / "cache"))
     uri = s3_server.make_bucket("ckpt") + "/runs/armo"
-    export_armorm_checkpoint(heads, backbone, uri, tokenizer=tokenizer, shard_size=2_000_000,
-                             storage_options=s3_server.storage_options)
+    export_armorm_checkpoint(
+        heads, backbone, uri, tokenizer=tokenizer, shard_size=2_000_000, storage_options=s3_server.storage_options
+    )
     assert read_objective_names(uri, s3_server.storage_options) == heads.objectives
     seqs, ends = conversations
     remote, _, got = labeling_path(uri, seqs, ends, 600, storage_options=s3_server.storage_options)
@@ -360,6 +422,7 @@ def test_export_from_a_causal_lm_directory_drops_lm_head(tmp_path, heads, backbo
 
 class _Trap:
     """Unpickling this creates a file: proof that a pickle was read."""
+
     def __init__(self, marker):
         self.marker = marker
 
@@ -403,6 +466,7 @@ def test_pickle_files_are_never_read(tmp_path, exported, s3_server):
 
 def test_unexpected_or_missing_tensors_are_errors(exported, tmp_path):
     from safetensors.torch import load_file, save_file
+
     copy = tmp_path / "extra"
     copy.mkdir()
     for p in exported.iterdir():

@@ -10,8 +10,8 @@ import pathlib
 import numpy as np
 import pytest
 import torch
-
 from checkpoint_reference import first_pad_reference, labeling_path
+
 from pipeline.corpus import InputSpec, read_units
 from pipeline.embed.backbone import BackboneSpec, build_tokenizer, load_backbone, load_tokenizer
 from pipeline.embed.checkpoint import checkpoint_backbone, export_armorm_checkpoint
@@ -75,8 +75,9 @@ def test_first_pad_readers_score_the_export_as_the_labeling_job_does(exported, s
     out, heads = exported
     units = read_units(InputSpec(str(shared_data / "hh-rlhf" / "harmless-base-test.jsonl.gz"))).to_pylist()
     units = [u for u in units if u["quarantine_reason"] is None][:12]
-    results = tokenize_many(smollm2.tokenizer, [u["prompt"] for u in units], [u["response"] for u in units],
-                            TemplatePolicy(max_tokens=160))
+    results = tokenize_many(
+        smollm2.tokenizer, [u["prompt"] for u in units], [u["response"] for u in units], TemplatePolicy(max_tokens=160)
+    )
     tokenized = [r for r in results if not isinstance(r, TemplateError)]
     seqs, ends = [r.input_ids for r in tokenized], [r.prompt_end for r in tokenized]
     assert len(seqs) >= 8 and len(set(map(len, seqs))) > 4  # padded batches of different widths
@@ -95,8 +96,9 @@ def test_first_pad_readers_score_the_export_as_the_labeling_job_does(exported, s
 def test_export_import_export_gives_the_same_files(exported, tmp_path):
     out, _ = exported
     backbone, heads = checkpoint_backbone(str(out), device="cpu", dtype="float32")
-    again = pathlib.Path(export_armorm_checkpoint(heads, str(out), str(tmp_path / "again"),
-                                                  tokenizer=backbone.tokenizer))
+    again = pathlib.Path(
+        export_armorm_checkpoint(heads, str(out), str(tmp_path / "again"), tokenizer=backbone.tokenizer)
+    )
     assert sorted(p.name for p in again.iterdir()) == sorted(p.name for p in out.iterdir())
     for p in sorted(out.iterdir()):
         assert (again / p.name).read_bytes() == p.read_bytes(), p.name

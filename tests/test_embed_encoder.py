@@ -11,11 +11,18 @@ from pipeline.embed.backbone import resolve_source
 
 CONVERSATIONS = [
     ([{"role": "user", "content": "What is the capital of France?"}], "Paris."),
-    ([{"role": "user", "content": "Tell me a joke"}, {"role": "assistant", "content": "Why did the chicken..."},
-      {"role": "user", "content": "Another one, about cats this time, please."}],
-     "A cat walks into a library and asks for a book about purring. " * 3),
-    ([{"role": "user", "content": "Summarise: " + "the committee met and discussed the budget at length. " * 40}],
-     "They discussed the budget."),  # longer than 256 tokens: the prompt loses its start
+    (
+        [
+            {"role": "user", "content": "Tell me a joke"},
+            {"role": "assistant", "content": "Why did the chicken..."},
+            {"role": "user", "content": "Another one, about cats this time, please."},
+        ],
+        "A cat walks into a library and asks for a book about purring. " * 3,
+    ),
+    (
+        [{"role": "user", "content": "Summarise: " + "the committee met and discussed the budget at length. " * 40}],
+        "They discussed the budget.",
+    ),  # longer than 256 tokens: the prompt loses its start
     ([{"role": "user", "content": "hi"}], ""),
 ]
 
@@ -44,10 +51,12 @@ def test_minilm_is_an_encoder_that_normalises(minilm):
 
 @pytest.mark.parametrize("settings", [dict(), dict(token_budget=300), dict(padding_side="left")])
 def test_encoder_embeddings_match_sentence_transformers_recipe(minilm, settings):
-    results = tokenize_many(minilm.tokenizer, [c[0] for c in CONVERSATIONS], [c[1] for c in CONVERSATIONS],
-                            TemplatePolicy(), kind="encoder")
-    out = EmbeddingEngine(minilm, **settings).embed([r.input_ids for r in results],
-                                                    prompt_input_ids=[r.prompt_input_ids for r in results])
+    results = tokenize_many(
+        minilm.tokenizer, [c[0] for c in CONVERSATIONS], [c[1] for c in CONVERSATIONS], TemplatePolicy(), kind="encoder"
+    )
+    out = EmbeddingEngine(minilm, **settings).embed(
+        [r.input_ids for r in results], prompt_input_ids=[r.prompt_input_ids for r in results]
+    )
     full_texts = ["\n".join(f"{m['role']}: {m['content']}" for m in p) + f"\nassistant: {r}" for p, r in CONVERSATIONS]
     prompt_texts = ["\n".join(f"{m['role']}: {m['content']}" for m in p) for p, _ in CONVERSATIONS]
     model_dir = resolve_source(BackboneSpec("minilm")).directory
@@ -55,7 +64,7 @@ def test_encoder_embeddings_match_sentence_transformers_recipe(minilm, settings)
     tok = AutoTokenizer.from_pretrained(model_dir)
     answer = tok("assistant: " + CONVERSATIONS[2][1], add_special_tokens=False)["input_ids"]
     prompt = tok(prompt_texts[2], add_special_tokens=False)["input_ids"]
-    full_texts[2] = [tok.cls_token_id] + prompt[-(254 - len(answer)):] + answer + [tok.sep_token_id]
+    full_texts[2] = [tok.cls_token_id] + prompt[-(254 - len(answer)) :] + answer + [tok.sep_token_id]
     prompt_texts[2] = [tok.cls_token_id] + prompt[-254:] + [tok.sep_token_id]
     np.testing.assert_allclose(out.response, sentence_transformers_recipe(model_dir, full_texts), atol=1e-5)
     np.testing.assert_allclose(out.prompt, sentence_transformers_recipe(model_dir, prompt_texts), atol=1e-5)

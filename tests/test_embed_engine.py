@@ -8,8 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.embed import (BackboneSpec, EmbeddingEngine, TemplatePolicy, load_backbone, tokenize_conversation,
-                            tokenize_many)
+from pipeline.embed import (
+    BackboneSpec,
+    EmbeddingEngine,
+    TemplatePolicy,
+    load_backbone,
+    tokenize_conversation,
+    tokenize_many,
+)
 
 TOL = 1e-4
 
@@ -17,8 +23,10 @@ TOL = 1e-4
 def hh_conversation(transcript: str) -> tuple[list[dict], str]:
     """Split a raw HH-RLHF transcript into turns; the last Assistant turn is the response."""
     parts = re.split(r"\n\n(Human|Assistant): ", transcript)
-    messages = [{"role": "user" if role == "Human" else "assistant", "content": text}
-                for role, text in zip(parts[1::2], parts[2::2])]
+    messages = [
+        {"role": "user" if role == "Human" else "assistant", "content": text}
+        for role, text in zip(parts[1::2], parts[2::2])
+    ]
     assert messages[-1]["role"] == "assistant"
     return messages[:-1], messages[-1]["content"]
 
@@ -88,8 +96,9 @@ def test_one_at_a_time_matches_plain_transformers(smollm2, tokenized, one_at_a_t
             ids = tok(full, add_special_tokens=False, return_tensors="pt")["input_ids"]
             assert ids[0].tolist() == r.input_ids
             response_ref.append(model(input_ids=ids).last_hidden_state[0, -1].numpy())
-            prompt_only = tok(tok.apply_chat_template(prompt, tokenize=False), add_special_tokens=False,
-                              return_tensors="pt")["input_ids"]
+            prompt_only = tok(
+                tok.apply_chat_template(prompt, tokenize=False), add_special_tokens=False, return_tensors="pt"
+            )["input_ids"]
             prompt_ref.append(model(input_ids=prompt_only).last_hidden_state[0, -1].numpy())
     response, prompt = one_at_a_time
     assert max_rel_err(response, np.stack(response_ref)) <= TOL
@@ -99,16 +108,20 @@ def test_one_at_a_time_matches_plain_transformers(smollm2, tokenized, one_at_a_t
 NEVER = "never"  # the per-unit path (padded or packed batches); the default shares prompts
 
 
-@pytest.mark.parametrize("settings", [
-    dict(token_budget=16384, share_prompts=NEVER),
-    dict(token_budget=1024, share_prompts=NEVER),
-    dict(token_budget=300, share_prompts=NEVER),
-    dict(token_budget=16384, padding_side="left", share_prompts=NEVER),
-    dict(token_budget=700, padding_side="left", share_prompts=NEVER),
-    dict(token_budget=2048, packing="always", share_prompts=NEVER),
-    dict(token_budget=1024),
-    dict(token_budget=300),
-], ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(token_budget=16384, share_prompts=NEVER),
+        dict(token_budget=1024, share_prompts=NEVER),
+        dict(token_budget=300, share_prompts=NEVER),
+        dict(token_budget=16384, padding_side="left", share_prompts=NEVER),
+        dict(token_budget=700, padding_side="left", share_prompts=NEVER),
+        dict(token_budget=2048, packing="always", share_prompts=NEVER),
+        dict(token_budget=1024),
+        dict(token_budget=300),
+    ],
+    ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()),
+)
 def test_batched_equals_one_at_a_time(smollm2, tokenized, one_at_a_time, settings):
     _, results = tokenized
     out = EmbeddingEngine(smollm2, **settings).embed([r.input_ids for r in results], [r.prompt_end for r in results])
@@ -121,8 +134,9 @@ def test_batched_equals_one_at_a_time(smollm2, tokenized, one_at_a_time, setting
 def test_shuffled_order_gives_the_same_rows(smollm2, tokenized, one_at_a_time):
     _, results = tokenized
     perm = np.random.default_rng(7).permutation(len(results))
-    out = EmbeddingEngine(smollm2, token_budget=2048).embed([results[i].input_ids for i in perm],
-                                                            [results[i].prompt_end for i in perm])
+    out = EmbeddingEngine(smollm2, token_budget=2048).embed(
+        [results[i].input_ids for i in perm], [results[i].prompt_end for i in perm]
+    )
     assert max_rel_err(out.response, one_at_a_time[0][perm]) <= TOL
     assert max_rel_err(out.prompt, one_at_a_time[1][perm]) <= TOL
 
@@ -144,7 +158,7 @@ def test_prompt_end_is_the_end_of_the_last_user_turn(smollm2, tokenized):
         assert tok.convert_ids_to_tokens(ids[r.prompt_end - 1]) == "<|im_end|>"
         assert tok.decode(ids[r.prompt_end]) == "\n"
         assert tok.decode(ids[: r.prompt_end + 1]).endswith(prompt[-1]["content"] + "<|im_end|>\n")
-        assert tok.decode(ids[r.prompt_end + 1:]) == f"<|im_start|>assistant\n{response}<|im_end|>\n"
+        assert tok.decode(ids[r.prompt_end + 1 :]) == f"<|im_start|>assistant\n{response}<|im_end|>\n"
         assert r.prompt_tokens == r.prompt_end + 1 and r.prompt_tokens + r.response_tokens == r.total_tokens
 
 

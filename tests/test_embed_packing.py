@@ -40,6 +40,7 @@ def max_rel_err(got: np.ndarray, ref: np.ndarray) -> float:
 
 # --- the plan (pure) -----------------------------------------------------------------------------
 
+
 def random_units(seed: int):
     rng = np.random.default_rng(seed)
     n_groups = int(rng.integers(1, 40))
@@ -124,6 +125,7 @@ def test_plan_refuses_inconsistent_input():
 
 # --- parity on real SmolLM2 ----------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def smollm2():
     torch.manual_seed(0)
@@ -151,8 +153,12 @@ def shared_units(smollm2, shared_data):
         table = table.filter(table.column("quarantine_reason").is_null())
         if rows is None:
             table = repeated_prompts(table, 5)
-        toks = tokenize_many(smollm2.tokenizer, table.column("prompt").to_pylist(),
-                             table.column("response").to_pylist(), TemplatePolicy(max_tokens=MAX_TOKENS))
+        toks = tokenize_many(
+            smollm2.tokenizer,
+            table.column("prompt").to_pylist(),
+            table.column("response").to_pylist(),
+            TemplatePolicy(max_tokens=MAX_TOKENS),
+        )
         toks = [t for t in toks if not isinstance(t, Exception)]
         names += [path.split("/")[0]] * len(toks)
         ids += [t.input_ids for t in toks]
@@ -168,7 +174,7 @@ def per_unit(smollm2, shared_units):
 
 def test_every_set_has_shared_prompts(shared_units):
     names, ids, ends = shared_units
-    groups = prompt_groups([s[:e + 1] for s, e in zip(ids, ends)])
+    groups = prompt_groups([s[: e + 1] for s, e in zip(ids, ends)])
     for name in np.unique(names):
         g = groups[names == name]
         assert len(np.unique(g)) < g.size, f"{name}: no two units share a prompt"
@@ -183,11 +189,15 @@ def check_parity(names, got, ref):
         assert max_rel_err(got.prompt[sel], ref.prompt[sel]) <= TOL, name
 
 
-@pytest.mark.parametrize("settings", [
-    dict(),                                  # CPU default: 1,024-token rows, several groups per row
-    dict(token_budget=300, groups_per_row=1),  # groups split into pieces, one piece per row
-    dict(token_budget=4096),
-], ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()) or "default")
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(),  # CPU default: 1,024-token rows, several groups per row
+        dict(token_budget=300, groups_per_row=1),  # groups split into pieces, one piece per row
+        dict(token_budget=4096),
+    ],
+    ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()) or "default",
+)
 def test_shared_prompt_packing_equals_per_unit(smollm2, shared_units, per_unit, settings):
     names, ids, ends = shared_units
     engine = EmbeddingEngine(smollm2, **settings)
@@ -220,7 +230,7 @@ def test_siblings_do_not_leak(smollm2, shared_units, per_unit):
     """Guard against a mask that lets a response see its siblings: alone in its call, a unit's
     embeddings are those it gets packed with its group."""
     names, ids, ends = shared_units
-    groups = prompt_groups([s[:e + 1] for s, e in zip(ids, ends)])
+    groups = prompt_groups([s[: e + 1] for s, e in zip(ids, ends)])
     big = int(np.bincount(groups).argmax())
     members = np.flatnonzero(groups == big)
     engine = EmbeddingEngine(smollm2)
@@ -239,6 +249,7 @@ def test_units_without_prompt_end(smollm2, shared_units, per_unit):
 
 # --- an ArmoRM-layout checkpoint through the same engine ----------------------------------------
 
+
 def test_armorm_checkpoint_scores_equal(smollm2, shared_units, tmp_path):
     """A tiny random Llama exported in the released ArmoRM layout with the SmolLM2 tokenizer
     (as tests/test_heads_checkpoint.py builds one): ratings, gates and scores from shared-prompt
@@ -251,14 +262,22 @@ def test_armorm_checkpoint_scores_equal(smollm2, shared_units, tmp_path):
 
     hidden, k = 64, 4
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(smollm2.tokenizer), max_position_embeddings=2048,
-                         pad_token_id=smollm2.tokenizer.pad_token_id)
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(smollm2.tokenizer),
+        max_position_embeddings=2048,
+        pad_token_id=smollm2.tokenizer.pad_token_id,
+    )
     model = LlamaModel(config).eval()
     rng = np.random.default_rng(0)
     gating = GatingNetwork(hidden, k, hidden_dim=32, n_hidden=2)
-    heads = ArmoHeads([f"obj{i}" for i in range(k)], rng.normal(size=(k, hidden)) * 0.3, np.eye(k), gating,
-                      verbosity_index=0)
+    heads = ArmoHeads(
+        [f"obj{i}" for i in range(k)], rng.normal(size=(k, hidden)) * 0.3, np.eye(k), gating, verbosity_index=0
+    )
     path = export_armorm_checkpoint(heads, model, str(tmp_path / "armo"), tokenizer=smollm2.tokenizer)
     backbone, loaded = checkpoint_backbone(path, device="cpu", dtype="float32")
     names, ids, ends = shared_units
@@ -284,6 +303,7 @@ def test_share_prompts_setting(smollm2):
 
 # --- the scoring stage and the manifest report what was computed --------------------------------
 
+
 def test_scoring_stage_reports_computed_and_useful_tokens(shared_units, per_unit):
     """EmbedScoreStage (called directly, no Ray) charges every unit its computed and useful
     tokens; they sum to the engine's, a quarantined unit is charged nothing, and the manifest
@@ -296,14 +316,20 @@ def test_scoring_stage_reports_computed_and_useful_tokens(shared_units, per_unit
 
     _, ids, ends = shared_units
     take = list(range(12))
-    stage = EmbedScoreStage(ScoringModel({"path": "smollm2", "dtype": "float32"}, None, None, None, True), [],
-                            Resources())
+    stage = EmbedScoreStage(
+        ScoringModel({"path": "smollm2", "dtype": "float32"}, None, None, None, True), [], Resources()
+    )
     stage.setup()
     reasons = [None] * len(take)
     reasons[5] = "earlier stage said no"
-    batch = pa.table({"input_ids": [ids[i] for i in take], "prompt_end": [int(ends[i]) for i in take],
-                      "prompt_input_ids": pa.array([None] * len(take), pa.list_(pa.int64())),
-                      "quarantine_reason": pa.array(reasons, pa.string())})
+    batch = pa.table(
+        {
+            "input_ids": [ids[i] for i in take],
+            "prompt_end": [int(ends[i]) for i in take],
+            "prompt_input_ids": pa.array([None] * len(take), pa.list_(pa.int64())),
+            "quarantine_reason": pa.array(reasons, pa.string()),
+        }
+    )
     out = stage.process(batch)
     good = [i for i in take if i != 5]
     expect = EmbeddingEngine(stage.engine.backbone).embed([ids[i] for i in good], ends[good])
@@ -314,7 +340,8 @@ def test_scoring_stage_reports_computed_and_useful_tokens(shared_units, per_unit
     assert useful.sum() < sum(len(ids[i]) for i in good)  # prompts shared within the call
     emb = np.stack(out.column("embedding").to_pylist()[:5])
     assert max_rel_err(emb, per_unit.response[:5]) <= TOL
-    acc = manifest.token_accounting([{"computed_tokens": 30, "useful_tokens": 20}, {"computed_tokens": 10,
-                                                                                     "useful_tokens": 12}, {}])
+    acc = manifest.token_accounting(
+        [{"computed_tokens": 30, "useful_tokens": 20}, {"computed_tokens": 10, "useful_tokens": 12}, {}]
+    )
     assert acc == {"computed_tokens": 40, "useful_tokens": 32, "padding_waste": 1.25}
     assert manifest.token_accounting([])["padding_waste"] is None

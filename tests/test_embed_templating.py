@@ -4,7 +4,14 @@ import copy
 
 import pytest
 
-from pipeline.embed import BackboneSpec, TemplateError, TemplatePolicy, load_tokenizer, tokenize_conversation, tokenize_many
+from pipeline.embed import (
+    BackboneSpec,
+    TemplateError,
+    TemplatePolicy,
+    load_tokenizer,
+    tokenize_conversation,
+    tokenize_many,
+)
 from pipeline.embed.templating import NOT_A_PREFIX
 
 DEFAULT_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
@@ -28,11 +35,14 @@ def ids(tokenizer, text: str) -> list[int]:
 HI = [{"role": "user", "content": "Hi there"}]
 
 
-@pytest.mark.parametrize("policy, expected_prefix", [
-    ("template_default", DEFAULT_SYSTEM),
-    ("none", ""),
-    ("Answer in one word.", "<|im_start|>system\nAnswer in one word.<|im_end|>\n"),
-])
+@pytest.mark.parametrize(
+    "policy, expected_prefix",
+    [
+        ("template_default", DEFAULT_SYSTEM),
+        ("none", ""),
+        ("Answer in one word.", "<|im_start|>system\nAnswer in one word.<|im_end|>\n"),
+    ],
+)
 def test_system_prompt_policies_render_as_documented(tok, policy, expected_prefix):
     r = tokenize_conversation(tok, HI, "Hello!", TemplatePolicy(system_prompt=policy))
     expected_prompt = expected_prefix + "<|im_start|>user\nHi there<|im_end|>\n"
@@ -48,28 +58,39 @@ def test_system_prompt_policies_render_as_documented(tok, policy, expected_prefi
 def test_conversation_own_system_message_is_kept(tok, policy):
     prompt = [{"role": "system", "content": "You are a pirate."}] + HI
     r = tokenize_conversation(tok, prompt, "Arr!", TemplatePolicy(system_prompt=policy))
-    assert tok.decode(r.input_ids) == ("<|im_start|>system\nYou are a pirate.<|im_end|>\n<|im_start|>user\nHi there"
-                                       "<|im_end|>\n<|im_start|>assistant\nArr!<|im_end|>\n")
+    assert tok.decode(r.input_ids) == (
+        "<|im_start|>system\nYou are a pirate.<|im_end|>\n<|im_start|>user\nHi there"
+        "<|im_end|>\n<|im_start|>assistant\nArr!<|im_end|>\n"
+    )
 
 
 def test_none_policy_keeps_a_start_of_text_bos(tok):
     # A Llama-3-like layout: the BOS is written once before all turns and a default system turn is
     # injected. "none" must drop the system turn but keep that BOS.
-    template = ("{{ bos_token }}{% if messages[0]['role'] != 'system' %}<|im_end|>system:default<|im_end|>{% endif %}"
-                "{% for m in messages %}<|im_end|>{{ m['role'] }}:{{ m['content'] }}<|im_end|>{% endfor %}")
+    template = (
+        "{{ bos_token }}{% if messages[0]['role'] != 'system' %}<|im_end|>system:default<|im_end|>{% endif %}"
+        "{% for m in messages %}<|im_end|>{{ m['role'] }}:{{ m['content'] }}<|im_end|>{% endfor %}"
+    )
     custom = with_template(tok, template)
     r = tokenize_conversation(custom, HI, "Hello!", TemplatePolicy(system_prompt="none"))
-    assert tok.decode(r.input_ids) == "<|im_start|><|im_end|>user:Hi there<|im_end|><|im_end|>assistant:Hello!<|im_end|>"
+    assert (
+        tok.decode(r.input_ids) == "<|im_start|><|im_end|>user:Hi there<|im_end|><|im_end|>assistant:Hello!<|im_end|>"
+    )
     default = tokenize_conversation(custom, HI, "Hello!", TemplatePolicy())
     assert "system:default" in tok.decode(default.input_ids)
 
 
 def test_none_policy_refused_when_system_is_not_a_separate_block(tok):
     # Gemma-like: the system text is folded into the first user turn.
-    template = ("{% for m in messages %}{% if m['role'] == 'system' %}{% set sys = m['content'] %}{% else %}"
-                "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}")
-    custom = with_template(tok, "{% set ns = namespace(s='') %}" + template.replace("{% set sys = m['content'] %}",
-                                                                                      "{% set ns.s = m['content'] %}"))
+    template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{% set sys = m['content'] %}{% else %}"
+        "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+    )
+    custom = with_template(
+        tok,
+        "{% set ns = namespace(s='') %}"
+        + template.replace("{% set sys = m['content'] %}", "{% set ns.s = m['content'] %}"),
+    )
     with pytest.raises(TemplateError, match="system_prompt='none' is not supported"):
         tokenize_conversation(custom, HI, "Hello!", TemplatePolicy(system_prompt="none"))
 
@@ -77,8 +98,10 @@ def test_none_policy_refused_when_system_is_not_a_separate_block(tok):
 def test_prompt_not_a_prefix_is_quarantined_not_guessed(tok):
     # This template marks the final message differently, so the prompt-only rendering (whose last
     # message is the user turn) is not a prefix of the conversation rendering.
-    template = ("{% for m in messages %}{% if loop.last %}<|im_start|>final {{ m['role'] }}\n{% else %}"
-                "<|im_start|>{{ m['role'] }}\n{% endif %}{{ m['content'] }}<|im_end|>\n{% endfor %}")
+    template = (
+        "{% for m in messages %}{% if loop.last %}<|im_start|>final {{ m['role'] }}\n{% else %}"
+        "<|im_start|>{{ m['role'] }}\n{% endif %}{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    )
     custom = with_template(tok, template)
     with pytest.raises(TemplateError) as err:
         tokenize_conversation(custom, HI, "Hello!", TemplatePolicy())
@@ -86,9 +109,13 @@ def test_prompt_not_a_prefix_is_quarantined_not_guessed(tok):
 
 
 def long_conversation():
-    turns = [("user", "first question " + "alpha " * 60), ("assistant", "first answer " + "beta " * 60),
-             ("user", "second question " + "gamma " * 60), ("assistant", "second answer " + "delta " * 60),
-             ("user", "last question please")]
+    turns = [
+        ("user", "first question " + "alpha " * 60),
+        ("assistant", "first answer " + "beta " * 60),
+        ("user", "second question " + "gamma " * 60),
+        ("assistant", "second answer " + "delta " * 60),
+        ("user", "last question please"),
+    ]
     return [{"role": r, "content": c} for r, c in turns], "the final response " + "omega " * 20
 
 
@@ -134,8 +161,12 @@ def test_tokenize_many_matches_one_by_one_and_keeps_errors_in_place(tok):
     responses = ["Hello!", response, "x", "Bye."]
     policy = TemplatePolicy(max_tokens=150, overflow="quarantine")
     results = tokenize_many(tok, prompts, responses, policy)
-    assert [type(r).__name__ for r in results] == ["TokenizedConversation", "TemplateError", "TemplateError",
-                                                   "TokenizedConversation"]
+    assert [type(r).__name__ for r in results] == [
+        "TokenizedConversation",
+        "TemplateError",
+        "TemplateError",
+        "TokenizedConversation",
+    ]
     assert results[2].reason == "message without a role"
     assert results[0] == tokenize_conversation(tok, HI, "Hello!", policy)
     assert results[3] == tokenize_conversation(tok, HI, "Bye.", policy)
@@ -143,26 +174,34 @@ def test_tokenize_many_matches_one_by_one_and_keeps_errors_in_place(tok):
 
 def test_encoder_rendering_is_plain_role_lines():
     enc = load_tokenizer(BackboneSpec("minilm"))
-    prompt = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hey"},
-              {"role": "user", "content": "How are you?"}]
+    prompt = [
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hey"},
+        {"role": "user", "content": "How are you?"},
+    ]
     r = tokenize_conversation(enc, prompt, "Fine.", TemplatePolicy(), kind="encoder")
     assert r.input_ids == enc("user: Hi there\nassistant: Hey\nuser: How are you?\nassistant: Fine.")["input_ids"]
     assert r.prompt_input_ids == enc("user: Hi there\nassistant: Hey\nuser: How are you?")["input_ids"]
     assert r.prompt_end == -1 and not r.truncated
     # Capped at the model's length (256 for all-MiniLM-L6-v2), whatever max_tokens says.
-    long = tokenize_conversation(enc, [{"role": "user", "content": "word " * 400}], "ok", TemplatePolicy(max_tokens=4096),
-                                 kind="encoder")
+    long = tokenize_conversation(
+        enc, [{"role": "user", "content": "word " * 400}], "ok", TemplatePolicy(max_tokens=4096), kind="encoder"
+    )
     assert long.total_tokens == 256 and long.truncated and long.tokens_before_truncation > 400
     # The response survives: the prompt loses its start instead (the end is nearest the response).
     answer = enc("assistant: ok", add_special_tokens=False)["input_ids"]
     prompt_ids = enc("user: " + "word " * 400, add_special_tokens=False)["input_ids"]
     cls, sep = enc.cls_token_id, enc.sep_token_id
-    assert long.input_ids == [cls] + prompt_ids[-(254 - len(answer)):] + answer + [sep]
+    assert long.input_ids == [cls] + prompt_ids[-(254 - len(answer)) :] + answer + [sep]
     assert long.response_tokens == len(answer) and long.prompt_tokens == 256 - len(answer)
     assert long.prompt_input_ids == [cls] + prompt_ids[-254:] + [sep]
     # A response longer than the cap on its own keeps its start and no prompt.
-    huge = tokenize_conversation(enc, [{"role": "user", "content": "Q?"}], "tok " * 400, TemplatePolicy(), kind="encoder")
-    assert huge.input_ids == [cls] + enc("assistant: " + "tok " * 400, add_special_tokens=False)["input_ids"][:254] + [sep]
+    huge = tokenize_conversation(
+        enc, [{"role": "user", "content": "Q?"}], "tok " * 400, TemplatePolicy(), kind="encoder"
+    )
+    assert huge.input_ids == [cls] + enc("assistant: " + "tok " * 400, add_special_tokens=False)["input_ids"][:254] + [
+        sep
+    ]
     assert huge.response_tokens == 254 and huge.truncated
 
 

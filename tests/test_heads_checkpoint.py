@@ -9,10 +9,20 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.heads.checkpoint import (ARMORM_ARCHITECTURE, RELEASE_OBJECTIVES, CheckpointError, armorm_config,
-                                       check_shard_names, config_objective_names, grow_embedding,
-                                       heads_from_checkpoint, infer_verbosity_index, llama_config_dict, pack_shards,
-                                       shard_file_name)
+from pipeline.heads.checkpoint import (
+    ARMORM_ARCHITECTURE,
+    RELEASE_OBJECTIVES,
+    CheckpointError,
+    armorm_config,
+    check_shard_names,
+    config_objective_names,
+    grow_embedding,
+    heads_from_checkpoint,
+    infer_verbosity_index,
+    llama_config_dict,
+    pack_shards,
+    shard_file_name,
+)
 from pipeline.heads.gating import GatingNetwork
 from pipeline.heads.model import ArmoHeads
 
@@ -25,21 +35,38 @@ def heads():
     T = np.eye(K)
     T[1, :] -= [0.05, 1.0, 0.2, 0.0, 0.125]
     rng = np.random.default_rng(0)
-    return ArmoHeads([f"o{i}" for i in range(K)], rng.normal(size=(K, H)), T,
-                     GatingNetwork(H, K, hidden_dim=8, n_hidden=3), verbosity_index=1)
+    return ArmoHeads(
+        [f"o{i}" for i in range(K)],
+        rng.normal(size=(K, H)),
+        T,
+        GatingNetwork(H, K, hidden_dim=8, n_hidden=3),
+        verbosity_index=1,
+    )
 
 
 def llama(**over):
-    return {"model_type": "llama", "hidden_size": H, "vocab_size": 100, "pad_token_id": 2, "eos_token_id": 2,
-            "auto_map": {"AutoModel": "x.Y"}, "_name_or_path": "/somewhere", **over}
+    return {
+        "model_type": "llama",
+        "hidden_size": H,
+        "vocab_size": 100,
+        "pad_token_id": 2,
+        "eos_token_id": 2,
+        "auto_map": {"AutoModel": "x.Y"},
+        "_name_or_path": "/somewhere",
+        **over,
+    }
 
 
 def test_export_config_holds_the_released_keys_and_the_dedicated_pad(heads):
     config = armorm_config(llama(), heads, pad_token_id=100, vocab_size=101)
     assert config["architectures"] == [ARMORM_ARCHITECTURE]
     assert config["pad_token_id"] == 100 and config["vocab_size"] == 101 and config["eos_token_id"] == 2
-    assert (config["num_objectives"], config["gating_temperature"], config["gating_hidden_dim"],
-            config["gating_n_hidden"]) == (K, 10.0, 8, 3)
+    assert (
+        config["num_objectives"],
+        config["gating_temperature"],
+        config["gating_hidden_dim"],
+        config["gating_n_hidden"],
+    ) == (K, 10.0, 8, 3)
     assert config["objectives"] == heads.objectives and config["verbosity_index"] == 1
     assert "auto_map" not in config and "_name_or_path" not in config  # no remote code, no local paths
     plain = llama_config_dict(config)
@@ -118,8 +145,13 @@ def test_heads_package_imports_no_backbone_code():
     """heads/ is math and naming: it never imports the embedding package, Ray or transformers."""
     for path in sorted((pathlib.Path(__file__).parents[1] / "pipeline" / "heads").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             for name in names:
                 assert not name.startswith(("pipeline.embed", "ray", "transformers")), f"{path.name} imports {name}"
                 if isinstance(node, ast.ImportFrom) and node.level:

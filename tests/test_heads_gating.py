@@ -28,10 +28,14 @@ def test_gating_defaults_and_parameter_names_match_the_release():
     net = GatingNetwork(in_features=16, num_objectives=19)
     names = {k: tuple(v.shape) for k, v in net.state_dict().items()}
     assert names == {
-        "layers.0.weight": (1024, 16), "layers.0.bias": (1024,),
-        "layers.1.weight": (1024, 1024), "layers.1.bias": (1024,),
-        "layers.2.weight": (1024, 1024), "layers.2.bias": (1024,),
-        "layers.3.weight": (19, 1024), "layers.3.bias": (19,),
+        "layers.0.weight": (1024, 16),
+        "layers.0.bias": (1024,),
+        "layers.1.weight": (1024, 1024),
+        "layers.1.bias": (1024,),
+        "layers.2.weight": (1024, 1024),
+        "layers.2.bias": (1024,),
+        "layers.3.weight": (19, 1024),
+        "layers.3.bias": (19,),
         "logit_scale": (1,),
     }
     assert net.temperature == 10.0 and net.dropout == 0.2 and float(net.logit_scale.detach()) == 1.0
@@ -48,8 +52,8 @@ def test_gating_forward_is_softmax_over_objectives_times_beta():
     net.eval()
     gate = net(torch.from_numpy(p)).detach().numpy()
     np.testing.assert_allclose(gate, manual_gate(net, p), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(gate.sum(axis=1), 2.5, rtol=1e-6)   # sums to β over the objectives
-    assert gate.std(axis=1).min() > 0.01                           # not a softmax over the wrong axis
+    np.testing.assert_allclose(gate.sum(axis=1), 2.5, rtol=1e-6)  # sums to β over the objectives
+    assert gate.std(axis=1).min() > 0.01  # not a softmax over the wrong axis
     # dropout acts in training mode only
     net.train()
     torch.manual_seed(1)
@@ -84,8 +88,18 @@ def _conflicting_pairs(n, seed):
 def test_train_gating_learns_prompt_dependent_weights_and_matches_inference():
     P, C, R = _conflicting_pairs(600, seed=0)
     VP, VC, VR = _conflicting_pairs(200, seed=1)
-    kwargs = dict(val_prompt_emb=VP, val_debiased_chosen=VC, val_debiased_rejected=VR,
-                  steps=400, batch_size=128, hidden_dim=64, n_hidden=2, seed=3, eval_every=25, threads=1)
+    kwargs = dict(
+        val_prompt_emb=VP,
+        val_debiased_chosen=VC,
+        val_debiased_rejected=VR,
+        steps=400,
+        batch_size=128,
+        hidden_dim=64,
+        n_hidden=2,
+        seed=3,
+        eval_every=25,
+        threads=1,
+    )
     result = train_gating(P, C, R, **kwargs)
     # fixed weightings cannot beat chance-ish levels on this data; the gate must
     for w in ([1, 0, 0], [0, 1, 0], [1, 1, 1]):
@@ -114,8 +128,14 @@ def _random_heads(h=10, k=4, seed=0, verbosity_index=2):
     T = np.eye(k)
     T[verbosity_index, :] -= rng.uniform(0, 0.3, k)
     T[verbosity_index, verbosity_index] = 0.0
-    return ArmoHeads(objectives=[f"src.obj{i}" for i in range(k)], regression_weight=rng.normal(size=(k, h)),
-                     transform=T, gating=gating, verbosity_index=verbosity_index, metadata={"lambdas": [0.1, 0.2]})
+    return ArmoHeads(
+        objectives=[f"src.obj{i}" for i in range(k)],
+        regression_weight=rng.normal(size=(k, h)),
+        transform=T,
+        gating=gating,
+        verbosity_index=verbosity_index,
+        metadata={"lambdas": [0.1, 0.2]},
+    )
 
 
 def test_armo_heads_score_is_the_spec_formula():
@@ -130,7 +150,7 @@ def test_armo_heads_score_is_the_spec_formula():
     np.testing.assert_allclose(out.debiased, r @ T, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out.gate, g, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out.score, (g * (r @ T)).sum(1), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(out.debiased[:, 2], 0.0, atol=1e-6)   # verbosity zeroed
+    np.testing.assert_allclose(out.debiased[:, 2], 0.0, atol=1e-6)  # verbosity zeroed
     assert all(a.dtype == np.float32 for a in (out.rewards, out.debiased, out.gate, out.score))
     np.testing.assert_allclose(heads.debias(out.rewards), out.debiased, atol=1e-6)
 

@@ -55,7 +55,7 @@ def test_average_ranks_with_ties_match_brute_force():
 
 def test_pearson_spearman_kendall_against_references():
     rng = np.random.default_rng(0)
-    x = rng.integers(0, 6, 60).astype(float)            # many ties
+    x = rng.integers(0, 6, 60).astype(float)  # many ties
     y = x + rng.integers(-2, 3, 60).astype(float)
     assert metrics.pearson(x, y) == pytest.approx(brute_pearson(list(x), list(y)), abs=1e-12)
     assert metrics.pearson(x, y) == pytest.approx(np.corrcoef(x, y)[0, 1], abs=1e-12)
@@ -65,7 +65,8 @@ def test_pearson_spearman_kendall_against_references():
     big = np.concatenate([x] * 2), np.concatenate([y] * 2)
     assert metrics.kendall_tau_b(*big) == pytest.approx(brute_tau_b(list(big[0]), list(big[1])), abs=1e-12)
     assert metrics.kendall_tau_b_grouped([0] * 30 + [1] * 30, x[:60], y[:60])[0] == pytest.approx(
-        brute_tau_b(list(x[:30]), list(y[:30])), abs=1e-12)
+        brute_tau_b(list(x[:30]), list(y[:30])), abs=1e-12
+    )
     # monotone transforms leave rank statistics unchanged; reversal flips the sign
     assert spearman(np.exp(x), y) == pytest.approx(spearman(x, y), abs=1e-12)
     assert metrics.kendall_tau_b(-x, y) == pytest.approx(-metrics.kendall_tau_b(x, y), abs=1e-12)
@@ -77,9 +78,9 @@ def test_pairwise_accuracy_counts_ties_as_half():
 
 
 def test_best_of_n_top1():
-    scores = [0.9, 0.1, 0.5,   0.2, 0.8,   0.7, 0.7, 0.1,   0.3, 0.4]
-    groups = ["a", "a", "a",   "b", "b",   "c", "c", "c",   "d", "d"]
-    rank = [0, 1, 2,           0, 1,       1, 0, 2,         1, 2]
+    scores = [0.9, 0.1, 0.5, 0.2, 0.8, 0.7, 0.7, 0.1, 0.3, 0.4]
+    groups = ["a", "a", "a", "b", "b", "c", "c", "c", "d", "d"]
+    rank = [0, 1, 2, 0, 1, 1, 0, 2, 1, 2]
     # a: top is rank 0 → 1; b: top is rank 1 → 0; c: two-way tie at top, one best → 0.5;
     # d: its best present rank is 1 and the top score has rank 2 → 0 (pipeline.metrics' one rule)
     codes, n = metrics.group_codes(groups)
@@ -122,7 +123,7 @@ def test_ridge_solve_matches_lstsq_per_objective_with_missing_labels():
 def test_ridge_stats_merge_equals_single_pass():
     X, Y = _ridge_data(seed=2)
     whole = RidgeStats(7, 3).add(X, Y)
-    parts = [RidgeStats(7, 3).add(X[i:i + 50], Y[i:i + 50]) for i in range(0, len(X), 50)]
+    parts = [RidgeStats(7, 3).add(X[i : i + 50], Y[i : i + 50]) for i in range(0, len(X), 50)]
     merged = parts[0]
     for p in parts[1:]:
         merged.merge(p)
@@ -147,8 +148,9 @@ def test_fit_ridge_chooses_lambda_by_validation_mse_like_brute_force():
         best = int(np.argmin(mses))
         assert fit.lambdas[k] == DEFAULT_LAMBDA_GRID[best]
         assert fit.val_mse[k] == pytest.approx(mses[best], abs=1e-8)
-        np.testing.assert_allclose(fit.weight[k], _lstsq_ridge(X[train][tr], Y[train][tr, k], fit.lambdas[k]),
-                                   atol=1e-8, rtol=0)
+        np.testing.assert_allclose(
+            fit.weight[k], _lstsq_ridge(X[train][tr], Y[train][tr, k], fit.lambdas[k]), atol=1e-8, rtol=0
+        )
     W, lambdas, val_mse = fit  # unpacks as (W, lambdas, val MSE)
     assert W.shape == (3, 12)
 
@@ -171,20 +173,23 @@ def test_fit_verbosity_debias_picks_smallest_lambda_and_builds_T():
     rng = np.random.default_rng(5)
     n = 400
     r_v = rng.uniform(size=n)
-    ratings = np.column_stack([
-        0.6 * r_v + rng.normal(scale=0.3, size=n),   # verbosity-driven
-        -0.2 * r_v + rng.normal(scale=0.2, size=n),  # shorter is better here: λ = 0
-        0.3 * r_v + rng.normal(scale=0.1, size=n),   # strongly driven
-        r_v,                                          # the verbosity objective (index 3)
-        3.0 * r_v,                                    # never drops to 0.03 within the grid: λ = 1
-    ])
+    ratings = np.column_stack(
+        [
+            0.6 * r_v + rng.normal(scale=0.3, size=n),  # verbosity-driven
+            -0.2 * r_v + rng.normal(scale=0.2, size=n),  # shorter is better here: λ = 0
+            0.3 * r_v + rng.normal(scale=0.1, size=n),  # strongly driven
+            r_v,  # the verbosity objective (index 3)
+            3.0 * r_v,  # never drops to 0.03 within the grid: λ = 1
+        ]
+    )
     T, lambdas = fit_verbosity_debias(ratings, verbosity_index=3)
     assert lambdas[3] == 1.0 and lambdas[4] == 1.0
     grid = list(DEFAULT_DEBIAS_GRID)
     for i in (0, 1, 2):
         # brute force: first grid value whose brute-force Spearman is ≤ 0.03
-        def rho(lam):
+        def rho(lam, i=i):
             return brute_pearson(brute_ranks(list(ratings[:, i] - lam * r_v)), brute_ranks(list(r_v)))
+
         expected = next(lam for lam in grid if rho(lam) <= 0.03)
         assert lambdas[i] == expected
     assert lambdas[1] == 0.0 and lambdas[0] > 0 and lambdas[2] > 0
@@ -203,7 +208,7 @@ def test_debias_without_verbosity_objective():
     assert np.array_equal(T, np.eye(3)) and np.array_equal(lambdas, np.zeros(3))
     with pytest.raises(ValueError, match="pseudo-objective"):
         fit_verbosity_debias(R, verbosity=np.arange(20.0))
-    assert length_target([0, 4096, 10 ** 6]).tolist() == [0.0, 1.0, 1.0]
+    assert length_target([0, 4096, 10**6]).tolist() == [0.0, 1.0, 1.0]
     assert 0 < length_target([63])[0] == pytest.approx(math.log(64) / math.log(4097))
 
 
@@ -244,8 +249,10 @@ def test_bradley_terry_all_ties_give_zero_weights():
 def test_bradley_terry_cv_and_single_score_head_roundtrip(tmp_path):
     chosen, rejected, _ = _pairs(n=400)
     w, l2, val_loss = fit_bradley_terry_cv(chosen[:300], rejected[:300], chosen[300:], rejected[300:])
-    losses = {g: bt_loss(fit_bradley_terry(chosen[:300], rejected[:300], l2=g), chosen[300:] - rejected[300:])
-              for g in (1e-4, 1e-3, 1e-2, 1e-1, 1.0)}
+    losses = {
+        g: bt_loss(fit_bradley_terry(chosen[:300], rejected[:300], l2=g), chosen[300:] - rejected[300:])
+        for g in (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+    }
     assert l2 == min(losses, key=losses.get) and val_loss == pytest.approx(losses[l2])
     head = BradleyTerryHead(weight=w, name="baseline")
     head.save(str(tmp_path))

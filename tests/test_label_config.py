@@ -20,18 +20,21 @@ def test_valid_config_parses_and_hash_ignores_where_it_runs(tmp_path):
     assert a.hash() != parse_config(_cfg(tmp_path, run_id="t2")).hash()
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda c: c.update(bogus=1), "unknown key(s) ['bogus']"),
-    (lambda c: c["model"].update(heds="x"), "model: unknown key(s) ['heds']"),
-    (lambda c: c["resources"].update(actors=[3, 1]), "resources.actors"),
-    (lambda c: c.pop("output"), "missing required key 'output'"),
-    (lambda c: c.update(inputs=[{"path": "/nonexistent/*.jsonl", "format": "llmbar"}]), "inputs[0]"),
-    (lambda c: c["model"].update(heads="/nonexistent/heads"), "model.heads"),
-    (lambda c: c["model"].update(backbone={"path": "/nonexistent/model"}), "model.backbone"),
-    (lambda c: c.update(run_id="a/b"), "run_id"),
-    (lambda c: c["model"].update(template={"overflow": "drop"}), "model.template"),
-    (lambda c: c["model"].update(template={"max_tokenz": 5}), "model.template"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda c: c.update(bogus=1), "unknown key(s) ['bogus']"),
+        (lambda c: c["model"].update(heds="x"), "model: unknown key(s) ['heds']"),
+        (lambda c: c["resources"].update(actors=[3, 1]), "resources.actors"),
+        (lambda c: c.pop("output"), "missing required key 'output'"),
+        (lambda c: c.update(inputs=[{"path": "/nonexistent/*.jsonl", "format": "llmbar"}]), "inputs[0]"),
+        (lambda c: c["model"].update(heads="/nonexistent/heads"), "model.heads"),
+        (lambda c: c["model"].update(backbone={"path": "/nonexistent/model"}), "model.backbone"),
+        (lambda c: c.update(run_id="a/b"), "run_id"),
+        (lambda c: c["model"].update(template={"overflow": "drop"}), "model.template"),
+        (lambda c: c["model"].update(template={"max_tokenz": 5}), "model.template"),
+    ],
+)
 def test_config_errors_name_the_problem(tmp_path, mutate, message):
     cfg = _cfg(tmp_path)
     mutate(cfg)
@@ -47,8 +50,9 @@ def test_cli_reports_config_errors_with_exit_code_2(tmp_path):
     cfg = _cfg(tmp_path)
     cfg["resources"]["token_budgett"] = 5
     path = write_yaml(tmp_path / "bad.yaml", cfg)
-    proc = subprocess.run([sys.executable, "-m", "jobs.label", "--config", str(path)], cwd=REPO,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.label", "--config", str(path)], cwd=REPO, capture_output=True, text=True
+    )
     assert proc.returncode == 2
     assert "token_budgett" in proc.stderr
 

@@ -148,10 +148,12 @@ def test_scores_equal_a_direct_computation(small_run, smollm2_heads):
         assert row["total_tokens"] == len(ids)
         np.testing.assert_allclose(row["score"], out.score[0], rtol=1e-3, atol=1e-4)
         for k, obj in enumerate(heads.objectives):
-            np.testing.assert_allclose(row[schema.objective_column(schema.RATING_PREFIX, obj)], out.rewards[0, k],
-                                       rtol=1e-3, atol=1e-4)
-            np.testing.assert_allclose(row[schema.objective_column(schema.GATE_PREFIX, obj)], out.gate[0, k],
-                                       rtol=1e-3, atol=1e-4)
+            np.testing.assert_allclose(
+                row[schema.objective_column(schema.RATING_PREFIX, obj)], out.rewards[0, k], rtol=1e-3, atol=1e-4
+            )
+            np.testing.assert_allclose(
+                row[schema.objective_column(schema.GATE_PREFIX, obj)], out.gate[0, k], rtol=1e-3, atol=1e-4
+            )
 
 
 def test_exported_armorm_checkpoint_scores_like_backbone_plus_heads(small_run, smollm2_heads):
@@ -169,7 +171,10 @@ def test_exported_armorm_checkpoint_scores_like_backbone_plus_heads(small_run, s
     theirs = read_output(tmp / "labels" / "ckpt").to_pandas().set_index("unit_id").sort_index()
     assert list(theirs.index) == list(ours.index)
     np.testing.assert_allclose(theirs["score"], ours["score"], rtol=1e-4, atol=1e-5)
-    assert theirs["heads_fingerprint"].nunique() == 1 and theirs["heads_fingerprint"].iloc[0] != ours["heads_fingerprint"].iloc[0]
+    assert (
+        theirs["heads_fingerprint"].nunique() == 1
+        and theirs["heads_fingerprint"].iloc[0] != ours["heads_fingerprint"].iloc[0]
+    )
 
 
 def test_rerun_with_same_run_id_redoes_nothing(small_run):
@@ -184,8 +189,14 @@ def test_rerun_with_same_run_id_redoes_nothing(small_run):
 
 
 def _start_job(config_path: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "jobs.label", "--config", str(config_path)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "jobs.label", "--config", str(config_path)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 600) -> None:
@@ -261,8 +272,12 @@ def test_corrupt_file_among_good_ones_is_quarantined(tmp_path, smollm2_heads):
     with gzip.open(inputs_dir / "c.jsonl.gz", "wt") as f:
         f.write(json.dumps({"input": "", "output_1": "x", "output_2": "y", "label": 1}) + "\n")
         f.write(json.dumps(rows[5]) + "\n")
-    cfg = label_config(tmp_path, smollm2_heads, inputs=[{"path": str(inputs_dir), "format": "llmbar",
-                                                           "source": "llmbar"}], limit_rows_per_input=None)
+    cfg = label_config(
+        tmp_path,
+        smollm2_heads,
+        inputs=[{"path": str(inputs_dir), "format": "llmbar", "source": "llmbar"}],
+        limit_rows_per_input=None,
+    )
     run_module("jobs.label", "--config", str(write_yaml(tmp_path / "job.yaml", cfg)))
     run_dir = tmp_path / "labels" / "t1"
     data, quarantined = read_output(run_dir), read_output(run_dir, "quarantine")
@@ -273,7 +288,11 @@ def test_corrupt_file_among_good_ones_is_quarantined(tmp_path, smollm2_heads):
     uris = quarantined.column("source_uri").to_pylist()
     assert any("b.json" in u for u in uris) and any("empty" in r for r in reasons)
     man = manifest(run_dir)["sources"]["llmbar"]
-    assert man["rows_labeled"] == 6 and man["rows_quarantined"] == 2 and man["rows_in"] == man["rows_labeled"] + man["rows_quarantined"]
+    assert (
+        man["rows_labeled"] == 6
+        and man["rows_quarantined"] == 2
+        and man["rows_in"] == man["rows_labeled"] + man["rows_quarantined"]
+    )
 
 
 def test_incremental_run_labels_only_new_files(tmp_path, smollm2_heads):
@@ -297,8 +316,14 @@ def test_output_to_s3(tmp_path, smollm2_heads, s3_server):
     so = s3_server.storage_options
     bucket = s3_server.make_bucket("labels").removeprefix("s3://")
     fs = s3_server.filesystem()
-    cfg = label_config(tmp_path, smollm2_heads, inputs=small_inputs()[:1], limit_rows_per_input=6,
-                       output=f"s3://{bucket}/runs", storage_options=so)
+    cfg = label_config(
+        tmp_path,
+        smollm2_heads,
+        inputs=small_inputs()[:1],
+        limit_rows_per_input=6,
+        output=f"s3://{bucket}/runs",
+        storage_options=so,
+    )
     run_module("jobs.label", "--config", str(write_yaml(tmp_path / "job.yaml", cfg)))
     files = fs.ls(f"{bucket}/runs/t1/data")
     assert files and all(f.endswith(".parquet") for f in files)

@@ -26,9 +26,22 @@ def test_contiguous_runs_split_and_cover():
 
 
 def _summary(sid, first, last, units_total=10):
-    return {"shard_id": sid, "first": first, "last": last, "shard_units": units_total, "shard_rows": 5,
-            "source": "s", "source_uri": "u", "units": last - first + 1, "labeled_units": last - first + 1,
-            "quarantined_units": 0, "rows_labeled": 1, "rows_quarantined": 0, "tokens": 3, "files": [f"{first}"]}
+    return {
+        "shard_id": sid,
+        "first": first,
+        "last": last,
+        "shard_units": units_total,
+        "shard_rows": 5,
+        "source": "s",
+        "source_uri": "u",
+        "units": last - first + 1,
+        "labeled_units": last - first + 1,
+        "quarantined_units": 0,
+        "rows_labeled": 1,
+        "rows_quarantined": 0,
+        "tokens": 3,
+        "files": [f"{first}"],
+    }
 
 
 def test_ledger_completes_exactly_once_and_refuses_overlap():
@@ -47,16 +60,36 @@ def test_manifest_counts_reasons_by_category_and_rows_reconcile():
     from pipeline.labeling.manifest import summarize_sources
 
     markers = [
-        {"source": "s", "shard_rows": 3, "rows_labeled": 2, "rows_quarantined": 1, "shard_units": 6,
-         "labeled_units": 4, "quarantined_units": 2, "tokens": 10,
-         "reasons": {"duplicate row: same as source_row 4 (row_id ab12)": 1,
-                     "conversation has 300 tokens, more than max_tokens=256": 1}},
-        {"source": "s", "shard_rows": 2, "rows_labeled": 1, "rows_quarantined": 1, "shard_units": 3,
-         "labeled_units": 2, "quarantined_units": 1, "tokens": 5,
-         "reasons": {"duplicate row: same as source_row 9 (row_id ff00)": 1}},
+        {
+            "source": "s",
+            "shard_rows": 3,
+            "rows_labeled": 2,
+            "rows_quarantined": 1,
+            "shard_units": 6,
+            "labeled_units": 4,
+            "quarantined_units": 2,
+            "tokens": 10,
+            "reasons": {
+                "duplicate row: same as source_row 4 (row_id ab12)": 1,
+                "conversation has 300 tokens, more than max_tokens=256": 1,
+            },
+        },
+        {
+            "source": "s",
+            "shard_rows": 2,
+            "rows_labeled": 1,
+            "rows_quarantined": 1,
+            "shard_units": 3,
+            "labeled_units": 2,
+            "quarantined_units": 1,
+            "tokens": 5,
+            "reasons": {"duplicate row: same as source_row 9 (row_id ff00)": 1},
+        },
     ]
     s = summarize_sources(markers)["s"]
     assert s["rows_in"] == 5 == s["rows_labeled"] + s["rows_quarantined"]
     assert s["units_in"] == 9 and s["tokens"] == 15
-    assert s["quarantine_reasons"] == {"duplicate row: same as source_row N": 2,
-                                       "conversation has N tokens, more than max_tokens=N": 1}
+    assert s["quarantine_reasons"] == {
+        "duplicate row: same as source_row N": 2,
+        "conversation has N tokens, more than max_tokens=N": 1,
+    }

@@ -15,10 +15,10 @@ from pipeline.curation.rerank import agreement_over_prompts
 
 # (prompt, scores, human ranks) -> the documented top-1 credit (pipeline.metrics' module doc)
 CASES = [
-    ("tie-at-top", [1.0, 1.0, 0.0], [1, 0, 2], 0.5),   # two tie for the top score, one human-best
+    ("tie-at-top", [1.0, 1.0, 0.0], [1, 0, 2], 0.5),  # two tie for the top score, one human-best
     ("hit", [0.2, 0.9, 0.1], [1, 0, 2], 1.0),
     ("miss", [0.9, 0.2, 0.1], [1, 0, 2], 0.0),
-    ("no-rank-0", [0.3, 0.4], [1, 2], 0.0),             # best present rank is 1; top score has rank 2
+    ("no-rank-0", [0.3, 0.4], [1, 2], 0.0),  # best present rank is 1; top score has rank 2
 ]
 
 
@@ -26,8 +26,19 @@ def units_frame() -> pd.DataFrame:
     rows = []
     for prompt, scores, ranks, _ in CASES:
         for i, (s, r) in enumerate(zip(scores, ranks)):
-            rows.append({"unit_id": f"{prompt}-{i}", "row_id": prompt, "prompt_id": prompt, "source": "bon",
-                         "kind": "best_of_n", "preference": None, "tie": False, "human_rank": r, "score": s})
+            rows.append(
+                {
+                    "unit_id": f"{prompt}-{i}",
+                    "row_id": prompt,
+                    "prompt_id": prompt,
+                    "source": "bon",
+                    "kind": "best_of_n",
+                    "preference": None,
+                    "tie": False,
+                    "human_rank": r,
+                    "score": s,
+                }
+            )
     return pd.DataFrame(rows)
 
 

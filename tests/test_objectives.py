@@ -58,8 +58,12 @@ def test_objective_definitions_are_checked():
         objectives.get("nobody.knows")
 
 
-TONE = {"name": "support-tone", "kind": "rated", "values": {"polite": 1.0, "neutral": 0.5, "rude": 0.0},
-        "description": "tone of a support reply"}
+TONE = {
+    "name": "support-tone",
+    "kind": "rated",
+    "values": {"polite": 1.0, "neutral": 0.5, "rude": 0.0},
+    "description": "tone of a support reply",
+}
 CLARITY = {"name": "support-clarity", "kind": "rated", "low": 1, "high": 7}
 
 
@@ -69,41 +73,69 @@ def _write(tmp_path, records, name="in.jsonl"):
     return str(path)
 
 
-RECORDS = [{"ticket": "My order is late.", "reply": "Sorry! It ships today.", "tone": "Polite", "clarity": "6"},
-           {"ticket": "Refund?", "reply": "No.", "tone": "rude", "clarity": 1},
-           {"ticket": "Where is it?", "reply": "Somewhere.", "tone": "sarcastic", "clarity": 2}]
+RECORDS = [
+    {"ticket": "My order is late.", "reply": "Sorry! It ships today.", "tone": "Polite", "clarity": "6"},
+    {"ticket": "Refund?", "reply": "No.", "tone": "rude", "clarity": 1},
+    {"ticket": "Where is it?", "reply": "Somewhere.", "tone": "sarcastic", "clarity": 2},
+]
 
 
 def test_objectives_declared_in_an_input_spec(tmp_path):
-    spec = {"path": _write(tmp_path, RECORDS), "objectives": [TONE, CLARITY], "source": "support",
-            "columns": {"prompt": "ticket", "response": "reply",
-                        "ratings": {"support-tone": "tone", "support-clarity": "clarity"}}}
+    spec = {
+        "path": _write(tmp_path, RECORDS),
+        "objectives": [TONE, CLARITY],
+        "source": "support",
+        "columns": {
+            "prompt": "ticket",
+            "response": "reply",
+            "ratings": {"support-tone": "tone", "support-clarity": "clarity"},
+        },
+    }
     units = read_units(InputSpec.from_dict(spec)).to_pylist()
     assert [(u["kind"], u["ratings"]) for u in units[:2]] == [
-        ("rated", [{"name": "support-clarity", "raw": 6.0, "value": 5 / 6},
-                   {"name": "support-tone", "raw": 1.0, "value": 1.0}]),
-        ("rated", [{"name": "support-clarity", "raw": 1.0, "value": 0.0},
-                   {"name": "support-tone", "raw": 0.0, "value": 0.0}])]
+        (
+            "rated",
+            [
+                {"name": "support-clarity", "raw": 6.0, "value": 5 / 6},
+                {"name": "support-tone", "raw": 1.0, "value": 1.0},
+            ],
+        ),
+        (
+            "rated",
+            [{"name": "support-clarity", "raw": 1.0, "value": 0.0}, {"name": "support-tone", "raw": 0.0, "value": 0.0}],
+        ),
+    ]
     assert units[2]["quarantine_reason"] == "rating 'tone' = 'sarcastic' is not one of ['neutral', 'polite', 'rude']"
     # The same definition again is fine; another one under the same name is refused, as is a built-in's name.
     InputSpec.from_dict(spec)
     with pytest.raises(InputSpecError, match="different definition"):
         InputSpec.from_dict({**spec, "objectives": [{**CLARITY, "high": 10}]})
     with pytest.raises(InputSpecError, match="is a built-in"):
-        InputSpec.from_dict({"path": spec["path"], "objectives": [{"name": "helpsteer-helpfulness", "kind": "rated",
-                                                                   "low": 1, "high": 5}]})
+        InputSpec.from_dict(
+            {
+                "path": spec["path"],
+                "objectives": [{"name": "helpsteer-helpfulness", "kind": "rated", "low": 1, "high": 5}],
+            }
+        )
 
 
 def test_a_rebuilt_spec_registers_its_objectives_in_a_fresh_process(tmp_path):
     """Read tasks run in other processes (Ray workers) and rebuild the spec from its dict."""
-    spec = InputSpec.from_dict({"path": _write(tmp_path, RECORDS[:2]), "objectives": [CLARITY],
-                                "columns": {"prompt": "ticket", "response": "reply",
-                                            "ratings": {"support-clarity": "clarity"}}})
-    code = ("import json, sys\nfrom pipeline.corpus import InputSpec, read_units\n"
-            "t = read_units(InputSpec.from_dict(json.loads(sys.argv[1])))\n"
-            "print(json.dumps([r[0]['value'] for r in t.column('ratings').to_pylist()]))")
-    out = subprocess.run([sys.executable, "-c", code, json.dumps(spec.to_dict())], cwd=REPO, capture_output=True,
-                         text=True, check=True)
+    spec = InputSpec.from_dict(
+        {
+            "path": _write(tmp_path, RECORDS[:2]),
+            "objectives": [CLARITY],
+            "columns": {"prompt": "ticket", "response": "reply", "ratings": {"support-clarity": "clarity"}},
+        }
+    )
+    code = (
+        "import json, sys\nfrom pipeline.corpus import InputSpec, read_units\n"
+        "t = read_units(InputSpec.from_dict(json.loads(sys.argv[1])))\n"
+        "print(json.dumps([r[0]['value'] for r in t.column('ratings').to_pylist()]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(spec.to_dict())], cwd=REPO, capture_output=True, text=True, check=True
+    )
     assert json.loads(out.stdout) == [5 / 6, 0.0]
 
 
@@ -111,10 +143,21 @@ def test_train_config_objectives_reach_every_input_and_the_heads(tmp_path):
     path = _write(tmp_path, RECORDS[:2])
     cfg_file = tmp_path / "train.yaml"
     declared = {"name": "support-empathy", "kind": "rated", "low": 0, "high": 10}
-    cfg_file.write_text(yaml.safe_dump({
-        "name": "t", "heads_out": str(tmp_path / "heads"), "objectives": [declared],
-        "inputs": [{"path": path, "columns": {"prompt": "ticket", "response": "reply",
-                                              "ratings": {"support-empathy": "clarity"}}}]}))
+    cfg_file.write_text(
+        yaml.safe_dump(
+            {
+                "name": "t",
+                "heads_out": str(tmp_path / "heads"),
+                "objectives": [declared],
+                "inputs": [
+                    {
+                        "path": path,
+                        "columns": {"prompt": "ticket", "response": "reply", "ratings": {"support-empathy": "clarity"}},
+                    }
+                ],
+            }
+        )
+    )
     cfg = load_train_config(str(cfg_file))
     assert objectives.get("support-empathy").high == 10
     (spec,) = cfg.input_specs()
@@ -123,9 +166,16 @@ def test_train_config_objectives_reach_every_input_and_the_heads(tmp_path):
     assert cfg.embedding_run().inputs == cfg.input_specs()
     units = read_units(InputSpec.from_dict(spec)).to_pylist()
     assert [u["ratings"][0]["value"] for u in units] == [0.6, 0.1]
-    cfg_file.write_text(yaml.safe_dump({"name": "t", "heads_out": "h", "inputs": [{"path": path}],
-                                        "objectives": [{"name": "support-empathy", "kind": "rated", "low": 0,
-                                                        "high": 5}]}))
+    cfg_file.write_text(
+        yaml.safe_dump(
+            {
+                "name": "t",
+                "heads_out": "h",
+                "inputs": [{"path": path}],
+                "objectives": [{"name": "support-empathy", "kind": "rated", "low": 0, "high": 5}],
+            }
+        )
+    )
     with pytest.raises(ConfigError, match="different definition"):
         load_train_config(str(cfg_file))
 
@@ -139,22 +189,50 @@ def test_a_declared_rated_objective_trains_a_ridge_head():
         x = rng.normal(size=8)
         x[0] = 1.0
         y = float(np.clip(0.5 + 0.1 * x[1:] @ w[1:], 0, 1))
-        rows.append({"row_id": f"r{i}", "kind": "rated", "source": "support", "preference": None, "tie": False,
-                     "human_rank": None, "ratings": [{"name": "support-clarity", "raw": 1 + 6 * y, "value": y}],
-                     "response_tokens": 10, "embedding": x.tolist(), "prompt_embedding": rng.normal(size=8).tolist()})
+        rows.append(
+            {
+                "row_id": f"r{i}",
+                "kind": "rated",
+                "source": "support",
+                "preference": None,
+                "tie": False,
+                "human_rank": None,
+                "ratings": [{"name": "support-clarity", "raw": 1 + 6 * y, "value": y}],
+                "response_tokens": 10,
+                "embedding": x.tolist(),
+                "prompt_embedding": rng.normal(size=8).tolist(),
+            }
+        )
     for i in range(100):
         p = rng.normal(size=8).tolist()
         a, b = rng.normal(size=8), rng.normal(size=8)
         a, b = (a, b) if a @ w > b @ w else (b, a)
         for emb, pref in ((a, "chosen"), (b, "rejected")):
-            rows.append({"row_id": f"p{i}", "kind": "preference", "source": "support_pairs", "preference": pref,
-                         "tie": False, "human_rank": None, "ratings": None, "response_tokens": 10,
-                         "embedding": emb.tolist(), "prompt_embedding": p})
+            rows.append(
+                {
+                    "row_id": f"p{i}",
+                    "kind": "preference",
+                    "source": "support_pairs",
+                    "preference": pref,
+                    "tie": False,
+                    "human_rank": None,
+                    "ratings": None,
+                    "response_tokens": 10,
+                    "embedding": emb.tolist(),
+                    "prompt_embedding": p,
+                }
+            )
     # A declared pairwise objective names the source's Bradley-Terry head (once, not twice).
     helpful = {"name": "support_pairs.helpful", "kind": "pairwise", "source": "support_pairs", "attribute": "helpful"}
-    result = train_heads(pa.Table.from_pylist(rows), {"gating": {"steps": 20, "batch_size": 64, "hidden_dim": 16,
-                                                                 "eval_every": 10}, "verbosity": "none",
-                                                      "baseline": False, "objectives": [helpful]})
+    result = train_heads(
+        pa.Table.from_pylist(rows),
+        {
+            "gating": {"steps": 20, "batch_size": 64, "hidden_dim": 16, "eval_every": 10},
+            "verbosity": "none",
+            "baseline": False,
+            "objectives": [helpful],
+        },
+    )
     heads = result.heads
     assert heads.objectives == ["support-clarity", "support_pairs.helpful"]
     assert result.summary["objectives"]["support-clarity"]["kind"] == "rating"

@@ -25,9 +25,19 @@ CHROMIUM = "/usr/bin/chromium"
 
 def chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     assert Path(CHROMIUM).exists(), "headless Chromium missing: run `bash infra/test-deps.sh`"
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tmp_path / 'chromium-profile'}", *args]
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=True)
 
 
@@ -39,8 +49,13 @@ class Elements(HTMLParser):
         self.elements, self.stack = [], []
 
     def handle_starttag(self, tag, attrs):
-        el = {"tag": tag, "attrs": dict(attrs), "text": "", "parents": [e["tag"] for e in self.stack],
-              "parent_attrs": [e["attrs"] for e in self.stack]}
+        el = {
+            "tag": tag,
+            "attrs": dict(attrs),
+            "text": "",
+            "parents": [e["tag"] for e in self.stack],
+            "parent_attrs": [e["attrs"] for e in self.stack],
+        }
         self.elements.append(el)
         self.stack.append(el)  # void / self-closed elements get their end tag from handle_startendtag
 
@@ -72,8 +87,8 @@ def decode_png(data: bytes) -> np.ndarray:
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     pos, idat = 8, b""
     while pos < len(data):
-        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
-        chunk = data[pos + 8:pos + 8 + length]
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        chunk = data[pos + 8 : pos + 8 + length]
         if kind == b"IHDR":
             width, height, depth, color = struct.unpack(">IIBB", chunk[:10])
         elif kind == b"IDAT":
@@ -132,8 +147,18 @@ def test_report_renders_real_run_data_in_chromium(which, annotated_run, tmp_path
     units = load_units(annotated_run)
     manifests, sft_counts, dpo_counts = curation_manifests(units, tmp_path)
     out = tmp_path / "report.html"
-    assert report_cli.main(["--run", str(annotated_run), "--out", str(out),
-                            *sum((["--curation-manifest", str(m)] for m in manifests), [])]) == 0
+    assert (
+        report_cli.main(
+            [
+                "--run",
+                str(annotated_run),
+                "--out",
+                str(out),
+                *sum((["--curation-manifest", str(m)] for m in manifests), []),
+            ]
+        )
+        == 0
+    )
     text = out.read_text()
     # self-contained: nothing to fetch (the only URL is the SVG namespace)
     assert "<script" not in text and "<link" not in text and " src=" not in text
@@ -149,7 +174,10 @@ def test_report_renders_real_run_data_in_chromium(which, annotated_run, tmp_path
     for h in hists:
         n = int((units["source"] == h["attrs"]["data-source"]).sum())
         assert int(h["attrs"]["data-count"]) == n
-        assert sum(int(b["attrs"]["data-count"]) for b in dom.inside(h, "rect") if "bar" in b["attrs"].get("class", "")) == n
+        assert (
+            sum(int(b["attrs"]["data-count"]) for b in dom.inside(h, "rect") if "bar" in b["attrs"].get("class", ""))
+            == n
+        )
         labels = {t["text"] for t in dom.inside(h, "text") if t["attrs"].get("class") in ("x-label", "y-label")}
         assert labels == {"score", "units"}
 
@@ -174,7 +202,9 @@ def test_report_renders_real_run_data_in_chromium(which, annotated_run, tmp_path
             continue
         src = next(a["data-group"] for a in seg["parent_attrs"] if "data-group" in a)
         col = schema.objective_column(schema.GATE_PREFIX, seg["attrs"]["data-segment"])
-        assert float(seg["attrs"]["data-value"]) == pytest.approx(units.loc[units["source"] == src, col].astype(float).mean(), rel=1e-5)
+        assert float(seg["attrs"]["data-value"]) == pytest.approx(
+            units.loc[units["source"] == src, col].astype(float).mean(), rel=1e-5
+        )
 
     # correlations between objectives
     corr = units[[schema.objective_column(schema.RATING_PREFIX, o) for o in OBJECTIVES]].astype(float).corr()
@@ -186,22 +216,30 @@ def test_report_renders_real_run_data_in_chromium(which, annotated_run, tmp_path
         assert float(c["data-value"]) == pytest.approx(corr.iloc[i, j], abs=1e-5)
 
     # what each threshold removed, from the SFT manifest
-    removed = {g["attrs"]["data-label"]: float(g["attrs"]["data-value"])
-               for g in dom.inside(dom.find("svg", id="thresholds-removed")[0], "g") if "data-label" in g["attrs"]}
+    removed = {
+        g["attrs"]["data-label"]: float(g["attrs"]["data-value"])
+        for g in dom.inside(dom.find("svg", id="thresholds-removed")[0], "g")
+        if "data-label" in g["attrs"]
+    }
     expected = {s["label"]: s["removed"] for s in sft_counts["selection"] + sft_counts["filters"]}
     expected["one response per prompt"] = sft_counts["one_per_prompt_removed"]
     assert removed == expected and expected["score top 0.5"] > 0
-    outcomes = {g["attrs"]["data-label"]: float(g["attrs"]["data-value"])
-                for g in dom.inside(dom.find("svg", "pair-outcomes", data_origin="preference")[0], "g")
-                if "data-label" in g["attrs"]}
+    outcomes = {
+        g["attrs"]["data-label"]: float(g["attrs"]["data-value"])
+        for g in dom.inside(dom.find("svg", "pair-outcomes", data_origin="preference")[0], "g")
+        if "data-label" in g["attrs"]
+    }
     pref = dpo_counts["pairs"]["preference"]
     assert outcomes["kept"] == pref["kept"] and outcomes["flipped"] == pref["flipped"]
     assert sum(outcomes.values()) == pref["pairs_in"]
 
     # best-of-N agreement: only OASST has human ranks
     assert [h["attrs"]["data-source"] for h in dom.find("svg", "tau-hist")] == ["oasst"]
-    bars = {g["attrs"]["data-label"]: float(g["attrs"]["data-value"])
-            for g in dom.inside(dom.find("svg", id="agreement-chart")[0], "g") if "data-label" in g["attrs"]}
+    bars = {
+        g["attrs"]["data-label"]: float(g["attrs"]["data-value"])
+        for g in dom.inside(dom.find("svg", id="agreement-chart")[0], "g")
+        if "data-label" in g["attrs"]
+    }
     bon = units[units["kind"] == "best_of_n"].drop_duplicates("unit_id")
     hits = groups = 0
     for _, g in bon.groupby("prompt_id"):

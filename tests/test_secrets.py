@@ -35,8 +35,14 @@ TOKEN = "SentinelSessionToken.4b1c"
 CUSTOM = "SentinelTeamApiKey-77aa"
 URI_KEY = "AKIASENTINELURI5M8W"
 URI_SECRET = "uri/Sentinel+Secret9z"
-SENTINELS = {"key": KEY, "secret": SECRET, "token": TOKEN, "custom": CUSTOM, "uri_key": URI_KEY,
-             "uri_secret": URI_SECRET}
+SENTINELS = {
+    "key": KEY,
+    "secret": SECRET,
+    "token": TOKEN,
+    "custom": CUSTOM,
+    "uri_key": URI_KEY,
+    "uri_secret": URI_SECRET,
+}
 
 
 def forms(value: str) -> set[bytes]:
@@ -53,46 +59,75 @@ def uri_with_credentials(uri: str, key: str = URI_KEY, secret: str = URI_SECRET)
 
 
 def sentinel_options(endpoint_url: str) -> dict:
-    return {"endpoint_url": endpoint_url, "key": KEY, "secret": SECRET,
-            "client_kwargs": {"aws_session_token": TOKEN},
-            # a credential name the defaults do not know, named by the user (s3fs drops headers
-            # that no S3 operation takes, so this one never travels)
-            "s3_additional_kwargs": {"X-Team-Api-Key": CUSTOM}, "redact_keys": ["X-Team-Api-Key"]}
+    return {
+        "endpoint_url": endpoint_url,
+        "key": KEY,
+        "secret": SECRET,
+        "client_kwargs": {"aws_session_token": TOKEN},
+        # a credential name the defaults do not know, named by the user (s3fs drops headers
+        # that no S3 operation takes, so this one never travels)
+        "s3_additional_kwargs": {"X-Team-Api-Key": CUSTOM},
+        "redact_keys": ["X-Team-Api-Key"],
+    }
 
 
 # ---- pure parts ------------------------------------------------------------------------------
 
+
 def test_redact_nested_user_listed_and_uris():
-    cfg = {"output": "s3://u1:p1@bucket/out", "run_id": "r",
-           "storage_options": {"endpoint_url": "http://e", "key": "k1", "secret": "s1", "profile": "prod",
-                               "client_kwargs": {"aws_session_token": "t1", "region_name": "eu-west-1"},
-                               "config_kwargs": {"retries": {"max_attempts": 3}, "password": "p2"},
-                               "s3_additional_kwargs": {"ServerSideEncryption": "aws:kms", "X-Api": "x1"},
-                               "redact_keys": ["x-api"], "token": None},
-           "inputs": [{"path": "a.json", "storage_options": {"Secret": "s9", "x_api": "x2"}}],
-           "sources": {"key": {"units": 3}}}   # not storage options: a source may be called anything
+    cfg = {
+        "output": "s3://u1:p1@bucket/out",
+        "run_id": "r",
+        "storage_options": {
+            "endpoint_url": "http://e",
+            "key": "k1",
+            "secret": "s1",
+            "profile": "prod",
+            "client_kwargs": {"aws_session_token": "t1", "region_name": "eu-west-1"},
+            "config_kwargs": {"retries": {"max_attempts": 3}, "password": "p2"},
+            "s3_additional_kwargs": {"ServerSideEncryption": "aws:kms", "X-Api": "x1"},
+            "redact_keys": ["x-api"],
+            "token": None,
+        },
+        "inputs": [{"path": "a.json", "storage_options": {"Secret": "s9", "x_api": "x2"}}],
+        "sources": {"key": {"units": 3}},
+    }  # not storage options: a source may be called anything
     r = secrets.redact(cfg)
     so = r["storage_options"]
-    assert so == {"endpoint_url": "http://e", "key": REDACTED, "secret": REDACTED, "profile": "prod",
-                  "client_kwargs": {"aws_session_token": REDACTED, "region_name": "eu-west-1"},
-                  "config_kwargs": {"retries": {"max_attempts": 3}, "password": REDACTED},
-                  "s3_additional_kwargs": {"ServerSideEncryption": "aws:kms", "X-Api": REDACTED},
-                  "redact_keys": ["x-api"], "token": None}
+    assert so == {
+        "endpoint_url": "http://e",
+        "key": REDACTED,
+        "secret": REDACTED,
+        "profile": "prod",
+        "client_kwargs": {"aws_session_token": REDACTED, "region_name": "eu-west-1"},
+        "config_kwargs": {"retries": {"max_attempts": 3}, "password": REDACTED},
+        "s3_additional_kwargs": {"ServerSideEncryption": "aws:kms", "X-Api": REDACTED},
+        "redact_keys": ["x-api"],
+        "token": None,
+    }
     assert r["inputs"][0]["storage_options"] == {"Secret": REDACTED, "x_api": REDACTED}
     assert r["output"] == f"s3://{REDACTED}@bucket/out" and r["sources"] == {"key": {"units": 3}}
-    assert cfg["storage_options"]["key"] == "k1"   # a copy: the job keeps its credentials
+    assert cfg["storage_options"]["key"] == "k1"  # a copy: the job keeps its credentials
 
     w = secrets.without_credentials(cfg)
     assert w["output"] == "s3://bucket/out"
-    assert w["storage_options"] == {"endpoint_url": "http://e", "profile": "prod",
-                                    "client_kwargs": {"region_name": "eu-west-1"},
-                                    "config_kwargs": {"retries": {"max_attempts": 3}},
-                                    "s3_additional_kwargs": {"ServerSideEncryption": "aws:kms"}}
+    assert w["storage_options"] == {
+        "endpoint_url": "http://e",
+        "profile": "prod",
+        "client_kwargs": {"region_name": "eu-west-1"},
+        "config_kwargs": {"retries": {"max_attempts": 3}},
+        "s3_additional_kwargs": {"ServerSideEncryption": "aws:kms"},
+    }
     assert w["inputs"][0]["storage_options"] == {}
     assert secrets.inline_credentials(cfg) == [
-        "storage_options.key", "storage_options.secret", "storage_options.client_kwargs.aws_session_token",
-        "storage_options.config_kwargs.password", "storage_options.s3_additional_kwargs.X-Api",
-        "inputs[0].storage_options.Secret", "inputs[0].storage_options.x_api"]
+        "storage_options.key",
+        "storage_options.secret",
+        "storage_options.client_kwargs.aws_session_token",
+        "storage_options.config_kwargs.password",
+        "storage_options.s3_additional_kwargs.X-Api",
+        "inputs[0].storage_options.Secret",
+        "inputs[0].storage_options.x_api",
+    ]
     assert secrets.inline_credentials(w) == []
 
 
@@ -101,11 +136,15 @@ def test_uri_credentials_split_and_lift():
     assert secrets.split_uri_credentials(uri) == ("s3://bucket/p/a@b.json", {"key": URI_KEY, "secret": URI_SECRET})
     assert secrets.split_uri_credentials("s3://bucket/x@y/z") == ("s3://bucket/x@y/z", {})
     # pasted unescaped, as AWS secret keys with '/' and '+' often are
-    assert secrets.split_uri_credentials(f"s3://{URI_KEY}:{URI_SECRET}@bucket/a@b") == \
-        ("s3://bucket/a@b", {"key": URI_KEY, "secret": URI_SECRET})
+    assert secrets.split_uri_credentials(f"s3://{URI_KEY}:{URI_SECRET}@bucket/a@b") == (
+        "s3://bucket/a@b",
+        {"key": URI_KEY, "secret": URI_SECRET},
+    )
     assert secrets.redact_uri(f"s3://{URI_KEY}:{URI_SECRET}@bucket/k") == f"s3://{REDACTED}@bucket/k"
-    assert secrets.redact_uri(f"failed: {uri} and gs://tok@b/x") == \
-        f"failed: s3://{REDACTED}@bucket/p/a@b.json and gs://{REDACTED}@b/x"
+    assert (
+        secrets.redact_uri(f"failed: {uri} and gs://tok@b/x")
+        == f"failed: s3://{REDACTED}@bucket/p/a@b.json and gs://{REDACTED}@b/x"
+    )
     clean, so = secrets.lift_uri_credentials([uri, "s3://bucket/q"], {"endpoint_url": "e"}, "here")
     assert clean == ["s3://bucket/p/a@b.json", "s3://bucket/q"]
     assert so == {"endpoint_url": "e", "key": URI_KEY, "secret": URI_SECRET}
@@ -118,8 +157,10 @@ def test_uri_credentials_split_and_lift():
 
 def test_scrub_masks_remembered_values_pairs_and_uris():
     secrets.remember({"secret": "remembered-Secret-xyz/1"})
-    text = ("boom remembered-Secret-xyz/1 remembered-Secret-xyz%2F1 {'key': 'AKIA0000', 'secret': \"a b\"}\n"
-            "  secret: plainvalue\n token=abc, tokens_per_s: 12 token_budget: 4096 s3://A:B@bucket/k")
+    text = (
+        "boom remembered-Secret-xyz/1 remembered-Secret-xyz%2F1 {'key': 'AKIA0000', 'secret': \"a b\"}\n"
+        "  secret: plainvalue\n token=abc, tokens_per_s: 12 token_budget: 4096 s3://A:B@bucket/k"
+    )
     out = secrets.scrub(text)
     assert "remembered-Secret" not in out and "AKIA0000" not in out and "plainvalue" not in out
     assert "abc" not in out and "A:B" not in out
@@ -138,9 +179,13 @@ def test_uncaught_traceback_is_scrubbed(capsys):
 
 
 def _label_config_dict(output: str, **storage) -> dict:
-    return {"run_id": "h", "output": output, "storage_options": storage,
-            "model": {"backbone": {"path": "minilm"}},
-            "inputs": [{"path": str(SHARED / "llmbar" / "LLMBar_Natural.json"), "format": "llmbar"}]}
+    return {
+        "run_id": "h",
+        "output": output,
+        "storage_options": storage,
+        "model": {"backbone": {"path": "minilm"}},
+        "inputs": [{"path": str(SHARED / "llmbar" / "LLMBar_Natural.json"), "format": "llmbar"}],
+    }
 
 
 def test_label_config_hash_ignores_credentials_only(tmp_path):
@@ -150,10 +195,12 @@ def test_label_config_hash_ignores_credentials_only(tmp_path):
     b = parse_config(_label_config_dict(str(tmp_path), endpoint_url="http://e", key="AKIAOTHER", secret="rotated"))
     none = parse_config(_label_config_dict(str(tmp_path), endpoint_url="http://e"))
     other = parse_config(_label_config_dict(str(tmp_path), endpoint_url="http://other", key=KEY, secret=SECRET))
-    in_uri = parse_config(_label_config_dict(uri_with_credentials("s3://bucket/out", KEY, SECRET),
-                                             endpoint_url="http://e"))
-    in_uri_rotated = parse_config(_label_config_dict(uri_with_credentials("s3://bucket/out", "K2", "S2"),
-                                                     endpoint_url="http://e"))
+    in_uri = parse_config(
+        _label_config_dict(uri_with_credentials("s3://bucket/out", KEY, SECRET), endpoint_url="http://e")
+    )
+    in_uri_rotated = parse_config(
+        _label_config_dict(uri_with_credentials("s3://bucket/out", "K2", "S2"), endpoint_url="http://e")
+    )
     assert a.hash() == b.hash() == none.hash() != other.hash()
     assert in_uri.hash() == in_uri_rotated.hash()
     assert in_uri.output == "s3://bucket/out" and in_uri.storage_options["secret"] == SECRET  # lifted
@@ -176,8 +223,16 @@ def test_train_config_hash_ignores_credentials_only(tmp_path):
 
     def cfg(**so):
         path = tmp_path / "t.yaml"
-        path.write_text(yaml.safe_dump({"name": "n", "heads_out": "h", "storage_options": so,
-                                        "inputs": [{"path": "s3://b/x.json", "storage_options": so}]}))
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "name": "n",
+                    "heads_out": "h",
+                    "storage_options": so,
+                    "inputs": [{"path": "s3://b/x.json", "storage_options": so}],
+                }
+            )
+        )
         return load_train_config(str(path))
 
     a, b, c = cfg(key=KEY, secret=SECRET), cfg(key="o", secret="r"), cfg(key=KEY, endpoint_url="http://o")
@@ -189,12 +244,18 @@ def test_scheduler_submission_id_ignores_credentials_only():
     from jobs.schedule import config_hash
 
     def text(key, secret, endpoint="http://e", output="s3://bucket/out"):
-        return yaml.safe_dump({"output": output, "storage_options": {"endpoint_url": endpoint, "key": key,
-                                                                     "secret": secret},
-                               "inputs": [{"path": "s3://bucket/in", "storage_options": {"token": secret}}]})
+        return yaml.safe_dump(
+            {
+                "output": output,
+                "storage_options": {"endpoint_url": endpoint, "key": key, "secret": secret},
+                "inputs": [{"path": "s3://bucket/in", "storage_options": {"token": secret}}],
+            }
+        )
 
     assert config_hash(text(KEY, SECRET)) == config_hash(text("AKIAOTHER", "rotated"))
-    assert config_hash(text(KEY, SECRET)) == config_hash(text(KEY, SECRET, output=uri_with_credentials("s3://bucket/out")))
+    assert config_hash(text(KEY, SECRET)) == config_hash(
+        text(KEY, SECRET, output=uri_with_credentials("s3://bucket/out"))
+    )
     assert config_hash(text(KEY, SECRET)) != config_hash(text(KEY, SECRET, endpoint="http://other"))
 
 
@@ -212,6 +273,7 @@ def test_yaml_error_does_not_quote_the_secret(tmp_path, capsys):
 
 
 # ---- end to end, against the moto server -----------------------------------------------------
+
 
 @contextmanager
 def captured_fds(path: Path):
@@ -267,67 +329,175 @@ def sentinel_runs(s3_server, annotated_run, tmp_path_factory):
     try:
         session_dir = Path(ray._private.worker._global_node.get_session_dir_path())
         with captured_fds(logs / "jobs.txt"):
-            codes["label"] = label.main(["--config", write("label.yaml", {
-                "run_id": "r1", "output": uri_with_credentials(f"{bucket}/labels", KEY, SECRET),
-                "storage_options": so, "model": {"backbone": {"path": "minilm"}},
-                "resources": {"actors": 1, "num_cpus_per_actor": 1, "rows_per_shard": 4, "units_per_call": 8},
-                "limit_rows_per_input": 6, "progress_interval_s": 0.0,
-                "inputs": [{"path": uri_with_credentials(f"{bucket}/in/trees.jsonl"), "format": "oasst_best_of_n"},
-                           {"path": f"{bucket}/in/llmbar.json", "format": "llmbar"}]})])
+            codes["label"] = label.main(
+                [
+                    "--config",
+                    write(
+                        "label.yaml",
+                        {
+                            "run_id": "r1",
+                            "output": uri_with_credentials(f"{bucket}/labels", KEY, SECRET),
+                            "storage_options": so,
+                            "model": {"backbone": {"path": "minilm"}},
+                            "resources": {
+                                "actors": 1,
+                                "num_cpus_per_actor": 1,
+                                "rows_per_shard": 4,
+                                "units_per_call": 8,
+                            },
+                            "limit_rows_per_input": 6,
+                            "progress_interval_s": 0.0,
+                            "inputs": [
+                                {"path": uri_with_credentials(f"{bucket}/in/trees.jsonl"), "format": "oasst_best_of_n"},
+                                {"path": f"{bucket}/in/llmbar.json", "format": "llmbar"},
+                            ],
+                        },
+                    ),
+                ]
+            )
             run = f"{bucket}/annotated"
-            codes["calibrate"] = curate.main(["--config", write("cal.yaml", {
-                "task": "calibrate", "run": run, "output": f"{bucket}/curated/cal.json", "storage_options": so,
-                "output_files": 2, "calibrate": {"fit_temperature": False}})])
-            codes["sft"] = curate.main(["--config", write("sft.yaml", {
-                "task": "sft", "run": run, "output": f"{bucket}/curated/sft", "storage_options": so,
-                "output_files": 2, "filters": [{"column": "score", "min": 0.0}],
-                "calibration": f"{bucket}/curated/cal.json"})])
-            codes["dpo"] = curate.main(["--config", write("dpo.yaml", {
-                "task": "dpo", "run": run, "output": str(out / "dpo"), "storage_options": so, "output_files": 2,
-                "calibration": f"{bucket}/curated/cal.json"})])
-            codes["rerank"] = curate.main(["--config", write("rerank.yaml", {   # credentials in the URI only
-                "task": "rerank", "run": uri_with_credentials(run), "output": str(out / "rerank"),
-                "storage_options": {"endpoint_url": s3_server.endpoint_url}, "output_files": 2})])
-            codes["report"] = report.main([   # credentials in the URI, the endpoint on the command line
-                "--run", uri_with_credentials(run), "--curation-manifest", f"{bucket}/curated/sft/manifest.json",
-                "--curation-manifest", str(out / "dpo" / "manifest.json"), "--out", str(out / "report.html"),
-                "--storage-options", json.dumps({"endpoint_url": s3_server.endpoint_url})])
+            codes["calibrate"] = curate.main(
+                [
+                    "--config",
+                    write(
+                        "cal.yaml",
+                        {
+                            "task": "calibrate",
+                            "run": run,
+                            "output": f"{bucket}/curated/cal.json",
+                            "storage_options": so,
+                            "output_files": 2,
+                            "calibrate": {"fit_temperature": False},
+                        },
+                    ),
+                ]
+            )
+            codes["sft"] = curate.main(
+                [
+                    "--config",
+                    write(
+                        "sft.yaml",
+                        {
+                            "task": "sft",
+                            "run": run,
+                            "output": f"{bucket}/curated/sft",
+                            "storage_options": so,
+                            "output_files": 2,
+                            "filters": [{"column": "score", "min": 0.0}],
+                            "calibration": f"{bucket}/curated/cal.json",
+                        },
+                    ),
+                ]
+            )
+            codes["dpo"] = curate.main(
+                [
+                    "--config",
+                    write(
+                        "dpo.yaml",
+                        {
+                            "task": "dpo",
+                            "run": run,
+                            "output": str(out / "dpo"),
+                            "storage_options": so,
+                            "output_files": 2,
+                            "calibration": f"{bucket}/curated/cal.json",
+                        },
+                    ),
+                ]
+            )
+            codes["rerank"] = curate.main(
+                [
+                    "--config",
+                    write(
+                        "rerank.yaml",
+                        {  # credentials in the URI only
+                            "task": "rerank",
+                            "run": uri_with_credentials(run),
+                            "output": str(out / "rerank"),
+                            "storage_options": {"endpoint_url": s3_server.endpoint_url},
+                            "output_files": 2,
+                        },
+                    ),
+                ]
+            )
+            codes["report"] = report.main(
+                [  # credentials in the URI, the endpoint on the command line
+                    "--run",
+                    uri_with_credentials(run),
+                    "--curation-manifest",
+                    f"{bucket}/curated/sft/manifest.json",
+                    "--curation-manifest",
+                    str(out / "dpo" / "manifest.json"),
+                    "--out",
+                    str(out / "report.html"),
+                    "--storage-options",
+                    json.dumps({"endpoint_url": s3_server.endpoint_url}),
+                ]
+            )
             # error paths: a missing input named with credentials, a storage error
-            codes["missing"] = label.main(["--config", write("missing.yaml", {
-                "run_id": "r2", "output": f"{bucket}/labels", "storage_options": so,
-                "model": {"backbone": {"path": "minilm"}},
-                "inputs": [{"path": uri_with_credentials(f"{bucket}/nothing/*.json"), "format": "llmbar"}]})])
+            codes["missing"] = label.main(
+                [
+                    "--config",
+                    write(
+                        "missing.yaml",
+                        {
+                            "run_id": "r2",
+                            "output": f"{bucket}/labels",
+                            "storage_options": so,
+                            "model": {"backbone": {"path": "minilm"}},
+                            "inputs": [{"path": uri_with_credentials(f"{bucket}/nothing/*.json"), "format": "llmbar"}],
+                        },
+                    ),
+                ]
+            )
             try:
-                storage.read_bytes(uri_with_credentials(f"{bucket}/no/such.json"),
-                                   {"endpoint_url": s3_server.endpoint_url})
+                storage.read_bytes(
+                    uri_with_credentials(f"{bucket}/no/such.json"), {"endpoint_url": s3_server.endpoint_url}
+                )
             except FileNotFoundError as e:
                 import traceback
 
                 codes["storage_error"] = "".join(traceback.format_exception(e))
     finally:
         ray.shutdown()
-    return {"bucket": bucket, "out": out, "logs": logs, "codes": codes, "session_dir": session_dir,
-            "fs": s3_server.filesystem(), "configs": configs}
+    return {
+        "bucket": bucket,
+        "out": out,
+        "logs": logs,
+        "codes": codes,
+        "session_dir": session_dir,
+        "fs": s3_server.filesystem(),
+        "configs": configs,
+    }
 
 
 @pytest.mark.slow
 def test_every_job_ran(sentinel_runs):
     codes = sentinel_runs["codes"]
-    assert {k: codes[k] for k in ("label", "calibrate", "sft", "dpo", "rerank", "report", "missing")} == \
-        {"label": 0, "calibrate": 0, "sft": 0, "dpo": 0, "rerank": 0, "report": 0, "missing": 2}
+    assert {k: codes[k] for k in ("label", "calibrate", "sft", "dpo", "rerank", "report", "missing")} == {
+        "label": 0,
+        "calibrate": 0,
+        "sft": 0,
+        "dpo": 0,
+        "rerank": 0,
+        "report": 0,
+        "missing": 2,
+    }
     fs, bucket = sentinel_runs["fs"], sentinel_runs["bucket"].removeprefix("s3://")
     man = json.loads(fs.cat(f"{bucket}/labels/r1/manifest.json"))
     so = man["config"]["storage_options"]
     # credentials redacted, everything else kept as given
     assert so["key"] == so["secret"] == so["client_kwargs"]["aws_session_token"] == REDACTED
     assert so["s3_additional_kwargs"] == {"X-Team-Api-Key": REDACTED} and so["endpoint_url"].startswith("http://")
-    assert man["config"]["output"] == f"s3://{bucket}/labels"            # URI credentials moved out
+    assert man["config"]["output"] == f"s3://{bucket}/labels"  # URI credentials moved out
     assert man["config"]["inputs"][0]["path"] == f"s3://{bucket}/in/trees.jsonl"
     assert man["config"]["inputs"][0]["storage_options"]["secret"] == REDACTED
-    assert sum(s["rows_quarantined"] for s in man["sources"].values()) >= 1   # the broken line
+    assert sum(s["rows_quarantined"] for s in man["sources"].values()) >= 1  # the broken line
     data = pq.read_table(fs.open(fs.find(f"{bucket}/labels/r1/data")[0], "rb"))
-    assert set(data.column("source_uri").to_pylist()) <= {f"s3://{bucket}/in/trees.jsonl",
-                                                         f"s3://{bucket}/in/llmbar.json"}
+    assert set(data.column("source_uri").to_pylist()) <= {
+        f"s3://{bucket}/in/trees.jsonl",
+        f"s3://{bucket}/in/llmbar.json",
+    }
     assert fs.find(f"{bucket}/labels/r1/quarantine") and fs.find(f"{bucket}/labels/r1/_shards")
     assert "no input matches" in (sentinel_runs["logs"] / "jobs.txt").read_text()
 
@@ -371,14 +541,17 @@ def test_no_sentinel_in_printed_output_or_ray_logs(sentinel_runs):
     printed = (sentinel_runs["logs"] / "jobs.txt").read_bytes()
     assert b"[label]" in printed and b"[curate]" in printed and b'"rows_out"' in printed
     # each job (label, calibrate, sft, dpo, rerank) warns that its config holds credentials: where, not what
-    warnings = [line.decode() for line in printed.splitlines()
-                if line.startswith(b"warning: the config carries credentials (")]
+    warnings = [
+        line.decode() for line in printed.splitlines() if line.startswith(b"warning: the config carries credentials (")
+    ]
     assert len(warnings) == 5
     assert "inputs[0].storage_options.secret" in warnings[0] and "storage_options.secret" in warnings[0]
     for w in warnings[1:4]:
-        assert all(f"storage_options.{n}" in w for n in ("key", "secret", "client_kwargs.aws_session_token",
-                                                          "s3_additional_kwargs.X-Team-Api-Key"))
-    assert "storage_options.key, storage_options.secret)" in warnings[4]   # lifted from the rerank run's URI
+        assert all(
+            f"storage_options.{n}" in w
+            for n in ("key", "secret", "client_kwargs.aws_session_token", "s3_additional_kwargs.X-Team-Api-Key")
+        )
+    assert "storage_options.key, storage_options.secret)" in warnings[4]  # lifted from the rerank run's URI
     assert leaks(printed) == []
     assert leaks(sentinel_runs["codes"]["storage_error"].encode()) == []
     found = {}

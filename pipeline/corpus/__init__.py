@@ -17,5 +17,18 @@ def read_corpus(*args, **kwargs):
     return _read_corpus(*args, **kwargs)
 
 
-__all__ = ["ADAPTERS", "InputSpec", "InputSpecError", "QuarantineError", "Row", "detect", "expand_files",
-           "iter_shards", "read_corpus", "read_units", "summarize", "units_table", "validate_row"]
+__all__ = [
+    "ADAPTERS",
+    "InputSpec",
+    "InputSpecError",
+    "QuarantineError",
+    "Row",
+    "detect",
+    "expand_files",
+    "iter_shards",
+    "read_corpus",
+    "read_units",
+    "summarize",
+    "units_table",
+    "validate_row",
+]

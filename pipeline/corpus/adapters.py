@@ -54,13 +54,22 @@ import json
 import math
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from pipeline import objectives
 
-ROLES = {"user": "user", "human": "user", "prompter": "user", "system": "system",
-         "assistant": "assistant", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
+ROLES = {
+    "user": "user",
+    "human": "user",
+    "prompter": "user",
+    "system": "system",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "bot": "assistant",
+    "model": "assistant",
+}
 
 
 class QuarantineError(Exception):
@@ -81,20 +90,21 @@ class Row:
     tie: bool = False
     label_confidence: float | None = None
     ranks: list[int] | None = None
-    ratings: list[dict] | None = None      # rated rows: [{name, raw, value}] for the one response
+    ratings: list[dict] | None = None  # rated rows: [{name, raw, value}] for the one response
     response_labels: list[str] | None = None  # names used in reasons ("chosen", "output_2", ...)
-    locator: str | None = None             # part of the record this row came from (multi-row records)
+    locator: str | None = None  # part of the record this row came from (multi-row records)
 
 
 @dataclass(frozen=True)
 class Adapter:
     name: str
-    fn: Callable[[dict, dict], list]       # (record, options) -> [Row | QuarantineError, ...]
-    default_source: str | None = None      # None: the file's name
+    fn: Callable[[dict, dict], list]  # (record, options) -> [Row | QuarantineError, ...]
+    default_source: str | None = None  # None: the file's name
     description: str = ""
 
 
 # --- field access ------------------------------------------------------------------------------
+
 
 def _type_name(v: Any) -> str:
     return "null" if v is None else type(v).__name__
@@ -142,7 +152,7 @@ def field_value(rec: dict, name: str) -> Any:
     for i, tok in enumerate(toks[1:], 1):
         if tok == "*":
             items = _as_list(cur, name)
-            rest = toks[i + 1:]
+            rest = toks[i + 1 :]
             out = []
             for item in items:
                 ok, v = True, item
@@ -189,8 +199,11 @@ MISSING_STRINGS = frozenset({"", "n/a", "na", "none", "null", "nan"})
 
 
 def is_missing(v: Any) -> bool:
-    return (v is None or (isinstance(v, float) and math.isnan(v))
-            or (isinstance(v, str) and v.strip().lower() in MISSING_STRINGS))
+    return (
+        v is None
+        or (isinstance(v, float) and math.isnan(v))
+        or (isinstance(v, str) and v.strip().lower() in MISSING_STRINGS)
+    )
 
 
 def number_of(v: Any, label: str) -> float | None:
@@ -226,7 +239,7 @@ def _json_or_none(s: str) -> Any:
 
 
 def _is_message_list(v: Any) -> bool:
-    return (isinstance(v, list) and bool(v) and all(isinstance(m, dict) and ("role" in m or "from" in m) for m in v))
+    return isinstance(v, list) and bool(v) and all(isinstance(m, dict) and ("role" in m or "from" in m) for m in v)
 
 
 def decode_cell(v: Any, opts: dict, text_ok: bool = True) -> Any:
@@ -267,8 +280,9 @@ def _content_text(content: Any, where: str) -> str:
                 texts.append(part["text"])
             else:
                 label = kind if kind is not None else _type_name(part)
-                raise QuarantineError(f"non-text content: {where}.content[{j}] is a {label!r} part; only text "
-                                      f"parts can be scored")
+                raise QuarantineError(
+                    f"non-text content: {where}.content[{j}] is a {label!r} part; only text parts can be scored"
+                )
         return "\n".join(texts)
     raise QuarantineError(f"wrong type: {where}.content is {_type_name(content)}, expected a string")
 
@@ -319,8 +333,9 @@ def messages_of(value: Any, name: str, opts: dict | None = None) -> list[dict]:
         if r in TOOL_ROLES or (calls and ROLES.get(r) == "assistant"):
             if policy != "inline":
                 what = f"a {role!r} message" if r in TOOL_ROLES else "an assistant tool call"
-                raise QuarantineError(f"tool message: {where} is {what}; set options.tool_messages: inline to "
-                                      f"read tool traffic as text")
+                raise QuarantineError(
+                    f"tool message: {where} is {what}; set options.tool_messages: inline to read tool traffic as text"
+                )
             if r in ("function_call", "tool_call"):  # ShareGPT (LLaMA-Factory): the call is the value
                 out.append({"role": "assistant", "content": f"[tool call] {_content_text(content, where)}"})
             elif r in TOOL_ROLES:
@@ -333,8 +348,10 @@ def messages_of(value: Any, name: str, opts: dict | None = None) -> list[dict]:
                 out.append({"role": "assistant", "content": f"{said}\n{call}" if said else call})
             continue
         if r not in ROLES:
-            raise QuarantineError(f"unknown role {role!r} in {where} (expected one of {sorted(set(ROLES))}, "
-                                  f"or a tool role under options.tool_messages)")
+            raise QuarantineError(
+                f"unknown role {role!r} in {where} (expected one of {sorted(set(ROLES))}, "
+                f"or a tool role under options.tool_messages)"
+            )
         out.append({"role": ROLES[r], "content": _content_text(content, where)})
     return out
 
@@ -382,12 +399,19 @@ def prompt_of(value: Any, name: str, system: str | None = None, opts: dict | Non
     value = decode_cell(value, opts)
     if isinstance(value, str):
         fmt = opts.get("prompt_format")
-        msgs = (hh_prompt(value, name) if fmt == "hh" else steerlm_prompt(value) if fmt == "steerlm"
-                else [{"role": "user", "content": value}])
+        msgs = (
+            hh_prompt(value, name)
+            if fmt == "hh"
+            else steerlm_prompt(value)
+            if fmt == "steerlm"
+            else [{"role": "user", "content": value}]
+        )
     elif isinstance(value, list) and value and all(isinstance(t, str) for t in value):
         if len(value) != 1:
-            raise QuarantineError(f"{name}: {len(value)} user turns without the assistant turns between them; "
-                                  f"map the responses as lists of turns of the same length")
+            raise QuarantineError(
+                f"{name}: {len(value)} user turns without the assistant turns between them; "
+                f"map the responses as lists of turns of the same length"
+            )
         msgs = [{"role": "user", "content": value[0]}]
     elif isinstance(value, list):
         msgs = messages_of(value, name, opts)
@@ -427,6 +451,7 @@ def is_conversation(value: Any) -> bool:
 
 # --- generic formats -----------------------------------------------------------------------------
 
+
 def adapt_messages(rec: dict, opts: dict) -> list:
     """OpenAI/TRL `messages` (or ShareGPT `conversations`, with its optional top-level `system`):
     the last assistant message is the response."""
@@ -450,8 +475,9 @@ def adapt_prompt_response(rec: dict, opts: dict) -> list:
 def adapt_alpaca(rec: dict, opts: dict) -> list:
     """Alpaca-style `instruction` (+ optional `input`) + `output`."""
     prompt = _instruction_prompt(rec, "instruction", "input")
-    return [Row("instruction", prompt_of(prompt, "instruction", _system_option(rec, opts)),
-                [text_field(rec, "output")])]
+    return [
+        Row("instruction", prompt_of(prompt, "instruction", _system_option(rec, opts)), [text_field(rec, "output")])
+    ]
 
 
 def _instruction_prompt(rec: dict, instruction: str, extra_input: str) -> str:
@@ -466,7 +492,9 @@ def _shared_prefix_pair(chosen: list[dict], rejected: list[dict]) -> tuple[list[
         if not conv or conv[-1]["role"] != "assistant":
             raise QuarantineError(f"{name}: a conversation must end with the assistant response")
     if chosen[:-1] != rejected[:-1]:
-        raise QuarantineError("chosen and rejected do not share the prompt: they differ before the final assistant turn")
+        raise QuarantineError(
+            "chosen and rejected do not share the prompt: they differ before the final assistant turn"
+        )
     return chosen[:-1], chosen[-1]["content"], rejected[-1]["content"]
 
 
@@ -474,14 +502,15 @@ def check_prompt_matches(given: list[dict], prefix: list[dict]) -> None:
     """A `prompt` given beside whole conversations (H4, Tulu-3 and Argilla mixtures) must be
     the conversation's prompt, or its last or first user turn; the conversation's own prefix, which
     holds any system prompt and earlier turns, is what gets scored."""
-    if given == prefix or given == prefix[-len(given):]:
+    if given == prefix or given == prefix[-len(given) :]:
         return
     users = [m["content"].strip() for m in prefix if m["role"] == "user"]
     texts = [m["content"].strip() for m in given if m["role"] == "user"]
     if len(texts) == 1 and users and texts[0] in (users[0], users[-1]):
         return
-    raise QuarantineError("prompt does not match the conversations: 'prompt' is neither their shared prefix nor "
-                          "one of its user turns")
+    raise QuarantineError(
+        "prompt does not match the conversations: 'prompt' is neither their shared prefix nor one of its user turns"
+    )
 
 
 def adapt_preference(rec: dict, opts: dict) -> list:
@@ -515,10 +544,16 @@ def adapt_best_of_n(rec: dict, opts: dict) -> list:
     ranks = decode_cell(rec.get("ranks"), opts, text_ok=False)
     if ranks is not None:
         # Ranks are kept as given (0 = best); integral floats and digit strings (CSV) are integers.
-        values = [number_of(r, "rank") if isinstance(r, (str, float)) else r for r in ranks] \
-            if isinstance(ranks, list) else None
-        if values is None or len(values) != len(texts) or not all(
-                _is_int(v) or (isinstance(v, float) and v == int(v)) for v in values):
+        values = (
+            [number_of(r, "rank") if isinstance(r, (str, float)) else r for r in ranks]
+            if isinstance(ranks, list)
+            else None
+        )
+        if (
+            values is None
+            or len(values) != len(texts)
+            or not all(_is_int(v) or (isinstance(v, float) and v == int(v)) for v in values)
+        ):
             raise QuarantineError("wrong type: 'ranks' must be a list of integers, one per response")
         ranks = [int(v) for v in values]
     return [Row("best_of_n", prompt, texts, ranks=ranks)]
@@ -539,8 +574,10 @@ def hh_turns(transcript: Any, name: str) -> list[dict]:
     parts = _HH_TURN.split(transcript)
     if parts[0].strip() or len(parts) < 3:
         raise QuarantineError(f"{name}: not an HH transcript (expected it to start with '\\n\\nHuman:')")
-    return [{"role": "user" if who == "Human" else "assistant", "content": text.strip()}
-            for who, text in zip(parts[1::2], parts[2::2])]
+    return [
+        {"role": "user" if who == "Human" else "assistant", "content": text.strip()}
+        for who, text in zip(parts[1::2], parts[2::2])
+    ]
 
 
 def adapt_hh_rlhf(rec: dict, opts: dict) -> list:
@@ -550,13 +587,21 @@ def adapt_hh_rlhf(rec: dict, opts: dict) -> list:
         if turns[-1]["role"] != "assistant":
             raise QuarantineError(f"{name}: the transcript does not end with an Assistant turn")
     if chosen[:-1] != rejected[:-1]:
-        raise QuarantineError("chosen and rejected do not share the prompt: their turns before the final "
-                              "Assistant turn differ")
-    return [Row("preference", chosen[:-1], [chosen[-1]["content"], rejected[-1]["content"]],
-                response_labels=["chosen", "rejected"])]
+        raise QuarantineError(
+            "chosen and rejected do not share the prompt: their turns before the final Assistant turn differ"
+        )
+    return [
+        Row(
+            "preference",
+            chosen[:-1],
+            [chosen[-1]["content"], rejected[-1]["content"]],
+            response_labels=["chosen", "rejected"],
+        )
+    ]
 
 
 # --- PandaLM, LLMBar -----------------------------------------------------------------------------
+
 
 def _vote(rec: dict, name: str, allowed: tuple[int, ...]) -> int:
     v = field_value(rec, name)
@@ -594,6 +639,7 @@ def adapt_llmbar(rec: dict, opts: dict) -> list:
 
 
 # --- UniEval (rated) -----------------------------------------------------------------------------
+
 
 def parse_scores(value: Any) -> dict:
     """`scores` as published: a dict, or a Python-dict string (literal_eval: data, never code)."""
@@ -649,8 +695,10 @@ def ratings_of(scores: dict, namespace: str) -> list[dict]:
         if entry is not None:
             out.append(entry)
     if not out:
-        raise QuarantineError(f"no known rating in 'scores' (attributes {sorted(scores)}; "
-                              f"known: {[o.attribute for o in objectives.for_source(namespace, 'rating')]})")
+        raise QuarantineError(
+            f"no known rating in 'scores' (attributes {sorted(scores)}; "
+            f"known: {[o.attribute for o in objectives.for_source(namespace, 'rating')]})"
+        )
     return out
 
 
@@ -679,6 +727,7 @@ def adapt_sfres(rec: dict, opts: dict) -> list:
 
 # --- Open Assistant trees ------------------------------------------------------------------------
 
+
 def _oasst_message(node: Any, where: str) -> tuple[dict, list]:
     if not isinstance(node, dict):
         raise QuarantineError(f"wrong type: message at {where} is {_type_name(node)}, expected an object")
@@ -702,8 +751,14 @@ def oasst_ranked_rows(tree: dict, min_replies: int = 2) -> list:
         msg, replies = _oasst_message(node, where)
         path = path + [msg]
         if msg["role"] == "user":
-            ranked = [r for r in replies if isinstance(r, dict) and r.get("role") == "assistant"
-                      and _is_int(r.get("rank")) and not r.get("deleted")]
+            ranked = [
+                r
+                for r in replies
+                if isinstance(r, dict)
+                and r.get("role") == "assistant"
+                and _is_int(r.get("rank"))
+                and not r.get("deleted")
+            ]
             if len(ranked) >= min_replies:
                 ranked.sort(key=lambda r: r["rank"])
                 locator = str(node.get("message_id") or where)
@@ -736,19 +791,38 @@ def adapt_oasst_pairs(rec: dict, opts: dict) -> list:
             for j in range(i + 1, n):
                 if row.ranks[i] == row.ranks[j]:
                     continue  # equal ranks state no preference
-                out.append(Row("preference", row.prompt, [row.responses[i], row.responses[j]],
-                               response_labels=[f"rank {row.ranks[i]}", f"rank {row.ranks[j]}"],
-                               locator=f"{row.locator}:{row.ranks[i]}>{row.ranks[j]}"))
+                out.append(
+                    Row(
+                        "preference",
+                        row.prompt,
+                        [row.responses[i], row.responses[j]],
+                        response_labels=[f"rank {row.ranks[i]}", f"rank {row.ranks[j]}"],
+                        locator=f"{row.locator}:{row.ranks[i]}>{row.ranks[j]}",
+                    )
+                )
     return out
 
 
 # --- column mapping ------------------------------------------------------------------------------
 
-MAPPABLE = ("prompt", "system", "response", "chosen", "rejected", "messages", "responses", "label", "ranks",
-            "ratings", "turn")
+MAPPABLE = (
+    "prompt",
+    "system",
+    "response",
+    "chosen",
+    "rejected",
+    "messages",
+    "responses",
+    "label",
+    "ranks",
+    "ratings",
+    "turn",
+)
 TIE = "tie"
-MULTI_TURN_REASON = ("the responses do not share a prompt: their conversations differ before the final assistant "
-                     "turn (a multi-turn comparison); only pairs that differ in the last assistant turn alone are read")
+MULTI_TURN_REASON = (
+    "the responses do not share a prompt: their conversations differ before the final assistant "
+    "turn (a multi-turn comparison); only pairs that differ in the last assistant turn alone are read"
+)
 
 
 def _check_path(key: str, path: Any) -> None:
@@ -868,8 +942,9 @@ def check_columns(columns: dict) -> None:
                 cols = _paths(f"ratings.{name}", col)
                 n = len(columns["responses"]) if isinstance(columns["responses"], list) else None
                 if isinstance(cols, str) and not has_wildcard(cols):
-                    raise ValueError(f"columns.ratings.{name}: with responses, give one column per response (a list) "
-                                     f"or a [*] path")
+                    raise ValueError(
+                        f"columns.ratings.{name}: with responses, give one column per response (a list) or a [*] path"
+                    )
                 if isinstance(cols, list) and n is not None and len(cols) != n:
                     raise ValueError(f"columns.ratings.{name}: {len(cols)} columns for {n} responses")
             else:
@@ -902,8 +977,10 @@ def _side(value: Any, name: str, opts: dict) -> tuple[str, Any]:
         if len(msgs) == 1 and msgs[0]["role"] == "assistant":
             return "text", msgs[0]["content"]
         return "conv", msgs
-    raise QuarantineError(f"wrong type: field {name!r} is {_type_name(value) if value != [] else 'an empty list'}, "
-                          f"expected a string, a message or a conversation")
+    raise QuarantineError(
+        f"wrong type: field {name!r} is {_type_name(value) if value != [] else 'an empty list'}, "
+        f"expected a string, a message or a conversation"
+    )
 
 
 def _group_prompt(rec: dict, columns: dict, opts: dict) -> tuple[str, Any] | None:
@@ -926,8 +1003,9 @@ def _cut_at_turn(conv: list[dict], turn: int, name: str) -> list[dict]:
     raise QuarantineError(f"{name}: the judged turn {turn} is past the conversation's {seen} assistant turns")
 
 
-def _group_conversations(prompt, sides: list[tuple[str, Any]], names: list[str],
-                         turn: int | None) -> tuple[list[dict], list[str]]:
+def _group_conversations(
+    prompt, sides: list[tuple[str, Any]], names: list[str], turn: int | None
+) -> tuple[list[dict], list[str]]:
     """The shared prompt and the final responses of several stored responses (see _side)."""
     if all(k == "text" for k, _ in sides) and turn is None:
         if prompt is None:
@@ -943,8 +1021,10 @@ def _group_conversations(prompt, sides: list[tuple[str, Any]], names: list[str],
             turns = v if k == "turns" else [v]
             users = prompt[1] if prompt is not None and prompt[0] == "turns" else None
             if users is None or len(users) != len(turns):
-                raise QuarantineError(f"{name}: {len(turns)} assistant turns do not match the prompt's "
-                                      f"{len(users) if users else 'single'} user turn(s)")
+                raise QuarantineError(
+                    f"{name}: {len(turns)} assistant turns do not match the prompt's "
+                    f"{len(users) if users else 'single'} user turn(s)"
+                )
             conv = []
             for u, a in zip(users, turns):
                 if not isinstance(a, str):
@@ -979,8 +1059,9 @@ def winner_of(rec: dict, rule: dict) -> tuple[int | None, float | None]:
             if x == 1.0:
                 on.append((col, side))
         if len(on) != 1:
-            raise QuarantineError(f"label: {len(on)} of the one-hot columns {sorted(rule['columns'])} are set, "
-                                  f"expected exactly one")
+            raise QuarantineError(
+                f"label: {len(on)} of the one-hot columns {sorted(rule['columns'])} are set, expected exactly one"
+            )
         side = on[0][1]
         return (None if side == TIE else side), None
     col = rule["column"]
@@ -1027,8 +1108,9 @@ def _adapt_group(rec: dict, opts: dict, columns: dict) -> list:
             if t < 1 or t != int(t):
                 raise QuarantineError(f"wrong type: turn {columns['turn']!r} is {t:g}, expected a turn number >= 1")
             turn = int(t)
-    system = (text_field(rec, columns["system"], allow_missing=True) if "system" in columns
-              else _system_option(rec, opts))
+    system = (
+        text_field(rec, columns["system"], allow_missing=True) if "system" in columns else _system_option(rec, opts)
+    )
     prompt, texts = _group_conversations(_group_prompt(rec, columns, opts), sides, names, turn)
     prompt = with_system(prompt, system)
     rows: list = []
@@ -1040,8 +1122,16 @@ def _adapt_group(rec: dict, opts: dict, columns: dict) -> list:
             rows.append(Row("preference", prompt, texts, True, confidence, response_labels=names))
         else:
             order = [winner, 1 - winner]
-            rows.append(Row("preference", prompt, [texts[i] for i in order], False, confidence,
-                            response_labels=[names[i] for i in order]))
+            rows.append(
+                Row(
+                    "preference",
+                    prompt,
+                    [texts[i] for i in order],
+                    False,
+                    confidence,
+                    response_labels=[names[i] for i in order],
+                )
+            )
     elif "ranks" in columns:
         rule = ranks_rule(columns["ranks"])
         raw, _ = _values_at(rec, rule["path"])
@@ -1050,8 +1140,16 @@ def _adapt_group(rec: dict, opts: dict, columns: dict) -> list:
         ranks = dense_ranks([number_of(v, f"rank of {n}") for v, n in zip(raw, names)], rule["order"])
         keep = [i for i, r in enumerate(ranks) if r is not None]  # an unranked response is left out of the group
         if len(keep) >= 2:
-            rows.append(Row("best_of_n", prompt, [texts[i] for i in keep], ranks=[ranks[i] for i in keep],
-                            response_labels=[names[i] for i in keep], locator="ranked"))
+            rows.append(
+                Row(
+                    "best_of_n",
+                    prompt,
+                    [texts[i] for i in keep],
+                    ranks=[ranks[i] for i in keep],
+                    response_labels=[names[i] for i in keep],
+                    locator="ranked",
+                )
+            )
         elif not columns.get("ratings"):
             raise QuarantineError(f"ranks: {len(keep)} of {len(texts)} responses have a rank, a group needs 2")
     elif not columns.get("ratings"):
@@ -1121,35 +1219,88 @@ _HS_ATTRS = ("helpfulness", "correctness", "coherence", "complexity", "verbosity
 _UF_ASPECTS = ("instruction_following", "honesty", "truthfulness", "helpfulness")
 
 PRESETS: dict[str, tuple[dict, dict]] = {
-    "ultrafeedback": ({
-        "prompt": "instruction", "responses": "completions[*].response",
-        # the ranked group follows the mean of the four aspect ratings, as ultrafeedback_binarized picks `chosen`
-        "ranks": {"path": "completions[*].fine-grained_score", "order": "descending"},
-        "ratings": {**{f"ultrafeedback-{a}": f"completions[*].annotations.{a}.Rating" for a in _UF_ASPECTS},
-                    "ultrafeedback-overall_score": "completions[*].overall_score"}}, {}),
-    "helpsteer": ({"prompt": "prompt", "response": "response",
-                   "ratings": {f"helpsteer-{a}": a for a in _HS_ATTRS}}, {"prompt_format": "steerlm"}),
-    "helpsteer2": ({"prompt": "prompt", "response": "response",
-                    "ratings": {f"helpsteer2-{a}": a for a in _HS_ATTRS}}, {"prompt_format": "steerlm"}),
-    "helpsteer2_preference": ({"prompt": "prompt", "responses": ["response_1", "response_2"],
-                               "label": {"column": "preference_strength", "negative": 0, "max": 3}},
-                              {"prompt_format": "steerlm"}),
-    "helpsteer3": ({"prompt": "context", "responses": ["response1", "response2"],
-                    "label": {"column": "overall_preference", "negative": 0, "max": 3}}, {}),
+    "ultrafeedback": (
+        {
+            "prompt": "instruction",
+            "responses": "completions[*].response",
+            # the ranked group follows the mean of the four aspect ratings, as ultrafeedback_binarized picks `chosen`
+            "ranks": {"path": "completions[*].fine-grained_score", "order": "descending"},
+            "ratings": {
+                **{f"ultrafeedback-{a}": f"completions[*].annotations.{a}.Rating" for a in _UF_ASPECTS},
+                "ultrafeedback-overall_score": "completions[*].overall_score",
+            },
+        },
+        {},
+    ),
+    "helpsteer": (
+        {"prompt": "prompt", "response": "response", "ratings": {f"helpsteer-{a}": a for a in _HS_ATTRS}},
+        {"prompt_format": "steerlm"},
+    ),
+    "helpsteer2": (
+        {"prompt": "prompt", "response": "response", "ratings": {f"helpsteer2-{a}": a for a in _HS_ATTRS}},
+        {"prompt_format": "steerlm"},
+    ),
+    "helpsteer2_preference": (
+        {
+            "prompt": "prompt",
+            "responses": ["response_1", "response_2"],
+            "label": {"column": "preference_strength", "negative": 0, "max": 3},
+        },
+        {"prompt_format": "steerlm"},
+    ),
+    "helpsteer3": (
+        {
+            "prompt": "context",
+            "responses": ["response1", "response2"],
+            "label": {"column": "overall_preference", "negative": 0, "max": 3},
+        },
+        {},
+    ),
     "beavertails": ({"prompt": "prompt", "response": "response", "ratings": {"beavertails-is_safe": "is_safe"}}, {}),
-    "pku_saferlhf": ({"prompt": "prompt", "responses": ["response_0", "response_1"],
-                      "label": {"column": "better_response_id", "values": {0: 0, 1: 1}}}, {}),
-    "pku_saferlhf_safer": ({"prompt": "prompt", "responses": ["response_0", "response_1"],
-                            "label": {"column": "safer_response_id", "values": {0: 0, 1: 1}}}, {}),
-    "shp": ({"prompt": "history", "responses": ["human_ref_A", "human_ref_B"],
-             "label": {"column": "labels", "values": {1: 0, 0: 1}}}, {}),
-    "nectar": ({"prompt": "prompt", "responses": "answers[*].answer", "ranks": "answers[*].rank"},
-               {"prompt_format": "hh"}),
-    "arena": ({"responses": ["conversation_a", "conversation_b"], "turn": "turn",
-               "label": {"column": "winner", "values": ARENA_WINNER}}, {}),
-    "arena_55k": ({"prompt": "prompt", "responses": ["response_a", "response_b"],
-                   "label": {"one_hot": {"winner_model_a": 0, "winner_model_b": 1, "winner_tie": TIE}}},
-                  {"json_cells": True}),
+    "pku_saferlhf": (
+        {
+            "prompt": "prompt",
+            "responses": ["response_0", "response_1"],
+            "label": {"column": "better_response_id", "values": {0: 0, 1: 1}},
+        },
+        {},
+    ),
+    "pku_saferlhf_safer": (
+        {
+            "prompt": "prompt",
+            "responses": ["response_0", "response_1"],
+            "label": {"column": "safer_response_id", "values": {0: 0, 1: 1}},
+        },
+        {},
+    ),
+    "shp": (
+        {
+            "prompt": "history",
+            "responses": ["human_ref_A", "human_ref_B"],
+            "label": {"column": "labels", "values": {1: 0, 0: 1}},
+        },
+        {},
+    ),
+    "nectar": (
+        {"prompt": "prompt", "responses": "answers[*].answer", "ranks": "answers[*].rank"},
+        {"prompt_format": "hh"},
+    ),
+    "arena": (
+        {
+            "responses": ["conversation_a", "conversation_b"],
+            "turn": "turn",
+            "label": {"column": "winner", "values": ARENA_WINNER},
+        },
+        {},
+    ),
+    "arena_55k": (
+        {
+            "prompt": "prompt",
+            "responses": ["response_a", "response_b"],
+            "label": {"one_hot": {"winner_model_a": 0, "winner_model_b": 1, "winner_tie": TIE}},
+        },
+        {"json_cells": True},
+    ),
 }
 
 
@@ -1166,45 +1317,79 @@ for _name, (_cols, _) in PRESETS.items():
     check_columns(_cols)
 
 
-ADAPTERS: dict[str, Adapter] = {a.name: a for a in (
-    Adapter("auto", None, None, "chosen per file from the first record's fields"),
-    Adapter("mapping", None, None, "generic: spec.columns maps canonical names to the record's columns"),
-    Adapter("messages", adapt_messages, None, "OpenAI/TRL messages or ShareGPT conversations"),
-    Adapter("prompt_response", adapt_prompt_response, None, "prompt + response (or completion)"),
-    Adapter("alpaca", adapt_alpaca, None, "instruction + input + output"),
-    Adapter("preference", adapt_preference, None, "TRL prompt/chosen/rejected, explicit or implicit prompt"),
-    Adapter("best_of_n", adapt_best_of_n, None, "prompt + responses (+ ranks)"),
-    Adapter("hh_rlhf", adapt_hh_rlhf, "hh_rlhf", "Anthropic HH-RLHF raw transcripts"),
-    Adapter("pandalm", adapt_pandalm, "pandalm", "PandaLM test set, majority of 3 annotators"),
-    Adapter("llmbar", adapt_llmbar, "llmbar", "LLMBar pairs"),
-    Adapter("topical_chat", adapt_topical_chat, "topical_chat", "UniEval Topical-Chat ratings"),
-    Adapter("sfres", adapt_sfres, "sfres", "UniEval SF-RES ratings"),
-    Adapter("oasst_best_of_n", adapt_oasst_best_of_n, "oasst", "Open Assistant trees -> ranked best-of-N"),
-    Adapter("oasst_pairs", adapt_oasst_pairs, "oasst", "Open Assistant trees -> preference pairs by rank"),
-    Adapter("ultrafeedback", _preset("ultrafeedback"), "ultrafeedback",
-            "openbmb/UltraFeedback raw: rated units per completion + a group ranked by fine-grained_score"),
-    Adapter("helpsteer", _preset("helpsteer"), "helpsteer",
-            "HelpSteer / HelpSteer2 ratings as helpsteer-* (ArmoRM names)"),
-    Adapter("helpsteer2", _preset("helpsteer2"), "helpsteer2", "HelpSteer2 ratings as helpsteer2-*"),
-    Adapter("helpsteer2_preference", _preset("helpsteer2_preference"), "helpsteer2_preference",
-            "HelpSteer2 preference: signed preference_strength"),
-    Adapter("helpsteer3", _preset("helpsteer3"), "helpsteer3", "HelpSteer3 preference: signed overall_preference"),
-    Adapter("beavertails", _preset("beavertails"), "beavertails", "BeaverTails QA pairs rated by is_safe"),
-    Adapter("pku_saferlhf", _preset("pku_saferlhf"), "pku_saferlhf", "PKU-SafeRLHF pairs by better_response_id"),
-    Adapter("pku_saferlhf_safer", _preset("pku_saferlhf_safer"), "pku_saferlhf_safer",
-            "PKU-SafeRLHF pairs by safer_response_id"),
-    Adapter("shp", _preset("shp"), "shp", "Stanford SHP: labels 1 = A preferred, 0 = B"),
-    Adapter("nectar", _preset("nectar"), "nectar", "Nectar: 7 ranked answers to an HH-style prompt"),
-    Adapter("arena", _preset("arena"), "arena",
-            "Chatbot Arena / MT-Bench human judgments: conversation_a/b + winner (ties flagged)"),
-    Adapter("arena_55k", _preset("arena_55k"), "arena_55k",
-            "lmsys-arena-human-preference-55k: JSON-list cells + one-hot winner columns"),
-)}
+ADAPTERS: dict[str, Adapter] = {
+    a.name: a
+    for a in (
+        Adapter("auto", None, None, "chosen per file from the first record's fields"),
+        Adapter("mapping", None, None, "generic: spec.columns maps canonical names to the record's columns"),
+        Adapter("messages", adapt_messages, None, "OpenAI/TRL messages or ShareGPT conversations"),
+        Adapter("prompt_response", adapt_prompt_response, None, "prompt + response (or completion)"),
+        Adapter("alpaca", adapt_alpaca, None, "instruction + input + output"),
+        Adapter("preference", adapt_preference, None, "TRL prompt/chosen/rejected, explicit or implicit prompt"),
+        Adapter("best_of_n", adapt_best_of_n, None, "prompt + responses (+ ranks)"),
+        Adapter("hh_rlhf", adapt_hh_rlhf, "hh_rlhf", "Anthropic HH-RLHF raw transcripts"),
+        Adapter("pandalm", adapt_pandalm, "pandalm", "PandaLM test set, majority of 3 annotators"),
+        Adapter("llmbar", adapt_llmbar, "llmbar", "LLMBar pairs"),
+        Adapter("topical_chat", adapt_topical_chat, "topical_chat", "UniEval Topical-Chat ratings"),
+        Adapter("sfres", adapt_sfres, "sfres", "UniEval SF-RES ratings"),
+        Adapter("oasst_best_of_n", adapt_oasst_best_of_n, "oasst", "Open Assistant trees -> ranked best-of-N"),
+        Adapter("oasst_pairs", adapt_oasst_pairs, "oasst", "Open Assistant trees -> preference pairs by rank"),
+        Adapter(
+            "ultrafeedback",
+            _preset("ultrafeedback"),
+            "ultrafeedback",
+            "openbmb/UltraFeedback raw: rated units per completion + a group ranked by fine-grained_score",
+        ),
+        Adapter(
+            "helpsteer",
+            _preset("helpsteer"),
+            "helpsteer",
+            "HelpSteer / HelpSteer2 ratings as helpsteer-* (ArmoRM names)",
+        ),
+        Adapter("helpsteer2", _preset("helpsteer2"), "helpsteer2", "HelpSteer2 ratings as helpsteer2-*"),
+        Adapter(
+            "helpsteer2_preference",
+            _preset("helpsteer2_preference"),
+            "helpsteer2_preference",
+            "HelpSteer2 preference: signed preference_strength",
+        ),
+        Adapter("helpsteer3", _preset("helpsteer3"), "helpsteer3", "HelpSteer3 preference: signed overall_preference"),
+        Adapter("beavertails", _preset("beavertails"), "beavertails", "BeaverTails QA pairs rated by is_safe"),
+        Adapter("pku_saferlhf", _preset("pku_saferlhf"), "pku_saferlhf", "PKU-SafeRLHF pairs by better_response_id"),
+        Adapter(
+            "pku_saferlhf_safer",
+            _preset("pku_saferlhf_safer"),
+            "pku_saferlhf_safer",
+            "PKU-SafeRLHF pairs by safer_response_id",
+        ),
+        Adapter("shp", _preset("shp"), "shp", "Stanford SHP: labels 1 = A preferred, 0 = B"),
+        Adapter("nectar", _preset("nectar"), "nectar", "Nectar: 7 ranked answers to an HH-style prompt"),
+        Adapter(
+            "arena",
+            _preset("arena"),
+            "arena",
+            "Chatbot Arena / MT-Bench human judgments: conversation_a/b + winner (ties flagged)",
+        ),
+        Adapter(
+            "arena_55k",
+            _preset("arena_55k"),
+            "arena_55k",
+            "lmsys-arena-human-preference-55k: JSON-list cells + one-hot winner columns",
+        ),
+    )
+}
 
 
 # Other names users reach for; InputSpec turns them into the adapter's own name.
-ALIASES = {"unieval_topical_chat": "topical_chat", "unieval_sfres": "sfres", "oasst": "oasst_best_of_n",
-           "hh-rlhf": "hh_rlhf", "trl_preference": "preference", "chat": "messages", "sharegpt": "messages"}
+ALIASES = {
+    "unieval_topical_chat": "topical_chat",
+    "unieval_sfres": "sfres",
+    "oasst": "oasst_best_of_n",
+    "hh-rlhf": "hh_rlhf",
+    "trl_preference": "preference",
+    "chat": "messages",
+    "sharegpt": "messages",
+}
 
 
 def detect(rec: Any) -> str | None:
@@ -1241,17 +1426,20 @@ def detect(rec: Any) -> str | None:
 
 
 # Field sets that name a published layout (checked in this order, before the generic ones).
-_HUB_FIELDS: tuple[tuple[str, frozenset], ...] = tuple((n, frozenset(f)) for n, f in (
-    ("ultrafeedback", {"instruction", "completions"}),
-    ("arena", {"conversation_a", "conversation_b", "winner"}),
-    ("arena_55k", {"response_a", "response_b", "winner_model_a", "winner_model_b", "winner_tie"}),
-    ("helpsteer3", {"context", "response1", "response2", "overall_preference"}),
-    ("helpsteer2_preference", {"prompt", "response_1", "response_2", "preference_strength"}),
-    ("pku_saferlhf", {"prompt", "response_0", "response_1", "better_response_id"}),
-    ("shp", {"history", "human_ref_A", "human_ref_B", "labels"}),
-    ("beavertails", {"prompt", "response", "is_safe"}),
-    ("helpsteer", {"prompt", "response", *_HS_ATTRS}),
-))
+_HUB_FIELDS: tuple[tuple[str, frozenset], ...] = tuple(
+    (n, frozenset(f))
+    for n, f in (
+        ("ultrafeedback", {"instruction", "completions"}),
+        ("arena", {"conversation_a", "conversation_b", "winner"}),
+        ("arena_55k", {"response_a", "response_b", "winner_model_a", "winner_model_b", "winner_tie"}),
+        ("helpsteer3", {"context", "response1", "response2", "overall_preference"}),
+        ("helpsteer2_preference", {"prompt", "response_1", "response_2", "preference_strength"}),
+        ("pku_saferlhf", {"prompt", "response_0", "response_1", "better_response_id"}),
+        ("shp", {"history", "human_ref_A", "human_ref_B", "labels"}),
+        ("beavertails", {"prompt", "response", "is_safe"}),
+        ("helpsteer", {"prompt", "response", *_HS_ATTRS}),
+    )
+)
 
 
 def _is_list_of_dicts(v: Any) -> bool:

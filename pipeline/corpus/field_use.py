@@ -25,15 +25,67 @@ from typing import Any
 # looks like a label when one of the words of its name (split at '_', '-', '.', spaces, digits and
 # camelCase; a plural 's' dropped) is one of these, e.g. "winner_model_a", "is_response_0_safe",
 # "overall_preference", "score_A", "chosen-rating", "helpfulness".
-LABEL_WORDS = frozenset({
-    "label", "rating", "rate", "rated", "score", "grade", "reward", "judgment", "judgement", "verdict", "vote",
-    "winner", "win", "tie", "preference", "prefer", "preferred", "chosen", "rejected", "better", "worse",
-    "rank", "ranking", "annotation", "annotator", "feedback", "critique",
-    "safe", "safer", "unsafe", "safety", "harm", "harmful", "harmless", "harmlessness", "toxic", "toxicity",
-    "severity", "moderation", "flagged",
-    "helpful", "helpfulness", "correct", "correctness", "coherence", "coherent", "complexity", "verbosity",
-    "honest", "honesty", "truthful", "truthfulness", "faithfulness", "relevance", "fluency", "quality", "overall",
-})
+LABEL_WORDS = frozenset(
+    {
+        "label",
+        "rating",
+        "rate",
+        "rated",
+        "score",
+        "grade",
+        "reward",
+        "judgment",
+        "judgement",
+        "verdict",
+        "vote",
+        "winner",
+        "win",
+        "tie",
+        "preference",
+        "prefer",
+        "preferred",
+        "chosen",
+        "rejected",
+        "better",
+        "worse",
+        "rank",
+        "ranking",
+        "annotation",
+        "annotator",
+        "feedback",
+        "critique",
+        "safe",
+        "safer",
+        "unsafe",
+        "safety",
+        "harm",
+        "harmful",
+        "harmless",
+        "harmlessness",
+        "toxic",
+        "toxicity",
+        "severity",
+        "moderation",
+        "flagged",
+        "helpful",
+        "helpfulness",
+        "correct",
+        "correctness",
+        "coherence",
+        "coherent",
+        "complexity",
+        "verbosity",
+        "honest",
+        "honesty",
+        "truthful",
+        "truthfulness",
+        "faithfulness",
+        "relevance",
+        "fluency",
+        "quality",
+        "overall",
+    }
+)
 # Names whose words alone are not label words.
 LABEL_NAMES = frozenset({"instruction_following", "good_natured"})
 
@@ -104,7 +156,7 @@ class FieldUse:
         self.present.update(k for k, v in dict.items(rec) if v is not None and isinstance(k, str))
         self.read.update(k for k in rec.read if isinstance(k, str))
 
-    def merge(self, other: "FieldUse") -> None:
+    def merge(self, other: FieldUse) -> None:
         self.present.update(other.present)
         self.read |= other.read
 
@@ -112,7 +164,7 @@ class FieldUse:
         return json.dumps({"present": dict(self.present), "read": sorted(self.read)}, sort_keys=True)
 
     @classmethod
-    def from_json(cls, data: str | dict | None) -> "FieldUse":
+    def from_json(cls, data: str | dict | None) -> FieldUse:
         if not data:
             return cls()
         d = json.loads(data) if isinstance(data, str) else data

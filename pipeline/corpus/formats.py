@@ -18,8 +18,9 @@ import posixpath
 import re
 import zlib
 from collections import Counter, deque
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -33,10 +34,10 @@ PARQUET_BATCH_ROWS = 1024
 
 @dataclass
 class Record:
-    index: int                 # 0-based line (JSONL), element (JSON array) or row (Parquet/Arrow)
-    value: Any = None          # the parsed record when readable
-    raw: str | None = None     # its raw text, when the format has one
-    error: str | None = None   # why it could not be read (then value is None)
+    index: int  # 0-based line (JSONL), element (JSON array) or row (Parquet/Arrow)
+    value: Any = None  # the parsed record when readable
+    raw: str | None = None  # its raw text, when the format has one
+    error: str | None = None  # why it could not be read (then value is None)
 
     def raw_text(self) -> str:
         if self.raw is not None:
@@ -80,7 +81,7 @@ def _byte_chunks(f, compressed: bool) -> Iterator[bytes]:
         while offset < len(view):
             started = True
             # Inflate in small steps: when corrupt data raises, only the current step's output is lost.
-            piece = view[offset: offset + INFLATE_STEP_BYTES]
+            piece = view[offset : offset + INFLATE_STEP_BYTES]
             offset += len(piece)
             try:
                 out = inflater.decompress(piece)
@@ -114,10 +115,11 @@ def _without_bom(chunks: Iterator[bytes]) -> Iterator[bytes]:
         if len(head) >= len(UTF8_BOM):
             break
     if head.startswith(UTF8_BOM):
-        head = head[len(UTF8_BOM):]
+        head = head[len(UTF8_BOM) :]
     elif head.startswith(_UTF16_BOMS):
-        raise CorruptStream("unreadable file: it is UTF-16 encoded (byte-order mark at its start); "
-                            "only UTF-8 is read, convert it first")
+        raise CorruptStream(
+            "unreadable file: it is UTF-16 encoded (byte-order mark at its start); only UTF-8 is read, convert it first"
+        )
     if head:
         yield head
     yield from chunks
@@ -155,14 +157,19 @@ def _jsonl_record(line: bytes, line_no: int) -> Record | None:
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as e:
-        return Record(line_no, raw=_cut(line.decode("utf-8", "replace")),
-                      error=f"undecodable bytes (invalid UTF-8) on line {line_no + 1} at byte {e.start}")
+        return Record(
+            line_no,
+            raw=_cut(line.decode("utf-8", "replace")),
+            error=f"undecodable bytes (invalid UTF-8) on line {line_no + 1} at byte {e.start}",
+        )
     if not text.strip():
         return None
     try:
         return Record(line_no, value=json.loads(text), raw=text)
     except json.JSONDecodeError as e:
-        return Record(line_no, raw=_cut(text), error=f"malformed JSON on line {line_no + 1}: {e.msg} (column {e.colno})")
+        return Record(
+            line_no, raw=_cut(text), error=f"malformed JSON on line {line_no + 1}: {e.msg} (column {e.colno})"
+        )
     except RecursionError:
         return Record(line_no, raw=_cut(text), error=f"malformed JSON on line {line_no + 1}: nested too deeply")
 
@@ -268,8 +275,11 @@ def iter_json(f, uri: str) -> Iterator[Record]:
 
 
 def _json_tail(stream: _TextStream, pos: int, index: int, why: str) -> Record:
-    return Record(index, raw=_cut(stream.buf[pos:]),
-                  error=f"malformed JSON in element {index} ({why}); the rest of the array cannot be parsed")
+    return Record(
+        index,
+        raw=_cut(stream.buf[pos:]),
+        error=f"malformed JSON in element {index} ({why}); the rest of the array cannot be parsed",
+    )
 
 
 def _json_text_as_lines(stream: _TextStream, pos: int) -> Iterator[Record]:
@@ -308,8 +318,13 @@ def _batch_records(batch: pa.RecordBatch, start: int) -> list[Record]:
             except UnicodeDecodeError:
                 bad.append(name)
         if bad:
-            out.append(Record(start + i, raw=_cut(json.dumps({k: row[k] for k in row}, ensure_ascii=False, default=str)),
-                              error=f"undecodable bytes (invalid UTF-8) in column(s) {bad} of row {start + i}"))
+            out.append(
+                Record(
+                    start + i,
+                    raw=_cut(json.dumps({k: row[k] for k in row}, ensure_ascii=False, default=str)),
+                    error=f"undecodable bytes (invalid UTF-8) in column(s) {bad} of row {start + i}",
+                )
+            )
         else:
             out.append(Record(start + i, value=row))
     return out
@@ -337,9 +352,9 @@ CSV_FIELD_LIMIT = 1 << 24  # characters per cell (the module's default, 128 Ki, 
 
 @dataclass
 class _Line:
-    number: int              # 0-based physical line
-    text: str                # with its line ending (the csv module needs it)
-    bad_byte: int | None     # offset of the first invalid UTF-8 byte, if any
+    number: int  # 0-based physical line
+    text: str  # with its line ending (the csv module needs it)
+    bad_byte: int | None  # offset of the first invalid UTF-8 byte, if any
 
 
 def _byte_lines(f, uri: str) -> Iterator[bytes]:
@@ -425,11 +440,18 @@ def _iter_delimited(f, uri: str, delimiter: str) -> Iterator[Record]:
                 lines.replay.extendleft(reversed(rest))
                 reader = parser()  # a fresh parser: no quoting state carried over
                 if header is None:
-                    yield Record(0, raw=_cut(first.text), error=f"malformed {kind} header on line {first.number + 1}: "
-                                                                f"{e}; the file cannot be read without it")
+                    yield Record(
+                        0,
+                        raw=_cut(first.text),
+                        error=f"malformed {kind} header on line {first.number + 1}: "
+                        f"{e}; the file cannot be read without it",
+                    )
                     return
-                yield Record(index, raw=_cut(first.text.rstrip("\r\n")),
-                             error=f"malformed {kind} on line {first.number + 1}: {e} (broken quoting)")
+                yield Record(
+                    index,
+                    raw=_cut(first.text.rstrip("\r\n")),
+                    error=f"malformed {kind} on line {first.number + 1}: {e} (broken quoting)",
+                )
                 index += 1
                 continue
             consumed = lines.current
@@ -445,11 +467,17 @@ def _iter_delimited(f, uri: str, delimiter: str) -> Iterator[Record]:
                 header = _header_names(fields)
                 continue
             if bad is not None:
-                yield Record(index, raw=_cut(raw),
-                             error=f"undecodable bytes (invalid UTF-8) on line {bad.number + 1} at byte {bad.bad_byte}")
+                yield Record(
+                    index,
+                    raw=_cut(raw),
+                    error=f"undecodable bytes (invalid UTF-8) on line {bad.number + 1} at byte {bad.bad_byte}",
+                )
             elif len(fields) != len(header):
-                yield Record(index, raw=_cut(raw), error=f"wrong field count on {where}: {len(fields)} fields, "
-                                                         f"the header has {len(header)}")
+                yield Record(
+                    index,
+                    raw=_cut(raw),
+                    error=f"wrong field count on {where}: {len(fields)} fields, the header has {len(header)}",
+                )
             else:
                 yield Record(index, value=dict(zip(header, fields)), raw=raw)
             index += 1
@@ -493,8 +521,9 @@ def iter_hf_dataset(fs, path: str, split=None) -> Iterator[Record]:
         yield Record(index, raw="", error=f"corrupt datasets folder: rows from {index} on could not be read ({e})")
 
 
-def iter_records(uri: str, file_format: str, storage_options: dict | None = None,
-                 options: dict | None = None) -> Iterator[Record]:
+def iter_records(
+    uri: str, file_format: str, storage_options: dict | None = None, options: dict | None = None
+) -> Iterator[Record]:
     """Records of one input. Raises OSError (or another exception) only when the input cannot be
     opened at all; the caller turns that into one quarantined row."""
     fs, path = storage.filesystem(uri, storage_options)

@@ -15,10 +15,23 @@ QUARANTINE_EXAMPLES = 3  # reasons shown per kind of reason
 def _row_view(units: list[dict]) -> dict:
     """One normalised row: its prompt and each response with the labels it ended up with."""
     u0 = units[0]
-    return {"source_row": u0["source_row"], "source_uri": u0["source_uri"], "kind": u0["kind"], "prompt": u0["prompt"],
-            "tie": u0["tie"], "label_confidence": u0["label_confidence"],
-            "responses": [{"response": u["response"], "preference": u["preference"], "human_rank": u["human_rank"],
-                           "ratings": u["ratings"]} for u in units]}
+    return {
+        "source_row": u0["source_row"],
+        "source_uri": u0["source_uri"],
+        "kind": u0["kind"],
+        "prompt": u0["prompt"],
+        "tie": u0["tie"],
+        "label_confidence": u0["label_confidence"],
+        "responses": [
+            {
+                "response": u["response"],
+                "preference": u["preference"],
+                "human_rank": u["human_rank"],
+                "ratings": u["ratings"],
+            }
+            for u in units
+        ],
+    }
 
 
 def _label_view(units: list[dict]) -> dict | None:
@@ -47,8 +60,18 @@ def inspect_input(spec: InputSpec, rows: int = 20) -> dict:
     """The first `rows` records of the input (across its files, in order): per file its format and
     adapters, one example row per kind, every labeled row's label, the quarantine reasons, and
     the record fields never read (label-like ones apart)."""
-    out: dict = {"path": spec.path, "format": spec.format, "files": [], "sources": [], "records_read": 0,
-                 "rows_ok": 0, "rows_quarantined": 0, "examples": {}, "labels": [], "quarantine": {}}
+    out: dict = {
+        "path": spec.path,
+        "format": spec.format,
+        "files": [],
+        "sources": [],
+        "records_read": 0,
+        "rows_ok": 0,
+        "rows_quarantined": 0,
+        "examples": {},
+        "labels": [],
+        "quarantine": {},
+    }
     use = FieldUse()
     reasons: Counter = Counter()
     left = rows
@@ -67,8 +90,13 @@ def inspect_input(spec: InputSpec, rows: int = 20) -> dict:
                     reasons[kind] += 1
                     examples = out["quarantine"].setdefault(kind, {"count": 0, "examples": []})
                     if len(examples["examples"]) < QUARANTINE_EXAMPLES:
-                        examples["examples"].append({"source_row": u0["source_row"], "source_uri": u0["source_uri"],
-                                                     "reason": u0["quarantine_reason"]})
+                        examples["examples"].append(
+                            {
+                                "source_row": u0["source_row"],
+                                "source_uri": u0["source_uri"],
+                                "reason": u0["quarantine_reason"],
+                            }
+                        )
                     continue
                 out["rows_ok"] += 1
                 out["examples"].setdefault(u0["kind"], _row_view(units))
@@ -77,8 +105,9 @@ def inspect_input(spec: InputSpec, rows: int = 20) -> dict:
                     out["labels"].append(label)
         left -= records
         out["records_read"] += records
-        out["files"].append({"uri": uri, "file_format": reader.file_format, "adapters": dict(reader.adapters_used),
-                             "records": records})
+        out["files"].append(
+            {"uri": uri, "file_format": reader.file_format, "adapters": dict(reader.adapters_used), "records": records}
+        )
         if reader.source() not in out["sources"]:
             out["sources"].append(reader.source())
         use.merge(reader.take_field_use())

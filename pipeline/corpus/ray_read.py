@@ -26,11 +26,16 @@ def plan_files(specs: list[InputSpec], files: list[str] | None = None) -> list[t
     return tasks
 
 
-def read_corpus(specs: list[InputSpec | dict], rows_per_shard: int = 1024, exclude_shards: set[str] | None = None,
-                files: list[str] | None = None, limit_rows: int | None = None,
-                num_cpus: float = READ_TASK_CPUS,
-                shard_transform: Callable[[pa.Table], pa.Table] | None = None,
-                field_use: bool = False) -> ray.data.Dataset:
+def read_corpus(
+    specs: list[InputSpec | dict],
+    rows_per_shard: int = 1024,
+    exclude_shards: set[str] | None = None,
+    files: list[str] | None = None,
+    limit_rows: int | None = None,
+    num_cpus: float = READ_TASK_CPUS,
+    shard_transform: Callable[[pa.Table], pa.Table] | None = None,
+    field_use: bool = False,
+) -> ray.data.Dataset:
     """A Dataset of units (UNIT_SCHEMA, pyarrow blocks), one block per shard.
 
     Each input file is read by one task that streams it shard by shard, so files are read in
@@ -57,5 +62,4 @@ def read_corpus(specs: list[InputSpec | dict], rows_per_shard: int = 1024, exclu
 
     items = [{"spec": i, "uri": uri} for i, uri in tasks]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    return ds.map_batches(read_file, batch_size=1, batch_format="pyarrow", num_cpus=num_cpus,
-                          zero_copy_batch=True)
+    return ds.map_batches(read_file, batch_size=1, batch_format="pyarrow", num_cpus=num_cpus, zero_copy_batch=True)

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import posixpath
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from itertools import chain
-from typing import Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -105,15 +105,21 @@ def unstorable_text(row: Row) -> str | None:
     for where, text in places:
         if isinstance(text, str) and not _storable(text):
             bad = next(c for c in text if 0xD800 <= ord(c) <= 0xDFFF)
-            return (f"unencodable text: {where} holds a lone surrogate U+{ord(bad):04X} (a \"\\u{ord(bad):04x}\" "
-                    f"escape without its pair), which is not valid Unicode")
+            return (
+                f'unencodable text: {where} holds a lone surrogate U+{ord(bad):04X} (a "\\u{ord(bad):04x}" '
+                f"escape without its pair), which is not valid Unicode"
+            )
     return None
 
 
 def row_identity(row: Row, source: str) -> str:
     # Labels are part of what a row says: the same pair judged the other way is a different row.
-    labels = {"kind": row.kind, "tie": row.tie, "ranks": row.ranks,
-              "ratings": [(r["name"], r["raw"]) for r in row.ratings] if row.ratings else None}
+    labels = {
+        "kind": row.kind,
+        "tie": row.tie,
+        "ranks": row.ranks,
+        "ratings": [(r["name"], r["raw"]) for r in row.ratings] if row.ratings else None,
+    }
     return ids.row_id(source, row.prompt, row.responses, labels)
 
 
@@ -126,31 +132,54 @@ def row_units(row: Row, rid: str, source: str, uri: str, source_row: int) -> lis
         preference = None
         if row.kind == "preference" and not row.tie:
             preference = "chosen" if i == 0 else "rejected"
-        units.append({
-            "unit_id": ids.unit_id(rid, i), "row_id": rid, "prompt_id": pid, "kind": row.kind,
-            "source": source, "source_uri": uri, "source_row": source_row,
-            "prompt": prompt, "response": text, "response_index": i, "n_responses": n,
-            "preference": preference,
-            "tie": bool(row.tie) if row.kind == "preference" else None,
-            "label_confidence": row.label_confidence,
-            "human_rank": row.ranks[i] if row.ranks is not None else None,
-            "ratings": row.ratings if row.kind == "rated" else None,
-            "quarantine_reason": None, "raw": None,
-        })
+        units.append(
+            {
+                "unit_id": ids.unit_id(rid, i),
+                "row_id": rid,
+                "prompt_id": pid,
+                "kind": row.kind,
+                "source": source,
+                "source_uri": uri,
+                "source_row": source_row,
+                "prompt": prompt,
+                "response": text,
+                "response_index": i,
+                "n_responses": n,
+                "preference": preference,
+                "tie": bool(row.tie) if row.kind == "preference" else None,
+                "label_confidence": row.label_confidence,
+                "human_rank": row.ranks[i] if row.ranks is not None else None,
+                "ratings": row.ratings if row.kind == "rated" else None,
+                "quarantine_reason": None,
+                "raw": None,
+            }
+        )
     return units
 
 
-def quarantine_unit(reason: str, raw: str, source: str, uri: str, source_row: int,
-                    locator: str | None = None) -> dict:
+def quarantine_unit(reason: str, raw: str, source: str, uri: str, source_row: int, locator: str | None = None) -> dict:
     # Several bad rows of one record (an Open Assistant tree) are told apart by their locator.
     reason, raw, locator = storable_text(reason), storable_text(raw), storable_text(locator)
     rid = ids.bad_row_id(uri if locator is None else f"{uri}#{locator}", source_row)
     return {
-        "unit_id": ids.unit_id(rid, 0), "row_id": rid, "prompt_id": None, "kind": None,
-        "source": source, "source_uri": uri, "source_row": source_row,
-        "prompt": None, "response": None, "response_index": 0, "n_responses": 0,
-        "preference": None, "tie": None, "label_confidence": None, "human_rank": None, "ratings": None,
-        "quarantine_reason": reason, "raw": (raw or "")[: schema.RAW_MAX_CHARS],
+        "unit_id": ids.unit_id(rid, 0),
+        "row_id": rid,
+        "prompt_id": None,
+        "kind": None,
+        "source": source,
+        "source_uri": uri,
+        "source_row": source_row,
+        "prompt": None,
+        "response": None,
+        "response_index": 0,
+        "n_responses": 0,
+        "preference": None,
+        "tie": None,
+        "label_confidence": None,
+        "human_rank": None,
+        "ratings": None,
+        "quarantine_reason": reason,
+        "raw": (raw or "")[: schema.RAW_MAX_CHARS],
     }
 
 
@@ -243,8 +272,10 @@ class FileReader:
         # none is read with the file's format, which says what is missing.
         adapter = (detect(rec.value) or self.adapter) if self.spec.format == "auto" else self.adapter
         if adapter is None:
-            reason = (f"cannot tell the record's format from its fields {sorted(rec.value)[:20]}; "
-                      f"set format (one of {sorted(ADAPTERS)}) in the input spec")
+            reason = (
+                f"cannot tell the record's format from its fields {sorted(rec.value)[:20]}; "
+                f"set format (one of {sorted(ADAPTERS)}) in the input spec"
+            )
             return [[quarantine_unit(reason, rec.raw_text(), source, self.uri, rec.index)]]
         self.adapters_used[adapter] += 1
         value = TrackedRecord(rec.value)
@@ -283,8 +314,9 @@ class FileReader:
         return row_units(result, rid, source, self.uri, rec.index)
 
 
-def iter_shards(spec: InputSpec, file_uri: str, rows_per_shard: int = 1024,
-                limit_rows: int | None = None) -> Iterator[list[dict]]:
+def iter_shards(
+    spec: InputSpec, file_uri: str, rows_per_shard: int = 1024, limit_rows: int | None = None
+) -> Iterator[list[dict]]:
     """Each shard's units (dicts matching UNIT_SCHEMA, shard columns set), in file order.
     `limit_rows` stops after that many records of the file (demos, smoke runs)."""
     if rows_per_shard < 1:
@@ -324,13 +356,16 @@ def as_specs(specs) -> list[InputSpec]:
     return [InputSpec.from_dict(s) for s in specs]
 
 
-def read_units(specs: InputSpec | dict | Iterable[InputSpec | dict], rows_per_shard: int = 1024,
-               limit_rows: int | None = None) -> pa.Table:
+def read_units(
+    specs: InputSpec | dict | Iterable[InputSpec | dict], rows_per_shard: int = 1024, limit_rows: int | None = None
+) -> pa.Table:
     """All units of small inputs as one table, in spec, file and row order (no Ray)."""
-    tables = [units_table(units)
-              for spec in as_specs(specs)
-              for uri in expand_files(spec)
-              for units in iter_shards(spec, uri, rows_per_shard, limit_rows)]
+    tables = [
+        units_table(units)
+        for spec in as_specs(specs)
+        for uri in expand_files(spec)
+        for units in iter_shards(spec, uri, rows_per_shard, limit_rows)
+    ]
     if not tables:
         return schema.UNIT_SCHEMA.empty_table()
     return pa.concat_tables(tables)
@@ -347,8 +382,17 @@ def summarize(table: pa.Table) -> dict[str, dict]:
     first = pc.equal(table.column("response_index"), 0).to_pylist()
     reasons = table.column("quarantine_reason").to_pylist()
     for src, is_bad, is_first, reason in zip(sources, bad, first, reasons):
-        s = out.setdefault(src, {"rows_in": 0, "rows_ok": 0, "rows_quarantined": 0, "units": 0, "units_ok": 0,
-                                 "quarantine_reasons": Counter()})
+        s = out.setdefault(
+            src,
+            {
+                "rows_in": 0,
+                "rows_ok": 0,
+                "rows_quarantined": 0,
+                "units": 0,
+                "units_ok": 0,
+                "quarantine_reasons": Counter(),
+            },
+        )
         s["units"] += 1
         if is_bad:
             s["rows_in"] += 1

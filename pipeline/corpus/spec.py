@@ -13,10 +13,18 @@ FILE_FORMATS = ("auto", "jsonl", "json", "csv", "tsv", "parquet", "hf_dataset")
 
 # Extensions recognised when a directory or glob is expanded, and what they mean.
 _EXTENSIONS = {
-    ".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".ndjson": "jsonl", ".ndjson.gz": "jsonl",
-    ".json": "json", ".json.gz": "json",
-    ".csv": "csv", ".csv.gz": "csv", ".tsv": "tsv", ".tsv.gz": "tsv",
-    ".parquet": "parquet", ".pq": "parquet",
+    ".jsonl": "jsonl",
+    ".jsonl.gz": "jsonl",
+    ".ndjson": "jsonl",
+    ".ndjson.gz": "jsonl",
+    ".json": "json",
+    ".json.gz": "json",
+    ".csv": "csv",
+    ".csv.gz": "csv",
+    ".tsv": "tsv",
+    ".tsv.gz": "tsv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
 }
 # Files that mark a `datasets.save_to_disk` directory (a Dataset, or a DatasetDict of splits).
 HF_MARKERS = ("state.json", "dataset_dict.json")
@@ -28,15 +36,15 @@ class InputSpecError(ValueError):
 
 @dataclass
 class InputSpec:
-    path: str | list[str]                 # file, directory, glob or s3:// URI of any of those (or a list)
-    format: str = "auto"                  # adapter name, see pipeline.corpus.adapters.ADAPTERS
-    source: str | None = None             # corpus name; default from the adapter, else the file name
-    columns: dict | None = None           # column mapping for the "mapping" adapter (or changes to a hub preset's)
-    kind: str | None = None               # expected kind of every row (checked), e.g. "preference"
-    file_format: str = "auto"             # jsonl | json | csv | tsv | parquet | hf_dataset; auto from the name
-    storage_options: dict | None = None   # passed to pipeline.storage.filesystem
+    path: str | list[str]  # file, directory, glob or s3:// URI of any of those (or a list)
+    format: str = "auto"  # adapter name, see pipeline.corpus.adapters.ADAPTERS
+    source: str | None = None  # corpus name; default from the adapter, else the file name
+    columns: dict | None = None  # column mapping for the "mapping" adapter (or changes to a hub preset's)
+    kind: str | None = None  # expected kind of every row (checked), e.g. "preference"
+    file_format: str = "auto"  # jsonl | json | csv | tsv | parquet | hf_dataset; auto from the name
+    storage_options: dict | None = None  # passed to pipeline.storage.filesystem
     options: dict = field(default_factory=dict)  # adapter options
-    objectives: list | None = None        # objectives this input's ratings use (pipeline.objectives.Objective fields)
+    objectives: list | None = None  # objectives this input's ratings use (pipeline.objectives.Objective fields)
 
     def __post_init__(self):
         from pipeline import objectives
@@ -54,8 +62,9 @@ class InputSpec:
             raise InputSpecError(f"path: expected a non-empty string or list of strings, got {self.path!r}")
         self.format = ALIASES.get(self.format, self.format)
         if self.format not in ADAPTERS:
-            raise InputSpecError(f"format: unknown adapter {self.format!r}; known: {sorted(ADAPTERS)} "
-                                 f"(or an alias: {sorted(ALIASES)})")
+            raise InputSpecError(
+                f"format: unknown adapter {self.format!r}; known: {sorted(ADAPTERS)} (or an alias: {sorted(ALIASES)})"
+            )
         if self.file_format not in FILE_FORMATS:
             raise InputSpecError(f"file_format: expected one of {FILE_FORMATS}, got {self.file_format!r}")
         if self.kind is not None and self.kind not in KINDS:
@@ -92,10 +101,11 @@ class InputSpec:
         self.__dict__.update(state)
         if self.objectives:
             from pipeline import objectives
+
             objectives.register_all(self.objectives)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "InputSpec":
+    def from_dict(cls, d: dict) -> InputSpec:
         if isinstance(d, InputSpec):
             return d
         if not isinstance(d, dict):
@@ -162,8 +172,10 @@ def expand_files(spec: InputSpec) -> list[str]:
             else:
                 inputs.add(storage.to_uri(fs, m))
         if not inputs:
-            raise InputSpecError(f"no readable input files under {pattern!r} "
-                                 f"(looked for {sorted(set(_EXTENSIONS))} and datasets.save_to_disk folders)")
+            raise InputSpecError(
+                f"no readable input files under {pattern!r} "
+                f"(looked for {sorted(set(_EXTENSIONS))} and datasets.save_to_disk folders)"
+            )
         found |= inputs
         if not remote:
             found = {_normalise_local(u) for u in found}
@@ -179,7 +191,7 @@ def _expand_dir(fs, path: str, spec: InputSpec) -> list[str]:
     hf_dirs = [d for d in hf_dirs if not any(d != o and d.startswith(o.rstrip("/") + "/") for o in hf_dirs)]
     out = [storage.to_uri(fs, d) for d in hf_dirs]
     for f in files:
-        rel = f[len(path):].lstrip("/")
+        rel = f[len(path) :].lstrip("/")
         if any(part.startswith((".", "_")) for part in rel.split("/")):
             continue
         if any(f.startswith(d.rstrip("/") + "/") for d in hf_dirs):

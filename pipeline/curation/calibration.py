@@ -34,15 +34,28 @@ def fit_column(values, method: str, n_quantiles: int = 101) -> dict:
         return {"n": int(len(v)), "mean": float(np.mean(v)), "std": std if std > 0 else 1.0}
     if method == "quantile":
         probs = np.linspace(0.0, 1.0, n_quantiles)
-        return {"n": int(len(v)), "probs": probs.tolist(), "quantiles": np.quantile(v, probs, method="inverted_cdf").tolist()}
+        return {
+            "n": int(len(v)),
+            "probs": probs.tolist(),
+            "quantiles": np.quantile(v, probs, method="inverted_cdf").tolist(),
+        }
     raise ValueError(f"calibration method must be one of {METHODS}, got {method!r}")
 
 
-def fit_calibration(columns: dict[str, np.ndarray], method: str, n_quantiles: int = 101,
-                    temperature: float = 1.0, reference: str | None = None) -> dict:
-    return {"version": CALIBRATION_VERSION, "method": method, "reference_run": reference,
-            "temperature": float(temperature),
-            "columns": {name: fit_column(v, method, n_quantiles) for name, v in sorted(columns.items())}}
+def fit_calibration(
+    columns: dict[str, np.ndarray],
+    method: str,
+    n_quantiles: int = 101,
+    temperature: float = 1.0,
+    reference: str | None = None,
+) -> dict:
+    return {
+        "version": CALIBRATION_VERSION,
+        "method": method,
+        "reference_run": reference,
+        "temperature": float(temperature),
+        "columns": {name: fit_column(v, method, n_quantiles) for name, v in sorted(columns.items())},
+    }
 
 
 def apply_column(calibration: dict, column: str, values) -> np.ndarray:

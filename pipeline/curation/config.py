@@ -1,20 +1,20 @@
 """The curation job's configuration: parsed from YAML and validated up front, with clear errors.
 
-    task: sft | dpo | rerank | calibrate
-    run: runs/labels/demo              # a labeled run: <run>/data/*.parquet (+ manifest.json)
-    output: runs/curated/demo-sft      # a directory (calibrate: the JSON file to write)
-    storage_options: {}                # for s3:// (endpoint_url, key, secret, ...)
-    filters: [...]                     # unit filters, see pipeline/curation/thresholds.py
-    output_files: null                 # output Parquet files (null: one per partition)
-    partition_rows: 100000             # units per shuffle partition: bounds the memory of every task
-    scratch: null                      # shuffle fragments (default <output>/_shuffle; removed at the end)
-    sft:       {one_per_prompt: false, kinds: null, exclude_human_rejected: true}
-    pairs:     {best_of_n: best_worst, min_margin: 0.0, group_kinds: [best_of_n],
-                preference: flip, tie_epsilon: 0.0, human_ties: drop, reward_margin: false}
-    rerank:    {top_k: 1, kinds: null}
-    calibrate: {method: zscore, columns: null, n_quantiles: 101, fit_temperature: true}
-    calibration: null                  # a calibration JSON: adds score_calibrated, and its temperature
-                                       # sets p_chosen = sigmoid(margin / T) on DPO pairs
+task: sft | dpo | rerank | calibrate
+run: runs/labels/demo              # a labeled run: <run>/data/*.parquet (+ manifest.json)
+output: runs/curated/demo-sft      # a directory (calibrate: the JSON file to write)
+storage_options: {}                # for s3:// (endpoint_url, key, secret, ...)
+filters: [...]                     # unit filters, see pipeline/curation/thresholds.py
+output_files: null                 # output Parquet files (null: one per partition)
+partition_rows: 100000             # units per shuffle partition: bounds the memory of every task
+scratch: null                      # shuffle fragments (default <output>/_shuffle; removed at the end)
+sft:       {one_per_prompt: false, kinds: null, exclude_human_rejected: true}
+pairs:     {best_of_n: best_worst, min_margin: 0.0, group_kinds: [best_of_n],
+            preference: flip, tie_epsilon: 0.0, human_ties: drop, reward_margin: false}
+rerank:    {top_k: 1, kinds: null}
+calibrate: {method: zscore, columns: null, n_quantiles: 101, fit_temperature: true}
+calibration: null                  # a calibration JSON: adds score_calibrated, and its temperature
+                                   # sets p_chosen = sigmoid(margin / T) on DPO pairs
 """
 
 from __future__ import annotations
@@ -55,9 +55,9 @@ def _take(cls, data: Any, where: str):
 
 @dataclass
 class SftConfig:
-    one_per_prompt: bool = False          # keep only the best-scored surviving response per prompt
-    kinds: list | None = None             # unit kinds to select from (None: all)
-    exclude_human_rejected: bool = True   # never train on a response humans labelled "rejected"
+    one_per_prompt: bool = False  # keep only the best-scored surviving response per prompt
+    kinds: list | None = None  # unit kinds to select from (None: all)
+    exclude_human_rejected: bool = True  # never train on a response humans labelled "rejected"
 
 
 @dataclass
@@ -73,8 +73,14 @@ class PairsConfig:
     reward_margin: bool = False
 
     def rules(self) -> PairRules:
-        return PairRules(self.best_of_n, float(self.min_margin), tuple(self.group_kinds), self.preference,
-                         float(self.tie_epsilon), self.human_ties)
+        return PairRules(
+            self.best_of_n,
+            float(self.min_margin),
+            tuple(self.group_kinds),
+            self.preference,
+            float(self.tie_epsilon),
+            self.human_ties,
+        )
 
 
 @dataclass
@@ -86,9 +92,9 @@ class RerankConfig:
 @dataclass
 class CalibrateConfig:
     method: str = "zscore"
-    columns: list | None = None           # None: score and every rating_* / debiased_* column of the run
+    columns: list | None = None  # None: score and every rating_* / debiased_* column of the run
     n_quantiles: int = 101
-    fit_temperature: bool = True          # fit T of P(a beats b) on the run's human preference pairs
+    fit_temperature: bool = True  # fit T of P(a beats b) on the run's human preference pairs
 
 
 @dataclass
@@ -153,18 +159,26 @@ def _validate(cfg: CurateConfig) -> None:
         parse_filters(cfg.filters)
     except FilterError as e:
         raise ConfigError(f"filters: {e}") from e
-    if cfg.output_files is not None and (not isinstance(cfg.output_files, int) or isinstance(cfg.output_files, bool)
-                                         or not 1 <= cfg.output_files <= 100_000):
+    if cfg.output_files is not None and (
+        not isinstance(cfg.output_files, int)
+        or isinstance(cfg.output_files, bool)
+        or not 1 <= cfg.output_files <= 100_000
+    ):
         raise ConfigError(f"output_files: expected null or an integer >= 1, got {cfg.output_files!r}")
     if not isinstance(cfg.partition_rows, int) or isinstance(cfg.partition_rows, bool) or cfg.partition_rows < 1:
         raise ConfigError(f"partition_rows: expected an integer >= 1, got {cfg.partition_rows!r}")
     if not isinstance(cfg.pairs.reward_margin, bool):
         raise ConfigError("pairs.reward_margin: expected true or false")
     if cfg.pairs.reward_margin and not cfg.calibration:
-        raise ConfigError("pairs.reward_margin: needs `calibration` (the margin is score_margin / T, T fitted "
-                          "by the calibrate task); a raw score gap would set RewardTrainer's loss margin")
-    for where, kinds in (("sft.kinds", cfg.sft.kinds), ("rerank.kinds", cfg.rerank.kinds),
-                         ("pairs.group_kinds", cfg.pairs.group_kinds)):
+        raise ConfigError(
+            "pairs.reward_margin: needs `calibration` (the margin is score_margin / T, T fitted "
+            "by the calibrate task); a raw score gap would set RewardTrainer's loss margin"
+        )
+    for where, kinds in (
+        ("sft.kinds", cfg.sft.kinds),
+        ("rerank.kinds", cfg.rerank.kinds),
+        ("pairs.group_kinds", cfg.pairs.group_kinds),
+    ):
         if kinds is not None and (not isinstance(kinds, list) or not set(kinds) <= set(KINDS)):
             raise ConfigError(f"{where}: expected a list of kinds from {list(KINDS)}, got {kinds!r}")
     try:
@@ -178,8 +192,9 @@ def _validate(cfg: CurateConfig) -> None:
     if not isinstance(cfg.calibrate.n_quantiles, int) or cfg.calibrate.n_quantiles < 2:
         raise ConfigError("calibrate.n_quantiles: expected an integer >= 2")
     if cfg.task == "calibrate" and not cfg.output.endswith(".json"):
-        raise ConfigError(f"output: the calibrate task writes one JSON file; expected a path ending in .json, "
-                          f"got {cfg.output!r}")
+        raise ConfigError(
+            f"output: the calibrate task writes one JSON file; expected a path ending in .json, got {cfg.output!r}"
+        )
     from pipeline import storage
 
     so = cfg.storage_options or None

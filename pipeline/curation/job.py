@@ -39,8 +39,8 @@ from pipeline.curation.thresholds import Filter, columns_to_fit, merge_filter_co
 from pipeline.runtime import init_ray
 
 MANIFEST = "manifest.json"
-SLICE_PARTITIONS = 8     # a scatter task reads up to this many partitions' worth of units
-BATCH_ROWS = 50_000      # ... in batches of at most this many units
+SLICE_PARTITIONS = 8  # a scatter task reads up to this many partitions' worth of units
+BATCH_ROWS = 50_000  # ... in batches of at most this many units
 SPLIT = "train"
 # Uncompressed: fragments live a few seconds on local or cluster scratch; lz4 cost more CPU than it saved I/O.
 IPC_OPTIONS = ipc.IpcWriteOptions(compression=None)
@@ -67,7 +67,7 @@ def stable_hash(keys) -> np.ndarray:
     n = len(arr)
     if arr.null_count:
         raise ValueError("stable_hash: null key")
-    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset:arr.offset + n + 1]
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset : arr.offset + n + 1]
     data = np.frombuffer(arr.buffers()[2], dtype=np.uint8) if arr.buffers()[2] is not None else np.zeros(1, np.uint8)
     starts, lengths = offsets[:-1], np.diff(offsets)
     h = np.full(n, _FNV_OFFSET, dtype=np.uint64)
@@ -121,8 +121,18 @@ def _fragment_uri(scratch: str, partition: int, slice_id: int) -> str:
     return storage.join(scratch, f"p-{partition:05d}", f"s-{slice_id:06d}.arrow")
 
 
-def scatter_slice(uri: str, row_groups: list[int], slice_id: int, columns: list[str], key: str, partitions: int,
-                  scratch: str, batch_rows: int, fit_columns: list[str], storage_options: dict | None) -> dict:
+def scatter_slice(
+    uri: str,
+    row_groups: list[int],
+    slice_id: int,
+    columns: list[str],
+    key: str,
+    partitions: int,
+    scratch: str,
+    batch_rows: int,
+    fit_columns: list[str],
+    storage_options: dict | None,
+) -> dict:
     """Scatter one slice: each batch is split by partition and appended to that partition's fragment
     of this slice (one IPC stream per partition). Returns the rows read and the fit columns' values."""
     fs, path = storage.filesystem(uri, storage_options)
@@ -169,8 +179,9 @@ def read_partition(scratch: str, partition: int, storage_options: dict | None, s
 def task_fn(cfg: CurateConfig, filters: list[Filter], calibration: dict | None):
     """The task's pure function of one partition: table -> (output table, counts)."""
     if cfg.task == "sft":
-        return lambda units: select_sft(units, filters, cfg.sft.one_per_prompt, cfg.sft.kinds,
-                                        cfg.sft.exclude_human_rejected, calibration)
+        return lambda units: select_sft(
+            units, filters, cfg.sft.one_per_prompt, cfg.sft.kinds, cfg.sft.exclude_human_rejected, calibration
+        )
     if cfg.task == "dpo":
         temperature = calibration["temperature"] if calibration else 1.0
         return lambda units: build_dpo(units, filters, cfg.pairs.rules(), temperature, cfg.pairs.reward_margin)
@@ -179,8 +190,17 @@ def task_fn(cfg: CurateConfig, filters: list[Filter], calibration: dict | None):
     raise ValueError(f"task {cfg.task!r} has no per-partition step")
 
 
-def gather_file(k: int, n_files: int, partitions: list[int], cfg: CurateConfig, filters: list[Filter],
-                calibration: dict | None, scratch: str, in_schema: pa.Schema, out_dir: str) -> dict:
+def gather_file(
+    k: int,
+    n_files: int,
+    partitions: list[int],
+    cfg: CurateConfig,
+    filters: list[Filter],
+    calibration: dict | None,
+    scratch: str,
+    in_schema: pa.Schema,
+    out_dir: str,
+) -> dict:
     """Output file k: its partitions one at a time through the task function; results are staged in
     scratch (so only one partition is ever in memory), then streamed into the Parquet file."""
     so = cfg.storage_options or None
@@ -196,18 +216,20 @@ def gather_file(k: int, n_files: int, partitions: list[int], cfg: CurateConfig, 
         if table.num_rows:
             out_schema, rows = table.schema, rows + table.num_rows
         if len(partitions) > 1:
-            del table   # one partition in memory at a time
+            del table  # one partition in memory at a time
     name = output_name(k, n_files)
     if rows and len(partitions) == 1:
         # One partition per file (the default layout): its table is still in memory, write it directly.
         storage.write_atomic(storage.join(out_dir, name), lambda f: pq.write_table(table, f, compression="zstd"), so)
     elif rows:
+
         def write(f):
             with pq.ParquetWriter(f, out_schema, compression="zstd") as writer:
                 for uri in staged:
                     sfs, spath = storage.filesystem(uri, so)
                     with sfs.open(spath, "rb") as s:
                         writer.write_table(ipc.open_stream(s).read_all())
+
         storage.write_atomic(storage.join(out_dir, name), write, so)
     return {"file": name if rows else None, "counts": counts}
 
@@ -217,8 +239,15 @@ def _write_ipc(f, table: pa.Table) -> None:
         w.write_table(table)
 
 
-def shuffle(cfg: CurateConfig, files: list[str], columns: list[str], key: str, fit_columns: list[str],
-            scratch: str, output_files: int | None) -> dict:
+def shuffle(
+    cfg: CurateConfig,
+    files: list[str],
+    columns: list[str],
+    key: str,
+    fit_columns: list[str],
+    scratch: str,
+    output_files: int | None,
+) -> dict:
     """The scatter pass over the whole run; returns the layout and the fit columns' whole-run values."""
     import ray
 
@@ -230,21 +259,38 @@ def shuffle(cfg: CurateConfig, files: list[str], columns: list[str], key: str, f
     storage.remove(scratch, so)
     t0 = time.time()
     task = ray.remote(num_cpus=1)(scatter_slice)
-    refs = [task.remote(uri, groups, i, columns, key, partitions, scratch, min(cfg.partition_rows, BATCH_ROWS),
-                        fit_columns, so)
-            for i, (uri, groups) in enumerate(slices)]
+    refs = [
+        task.remote(
+            uri, groups, i, columns, key, partitions, scratch, min(cfg.partition_rows, BATCH_ROWS), fit_columns, so
+        )
+        for i, (uri, groups) in enumerate(slices)
+    ]
     results = ray.get(refs)
     values = {c: np.concatenate([r["values"][c] for r in results]) if results else np.zeros(0) for c in fit_columns}
-    _say(f"scattered {total} units from {len(slices)} slice(s) into {partitions} partition(s) "
-         f"in {time.time() - t0:.1f} s")
+    _say(
+        f"scattered {total} units from {len(slices)} slice(s) into {partitions} partition(s) "
+        f"in {time.time() - t0:.1f} s"
+    )
     return {"partitions": partitions, "files": n_files, "units": total, "values": values}
 
 
 # Columns each task reads besides the filter columns (the rest of a run is never read).
 TASK_COLUMNS = {
     "sft": ["unit_id", "row_id", "prompt_id", "kind", "source", "prompt", "response", "preference", "score"],
-    "dpo": ["unit_id", "row_id", "prompt_id", "kind", "source", "prompt", "response", "response_index", "preference",
-            "tie", "human_rank", "score"],
+    "dpo": [
+        "unit_id",
+        "row_id",
+        "prompt_id",
+        "kind",
+        "source",
+        "prompt",
+        "response",
+        "response_index",
+        "preference",
+        "tie",
+        "human_rank",
+        "score",
+    ],
     "rerank": ["unit_id", "row_id", "prompt_id", "kind", "source", "prompt", "response", "human_rank", "score"],
 }
 
@@ -263,15 +309,19 @@ def _scratch(cfg: CurateConfig) -> str:
 
 
 def merge_bucket_counts(counts: list[dict]) -> dict:
-    out = {"rows_in": sum(c["rows_in"] for c in counts), "rows_out": sum(c["rows_out"] for c in counts),
-           "filters": merge_filter_counts([c["filters"] for c in counts])}
+    out = {
+        "rows_in": sum(c["rows_in"] for c in counts),
+        "rows_out": sum(c["rows_out"] for c in counts),
+        "filters": merge_filter_counts([c["filters"] for c in counts]),
+    }
     if any("selection" in c for c in counts):
         out["selection"] = merge_filter_counts([c.get("selection", []) for c in counts])
     if any("one_per_prompt_removed" in c for c in counts):
         out["one_per_prompt_removed"] = sum(c.get("one_per_prompt_removed", 0) for c in counts)
     if any("pairs" in c for c in counts):
-        out["pairs"] = {origin: merge_counts([c["pairs"][origin] for c in counts])
-                        for origin in ("best_of_n", "preference")}
+        out["pairs"] = {
+            origin: merge_counts([c["pairs"][origin] for c in counts]) for origin in ("best_of_n", "preference")
+        }
     if any("agreement" in c for c in counts):
         total = Agreement()
         for c in counts:
@@ -289,9 +339,17 @@ def _base_manifest(cfg: CurateConfig, files: list[str], t0: float) -> dict:
     run_id = None
     if storage.exists(run_manifest_uri, so):
         run_id = json.loads(storage.read_bytes(run_manifest_uri, so)).get("run_id")
-    return {"task": cfg.task, "status": "complete", "config": cfg.to_dict(), "config_hash": cfg.hash(),
-            "run": cfg.run, "run_id": run_id, "input_files": files, "versions": versions(),
-            "wall_time_s": round(time.time() - t0, 3)}
+    return {
+        "task": cfg.task,
+        "status": "complete",
+        "config": cfg.to_dict(),
+        "config_hash": cfg.hash(),
+        "run": cfg.run,
+        "run_id": run_id,
+        "input_files": files,
+        "versions": versions(),
+        "wall_time_s": round(time.time() - t0, 3),
+    }
 
 
 def write_manifest(uri: str, man: dict, storage_options: dict | None) -> None:
@@ -332,8 +390,22 @@ def run(cfg: CurateConfig) -> dict:
         n_files, per_file = layout["files"], layout["partitions"] // layout["files"]
         t1 = time.time()
         task = ray.remote(num_cpus=1)(gather_file)
-        summaries = ray.get([task.remote(k, n_files, list(range(k * per_file, (k + 1) * per_file)), cfg, filters,
-                                         calibration, scratch, in_schema, out_dir) for k in range(n_files)])
+        summaries = ray.get(
+            [
+                task.remote(
+                    k,
+                    n_files,
+                    list(range(k * per_file, (k + 1) * per_file)),
+                    cfg,
+                    filters,
+                    calibration,
+                    scratch,
+                    in_schema,
+                    out_dir,
+                )
+                for k in range(n_files)
+            ]
+        )
         _say(f"{cfg.task} on {layout['partitions']} partition(s) -> {n_files} file(s) in {time.time() - t1:.1f} s")
     finally:
         storage.remove(scratch, so)
@@ -342,10 +414,13 @@ def run(cfg: CurateConfig) -> dict:
     for uri in stale:
         storage.remove(uri, so)
     counts = merge_bucket_counts([c for s in summaries for c in s["counts"]])
-    man = {**_base_manifest(cfg, files, t0), **counts,
-           "resolved_filters": [f.to_dict() for f in filters],
-           "partitions": layout["partitions"],
-           "output": {"dir": out_dir, "files": written, "stale_files_removed": len(stale)}}
+    man = {
+        **_base_manifest(cfg, files, t0),
+        **counts,
+        "resolved_filters": [f.to_dict() for f in filters],
+        "partitions": layout["partitions"],
+        "output": {"dir": out_dir, "files": written, "stale_files_removed": len(stale)},
+    }
     write_manifest(storage.join(cfg.output, MANIFEST), man, so)
     _say(f"{cfg.task}: {man['rows_in']} units in, {man['rows_out']} rows out, {len(written)} file(s) -> {out_dir}")
     return man
@@ -361,7 +436,8 @@ def run_calibrate(cfg: CurateConfig, files: list[str], t0: float) -> dict:
     so = cfg.storage_options or None
     names = run_schema(files, so).names
     columns = cfg.calibrate.columns or ["score"] + sorted(
-        n for n in names if n.startswith((schema.RATING_PREFIX, schema.DEBIASED_PREFIX)))
+        n for n in names if n.startswith((schema.RATING_PREFIX, schema.DEBIASED_PREFIX))
+    )
     missing = sorted(set(columns) - set(names))
     if missing:
         raise ValueError(f"calibrate.columns: not in the run: {missing}")
@@ -378,8 +454,9 @@ def run_calibrate(cfg: CurateConfig, files: list[str], t0: float) -> dict:
         temperature, n_pairs = 1.0, 0
         if cfg.calibrate.fit_temperature:
             task = ray.remote(num_cpus=1)(margins_of_partition)
-            margins = np.concatenate([np.zeros(0)] + ray.get([task.remote(p, scratch, so, in_schema)
-                                                              for p in range(layout["partitions"])]))
+            margins = np.concatenate(
+                [np.zeros(0)] + ray.get([task.remote(p, scratch, so, in_schema) for p in range(layout["partitions"])])
+            )
             n_pairs = len(margins)
             if n_pairs:
                 temperature = cal.fit_temperature(margins)
@@ -388,9 +465,14 @@ def run_calibrate(cfg: CurateConfig, files: list[str], t0: float) -> dict:
     calibration = cal.fit_calibration(values, cfg.calibrate.method, cfg.calibrate.n_quantiles, temperature, cfg.run)
     calibration["temperature_pairs"] = n_pairs
     cal.save(calibration, cfg.output, so)
-    man = {**_base_manifest(cfg, files, t0), "rows_in": int(len(values["score"])) if "score" in values else None,
-           "columns": {c: calibration["columns"][c]["n"] for c in columns}, "temperature": temperature,
-           "temperature_pairs": n_pairs, "output": {"calibration": cfg.output}}
+    man = {
+        **_base_manifest(cfg, files, t0),
+        "rows_in": int(len(values["score"])) if "score" in values else None,
+        "columns": {c: calibration["columns"][c]["n"] for c in columns},
+        "temperature": temperature,
+        "temperature_pairs": n_pairs,
+        "output": {"calibration": cfg.output},
+    }
     write_manifest(calibration_manifest_uri(cfg.output), man, so)
     _say(f"calibrate: {len(columns)} column(s), T = {temperature:.4g} from {n_pairs} human pair(s) -> {cfg.output}")
     return man

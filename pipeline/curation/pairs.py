@@ -56,10 +56,10 @@ ASSISTANT = "assistant"
 @dataclass(frozen=True)
 class PairRules:
     best_of_n: str = "best_worst"
-    min_margin: float = 0.0                  # best-of-N: smallest score margin a pair may have
-    group_kinds: tuple = ("best_of_n",)      # unit kinds grouped by prompt into best-of-N candidates
+    min_margin: float = 0.0  # best-of-N: smallest score margin a pair may have
+    group_kinds: tuple = ("best_of_n",)  # unit kinds grouped by prompt into best-of-N candidates
     preference: str = "flip"
-    tie_epsilon: float = 0.0                 # preference: |margin| below this is a near tie -> dropped
+    tie_epsilon: float = 0.0  # preference: |margin| below this is a near tie -> dropped
     human_ties: str = "drop"
 
     def __post_init__(self):
@@ -79,16 +79,21 @@ class PairCounts:
     kept: int = 0
     flipped: int = 0
     dropped: dict = field(default_factory=dict)
-    duplicate_units: int = 0   # repeated unit_ids (identical rows in the input), set aside before pairing
+    duplicate_units: int = 0  # repeated unit_ids (identical rows in the input), set aside before pairing
 
     def drop(self, reason: str, n: int = 1) -> None:
         if n:
             self.dropped[reason] = self.dropped.get(reason, 0) + int(n)
 
     def to_dict(self) -> dict:
-        return {"pairs_in": self.pairs_in, "kept": self.kept, "flipped": self.flipped,
-                "dropped": dict(sorted(self.dropped.items())), "dropped_total": sum(self.dropped.values()),
-                "duplicate_units": self.duplicate_units}
+        return {
+            "pairs_in": self.pairs_in,
+            "kept": self.kept,
+            "flipped": self.flipped,
+            "dropped": dict(sorted(self.dropped.items())),
+            "dropped_total": sum(self.dropped.values()),
+            "duplicate_units": self.duplicate_units,
+        }
 
 
 def merge_counts(parts: list[dict]) -> dict:
@@ -110,8 +115,14 @@ def as_table(units) -> pa.Table:
         return units
     t = pa.Table.from_pandas(units, preserve_index=False)
     # pandas' string dtype arrives as large_string; the run's schema (and the outputs) use string.
-    fields = [f.with_type(pa.string()) if f.type == pa.large_string() else
-              f.with_type(schema.MESSAGES) if f.name == "prompt" else f for f in t.schema]
+    fields = [
+        f.with_type(pa.string())
+        if f.type == pa.large_string()
+        else f.with_type(schema.MESSAGES)
+        if f.name == "prompt"
+        else f
+        for f in t.schema
+    ]
     return t.cast(pa.schema(fields))
 
 
@@ -125,8 +136,9 @@ def equals(table: pa.Table, name: str, value: str) -> np.ndarray:
 
 
 def is_in(table: pa.Table, name: str, values) -> np.ndarray:
-    return pc.fill_null(pc.is_in(table.column(name), value_set=pa.array(list(values), pa.string())),
-                        False).to_numpy(zero_copy_only=False)
+    return pc.fill_null(pc.is_in(table.column(name), value_set=pa.array(list(values), pa.string())), False).to_numpy(
+        zero_copy_only=False
+    )
 
 
 def unique_rows(table: pa.Table, rows: np.ndarray | None = None) -> np.ndarray:
@@ -156,14 +168,15 @@ def same_text(table: pa.Table, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 @dataclass
 class Candidates:
     """Pairs as row indices into the units table: `better` becomes chosen, `worse` rejected."""
+
     better: np.ndarray
     worse: np.ndarray
     origin: str
-    flipped: np.ndarray      # bool: oriented against the human label
-    agrees: np.ndarray       # float: 1 / 0 / NaN (unknown) - does the human order agree with the pair's
+    flipped: np.ndarray  # bool: oriented against the human label
+    agrees: np.ndarray  # float: 1 / 0 / NaN (unknown) - does the human order agree with the pair's
 
     @classmethod
-    def empty(cls, origin: str) -> "Candidates":
+    def empty(cls, origin: str) -> Candidates:
         z = np.zeros(0, dtype=np.int64)
         return cls(z, z, origin, z.astype(bool), z.astype(np.float64))
 
@@ -178,8 +191,13 @@ def best_of_n_candidates(table: pa.Table, rows: np.ndarray, rules: PairRules) ->
     rows = rows[~np.isnan(score[rows])]
     # Best first; equal scores ordered by unit_id so results do not depend on row order.
     keyed = table.select(["prompt_id", "unit_id"]).take(rows).append_column("score", pa.array(score[rows]))
-    order = pc.sort_indices(keyed, [("prompt_id", "ascending"), ("score", "descending"), ("unit_id", "ascending")]
-                            ).to_numpy().astype(np.int64) if len(rows) else np.zeros(0, dtype=np.int64)
+    order = (
+        pc.sort_indices(keyed, [("prompt_id", "ascending"), ("score", "descending"), ("unit_id", "ascending")])
+        .to_numpy()
+        .astype(np.int64)
+        if len(rows)
+        else np.zeros(0, dtype=np.int64)
+    )
     rows = rows[order]
     starts = group_starts(keyed.column("prompt_id").take(order).combine_chunks()) if len(rows) else rows[:0]
     sizes = np.diff(np.append(starts, len(rows)))
@@ -218,8 +236,9 @@ def preference_candidates(table: pa.Table, rows: np.ndarray, rules: PairRules) -
     counts = PairCounts()
     if rules.preference == "none":
         return Candidates.empty("preference"), counts
-    rows, starts, sizes = sorted_runs(table, rows, [("row_id", "ascending"), ("response_index", "ascending"),
-                                                    ("unit_id", "ascending")], "row_id")
+    rows, starts, sizes = sorted_runs(
+        table, rows, [("row_id", "ascending"), ("response_index", "ascending"), ("unit_id", "ascending")], "row_id"
+    )
     counts.pairs_in = len(starts)
     group = np.repeat(np.arange(len(starts)), sizes)
     per_group = lambda mask: np.bincount(group, weights=mask[rows], minlength=len(starts))  # noqa: E731
@@ -281,16 +300,24 @@ def make_pairs(units, rules: PairRules, rows: np.ndarray | None = None) -> tuple
     return pair_table(table, [bon, pref]), {"best_of_n": bon_counts, "preference": pref_counts}
 
 
-PAIR_SCHEMA = pa.schema([
-    ("prompt", schema.MESSAGES), ("chosen", schema.MESSAGES), ("rejected", schema.MESSAGES),
-    ("score_chosen", pa.float64()), ("score_rejected", pa.float64()),
-    ("score_margin", pa.float64()),    # score_chosen - score_rejected (not TRL's loss `margin`)
-    ("prompt_id", pa.string()), ("source", pa.string()),
-    ("origin", pa.string()),           # best_of_n | preference
-    ("action", pa.string()),           # kept | flipped (against the human label)
-    ("human_agrees", pa.bool_()),      # does the human label / rank agree with the reward's order
-    ("row_id", pa.string()), ("chosen_unit_id", pa.string()), ("rejected_unit_id", pa.string()),
-])
+PAIR_SCHEMA = pa.schema(
+    [
+        ("prompt", schema.MESSAGES),
+        ("chosen", schema.MESSAGES),
+        ("rejected", schema.MESSAGES),
+        ("score_chosen", pa.float64()),
+        ("score_rejected", pa.float64()),
+        ("score_margin", pa.float64()),  # score_chosen - score_rejected (not TRL's loss `margin`)
+        ("prompt_id", pa.string()),
+        ("source", pa.string()),
+        ("origin", pa.string()),  # best_of_n | preference
+        ("action", pa.string()),  # kept | flipped (against the human label)
+        ("human_agrees", pa.bool_()),  # does the human label / rank agree with the reward's order
+        ("row_id", pa.string()),
+        ("chosen_unit_id", pa.string()),
+        ("rejected_unit_id", pa.string()),
+    ]
+)
 
 
 def assistant_messages(texts) -> pa.Array:
@@ -298,9 +325,13 @@ def assistant_messages(texts) -> pa.Array:
     texts = pa.array(texts, pa.string()) if not isinstance(texts, (pa.Array, pa.ChunkedArray)) else texts
     texts = texts.combine_chunks() if isinstance(texts, pa.ChunkedArray) else texts
     texts = texts.cast(pa.string())
-    roles = pa.DictionaryArray.from_arrays(np.zeros(len(texts), dtype=np.int32), pa.array([ASSISTANT])).cast(pa.string())
-    return pa.ListArray.from_arrays(pa.array(np.arange(len(texts) + 1, dtype=np.int32)),
-                                    pa.StructArray.from_arrays([roles, texts], fields=list(schema.MESSAGE)))
+    roles = pa.DictionaryArray.from_arrays(np.zeros(len(texts), dtype=np.int32), pa.array([ASSISTANT])).cast(
+        pa.string()
+    )
+    return pa.ListArray.from_arrays(
+        pa.array(np.arange(len(texts) + 1, dtype=np.int32)),
+        pa.StructArray.from_arrays([roles, texts], fields=list(schema.MESSAGE)),
+    )
 
 
 def pair_table(table: pa.Table, parts: list[Candidates]) -> pa.Table:
@@ -312,22 +343,34 @@ def pair_table(table: pa.Table, parts: list[Candidates]) -> pa.Table:
     is_pref = origin == "preference"
     score = float_column(table, "score")
     col = lambda name, idx: table.column(name).take(idx)  # noqa: E731
-    out = pa.table({
-        "prompt": pc.cast(col("prompt", better), schema.MESSAGES),
-        "chosen": assistant_messages(col("response", better)),
-        "rejected": assistant_messages(col("response", worse)),
-        "score_chosen": score[better], "score_rejected": score[worse],
-        "score_margin": score[better] - score[worse],
-        "prompt_id": col("prompt_id", better), "source": col("source", better),
-        "origin": pa.array(origin, pa.string()),
-        "action": pa.array(np.where(flipped, "flipped", "kept"), pa.string()),
-        "human_agrees": pa.array(agrees == 1.0, pa.bool_(), mask=np.isnan(agrees)),
-        "row_id": pc.if_else(pa.array(is_pref), col("row_id", better), pa.scalar(None, pa.string())),
-        "chosen_unit_id": col("unit_id", better), "rejected_unit_id": col("unit_id", worse),
-    }, schema=PAIR_SCHEMA)
-    order = pc.sort_indices(out.select(["prompt_id", "origin", "chosen_unit_id", "rejected_unit_id"]),
-                            [("prompt_id", "ascending"), ("origin", "ascending"), ("chosen_unit_id", "ascending"),
-                             ("rejected_unit_id", "ascending")])
+    out = pa.table(
+        {
+            "prompt": pc.cast(col("prompt", better), schema.MESSAGES),
+            "chosen": assistant_messages(col("response", better)),
+            "rejected": assistant_messages(col("response", worse)),
+            "score_chosen": score[better],
+            "score_rejected": score[worse],
+            "score_margin": score[better] - score[worse],
+            "prompt_id": col("prompt_id", better),
+            "source": col("source", better),
+            "origin": pa.array(origin, pa.string()),
+            "action": pa.array(np.where(flipped, "flipped", "kept"), pa.string()),
+            "human_agrees": pa.array(agrees == 1.0, pa.bool_(), mask=np.isnan(agrees)),
+            "row_id": pc.if_else(pa.array(is_pref), col("row_id", better), pa.scalar(None, pa.string())),
+            "chosen_unit_id": col("unit_id", better),
+            "rejected_unit_id": col("unit_id", worse),
+        },
+        schema=PAIR_SCHEMA,
+    )
+    order = pc.sort_indices(
+        out.select(["prompt_id", "origin", "chosen_unit_id", "rejected_unit_id"]),
+        [
+            ("prompt_id", "ascending"),
+            ("origin", "ascending"),
+            ("chosen_unit_id", "ascending"),
+            ("rejected_unit_id", "ascending"),
+        ],
+    )
     return out.take(order).combine_chunks()
 
 

@@ -43,7 +43,7 @@ def read_run_columns(run_dir: str, storage_options: dict | None = None) -> tuple
 def objective_names(columns, manifest: dict) -> dict[str, str]:
     """Objective name per objective suffix (rating_<suffix> / gate_<suffix>), from the manifest where
     it lists them, else the column suffix itself."""
-    suffixes = sorted(c[len(schema.RATING_PREFIX):] for c in columns if c.startswith(schema.RATING_PREFIX))
+    suffixes = sorted(c[len(schema.RATING_PREFIX) :] for c in columns if c.startswith(schema.RATING_PREFIX))
     named = {schema.objective_column("", o): o for o in manifest.get("objectives", []) or []}
     return {s: named.get(s, s) for s in suffixes}
 
@@ -59,20 +59,35 @@ def report_stats(units: pd.DataFrame, manifest: dict | None = None) -> dict:
         sub = units[units["source"] == src]
         s = sub["score"].astype("float64")
         per_source[src] = {
-            "units": int(len(sub)), "kinds": sorted(sub["kind"].dropna().unique()),
+            "units": int(len(sub)),
+            "kinds": sorted(sub["kind"].dropna().unique()),
             "prompts": int(sub["prompt_id"].nunique()),
-            "score_mean": float(s.mean()), "score_median": float(s.median()), "score_std": float(s.std(ddof=0)),
+            "score_mean": float(s.mean()),
+            "score_median": float(s.median()),
+            "score_std": float(s.std(ddof=0)),
             "scores": s.to_numpy(),
-            "ratings": {o: sub[schema.RATING_PREFIX + suf].astype("float64").to_numpy() for suf, o in objectives.items()},
-            "mean_gates": {o: float(sub[schema.GATE_PREFIX + suf].astype("float64").mean())
-                           for suf, o in objectives.items() if schema.GATE_PREFIX + suf in sub.columns},
+            "ratings": {
+                o: sub[schema.RATING_PREFIX + suf].astype("float64").to_numpy() for suf, o in objectives.items()
+            },
+            "mean_gates": {
+                o: float(sub[schema.GATE_PREFIX + suf].astype("float64").mean())
+                for suf, o in objectives.items()
+                if schema.GATE_PREFIX + suf in sub.columns
+            },
         }
     rating_cols = [schema.RATING_PREFIX + s for s in objectives]
     corr = units[rating_cols].astype("float64").corr().to_numpy() if rating_cols else np.zeros((0, 0))
-    return {"run_id": manifest.get("run_id") or (units["run_id"].iloc[0] if "run_id" in units else None),
-            "units": int(len(units)), "prompts": int(units["prompt_id"].nunique()), "sources": sources,
-            "objectives": list(objectives.values()), "score_range": (float(score.min()), float(score.max())),
-            "per_source": per_source, "correlation": corr, "agreement": best_of_n_agreement(units)}
+    return {
+        "run_id": manifest.get("run_id") or (units["run_id"].iloc[0] if "run_id" in units else None),
+        "units": int(len(units)),
+        "prompts": int(units["prompt_id"].nunique()),
+        "sources": sources,
+        "objectives": list(objectives.values()),
+        "score_range": (float(score.min()), float(score.max())),
+        "per_source": per_source,
+        "correlation": corr,
+        "agreement": best_of_n_agreement(units),
+    }
 
 
 def best_of_n_agreement(units: pd.DataFrame) -> dict[str, dict]:
@@ -83,13 +98,19 @@ def best_of_n_agreement(units: pd.DataFrame) -> dict[str, dict]:
     ranked = units[units["human_rank"].notna() & units["score"].notna()].drop_duplicates("unit_id")
     for src, sub in ranked.groupby("source", sort=True):
         codes, n = metrics.group_codes(sub["prompt_id"].to_numpy())
-        summary = metrics.ranking_summary(codes, sub["score"].to_numpy(dtype=np.float64),
-                                          sub["human_rank"].to_numpy(dtype=np.float64), n)
+        summary = metrics.ranking_summary(
+            codes, sub["score"].to_numpy(dtype=np.float64), sub["human_rank"].to_numpy(dtype=np.float64), n
+        )
         if summary["groups"]:
-            out[src] = {"groups": summary["groups"], "top1_hits": summary["top1_hits"],
-                        "top1_agreement": summary["top1"], "top1_chance": summary["top1_chance"],
-                        "tau_groups": summary["tau_groups"], "mean_kendall_tau_b": summary["kendall_tau_b"],
-                        "taus": summary["taus"]}
+            out[src] = {
+                "groups": summary["groups"],
+                "top1_hits": summary["top1_hits"],
+                "top1_agreement": summary["top1"],
+                "top1_chance": summary["top1_chance"],
+                "tau_groups": summary["tau_groups"],
+                "mean_kendall_tau_b": summary["kendall_tau_b"],
+                "taus": summary["taus"],
+            }
     return out
 
 
@@ -117,9 +138,11 @@ def _table(header: list[str], rows: list[list], cls: str = "") -> str:
 
 
 def _curation_section(cm: dict) -> str:
-    parts = [f'<section id="curation"><h2>Curation: {svg.esc(cm.get("task", "?"))}</h2>',
-             f'<p class="note">Manifest of <code>{svg.esc(cm.get("config", {}).get("output", ""))}</code>: '
-             f'{cm.get("rows_in", "?")} units in, {cm.get("rows_out", "?")} rows out.</p>']
+    parts = [
+        f'<section id="curation"><h2>Curation: {svg.esc(cm.get("task", "?"))}</h2>',
+        f'<p class="note">Manifest of <code>{svg.esc(cm.get("config", {}).get("output", ""))}</code>: '
+        f"{cm.get('rows_in', '?')} units in, {cm.get('rows_out', '?')} rows out.</p>",
+    ]
     steps = [(s["label"], s) for s in cm.get("selection", [])] + [(f["label"], f) for f in cm.get("filters", [])]
     removed = {label: float(s["removed"]) for label, s in steps}
     if "one_per_prompt_removed" in cm:
@@ -129,8 +152,15 @@ def _curation_section(cm: dict) -> str:
         if "one_per_prompt_removed" in cm:
             rows.append(["one response per prompt", None, cm["one_per_prompt_removed"], None])
         parts.append(_table(["step", "cut-off", "removed", "fails alone"], rows, "thresholds"))
-        parts.append(svg.bars(removed, title="Rows removed by each step (in order)", x_label="rows removed",
-                              attrs={"id": "thresholds-removed"}, value_format=lambda v: f"{int(v)}"))
+        parts.append(
+            svg.bars(
+                removed,
+                title="Rows removed by each step (in order)",
+                x_label="rows removed",
+                attrs={"id": "thresholds-removed"},
+                value_format=lambda v: f"{int(v)}",
+            )
+        )
     for origin, c in (cm.get("pairs") or {}).items():
         if not c["pairs_in"]:
             continue
@@ -140,18 +170,35 @@ def _curation_section(cm: dict) -> str:
         if c.get("duplicate_units"):
             rows.append(["repeated units set aside", c["duplicate_units"]])
         parts.append(_table(["outcome", "pairs"], rows, f"pairs pairs-{origin}"))
-        outcome = {"kept": float(c["kept"]), "flipped": float(c["flipped"]),
-                   **{f"dropped: {r}": float(n) for r, n in c["dropped"].items()}}
-        parts.append(svg.bars(outcome, title=f"{origin} pairs: kept / flipped / dropped", x_label="pairs",
-                              attrs={"class": "chart bars pair-outcomes", "data-origin": origin},
-                              color=svg.PALETTE[0], value_format=lambda v: f"{int(v)}"))
+        outcome = {
+            "kept": float(c["kept"]),
+            "flipped": float(c["flipped"]),
+            **{f"dropped: {r}": float(n) for r, n in c["dropped"].items()},
+        }
+        parts.append(
+            svg.bars(
+                outcome,
+                title=f"{origin} pairs: kept / flipped / dropped",
+                x_label="pairs",
+                attrs={"class": "chart bars pair-outcomes", "data-origin": origin},
+                color=svg.PALETTE[0],
+                value_format=lambda v: f"{int(v)}",
+            )
+        )
     if cm.get("agreement"):
         a = cm["agreement"]
-        parts.append(_table(["prompts ranked", "top-1 agreement", "mean Kendall tau-b"],
-                            [[a["groups_ranked"], a["top1_agreement"], a["mean_kendall_tau_b"]]], "rerank-agreement"))
+        parts.append(
+            _table(
+                ["prompts ranked", "top-1 agreement", "mean Kendall tau-b"],
+                [[a["groups_ranked"], a["top1_agreement"], a["mean_kendall_tau_b"]]],
+                "rerank-agreement",
+            )
+        )
     if "temperature" in cm:
-        parts.append(f'<p>Fitted temperature T = {svg.fmt(cm["temperature"])} from {cm.get("temperature_pairs")} '
-                     f'human pairs: P(a beats b) = sigmoid((s_a - s_b) / T).</p>')
+        parts.append(
+            f"<p>Fitted temperature T = {svg.fmt(cm['temperature'])} from {cm.get('temperature_pairs')} "
+            f"human pairs: P(a beats b) = sigmoid((s_a - s_b) / T).</p>"
+        )
     parts.append("</section>")
     return "\n".join(parts)
 
@@ -160,69 +207,130 @@ def render_html(stats: dict, curation_manifests: list[dict] | None = None, title
     title = title or f"armolabel report: run {stats['run_id']}"
     lo, hi = stats["score_range"]
     per = stats["per_source"]
-    body = [f"<h1>{svg.esc(title)}</h1>",
-            f'<p class="note">{stats["units"]} units, {stats["prompts"]} prompts, {len(stats["sources"])} source(s), '
-            f'{len(stats["objectives"])} objective(s). Generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC.</p>',
-            '<section id="overview"><h2>Sources</h2>',
-            _table(["source", "kinds", "units", "prompts", "mean score", "median score", "std"],
-                   [[s, ", ".join(p["kinds"]), p["units"], p["prompts"], p["score_mean"], p["score_median"],
-                     p["score_std"]] for s, p in per.items()], "sources"), "</section>",
-            '<section id="scores"><h2>Score distribution per source</h2><div class="grid">']
+    body = [
+        f"<h1>{svg.esc(title)}</h1>",
+        f'<p class="note">{stats["units"]} units, {stats["prompts"]} prompts, {len(stats["sources"])} source(s), '
+        f"{len(stats['objectives'])} objective(s). Generated {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC.</p>",
+        '<section id="overview"><h2>Sources</h2>',
+        _table(
+            ["source", "kinds", "units", "prompts", "mean score", "median score", "std"],
+            [
+                [s, ", ".join(p["kinds"]), p["units"], p["prompts"], p["score_mean"], p["score_median"], p["score_std"]]
+                for s, p in per.items()
+            ],
+            "sources",
+        ),
+        "</section>",
+        '<section id="scores"><h2>Score distribution per source</h2><div class="grid">',
+    ]
     for i, (src, p) in enumerate(per.items()):
-        body.append(svg.histogram(p["scores"], title=f"{src}: score (n={p['units']})", x_label="score",
-                                  y_label="units", value_range=(lo, hi), color=svg.PALETTE[i % len(svg.PALETTE)],
-                                  attrs={"class": "chart histogram score-hist", "data-source": src}))
+        body.append(
+            svg.histogram(
+                p["scores"],
+                title=f"{src}: score (n={p['units']})",
+                x_label="score",
+                y_label="units",
+                value_range=(lo, hi),
+                color=svg.PALETTE[i % len(svg.PALETTE)],
+                attrs={"class": "chart histogram score-hist", "data-source": src},
+            )
+        )
     body.append("</div></section>")
     body.append('<section id="objectives"><h2>Per-objective ratings per source</h2><div class="grid">')
     for obj in stats["objectives"]:
-        body.append(svg.box_rows({src: p["ratings"][obj] for src, p in per.items()}, title=f"rating: {obj}",
-                                 x_label=f"{obj} rating", attrs={"class": "chart boxes objective-box",
-                                                                "data-objective": obj}))
+        body.append(
+            svg.box_rows(
+                {src: p["ratings"][obj] for src, p in per.items()},
+                title=f"rating: {obj}",
+                x_label=f"{obj} rating",
+                attrs={"class": "chart boxes objective-box", "data-objective": obj},
+            )
+        )
     body.append("</div></section>")
     if stats["objectives"]:
         body.append('<section id="gates"><h2>Mean gate weights per source</h2>')
-        body.append(svg.stacked_bars({src: [p["mean_gates"].get(o, 0.0) for o in stats["objectives"]]
-                                      for src, p in per.items()}, stats["objectives"],
-                                     title="Mean gate weight per objective", x_label="mean gate weight (sums to beta)",
-                                     attrs={"id": "gates-chart"}))
-        body.append(_table(["source", *stats["objectives"]],
-                           [[src, *[p["mean_gates"].get(o) for o in stats["objectives"]]] for src, p in per.items()],
-                           "gates"))
+        body.append(
+            svg.stacked_bars(
+                {src: [p["mean_gates"].get(o, 0.0) for o in stats["objectives"]] for src, p in per.items()},
+                stats["objectives"],
+                title="Mean gate weight per objective",
+                x_label="mean gate weight (sums to beta)",
+                attrs={"id": "gates-chart"},
+            )
+        )
+        body.append(
+            _table(
+                ["source", *stats["objectives"]],
+                [[src, *[p["mean_gates"].get(o) for o in stats["objectives"]]] for src, p in per.items()],
+                "gates",
+            )
+        )
         body.append("</section>")
         body.append('<section id="correlations"><h2>Correlations between objectives (Pearson, ratings)</h2>')
-        body.append(svg.heatmap(stats["correlation"], stats["objectives"], title="Objective rating correlations",
-                                attrs={"id": "correlation-chart"}))
+        body.append(
+            svg.heatmap(
+                stats["correlation"],
+                stats["objectives"],
+                title="Objective rating correlations",
+                attrs={"id": "correlation-chart"},
+            )
+        )
         body.append("</section>")
     agreement = stats["agreement"]
     body.append('<section id="agreement"><h2>Best-of-N agreement with human ranks</h2>')
     if agreement:
-        body.append(_table(["source", "prompts ranked", "top-1 agreement", "chance", "mean Kendall tau-b"],
-                           [[s, a["groups"], a["top1_agreement"], a["top1_chance"], a["mean_kendall_tau_b"]]
-                            for s, a in agreement.items()], "agreement"))
+        body.append(
+            _table(
+                ["source", "prompts ranked", "top-1 agreement", "chance", "mean Kendall tau-b"],
+                [
+                    [s, a["groups"], a["top1_agreement"], a["top1_chance"], a["mean_kendall_tau_b"]]
+                    for s, a in agreement.items()
+                ],
+                "agreement",
+            )
+        )
         bars = {}
         for s, a in agreement.items():
             bars[f"{s}: model"] = a["top1_agreement"]
             bars[f"{s}: chance"] = a["top1_chance"]
         body.append('<div class="grid">')
-        body.append(svg.bars(bars, title="Top-1 agreement with the human best", x_label="share of prompts",
-                             attrs={"id": "agreement-chart"}, color=svg.PALETTE[4]))
+        body.append(
+            svg.bars(
+                bars,
+                title="Top-1 agreement with the human best",
+                x_label="share of prompts",
+                attrs={"id": "agreement-chart"},
+                color=svg.PALETTE[4],
+            )
+        )
         for s, a in agreement.items():
             if a["taus"]:
-                body.append(svg.histogram(a["taus"], title=f"{s}: Kendall tau-b per prompt", x_label="tau-b",
-                                          y_label="prompts", value_range=(-1.0, 1.0), bins=10,
-                                          attrs={"class": "chart histogram tau-hist", "data-source": s}))
+                body.append(
+                    svg.histogram(
+                        a["taus"],
+                        title=f"{s}: Kendall tau-b per prompt",
+                        x_label="tau-b",
+                        y_label="prompts",
+                        value_range=(-1.0, 1.0),
+                        bins=10,
+                        attrs={"class": "chart histogram tau-hist", "data-source": s},
+                    )
+                )
         body.append("</div>")
     else:
         body.append('<p class="note">No human ranks in this run.</p>')
     body.append("</section>")
     for cm in curation_manifests or []:
         body.append(_curation_section(cm))
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{svg.esc(title)}</title>'
-            f"<style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{svg.esc(title)}</title>'
+        f"<style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
 
 
-def build_report(run_dir: str, out_uri: str, curation_manifests: list[str] | None = None,
-                 storage_options: dict | None = None) -> dict:
+def build_report(
+    run_dir: str, out_uri: str, curation_manifests: list[str] | None = None, storage_options: dict | None = None
+) -> dict:
     """Read the run (and curation manifests), write the HTML atomically; returns the stats shown."""
     so = storage_options or None
     units, manifest = read_run_columns(run_dir, so)

@@ -55,9 +55,12 @@ def rank_order(units) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     t = _table(units)
     score = float_column(t, "score")
     scored = np.flatnonzero(~np.isnan(score))
-    keys = pa.table({"p": t.column("prompt_id").take(scored), "s": pa.array(score[scored]),
-                     "u": t.column("unit_id").take(scored)})
-    order = pc.sort_indices(keys, [("p", "ascending"), ("s", "descending"), ("u", "ascending")]).to_numpy().astype(np.int64)
+    keys = pa.table(
+        {"p": t.column("prompt_id").take(scored), "s": pa.array(score[scored]), "u": t.column("unit_id").take(scored)}
+    )
+    order = (
+        pc.sort_indices(keys, [("p", "ascending"), ("s", "descending"), ("u", "ascending")]).to_numpy().astype(np.int64)
+    )
     rows = scored[order]
     starts = group_starts(t.column("prompt_id").take(rows).combine_chunks() if len(rows) else pa.array([], pa.string()))
     sizes = np.diff(np.append(starts, len(rows)))
@@ -74,25 +77,29 @@ def rank_units(units: pd.DataFrame, top_k: int | None = None) -> pd.DataFrame:
 
 @dataclass
 class Agreement:
-    groups_ranked: int = 0      # prompts with >= 2 units that have a score and a human rank
-    top1_hits: float = 0.0      # sum over those prompts of the top-1 credit (pipeline.metrics)
-    tau_groups: int = 0         # of those, where tau-b is defined (neither side constant)
+    groups_ranked: int = 0  # prompts with >= 2 units that have a score and a human rank
+    top1_hits: float = 0.0  # sum over those prompts of the top-1 credit (pipeline.metrics)
+    tau_groups: int = 0  # of those, where tau-b is defined (neither side constant)
     tau_sum: float = 0.0
 
-    def add(self, other: "Agreement") -> None:
+    def add(self, other: Agreement) -> None:
         self.groups_ranked += other.groups_ranked
         self.top1_hits += other.top1_hits
         self.tau_groups += other.tau_groups
         self.tau_sum += other.tau_sum
 
     def to_dict(self) -> dict:
-        return {"groups_ranked": self.groups_ranked, "top1_hits": self.top1_hits,
-                "top1_agreement": self.top1_hits / self.groups_ranked if self.groups_ranked else None,
-                "tau_groups": self.tau_groups, "tau_sum": self.tau_sum,
-                "mean_kendall_tau_b": self.tau_sum / self.tau_groups if self.tau_groups else None}
+        return {
+            "groups_ranked": self.groups_ranked,
+            "top1_hits": self.top1_hits,
+            "top1_agreement": self.top1_hits / self.groups_ranked if self.groups_ranked else None,
+            "tau_groups": self.tau_groups,
+            "tau_sum": self.tau_sum,
+            "mean_kendall_tau_b": self.tau_sum / self.tau_groups if self.tau_groups else None,
+        }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Agreement":
+    def from_dict(cls, d: dict) -> Agreement:
         return cls(d["groups_ranked"], d["top1_hits"], d["tau_groups"], d["tau_sum"])
 
 

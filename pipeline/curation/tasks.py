@@ -15,8 +15,16 @@ import pyarrow.compute as pc
 
 from pipeline import schema
 from pipeline.curation import calibration as cal
-from pipeline.curation.pairs import (PAIR_SCHEMA, PairRules, as_table, assistant_messages, equals, is_in,
-                                     make_pairs, unique_rows)
+from pipeline.curation.pairs import (
+    PAIR_SCHEMA,
+    PairRules,
+    as_table,
+    assistant_messages,
+    equals,
+    is_in,
+    make_pairs,
+    unique_rows,
+)
 from pipeline.curation.rerank import Agreement, agreement_over_prompts, arrow_group_codes, float_column, rank_order
 from pipeline.curation.thresholds import Filter, apply_filters
 
@@ -83,8 +91,9 @@ def _has_score_calibration(calibration: dict | None) -> bool:
 def _calibrated(units: pa.Table, calibration: dict | None) -> dict:
     if not _has_score_calibration(calibration):
         return {}
-    return {"score_calibrated": pa.array(cal.apply_column(calibration, "score", float_column(units, "score")),
-                                         pa.float64())}
+    return {
+        "score_calibrated": pa.array(cal.apply_column(calibration, "score", float_column(units, "score")), pa.float64())
+    }
 
 
 def _unit_columns(units: pa.Table, names: list[str], out_schema: pa.Schema) -> dict:
@@ -92,16 +101,29 @@ def _unit_columns(units: pa.Table, names: list[str], out_schema: pa.Schema) -> d
 
 
 def sft_schema(ratings: list[str], calibrated: bool) -> pa.Schema:
-    fields = [("messages", schema.MESSAGES), ("prompt_id", pa.string()), ("unit_id", pa.string()),
-              ("row_id", pa.string()), ("source", pa.string()), ("kind", pa.string()), ("score", pa.float32())]
+    fields = [
+        ("messages", schema.MESSAGES),
+        ("prompt_id", pa.string()),
+        ("unit_id", pa.string()),
+        ("row_id", pa.string()),
+        ("source", pa.string()),
+        ("kind", pa.string()),
+        ("score", pa.float32()),
+    ]
     fields += [(c, pa.float32()) for c in ratings]
     if calibrated:
         fields.append(("score_calibrated", pa.float64()))
     return pa.schema(fields)
 
 
-def select_sft(units, filters: list[Filter], one_per_prompt: bool, kinds: list | None = None,
-               exclude_human_rejected: bool = True, calibration: dict | None = None) -> tuple[pa.Table, dict]:
+def select_sft(
+    units,
+    filters: list[Filter],
+    one_per_prompt: bool,
+    kinds: list | None = None,
+    exclude_human_rejected: bool = True,
+    calibration: dict | None = None,
+) -> tuple[pa.Table, dict]:
     units = as_table(units)
     ratings = rating_columns(units.column_names)
     rows_in = units.num_rows
@@ -116,23 +138,33 @@ def select_sft(units, filters: list[Filter], one_per_prompt: bool, kinds: list |
         best = order[rank == 0]
         removed_by_one_per_prompt = len(rows) - len(best)
         rows, light = rows[best], light.take(pa.array(best))
-    rows = rows[pc.sort_indices(light.select(["prompt_id", "unit_id"]),
-                                [("prompt_id", "ascending"), ("unit_id", "ascending")]).to_numpy().astype(np.int64)]
+    rows = rows[
+        pc.sort_indices(light.select(["prompt_id", "unit_id"]), [("prompt_id", "ascending"), ("unit_id", "ascending")])
+        .to_numpy()
+        .astype(np.int64)
+    ]
     out = units.take(pa.array(rows))
     out_schema = sft_schema(ratings, _has_score_calibration(calibration))
-    data = {"messages": conversations(out.column("prompt"), out.column("response")),
-            **_unit_columns(out, ["prompt_id", "unit_id", "row_id", "source", "kind", "score", *ratings], out_schema)}
+    data = {
+        "messages": conversations(out.column("prompt"), out.column("response")),
+        **_unit_columns(out, ["prompt_id", "unit_id", "row_id", "source", "kind", "score", *ratings], out_schema),
+    }
     data.update(_calibrated(out, calibration))
     table = pa.table(data, schema=out_schema)
-    counts = {"rows_in": rows_in, "rows_out": table.num_rows, "selection": steps, "filters": filter_counts,
-              "one_per_prompt_removed": removed_by_one_per_prompt}
+    counts = {
+        "rows_in": rows_in,
+        "rows_out": table.num_rows,
+        "selection": steps,
+        "filters": filter_counts,
+        "one_per_prompt_removed": removed_by_one_per_prompt,
+    }
     return table, counts
 
 
 def dpo_schema(reward_margin: bool = False) -> pa.Schema:
     fields = list(PAIR_SCHEMA)
     at = PAIR_SCHEMA.get_field_index("score_margin") + 1
-    fields.insert(at, pa.field("p_chosen", pa.float64()))   # P(chosen beats rejected) = sigmoid(score_margin / T)
+    fields.insert(at, pa.field("p_chosen", pa.float64()))  # P(chosen beats rejected) = sigmoid(score_margin / T)
     if reward_margin:
         # Asked for explicitly: TRL's RewardTrainer subtracts a column named `margin` inside its loss;
         # score_margin / T is the gap in Bradley-Terry logits (T from the calibration).
@@ -143,38 +175,57 @@ def dpo_schema(reward_margin: bool = False) -> pa.Schema:
 DPO_SCHEMA = dpo_schema()
 
 
-def build_dpo(units, filters: list[Filter], rules: PairRules, temperature: float = 1.0,
-              reward_margin: bool = False) -> tuple[pa.Table, dict]:
+def build_dpo(
+    units, filters: list[Filter], rules: PairRules, temperature: float = 1.0, reward_margin: bool = False
+) -> tuple[pa.Table, dict]:
     units = as_table(units)
     rows_in = units.num_rows
-    keep, filter_counts = apply_filters(_light(units, np.arange(units.num_rows), [f.column for f in filters] + ["unit_id"]),
-                                        filters)
+    keep, filter_counts = apply_filters(
+        _light(units, np.arange(units.num_rows), [f.column for f in filters] + ["unit_id"]), filters
+    )
     pairs, totals = make_pairs(units, rules, np.flatnonzero(keep))
     sc = pairs.column("score_chosen").to_numpy()
     sr = pairs.column("score_rejected").to_numpy()
-    pairs = pairs.add_column(PAIR_SCHEMA.get_field_index("score_margin") + 1, "p_chosen",
-                             pa.array(cal.win_probability(sc, sr, temperature), pa.float64()))
+    pairs = pairs.add_column(
+        PAIR_SCHEMA.get_field_index("score_margin") + 1,
+        "p_chosen",
+        pa.array(cal.win_probability(sc, sr, temperature), pa.float64()),
+    )
     if reward_margin:
         pairs = pairs.append_column("margin", pa.array((sc - sr) / temperature, pa.float64()))
     table = pairs.cast(dpo_schema(reward_margin))
-    counts = {"rows_in": rows_in, "rows_out": table.num_rows, "filters": filter_counts,
-              "pairs": {k: v.to_dict() for k, v in totals.items()}}
+    counts = {
+        "rows_in": rows_in,
+        "rows_out": table.num_rows,
+        "filters": filter_counts,
+        "pairs": {k: v.to_dict() for k, v in totals.items()},
+    }
     return table, counts
 
 
 def rerank_schema(ratings: list[str], calibrated: bool) -> pa.Schema:
     # `messages` only (no separate `prompt` / `response`): SFTTrainer takes the file as it is.
-    fields = [("messages", schema.MESSAGES), ("prompt_id", pa.string()), ("unit_id", pa.string()),
-              ("row_id", pa.string()), ("source", pa.string()), ("kind", pa.string()), ("rank", pa.int32()),
-              ("n_candidates", pa.int32()), ("score", pa.float32()), ("human_rank", pa.int32())]
+    fields = [
+        ("messages", schema.MESSAGES),
+        ("prompt_id", pa.string()),
+        ("unit_id", pa.string()),
+        ("row_id", pa.string()),
+        ("source", pa.string()),
+        ("kind", pa.string()),
+        ("rank", pa.int32()),
+        ("n_candidates", pa.int32()),
+        ("score", pa.float32()),
+        ("human_rank", pa.int32()),
+    ]
     fields += [(c, pa.float32()) for c in ratings]
     if calibrated:
         fields.append(("score_calibrated", pa.float64()))
     return pa.schema(fields)
 
 
-def rerank(units, filters: list[Filter], top_k: int, kinds: list | None = None,
-           calibration: dict | None = None) -> tuple[pa.Table, dict]:
+def rerank(
+    units, filters: list[Filter], top_k: int, kinds: list | None = None, calibration: dict | None = None
+) -> tuple[pa.Table, dict]:
     """Per prompt, the top_k surviving units by score with their rank (0 = best; top_k 1 keeps rank 0
     only); agreement with human ranks is measured on every scored unit of the selected kinds, before
     the filters."""
@@ -187,18 +238,27 @@ def rerank(units, filters: list[Filter], top_k: int, kinds: list | None = None,
     keep, filter_counts = apply_filters(light, filters)
     rows, light = rows[keep], light.filter(pa.array(keep))
     codes, n_prompts = arrow_group_codes(light.column("prompt_id"))
-    candidates = np.bincount(codes, minlength=n_prompts)       # surviving units per prompt, scored or not
+    candidates = np.bincount(codes, minlength=n_prompts)  # surviving units per prompt, scored or not
     order, rank, _ = rank_order(light)
     top = rank < top_k
     order, rank = order[top], rank[top]
     out = units.take(pa.array(rows[order]))
     out_schema = rerank_schema(ratings, _has_score_calibration(calibration))
-    data = {"messages": conversations(out.column("prompt"), out.column("response")),
-            **_unit_columns(out, ["prompt_id", "unit_id", "row_id", "source", "kind"], out_schema),
-            "rank": pa.array(rank, pa.int32()), "n_candidates": pa.array(candidates[codes[order]], pa.int32()),
-            **_unit_columns(out, ["score", "human_rank", *ratings], out_schema)}
+    data = {
+        "messages": conversations(out.column("prompt"), out.column("response")),
+        **_unit_columns(out, ["prompt_id", "unit_id", "row_id", "source", "kind"], out_schema),
+        "rank": pa.array(rank, pa.int32()),
+        "n_candidates": pa.array(candidates[codes[order]], pa.int32()),
+        **_unit_columns(out, ["score", "human_rank", *ratings], out_schema),
+    }
     data.update(_calibrated(out, calibration))
     table = pa.table(data, schema=out_schema)
-    counts = {"rows_in": rows_in, "rows_out": table.num_rows, "selection": steps, "filters": filter_counts,
-              "prompts": int(n_prompts), "agreement": agreement.to_dict()}
+    counts = {
+        "rows_in": rows_in,
+        "rows_out": table.num_rows,
+        "selection": steps,
+        "filters": filter_counts,
+        "prompts": int(n_prompts),
+        "agreement": agreement.to_dict(),
+    }
     return table, counts

@@ -16,7 +16,8 @@ Quantile rules are *resolved* once, on every value of the column in the run (not
 block), into an absolute cut-off. This is exact: the job gathers the column's values on the driver
 (8 bytes a value: 100M units take 0.8 GB per quantile column, plus one working copy while the
 cut-off is selected), so exact cut-offs are supported to a few hundred million units per node.
-After that every filter is a plain comparison that any worker can apply to any block. A missing value (null / NaN) never passes a filter.
+After that every filter is a plain comparison that any worker can apply to any block. A missing value
+(null / NaN) never passes a filter.
 
 Counting: filters apply in the order given. `removed` is how many rows each filter removed from
 what the filters before it left (so the removals add up to rows_in - rows_out); `failed` is how
@@ -49,11 +50,11 @@ class Filter:
     column: str
     rule: str
     value: float
-    cutoff: float | None = None   # absolute cut-off: `value` for min/max, resolved for quantile rules
-    label: str = ""               # what the user wrote, for manifests and the report
+    cutoff: float | None = None  # absolute cut-off: `value` for min/max, resolved for quantile rules
+    label: str = ""  # what the user wrote, for manifests and the report
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Filter":
+    def from_dict(cls, d: dict) -> Filter:
         """{column|objective, [field: rating|gate], <rule>: value}."""
         if not isinstance(d, dict):
             raise FilterError(f"a filter must be a mapping, got {d!r}")
@@ -64,7 +65,9 @@ class Filter:
             raise FilterError(f"filter {d}: give exactly one of 'column' or 'objective'")
         if objective is not None:
             if field not in OBJECTIVE_FIELDS:
-                raise FilterError(f"filter on {objective}: field must be one of {list(OBJECTIVE_FIELDS)}, not {field!r}")
+                raise FilterError(
+                    f"filter on {objective}: field must be one of {list(OBJECTIVE_FIELDS)}, not {field!r}"
+                )
             column = schema.objective_column(OBJECTIVE_FIELDS[field], objective)
         rules = [k for k in d if k in RULES]
         unknown = sorted(set(d) - set(RULES))
@@ -89,7 +92,7 @@ class Filter:
     def needs_fit(self) -> bool:
         return self.rule in QUANTILE_RULES
 
-    def resolved(self, values: np.ndarray) -> "Filter":
+    def resolved(self, values: np.ndarray) -> Filter:
         """This filter with its absolute cut-off computed from every value of the column in the run."""
         if not self.needs_fit:
             return self
@@ -143,8 +146,11 @@ def resolve_filters(filters: list[Filter], column_values: dict[str, np.ndarray])
 def _values(df, column: str) -> np.ndarray:
     if isinstance(df, pa.Table):
         col = df.column(column)
-        return pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False) if col.type != pa.string() else \
-            col.to_numpy(zero_copy_only=False)
+        return (
+            pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
+            if col.type != pa.string()
+            else col.to_numpy(zero_copy_only=False)
+        )
     return df[column].to_numpy()
 
 
@@ -158,8 +164,17 @@ def apply_filters(df, filters: list[Filter]) -> tuple[np.ndarray, list[dict]]:
         if f.column not in columns:
             raise FilterError(f"filter {f.label}: no column {f.column!r} in the data")
         ok = f.passes(_values(df, f.column))
-        counts.append({"label": f.label, "column": f.column, "rule": f.rule, "value": f.value, "cutoff": f.cutoff,
-                       "removed": int(np.sum(keep & ~ok)), "failed": int(np.sum(~ok))})
+        counts.append(
+            {
+                "label": f.label,
+                "column": f.column,
+                "rule": f.rule,
+                "value": f.value,
+                "cutoff": f.cutoff,
+                "removed": int(np.sum(keep & ~ok)),
+                "failed": int(np.sum(~ok)),
+            }
+        )
         keep &= ok
     return keep, counts
 
@@ -182,8 +197,13 @@ def best_per_prompt(df: pd.DataFrame, score_column: str = "score") -> np.ndarray
     choice does not depend on row order. Rows without a score are never chosen (rank 0 of rerank)."""
     from pipeline.curation.rerank import rank_order
 
-    keys = pd.DataFrame({"prompt_id": df["prompt_id"].to_numpy(), "unit_id": df["unit_id"].to_numpy(),
-                         "score": pd.to_numeric(df[score_column], errors="coerce").to_numpy(dtype=np.float64)})
+    keys = pd.DataFrame(
+        {
+            "prompt_id": df["prompt_id"].to_numpy(),
+            "unit_id": df["unit_id"].to_numpy(),
+            "score": pd.to_numeric(df[score_column], errors="coerce").to_numpy(dtype=np.float64),
+        }
+    )
     rows, rank, _ = rank_order(keys)
     keep = np.zeros(len(df), dtype=bool)
     keep[rows[rank == 0]] = True

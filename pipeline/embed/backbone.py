@@ -44,10 +44,10 @@ def cache_root() -> Path:
 class BackboneSpec:
     path: str
     gguf_file: str | None = None
-    kind: str = "auto"                 # auto | decoder | encoder
-    dtype: str = "auto"                # auto | float32 | bfloat16 | float16
+    kind: str = "auto"  # auto | decoder | encoder
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     attn_implementation: str = "auto"  # auto | sdpa | eager | flash_attention_2 | ...
-    device: str = "auto"               # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -58,7 +58,7 @@ class BackboneSpec:
             raise ValueError("backbone path is empty")
 
     @classmethod
-    def from_dict(cls, d: dict | str) -> "BackboneSpec":
+    def from_dict(cls, d: dict | str) -> BackboneSpec:
         if isinstance(d, str):
             return cls(path=d)
         unknown = set(d) - set(cls.__dataclass_fields__)
@@ -73,6 +73,7 @@ class BackboneSpec:
 @dataclass(frozen=True)
 class ResolvedSource:
     """Where the weights really are: a HF directory, optionally with a GGUF file inside it."""
+
     directory: str
     gguf_file: str | None
     name: str
@@ -90,8 +91,9 @@ def _package_dir(package: str) -> Path:
 def resolve_source(spec: BackboneSpec) -> ResolvedSource:
     path = spec.path
     if path == "smollm2":
-        return ResolvedSource(str(_package_dir(SMOLLM2_PACKAGE)), spec.gguf_file or SMOLLM2_GGUF,
-                              "SmolLM2-135M-Instruct", True)
+        return ResolvedSource(
+            str(_package_dir(SMOLLM2_PACKAGE)), spec.gguf_file or SMOLLM2_GGUF, "SmolLM2-135M-Instruct", True
+        )
     if path == "minilm":
         return ResolvedSource(str(_package_dir(MINILM_PACKAGE) / "model"), None, "all-MiniLM-L6-v2", True)
     p = Path(path).expanduser()
@@ -104,8 +106,10 @@ def resolve_source(spec: BackboneSpec) -> ResolvedSource:
     if p.is_absolute() or path.startswith("."):
         raise FileNotFoundError(f"backbone path {path} does not exist")
     if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise FileNotFoundError(f"backbone {path!r} is neither an alias, a local directory nor a .gguf file, "
-                                "and HF_HUB_OFFLINE=1 forbids the hub")
+        raise FileNotFoundError(
+            f"backbone {path!r} is neither an alias, a local directory nor a .gguf file, "
+            "and HF_HUB_OFFLINE=1 forbids the hub"
+        )
     return ResolvedSource(path, spec.gguf_file, path, False)
 
 
@@ -174,21 +178,22 @@ def weights_fingerprint(source: ResolvedSource) -> str:
 
 # --- tokenizer and model -----------------------------------------------------------------------
 
+
 @dataclass
 class Backbone:
-    model: Any                  # the base model (last_hidden_state after the final norm), frozen, eval
+    model: Any  # the base model (last_hidden_state after the final norm), frozen, eval
     tokenizer: Any
-    kind: str                   # "decoder" | "encoder"
+    kind: str  # "decoder" | "encoder"
     hidden_size: int
     device: str
-    dtype: str                  # "float32" | "bfloat16" | "float16"
-    max_length: int             # longest sequence the model takes
-    fingerprint: str            # weights (+ config) id; embedding caches are keyed by it
+    dtype: str  # "float32" | "bfloat16" | "float16"
+    max_length: int  # longest sequence the model takes
+    fingerprint: str  # weights (+ config) id; embedding caches are keyed by it
     name: str
     attn_implementation: str = "sdpa"
-    normalize: bool = False     # encoders: L2-normalise pooled embeddings (sentence-transformers Normalize)
+    normalize: bool = False  # encoders: L2-normalise pooled embeddings (sentence-transformers Normalize)
     load_seconds: float = 0.0
-    loaded_from: str = ""       # "gguf" | "materialised" | "hf"
+    loaded_from: str = ""  # "gguf" | "materialised" | "hf"
     extra: dict = field(default_factory=dict)
 
 
@@ -222,7 +227,11 @@ def materialised_dir(fingerprint: str) -> Path:
 
 
 def _materialised_ok(d: Path) -> bool:
-    return (d / "config.json").is_file() and (d / "model.safetensors").is_file() and (d / "tokenizer_config.json").is_file()
+    return (
+        (d / "config.json").is_file()
+        and (d / "model.safetensors").is_file()
+        and (d / "tokenizer_config.json").is_file()
+    )
 
 
 def materialise_gguf(source: ResolvedSource, fingerprint: str) -> Path:
@@ -250,8 +259,9 @@ def materialise_gguf(source: ResolvedSource, fingerprint: str) -> Path:
     try:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "armolabel_source.json").write_text(json.dumps(
-            {"directory": source.directory, "gguf_file": source.gguf_file, "fingerprint": fingerprint}))
+        (tmp / "armolabel_source.json").write_text(
+            json.dumps({"directory": source.directory, "gguf_file": source.gguf_file, "fingerprint": fingerprint})
+        )
         try:
             os.rename(tmp, final)
         except OSError:
@@ -321,10 +331,24 @@ def _detect_kind(config, tokenizer) -> str:
 
 def _config_fingerprint(config) -> str:
     d = config.to_dict()
-    keep = {k: d.get(k) for k in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                                  "num_key_value_heads", "intermediate_size", "vocab_size",
-                                  "max_position_embeddings", "rms_norm_eps", "layer_norm_eps", "rope_parameters",
-                                  "rope_theta", "hidden_act")}
+    keep = {
+        k: d.get(k)
+        for k in (
+            "model_type",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "intermediate_size",
+            "vocab_size",
+            "max_position_embeddings",
+            "rms_norm_eps",
+            "layer_norm_eps",
+            "rope_parameters",
+            "rope_theta",
+            "hidden_act",
+        )
+    }
     return json.dumps(keep, sort_keys=True, default=str)
 
 
@@ -357,9 +381,17 @@ def build_backbone(spec: BackboneSpec, materialise: bool = True) -> Backbone:
     model.requires_grad_(False)
     fingerprint = hashlib.sha256(f"{weights_fp}|{_config_fingerprint(config)}".encode()).hexdigest()[:16]
     return Backbone(
-        model=model, tokenizer=tokenizer, kind=kind, hidden_size=int(config.hidden_size), device=device,
-        dtype=dtype, max_length=int(tokenizer.model_max_length), fingerprint=fingerprint, name=source.name,
-        attn_implementation=attn, normalize=kind == "encoder" and _normalises(directory),
+        model=model,
+        tokenizer=tokenizer,
+        kind=kind,
+        hidden_size=int(config.hidden_size),
+        device=device,
+        dtype=dtype,
+        max_length=int(tokenizer.model_max_length),
+        fingerprint=fingerprint,
+        name=source.name,
+        attn_implementation=attn,
+        normalize=kind == "encoder" and _normalises(directory),
         load_seconds=time.perf_counter() - start,
         loaded_from="hf" if not source.gguf_file else ("gguf" if kwargs else "materialised"),
     )

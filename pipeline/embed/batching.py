@@ -7,7 +7,7 @@ which is what the forward pass really computes and what bounds its memory.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -36,22 +36,27 @@ def plan_batches(lengths: Sequence[int], token_budget: int, max_rows: int | None
         rows = max(token_budget // longest, 1)
         if max_rows is not None:
             rows = min(rows, max_rows)
-        batches.append(order[start:start + rows])
+        batches.append(order[start : start + rows])
         start += rows
     return batches
 
 
 def check_permutation(batches: Sequence[np.ndarray], n: int) -> None:
     """Raise if the batches do not hold each of 0..n-1 exactly once (a row lost or duplicated)."""
-    flat = (np.concatenate([np.asarray(b, dtype=np.int64).reshape(-1) for b in batches])
-            if len(batches) else np.zeros(0, np.int64))
+    flat = (
+        np.concatenate([np.asarray(b, dtype=np.int64).reshape(-1) for b in batches])
+        if len(batches)
+        else np.zeros(0, np.int64)
+    )
     outside = (flat < 0) | (flat >= n)
     counts = np.bincount(flat[~outside], minlength=n)
     if flat.size != n or outside.any() or (counts != 1).any():
         lost = np.flatnonzero(counts == 0)[:5].tolist()
         twice = np.flatnonzero(counts > 1)[:5].tolist()
-        raise AssertionError(f"batches hold {flat.size} rows, not a permutation of 0..{n - 1}: "
-                             f"lost {lost}, duplicated {twice}, out of range {flat[outside][:5].tolist()}")
+        raise AssertionError(
+            f"batches hold {flat.size} rows, not a permutation of 0..{n - 1}: "
+            f"lost {lost}, duplicated {twice}, out of range {flat[outside][:5].tolist()}"
+        )
 
 
 def restore_order(batches: Sequence[np.ndarray], outputs: Sequence[np.ndarray], n: int) -> np.ndarray:

@@ -39,28 +39,57 @@ import torch
 
 from pipeline import storage
 from pipeline.embed.backbone import Backbone, _max_length, _resolve_device, _resolve_dtype, cache_root
-from pipeline.heads.checkpoint import (BACKBONE_PREFIX, CONFIG_FILE, DEFAULT_SHARD_SIZE, EMBEDDING_KEY, INDEX_FILE,
-                                       PAD_TOKEN, PICKLE_SUFFIXES, SINGLE_FILE, CheckpointError, armorm_config,
-                                       check_shard_names, config_objective_names, grow_embedding,
-                                       heads_from_checkpoint, is_head_tensor, llama_config_dict, pack_shards,
-                                       shard_file_name)
+from pipeline.heads.checkpoint import (
+    BACKBONE_PREFIX,
+    CONFIG_FILE,
+    DEFAULT_SHARD_SIZE,
+    EMBEDDING_KEY,
+    INDEX_FILE,
+    PAD_TOKEN,
+    PICKLE_SUFFIXES,
+    SINGLE_FILE,
+    CheckpointError,
+    armorm_config,
+    check_shard_names,
+    config_objective_names,
+    grow_embedding,
+    heads_from_checkpoint,
+    is_head_tensor,
+    llama_config_dict,
+    pack_shards,
+    shard_file_name,
+)
 from pipeline.heads.model import ArmoHeads
 
 log = logging.getLogger("armolabel.checkpoint")
 
 # Files a checkpoint directory may hold besides config and weights: the tokenizer's. Only these
 # (and the safetensors the index names) are copied from a remote checkpoint.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+)
 SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 GENERATION_CONFIG = "generation_config.json"
 # A conversation rendered to find the ids the chat template writes (a pad must not be one of them).
-_PROBE = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
-          {"role": "assistant", "content": "a"}, {"role": "user", "content": "v"},
-          {"role": "assistant", "content": "b"}]
+_PROBE = [
+    {"role": "system", "content": "s"},
+    {"role": "user", "content": "u"},
+    {"role": "assistant", "content": "a"},
+    {"role": "user", "content": "v"},
+    {"role": "assistant", "content": "b"},
+]
 
 
 # --- reading -----------------------------------------------------------------------------------
+
 
 def _read_json(uri: str, storage_options: dict | None = None) -> dict:
     return json.loads(storage.read_bytes(uri, storage_options))
@@ -84,8 +113,10 @@ def _weight_map(path: str, storage_options: dict | None, names: list[str]) -> di
 
 def _no_weights(path: str, names: list[str]) -> CheckpointError:
     pickles = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES))
-    return CheckpointError(f"{path}: no safetensors weights ({INDEX_FILE} or {SINGLE_FILE})"
-                           + (f"; pickle files {pickles} are never read" if pickles else ""))
+    return CheckpointError(
+        f"{path}: no safetensors weights ({INDEX_FILE} or {SINGLE_FILE})"
+        + (f"; pickle files {pickles} are never read" if pickles else "")
+    )
 
 
 def local_checkpoint(path: str, storage_options: dict | None = None) -> str:
@@ -109,8 +140,12 @@ def local_checkpoint(path: str, storage_options: dict | None = None) -> str:
         shards = [SINGLE_FILE]
     else:
         raise _no_weights(path, names)
-    wanted = [CONFIG_FILE] + ([INDEX_FILE] if weight_map is not None else []) + shards + \
-        [n for n in names if n in TOKENIZER_FILES]
+    wanted = (
+        [CONFIG_FILE]
+        + ([INDEX_FILE] if weight_map is not None else [])
+        + shards
+        + [n for n in names if n in TOKENIZER_FILES]
+    )
     h = hashlib.sha256(path.encode())
     for name in wanted:  # json by content; shards (gigabytes) by size and ETag / mtime
         full = posixpath.join(root, name)
@@ -151,6 +186,7 @@ def _safetensors_map(directory: str) -> dict[str, str]:
         return weight_map
     if SINGLE_FILE in names:
         from safetensors import safe_open
+
         with safe_open(os.path.join(directory, SINGLE_FILE), framework="pt") as f:
             return {name: SINGLE_FILE for name in f.keys()}
     raise _no_weights(directory, names)
@@ -159,6 +195,7 @@ def _safetensors_map(directory: str) -> dict[str, str]:
 @dataclass
 class BackboneWeights:
     """A reference to the backbone tensors (`model.*`) of a checkpoint; nothing is read until `load`."""
+
     directory: str
     shard_of: dict[str, str]  # tensor name (with "model.") -> shard file name
 
@@ -168,13 +205,14 @@ class BackboneWeights:
     def load(self, dtype: torch.dtype | None = None, strip_prefix: bool = True) -> dict[str, torch.Tensor]:
         out = {}
         for name, t in _read_tensors(self.directory, self.shard_of, self.shard_of).items():
-            key = name[len(BACKBONE_PREFIX):] if strip_prefix else name
+            key = name[len(BACKBONE_PREFIX) :] if strip_prefix else name
             out[key] = t.to(dtype) if dtype is not None else t
         return out
 
 
 def _read_tensors(directory: str, shard_of: dict[str, str], names) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
+
     by_file: dict[str, list[str]] = {}
     for name in names:
         by_file.setdefault(shard_of[name], []).append(name)
@@ -195,8 +233,9 @@ def load_armorm_checkpoint(path: str, storage_options: dict | None = None) -> tu
     shard_of = _safetensors_map(directory)
     head_names = sorted(n for n in shard_of if is_head_tensor(n))
     source = path if storage.is_remote(path) else os.path.abspath(path)
-    heads = heads_from_checkpoint(config, _read_tensors(directory, shard_of, head_names), path,
-                                  metadata={"source_checkpoint": source})
+    heads = heads_from_checkpoint(
+        config, _read_tensors(directory, shard_of, head_names), path, metadata={"source_checkpoint": source}
+    )
     backbone = BackboneWeights(directory, {n: s for n, s in shard_of.items() if n.startswith(BACKBONE_PREFIX)})
     unknown = sorted(set(shard_of) - set(backbone.shard_of) - set(head_names))
     if unknown:
@@ -204,10 +243,12 @@ def load_armorm_checkpoint(path: str, storage_options: dict | None = None) -> tu
     return config, backbone, heads
 
 
-def build_llama_backbone(config: dict, weights: BackboneWeights, dtype: torch.dtype = torch.float32,
-                         device: str | torch.device = "cpu"):
+def build_llama_backbone(
+    config: dict, weights: BackboneWeights, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+):
     """A transformers LlamaModel with exactly the checkpoint's `model.*` tensors (strict)."""
     from transformers import LlamaConfig, LlamaModel
+
     llama_config = LlamaConfig(**llama_config_dict(config))
     with torch.device("meta"):
         model = LlamaModel(llama_config)  # no memory, no random init: every tensor comes from the file
@@ -244,28 +285,36 @@ def checkpoint_tokenizer(directory: str, config: dict):
     from transformers import AutoTokenizer, LlamaConfig
 
     if not any(os.path.isfile(os.path.join(directory, n)) for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-        raise CheckpointError(f"{directory}: no tokenizer files; a checkpoint carries its tokenizer "
-                              "(export_armorm_checkpoint writes it)")
+        raise CheckpointError(
+            f"{directory}: no tokenizer files; a checkpoint carries its tokenizer (export_armorm_checkpoint writes it)"
+        )
     tokenizer = AutoTokenizer.from_pretrained(directory)
     pad = config.get("pad_token_id")
     if tokenizer.pad_token_id is None and pad is not None:
         tokenizer.pad_token = tokenizer.convert_ids_to_tokens(int(pad))
     if pad is not None and tokenizer.pad_token_id != pad:
-        raise CheckpointError(f"{directory}: config.json has pad_token_id {pad}, the tokenizer "
-                              f"{tokenizer.pad_token_id}: loaders would disagree on where rows end")
+        raise CheckpointError(
+            f"{directory}: config.json has pad_token_id {pad}, the tokenizer "
+            f"{tokenizer.pad_token_id}: loaders would disagree on where rows end"
+        )
     vocab = int(config["vocab_size"])
     if len(tokenizer) > vocab:
         raise CheckpointError(f"{directory}: the tokenizer has {len(tokenizer)} tokens, the embedding {vocab} rows")
     if tokenizer.pad_token_id is not None and dedicated_pad_id(tokenizer) is None:
         # Our scores do not depend on the pad (positions come from lengths); other loaders' do.
-        log.warning("%s: pad token %r also occurs in text; loaders that read the reward before the first pad "
-                    "will misread this checkpoint (re-export it for a dedicated pad)", directory, tokenizer.pad_token)
+        log.warning(
+            "%s: pad token %r also occurs in text; loaders that read the reward before the first pad "
+            "will misread this checkpoint (re-export it for a dedicated pad)",
+            directory,
+            tokenizer.pad_token,
+        )
     tokenizer.model_max_length = _max_length(directory, LlamaConfig(**llama_config_dict(config)), tokenizer)
     return tokenizer
 
 
-def checkpoint_backbone(path: str, device: str = "auto", dtype: str = "auto",
-                        storage_options: dict | None = None) -> tuple[Backbone, ArmoHeads]:
+def checkpoint_backbone(
+    path: str, device: str = "auto", dtype: str = "auto", storage_options: dict | None = None
+) -> tuple[Backbone, ArmoHeads]:
     """(Backbone, ArmoHeads) from an ArmoRM-layout checkpoint (local or remote), for the
     EmbeddingEngine: the labeling job scores checkpoints with the same token-budget batching, device
     and dtype choice as any backbone. The tokenizer (and chat template) comes from the checkpoint."""
@@ -277,15 +326,25 @@ def checkpoint_backbone(path: str, device: str = "auto", dtype: str = "auto",
     model.requires_grad_(False)
     tokenizer = checkpoint_tokenizer(weights.directory, config)
     name = posixpath.basename(path.rstrip("/")) if storage.is_remote(path) else os.path.basename(os.path.normpath(path))
-    backbone = Backbone(model=model, tokenizer=tokenizer, kind="decoder", hidden_size=int(config["hidden_size"]),
-                        device=device, dtype=dtype, max_length=int(tokenizer.model_max_length),
-                        fingerprint=checkpoint_fingerprint(weights.directory, heads), name=name,
-                        attn_implementation=getattr(model.config, "_attn_implementation", None) or "sdpa",
-                        load_seconds=time.perf_counter() - start, loaded_from="armorm_checkpoint")
+    backbone = Backbone(
+        model=model,
+        tokenizer=tokenizer,
+        kind="decoder",
+        hidden_size=int(config["hidden_size"]),
+        device=device,
+        dtype=dtype,
+        max_length=int(tokenizer.model_max_length),
+        fingerprint=checkpoint_fingerprint(weights.directory, heads),
+        name=name,
+        attn_implementation=getattr(model.config, "_attn_implementation", None) or "sdpa",
+        load_seconds=time.perf_counter() - start,
+        loaded_from="armorm_checkpoint",
+    )
     return backbone, heads
 
 
 # --- the pad token ----------------------------------------------------------------------------
+
 
 def _template_ids(tokenizer) -> set[int]:
     """Ids the tokenizer writes around any text: chat-template markup and added special tokens."""
@@ -323,36 +382,49 @@ def tokenizer_with_pad(tokenizer, embedding_rows: int):
     if pad is not None:
         return tokenizer, pad, embedding_rows
     if PAD_TOKEN in tokenizer.get_vocab():
-        raise CheckpointError(f"the tokenizer already has a token {PAD_TOKEN!r} that is not a dedicated pad "
-                              f"(pad is {tokenizer.pad_token!r}): cannot add one")
+        raise CheckpointError(
+            f"the tokenizer already has a token {PAD_TOKEN!r} that is not a dedicated pad "
+            f"(pad is {tokenizer.pad_token!r}): cannot add one"
+        )
     out = copy.deepcopy(tokenizer)  # the caller's (often process-cached) tokenizer stays as it was
     n = len(out)
     out.add_special_tokens({"pad_token": PAD_TOKEN})
     pad = out.pad_token_id
     if pad != n or len(out) != n + 1 or dedicated_pad_id(out) != pad:
-        raise CheckpointError(f"adding {PAD_TOKEN!r} did not give a dedicated pad token (got id {pad} for "
-                              f"{n} tokens)")
+        raise CheckpointError(f"adding {PAD_TOKEN!r} did not give a dedicated pad token (got id {pad} for {n} tokens)")
     return out, pad, max(embedding_rows, pad + 1)
 
 
 # --- export -------------------------------------------------------------------------------------
 
-_SAFETENSORS_ITEMSIZE = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-                         "U8": 1, "BOOL": 1}
+_SAFETENSORS_ITEMSIZE = {
+    "F64": 8,
+    "F32": 4,
+    "BF16": 2,
+    "F16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
 
 
 @dataclass
 class _Source:
     """One tensor of the export, read only when its shard is written: in memory or in a file."""
+
     tensor: torch.Tensor | None = None
     file: tuple[str, str] | None = None  # (shard path, tensor name in it)
-    rows: int | None = None              # grow to this many rows (the embedding, for an added pad)
+    rows: int | None = None  # grow to this many rows (the embedding, for an added pad)
 
     def _shape_kind(self) -> tuple[list[int], int, bool]:
         if self.file is None:
             t = self.tensor
             return list(t.shape), t.element_size(), t.is_floating_point()
         from safetensors import safe_open
+
         with safe_open(self.file[0], framework="pt") as f:
             sl = f.get_slice(self.file[1])
             shape, kind = list(sl.get_shape()), sl.get_dtype()
@@ -377,6 +449,7 @@ class _Source:
             t = self.tensor.detach()
         else:
             from safetensors import safe_open
+
             with safe_open(self.file[0], framework="pt") as f:
                 t = f.get_tensor(self.file[1])
         if self.rows:
@@ -421,14 +494,21 @@ def _tokenizer_files(tokenizer, directory: str) -> dict[str, bytes]:
         tc["tokenizer_class"] = "PreTrainedTokenizerFast"
     files["tokenizer_config.json"] = _json_bytes(tc)
     if SPECIAL_TOKENS_MAP not in files:
-        files[SPECIAL_TOKENS_MAP] = _json_bytes({k: v for k, v in tokenizer.special_tokens_map.items()
-                                                 if isinstance(v, str)})
+        files[SPECIAL_TOKENS_MAP] = _json_bytes(
+            {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
+        )
     return files
 
 
-def export_armorm_checkpoint(heads: ArmoHeads, backbone, out_dir: str, tokenizer,
-                             shard_size: int = DEFAULT_SHARD_SIZE, dtype: torch.dtype | None = None,
-                             storage_options: dict | None = None) -> str:
+def export_armorm_checkpoint(
+    heads: ArmoHeads,
+    backbone,
+    out_dir: str,
+    tokenizer,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    dtype: torch.dtype | None = None,
+    storage_options: dict | None = None,
+) -> str:
     """Write backbone + heads in the released layout (local or remote `out_dir`): config.json (the
     backbone's Llama config plus the ArmoRM keys, our objective names / verbosity index, the
     dedicated pad token), shards `model-0000i-of-0000n.safetensors` of at most `shard_size` bytes
@@ -442,8 +522,9 @@ def export_armorm_checkpoint(heads: ArmoHeads, backbone, out_dir: str, tokenizer
     The released repository also ships modeling code for trust_remote_code; we ship none.
     """
     if tokenizer is None:
-        raise CheckpointError("export needs the backbone's tokenizer: without it no pad token can be "
-                              "guaranteed to occur in no text")
+        raise CheckpointError(
+            "export needs the backbone's tokenizer: without it no pad token can be guaranteed to occur in no text"
+        )
     config, sources = _backbone_sources(backbone, storage_options)
     if EMBEDDING_KEY not in sources:
         raise CheckpointError(f"backbone has no {EMBEDDING_KEY}")
@@ -460,6 +541,7 @@ def export_armorm_checkpoint(heads: ArmoHeads, backbone, out_dir: str, tokenizer
     items = list(sources.items()) + [(n, _Source(tensor=t)) for n, t in heads.tensors().items()]
 
     from safetensors.torch import save_file
+
     shards = pack_shards([source.stored_size(dtype) for _, source in items], shard_size)
     weight_map, total = {}, 0
     with tempfile.TemporaryDirectory(prefix="armorm-export-") as tmp:
@@ -469,15 +551,20 @@ def export_armorm_checkpoint(heads: ArmoHeads, backbone, out_dir: str, tokenizer
             local = os.path.join(tmp, fname)
             save_file(tensors, local, metadata={"format": "pt"})
             with open(local, "rb") as src:
-                storage.write_atomic(storage.join(out_dir, fname), lambda f: shutil.copyfileobj(src, f, 1 << 24),
-                                     storage_options)
+                storage.write_atomic(
+                    storage.join(out_dir, fname), lambda f: shutil.copyfileobj(src, f, 1 << 24), storage_options
+                )
             os.remove(local)
             for name, t in tensors.items():
                 weight_map[name] = fname
                 total += t.numel() * t.element_size()
             del tensors
-        _write(out_dir, INDEX_FILE, _json_bytes({"metadata": {"total_size": total}, "weight_map": weight_map}),
-               storage_options)
+        _write(
+            out_dir,
+            INDEX_FILE,
+            _json_bytes({"metadata": {"total_size": total}, "weight_map": weight_map}),
+            storage_options,
+        )
         for name, blob in _tokenizer_files(tokenizer, os.path.join(tmp, "tokenizer")).items():
             _write(out_dir, name, blob, storage_options)
     _write(out_dir, CONFIG_FILE, _json_bytes(config), storage_options)  # last: with config.json it is complete

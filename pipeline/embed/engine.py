@@ -27,8 +27,8 @@ sequence without padding instead; position ids restarting at 0 mark where each r
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -43,11 +43,11 @@ SHARE_PROMPTS = ("auto", "never", "always")
 
 @dataclass
 class Embeddings:
-    response: np.ndarray   # [N, H] float32
-    prompt: np.ndarray     # [N, H] float32 (NaN rows when a decoder was given no prompt_end)
-    tokens: int            # real (unpadded) tokens of the units, each unit counted whole
+    response: np.ndarray  # [N, H] float32
+    prompt: np.ndarray  # [N, H] float32 (NaN rows when a decoder was given no prompt_end)
+    tokens: int  # real (unpadded) tokens of the units, each unit counted whole
     computed: np.ndarray | None = None  # [N] int64: token positions the backbone ran, charged per unit
-    useful: np.ndarray | None = None    # [N] int64: tokens that must be run when each prompt runs once
+    useful: np.ndarray | None = None  # [N] int64: tokens that must be run when each prompt runs once
 
     @property
     def computed_tokens(self) -> int:
@@ -100,9 +100,16 @@ class EmbeddingEngine:
     shared row (None: as many as fit).
     """
 
-    def __init__(self, backbone: Backbone, token_budget: int | None = None, padding_side: str = "right",
-                 packing: str = "auto", num_threads: int | None = None, share_prompts: str = "auto",
-                 groups_per_row: int | None = None):
+    def __init__(
+        self,
+        backbone: Backbone,
+        token_budget: int | None = None,
+        padding_side: str = "right",
+        packing: str = "auto",
+        num_threads: int | None = None,
+        share_prompts: str = "auto",
+        groups_per_row: int | None = None,
+    ):
         if padding_side not in PADDING_SIDES:
             raise ValueError(f"padding_side must be one of {PADDING_SIDES}, not {padding_side!r}")
         if packing not in PACKING:
@@ -138,8 +145,12 @@ class EmbeddingEngine:
 
     # --- public ------------------------------------------------------------------------------
 
-    def embed(self, input_ids: Sequence[Sequence[int]], prompt_end: Sequence[int] | None = None,
-              prompt_input_ids: Sequence[Sequence[int]] | None = None) -> Embeddings:
+    def embed(
+        self,
+        input_ids: Sequence[Sequence[int]],
+        prompt_end: Sequence[int] | None = None,
+        prompt_input_ids: Sequence[Sequence[int]] | None = None,
+    ) -> Embeddings:
         n = len(input_ids)
         h = self.backbone.hidden_size
         if n == 0:
@@ -196,7 +207,7 @@ class EmbeddingEngine:
             states = run(seqs, positions)
             response[rows] = states[: len(rows)]
             if ends is not None:
-                prompt[rows] = states[len(rows):]
+                prompt[rows] = states[len(rows) :]
             if not self.packed:
                 computed[rows] = lengths[rows].max()  # every row of a padded batch runs its width
         return Embeddings(response, prompt, int(lengths.sum()), computed, useful)
@@ -220,9 +231,12 @@ class EmbeddingEngine:
             for row in rows:
                 lay = layout_row(row, prompt_len, response_len)
                 flat = np.concatenate([np.asarray(input_ids[u][b:e], dtype=np.int64) for u, b, e in lay.spans])
-                out = model(input_ids=torch.as_tensor(flat, device=device)[None],
-                            position_ids=torch.as_tensor(lay.positions, device=device)[None],
-                            use_cache=False, **{KWARG: build_pieces(lay.pieces, device)})
+                out = model(
+                    input_ids=torch.as_tensor(flat, device=device)[None],
+                    position_ids=torch.as_tensor(lay.positions, device=device)[None],
+                    use_cache=False,
+                    **{KWARG: build_pieces(lay.pieces, device)},
+                )
                 hidden = out.last_hidden_state[0]
                 picked = hidden[torch.as_tensor(np.concatenate([lay.response_at, lay.prompt_at]), device=device)]
                 picked = picked.float().cpu().numpy()
@@ -298,8 +312,8 @@ class EmbeddingEngine:
         offsets = np.zeros(len(seqs), dtype=np.int64)
         for r, (s, n) in enumerate(zip(seqs, lengths)):
             start = width - n if self.padding_side == "left" else 0
-            ids[r, start:start + n] = s
-            mask[r, start:start + n] = 1
+            ids[r, start : start + n] = s
+            mask[r, start : start + n] = 1
             offsets[r] = start
         device = self.backbone.device
         return torch.as_tensor(ids, device=device), torch.as_tensor(mask, device=device), offsets

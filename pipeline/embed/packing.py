@@ -13,8 +13,8 @@ layout lives in pipeline/embed/shared_attention.py.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -44,8 +44,13 @@ def _check(groups, prompt_lengths, response_lengths) -> tuple[np.ndarray, np.nda
     return g, p, r
 
 
-def plan_shared_rows(groups: Sequence[int], prompt_lengths: Sequence[int], response_lengths: Sequence[int],
-                     token_budget: int, groups_per_row: int | None = None) -> list[list[np.ndarray]]:
+def plan_shared_rows(
+    groups: Sequence[int],
+    prompt_lengths: Sequence[int],
+    response_lengths: Sequence[int],
+    token_budget: int,
+    groups_per_row: int | None = None,
+) -> list[list[np.ndarray]]:
     """Packed rows, each a list of pieces (unit indices of one group, sharing one prompt copy).
 
     A piece holds prompt + its responses within token_budget (a unit longer than the budget goes
@@ -103,8 +108,9 @@ class RowLayout:
     prompt embedding. computed: packed tokens charged to each unit (its response, plus the prompt
     for the first unit of a piece), so they sum to the row length.
     """
-    spans: np.ndarray        # [S, 3] int64
-    positions: np.ndarray    # [L] int64
+
+    spans: np.ndarray  # [S, 3] int64
+    positions: np.ndarray  # [L] int64
     pieces: list[tuple[int, int, np.ndarray]]
     units: np.ndarray
     response_at: np.ndarray
@@ -138,9 +144,15 @@ def layout_row(row: Sequence[np.ndarray], prompt_lengths: Sequence[int], respons
         pieces.append((start, p, r))
         units.append(piece)
         start += p + int(r.sum())
-    return RowLayout(spans=np.asarray(spans, dtype=np.int64).reshape(-1, 3), positions=np.concatenate(positions),
-                     pieces=pieces, units=np.concatenate(units), response_at=np.concatenate(resp_at),
-                     prompt_at=np.concatenate(prompt_at), computed=np.concatenate(computed))
+    return RowLayout(
+        spans=np.asarray(spans, dtype=np.int64).reshape(-1, 3),
+        positions=np.concatenate(positions),
+        pieces=pieces,
+        units=np.concatenate(units),
+        response_at=np.concatenate(resp_at),
+        prompt_at=np.concatenate(prompt_at),
+        computed=np.concatenate(computed),
+    )
 
 
 def useful_tokens(groups: Sequence[int], prompt_lengths: Sequence[int], response_lengths: Sequence[int]) -> np.ndarray:

@@ -31,52 +31,50 @@ MASK_ELEMENTS = 1 << 22
 
 @dataclass
 class Chunk:
-    start: int          # first response token (row index)
-    end: int            # one past the last
-    mask: object        # bool [R, prompt + R] tensor, or a lower-right causal bias (one response)
+    start: int  # first response token (row index)
+    end: int  # one past the last
+    mask: object  # bool [R, prompt + R] tensor, or a lower-right causal bias (one response)
 
 
 @dataclass
 class Piece:
-    start: int          # the prompt's first token (row index)
-    prompt: int         # prompt length
+    start: int  # the prompt's first token (row index)
+    prompt: int  # prompt length
     chunks: list[Chunk]
+
+
+def _chunk(pos: int, p: int, group: list[int], device) -> Chunk:
+    """Responses of lengths `group` packed after a prompt of length p: each sees the prompt and itself."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    total = sum(group)
+    if len(group) == 1:
+        mask = causal_lower_right(total, p + total)
+    else:
+        seg = torch.repeat_interleave(torch.arange(len(group), device=device), torch.as_tensor(group, device=device))
+        idx = torch.arange(total, device=device)
+        block = (seg[:, None] == seg[None, :]) & (idx[None, :] <= idx[:, None])
+        mask = torch.cat([torch.ones(total, p, dtype=torch.bool, device=device), block], dim=1)
+    return Chunk(pos, pos + total, mask)
 
 
 def build_pieces(pieces, device, mask_elements: int = MASK_ELEMENTS) -> list[Piece]:
     """Attention plan for one row from RowLayout.pieces [(start, prompt length, response lengths)]."""
-    from torch.nn.attention.bias import causal_lower_right
-
     out = []
     for start, p, lengths in pieces:
         chunks: list[Chunk] = []
         pos = start + p
         group: list[int] = []
-
-        def close():
-            nonlocal pos
-            total = sum(group)
-            if len(group) == 1:
-                mask = causal_lower_right(total, p + total)
-            else:
-                seg = torch.repeat_interleave(torch.arange(len(group), device=device),
-                                              torch.as_tensor(group, device=device))
-                idx = torch.arange(total, device=device)
-                block = (seg[:, None] == seg[None, :]) & (idx[None, :] <= idx[:, None])
-                mask = torch.cat([torch.ones(total, p, dtype=torch.bool, device=device), block], dim=1)
-            chunks.append(Chunk(pos, pos + total, mask))
-            pos += total
-            group.clear()
-
         for n in (int(x) for x in lengths):
             if n == 0:
                 continue
             total = sum(group) + n
             if group and total * (p + total) > mask_elements:
-                close()
+                chunks.append(_chunk(pos, p, group, device))
+                pos, group = pos + sum(group), []
             group.append(n)
         if group:
-            close()
+            chunks.append(_chunk(pos, p, group, device))
         out.append(Piece(start, p, chunks))
     return out
 
@@ -88,8 +86,9 @@ def _repeat_kv(x: torch.Tensor, n: int) -> torch.Tensor:
     return x[:, :, None].expand(b, h, n, length, d).reshape(b, h * n, length, d)
 
 
-def shared_prompt_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
-                            scaling: float | None = None, **kwargs):
+def shared_prompt_attention(
+    module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None, **kwargs
+):
     """query [1, H, L, D], key/value [1, Hkv, L, D] of one packed row -> [1, L, H, D]."""
     pieces: list[Piece] | None = kwargs.get(KWARG)
     if pieces is None:
@@ -105,11 +104,11 @@ def shared_prompt_attention(module, query, key, value, attention_mask, dropout: 
         outs.append(sdpa(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True, scale=scaling))
         for c in piece.chunks:
             if c.start == b:  # first chunk: [prompt | chunk] is one contiguous slice
-                k, v = key[:, :, a:c.end], value[:, :, a:c.end]
+                k, v = key[:, :, a : c.end], value[:, :, a : c.end]
             else:
-                k = torch.cat([key[:, :, a:b], key[:, :, c.start:c.end]], dim=2)
-                v = torch.cat([value[:, :, a:b], value[:, :, c.start:c.end]], dim=2)
-            outs.append(sdpa(query[:, :, c.start:c.end], k, v, attn_mask=c.mask, scale=scaling))
+                k = torch.cat([key[:, :, a:b], key[:, :, c.start : c.end]], dim=2)
+                v = torch.cat([value[:, :, a:b], value[:, :, c.start : c.end]], dim=2)
+            outs.append(sdpa(query[:, :, c.start : c.end], k, v, attn_mask=c.mask, scale=scaling))
     out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
     if out.shape[2] != query.shape[2]:
         raise AssertionError(f"pieces cover {out.shape[2]} of the row's {query.shape[2]} tokens")
@@ -134,8 +133,11 @@ def supports(model) -> str | None:
     if can is None or not can():
         return f"{type(model).__name__} does not use transformers' AttentionInterface"
     cfg = model.config
-    if getattr(cfg, "sliding_window", None) or getattr(cfg, "layer_types", None) and \
-            any(t != "full_attention" for t in cfg.layer_types):
+    if (
+        getattr(cfg, "sliding_window", None)
+        or getattr(cfg, "layer_types", None)
+        and any(t != "full_attention" for t in cfg.layer_types)
+    ):
         return "sliding-window or hybrid attention layers"
     if getattr(cfg, "attn_logit_softcapping", None):
         return "attention logit soft-capping"

@@ -15,8 +15,8 @@ same way without that line. Both are tokenised with the encoder's special tokens
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 OVERFLOW_POLICIES = ("truncate_prompt", "quarantine")
 KINDS = ("decoder", "encoder")
@@ -45,6 +45,7 @@ class TemplatePolicy:
       user turn and the response whole (decoders: quarantined if still too long; encoders: then the
       prompt is cut from its start, keeping the response); "quarantine" rejects the unit.
     """
+
     system_prompt: str = "template_default"
     max_tokens: int = 2048
     overflow: str = "truncate_prompt"
@@ -58,7 +59,7 @@ class TemplatePolicy:
             raise ValueError("system_prompt must be a string")
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TemplatePolicy":
+    def from_dict(cls, d: dict) -> TemplatePolicy:
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown template policy settings: {sorted(unknown)}")
@@ -71,12 +72,12 @@ class TemplatePolicy:
 @dataclass
 class TokenizedConversation:
     input_ids: list[int]
-    prompt_input_ids: list[int] | None   # encoders: the prompt alone; None for decoders
-    prompt_end: int                      # decoders: index in input_ids of the prompt's last token; -1 for encoders
+    prompt_input_ids: list[int] | None  # encoders: the prompt alone; None for decoders
+    prompt_end: int  # decoders: index in input_ids of the prompt's last token; -1 for encoders
     prompt_tokens: int
-    response_tokens: int                 # total_tokens - prompt_tokens
+    response_tokens: int  # total_tokens - prompt_tokens
     total_tokens: int
-    tokens_before_truncation: int        # total_tokens of the untruncated rendering
+    tokens_before_truncation: int  # total_tokens of the untruncated rendering
     truncated: bool
 
 
@@ -101,7 +102,12 @@ def _clean(messages: Sequence[dict]) -> list[dict]:
         role, content = m.get("role"), m.get("content")
         if not isinstance(role, str) or not role:
             raise TemplateError("message without a role")
-        out.append({"role": role, "content": content if isinstance(content, str) else ("" if content is None else str(content))})
+        out.append(
+            {
+                "role": role,
+                "content": content if isinstance(content, str) else ("" if content is None else str(content)),
+            }
+        )
     return out
 
 
@@ -112,6 +118,7 @@ def _with_policy_system(messages: list[dict], policy: TemplatePolicy) -> list[di
 
 
 # --- decoders ----------------------------------------------------------------------------------
+
 
 def _apply_template(tokenizer, messages: list[dict]) -> str:
     if not getattr(tokenizer, "chat_template", None):
@@ -131,11 +138,16 @@ def _render_decoder(tokenizer, messages: list[dict], policy: TemplatePolicy) -> 
     sentinel = [{"role": "system", "content": _SYSTEM_SENTINEL}]
     system_block = _apply_template(tokenizer, sentinel)
     full = _apply_template(tokenizer, sentinel + messages)
-    if system_block.count(_SYSTEM_SENTINEL) != 1 or not full.startswith(system_block) \
-            or _SYSTEM_SENTINEL in full[len(system_block):]:
-        raise TemplateError("system_prompt='none' is not supported by this chat template "
-                            "(a system message does not render as a separable first block)")
-    rest = full[len(system_block):]
+    if (
+        system_block.count(_SYSTEM_SENTINEL) != 1
+        or not full.startswith(system_block)
+        or _SYSTEM_SENTINEL in full[len(system_block) :]
+    ):
+        raise TemplateError(
+            "system_prompt='none' is not supported by this chat template "
+            "(a system message does not render as a separable first block)"
+        )
+    rest = full[len(system_block) :]
     # A BOS the template writes once at the very start (Llama-3's <|begin_of_text|>) is kept. A
     # "BOS" that opens every turn (SmolLM2's bos_token is <|im_start|>) belongs to the system
     # turn being cut, and the next turn opens with its own.
@@ -152,12 +164,19 @@ def _decoder_texts(tokenizer, prompt: list[dict], response: str, policy: Templat
 
 
 def _decoder_result(full_ids: list[int], prompt_ids: list[int], before: int) -> TokenizedConversation:
-    if not prompt_ids or len(prompt_ids) > len(full_ids) or full_ids[:len(prompt_ids)] != prompt_ids:
+    if not prompt_ids or len(prompt_ids) > len(full_ids) or full_ids[: len(prompt_ids)] != prompt_ids:
         raise TemplateError(NOT_A_PREFIX)
     n, p = len(full_ids), len(prompt_ids)
-    return TokenizedConversation(input_ids=list(full_ids), prompt_input_ids=None, prompt_end=p - 1,
-                                 prompt_tokens=p, response_tokens=n - p, total_tokens=n,
-                                 tokens_before_truncation=before, truncated=before != n)
+    return TokenizedConversation(
+        input_ids=list(full_ids),
+        prompt_input_ids=None,
+        prompt_end=p - 1,
+        prompt_tokens=p,
+        response_tokens=n - p,
+        total_tokens=n,
+        tokens_before_truncation=before,
+        truncated=before != n,
+    )
 
 
 def _ids(tokenizer, texts: list[str], special: bool) -> list[list[int]]:
@@ -193,6 +212,7 @@ def _truncate_decoder(tokenizer, prompt, response, policy, cap, before) -> Token
 
 # --- encoders ----------------------------------------------------------------------------------
 
+
 def _encoder_texts(prompt: list[dict], response: str, policy: TemplatePolicy) -> tuple[str, str]:
     messages = _with_policy_system(prompt, policy)
     prompt_text = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
@@ -210,9 +230,16 @@ def _encoder_result(tokenizer, full_ids, prompt_ids, before, cap, full_text, pro
     if len(prompt_ids) > cap:
         prompt_ids = tokenizer(prompt_text, add_special_tokens=True, truncation=True, max_length=cap)["input_ids"]
     n, p = len(full_ids), len(prompt_ids)
-    return TokenizedConversation(input_ids=list(full_ids), prompt_input_ids=list(prompt_ids), prompt_end=-1,
-                                 prompt_tokens=p, response_tokens=max(0, n - p), total_tokens=n,
-                                 tokens_before_truncation=before, truncated=before != n)
+    return TokenizedConversation(
+        input_ids=list(full_ids),
+        prompt_input_ids=list(prompt_ids),
+        prompt_end=-1,
+        prompt_tokens=p,
+        response_tokens=max(0, n - p),
+        total_tokens=n,
+        tokens_before_truncation=before,
+        truncated=before != n,
+    )
 
 
 def _truncate_encoder(tokenizer, prompt, response, policy, cap, before) -> TokenizedConversation:
@@ -233,7 +260,9 @@ def _special_wrap(tokenizer) -> tuple[list[int], list[int]]:
     return list(empty[:n_head]), list(empty[n_head:])
 
 
-def _encoder_keep_response(tokenizer, prompt_text: str, answer_text: str, cap: int, before: int) -> TokenizedConversation:
+def _encoder_keep_response(
+    tokenizer, prompt_text: str, answer_text: str, cap: int, before: int
+) -> TokenizedConversation:
     """Still too long with only the last user turn: keep the response whole (its start, if it alone
     exceeds the cap) and the END of the prompt, the part nearest the response. Cutting the joined
     text at the cap instead would drop the very response being rated. The prompt-alone sequence
@@ -243,19 +272,32 @@ def _encoder_keep_response(tokenizer, prompt_text: str, answer_text: str, cap: i
     room = cap - len(head) - len(tail)
     answer_ids = answer_ids[:room]
     keep = room - len(answer_ids)
-    kept_prompt = prompt_ids[len(prompt_ids) - keep:] if keep > 0 else []
+    kept_prompt = prompt_ids[len(prompt_ids) - keep :] if keep > 0 else []
     full_ids = head + kept_prompt + answer_ids + tail
-    prompt_alone = head + prompt_ids[max(0, len(prompt_ids) - room):] + tail
+    prompt_alone = head + prompt_ids[max(0, len(prompt_ids) - room) :] + tail
     n = len(full_ids)
-    return TokenizedConversation(input_ids=list(full_ids), prompt_input_ids=list(prompt_alone), prompt_end=-1,
-                                 prompt_tokens=n - len(answer_ids), response_tokens=len(answer_ids), total_tokens=n,
-                                 tokens_before_truncation=before, truncated=True)
+    return TokenizedConversation(
+        input_ids=list(full_ids),
+        prompt_input_ids=list(prompt_alone),
+        prompt_end=-1,
+        prompt_tokens=n - len(answer_ids),
+        response_tokens=len(answer_ids),
+        total_tokens=n,
+        tokens_before_truncation=before,
+        truncated=True,
+    )
 
 
 # --- public API --------------------------------------------------------------------------------
 
-def tokenize_many(tokenizer, prompts: Sequence[Sequence[dict]], responses: Sequence[str],
-                  policy: TemplatePolicy, kind: str = "decoder") -> list[TokenizedConversation | TemplateError]:
+
+def tokenize_many(
+    tokenizer,
+    prompts: Sequence[Sequence[dict]],
+    responses: Sequence[str],
+    policy: TemplatePolicy,
+    kind: str = "decoder",
+) -> list[TokenizedConversation | TemplateError]:
     """Tokenise many conversations with one batched tokenizer call; each result is either a
     TokenizedConversation or the TemplateError that quarantines that unit."""
     if kind not in KINDS:
@@ -270,8 +312,11 @@ def tokenize_many(tokenizer, prompts: Sequence[Sequence[dict]], responses: Seque
         try:
             messages = _clean(prompt)
             response = response if isinstance(response, str) else ("" if response is None else str(response))
-            pair = (_decoder_texts(tokenizer, messages, response, policy) if kind == "decoder"
-                    else _encoder_texts(messages, response, policy))
+            pair = (
+                _decoder_texts(tokenizer, messages, response, policy)
+                if kind == "decoder"
+                else _encoder_texts(messages, response, policy)
+            )
         except TemplateError as e:
             results[i] = e
             continue
@@ -302,8 +347,9 @@ def tokenize_many(tokenizer, prompts: Sequence[Sequence[dict]], responses: Seque
     return results  # type: ignore[return-value]
 
 
-def tokenize_conversation(tokenizer, prompt: Sequence[dict], response: str, policy: TemplatePolicy,
-                          kind: str = "decoder") -> TokenizedConversation:
+def tokenize_conversation(
+    tokenizer, prompt: Sequence[dict], response: str, policy: TemplatePolicy, kind: str = "decoder"
+) -> TokenizedConversation:
     """Tokenise one conversation; raises TemplateError when the unit must be quarantined."""
     (result,) = tokenize_many(tokenizer, [prompt], [response], policy, kind)
     if isinstance(result, TemplateError):

@@ -48,8 +48,15 @@ def fit_bradley_terry(chosen, rejected, tie=None, l2: float = 1e-3, max_iter: in
         raise ValueError("fit_bradley_terry: need N ≥ 1 pairs of H-dim embeddings")
     t = _targets(len(d), tie)
     w = torch.zeros(d.shape[1], dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w], lr=1.0, max_iter=max_iter, tolerance_grad=1e-10, tolerance_change=1e-14,
-                            history_size=20, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [w],
+        lr=1.0,
+        max_iter=max_iter,
+        tolerance_grad=1e-10,
+        tolerance_change=1e-14,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure():
         opt.zero_grad()
@@ -63,8 +70,9 @@ def fit_bradley_terry(chosen, rejected, tie=None, l2: float = 1e-3, max_iter: in
     return w.detach().numpy().copy()
 
 
-def fit_bradley_terry_cv(train_chosen, train_rejected, val_chosen, val_rejected, train_tie=None, val_tie=None,
-                         grid=DEFAULT_L2_GRID) -> tuple[np.ndarray, float, float]:
+def fit_bradley_terry_cv(
+    train_chosen, train_rejected, val_chosen, val_rejected, train_tie=None, val_tie=None, grid=DEFAULT_L2_GRID
+) -> tuple[np.ndarray, float, float]:
     """Pick l2 from `grid` by validation BT loss (unregularised); returns (w, l2, val_loss)."""
     val_diff = np.asarray(val_chosen, dtype=np.float64) - np.asarray(val_rejected, dtype=np.float64)
     best = None
@@ -79,6 +87,7 @@ def fit_bradley_terry_cv(train_chosen, train_rejected, val_chosen, val_rejected,
 @dataclass
 class BradleyTerryHead:
     """Single-score baseline reward model: score = w·x. Saved like ArmoHeads (safetensors + JSON)."""
+
     weight: np.ndarray  # H
     name: str = "bradley_terry"
     metadata: dict | None = None
@@ -97,16 +106,24 @@ class BradleyTerryHead:
 
     def save(self, directory: str, storage_options=None) -> None:
         from safetensors.torch import save as save_tensors
+
         blob = save_tensors({"bt_head.weight": torch.as_tensor(np.asarray(self.weight, dtype=np.float32))})
         storage.write_atomic(storage.join(directory, "bt_head.safetensors"), blob, storage_options)
-        meta = {"format": "armolabel.bradley_terry/1", "name": self.name, "hidden_size": int(len(self.weight)),
-                "fingerprint": self.fingerprint, "metadata": self.metadata or {}}
-        storage.write_atomic(storage.join(directory, "bt_head.json"), json.dumps(meta, indent=2).encode(),
-                             storage_options)
+        meta = {
+            "format": "armolabel.bradley_terry/1",
+            "name": self.name,
+            "hidden_size": int(len(self.weight)),
+            "fingerprint": self.fingerprint,
+            "metadata": self.metadata or {},
+        }
+        storage.write_atomic(
+            storage.join(directory, "bt_head.json"), json.dumps(meta, indent=2).encode(), storage_options
+        )
 
     @classmethod
-    def load(cls, directory: str, storage_options=None) -> "BradleyTerryHead":
+    def load(cls, directory: str, storage_options=None) -> BradleyTerryHead:
         from safetensors.torch import load as load_tensors
+
         meta = json.loads(storage.read_bytes(storage.join(directory, "bt_head.json"), storage_options))
         tensors = load_tensors(storage.read_bytes(storage.join(directory, "bt_head.safetensors"), storage_options))
         head = cls(weight=tensors["bt_head.weight"].numpy(), name=meta["name"], metadata=meta.get("metadata"))

@@ -22,10 +22,17 @@ BACKBONE_PREFIX = "model."
 EMBEDDING_KEY = BACKBONE_PREFIX + "embed_tokens.weight"
 ARMORM_ARCHITECTURE = "LlamaForRewardModelWithGating"
 # config keys ArmoRM adds on top of the Llama config (ours last: names and verbosity index)
-ARMORM_CONFIG_KEYS = ("num_objectives", "gating_temperature", "gating_hidden_dim", "gating_n_hidden",
-                      "objectives", "verbosity_index", "gating_dropout")
+ARMORM_CONFIG_KEYS = (
+    "num_objectives",
+    "gating_temperature",
+    "gating_hidden_dim",
+    "gating_n_hidden",
+    "objectives",
+    "verbosity_index",
+    "gating_dropout",
+)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-DEFAULT_SHARD_SIZE = 5 * 1024 ** 3
+DEFAULT_SHARD_SIZE = 5 * 1024**3
 # The release's pad token: an added token, so no text the original tokenizer reads turns into it
 # (the release grew Llama-3's 128,256 ids to 128,257 for it; pad_token_id 128256).
 PAD_TOKEN = "[PAD]"
@@ -47,8 +54,9 @@ def check_shard_names(weight_map: dict[str, str], where: str) -> None:
     """Only plain .safetensors files inside the checkpoint directory are ever read."""
     for shard in set(weight_map.values()):
         if not shard.endswith(".safetensors") or "/" in shard or "\\" in shard or shard in (".", ".."):
-            raise CheckpointError(f"{where}: refusing shard {shard!r} (only .safetensors files in the "
-                                  "checkpoint directory are read)")
+            raise CheckpointError(
+                f"{where}: refusing shard {shard!r} (only .safetensors files in the checkpoint directory are read)"
+            )
 
 
 def objective_names(config: dict, k: int) -> list[str]:
@@ -72,8 +80,9 @@ def infer_verbosity_index(T: np.ndarray) -> int | None:
     return int(rows[0]) if len(rows) == 1 else None
 
 
-def heads_from_checkpoint(config: dict, tensors: dict[str, torch.Tensor], where: str,
-                          metadata: dict | None = None) -> ArmoHeads:
+def heads_from_checkpoint(
+    config: dict, tensors: dict[str, torch.Tensor], where: str, metadata: dict | None = None
+) -> ArmoHeads:
     """ArmoHeads from a checkpoint's config and its head tensors (regression_layer, transform, gating.*)."""
     config_objective_names(config, where)
     for required in (REGRESSION_KEY, TRANSFORM_KEY, GATING_PREFIX + "logit_scale"):
@@ -84,7 +93,8 @@ def heads_from_checkpoint(config: dict, tensors: dict[str, torch.Tensor], where:
         raise CheckpointError(f"{where}: regression_layer has {K} rows, config says {config['num_objectives']}")
     n_linear = len([n for n in tensors if n.startswith(GATING_PREFIX + "layers.") and n.endswith(".weight")])
     gating_config = {
-        "in_features": H, "num_objectives": K,
+        "in_features": H,
+        "num_objectives": K,
         "hidden_dim": int(config.get("gating_hidden_dim", RELEASE_HIDDEN_DIM)),
         "n_hidden": int(config.get("gating_n_hidden", n_linear - 1 if n_linear else RELEASE_N_HIDDEN)),
         "temperature": float(config.get("gating_temperature", RELEASE_TEMPERATURE)),
@@ -94,8 +104,9 @@ def heads_from_checkpoint(config: dict, tensors: dict[str, torch.Tensor], where:
         raise CheckpointError(f"{where}: {n_linear} gating layers, config implies {gating_config['n_hidden'] + 1}")
     T = tensors[TRANSFORM_KEY].to(torch.float32).numpy()
     verbosity_index = config.get("verbosity_index", infer_verbosity_index(T))
-    return ArmoHeads.from_tensors(tensors, objective_names(config, K), gating_config, verbosity_index,
-                                  metadata=metadata or {})
+    return ArmoHeads.from_tensors(
+        tensors, objective_names(config, K), gating_config, verbosity_index, metadata=metadata or {}
+    )
 
 
 def llama_config_dict(config: dict) -> dict:
@@ -107,21 +118,31 @@ def armorm_config(backbone_config: dict, heads: ArmoHeads, pad_token_id: int, vo
     """config.json of an export: the backbone's Llama config, the ArmoRM keys, our objective names
     and verbosity index, and the dedicated pad token (with the vocabulary grown to hold it)."""
     if backbone_config.get("model_type") != "llama":
-        raise CheckpointError(f"backbone model_type {backbone_config.get('model_type')!r}: the ArmoRM layout is a "
-                              "Llama model")
+        raise CheckpointError(
+            f"backbone model_type {backbone_config.get('model_type')!r}: the ArmoRM layout is a Llama model"
+        )
     if backbone_config.get("hidden_size") != heads.hidden_size:
-        raise CheckpointError(f"backbone hidden_size {backbone_config.get('hidden_size')} ≠ heads hidden size "
-                              f"{heads.hidden_size}")
+        raise CheckpointError(
+            f"backbone hidden_size {backbone_config.get('hidden_size')} ≠ heads hidden size {heads.hidden_size}"
+        )
     if not 0 <= pad_token_id < vocab_size:
         raise CheckpointError(f"pad_token_id {pad_token_id} outside the vocabulary of {vocab_size}")
     g = heads.gating
     config = {k: v for k, v in backbone_config.items() if k not in ("auto_map", "_name_or_path")}
-    config.update({
-        "architectures": [ARMORM_ARCHITECTURE], "pad_token_id": int(pad_token_id), "vocab_size": int(vocab_size),
-        "num_objectives": heads.num_objectives, "gating_temperature": g.temperature,
-        "gating_hidden_dim": g.hidden_dim, "gating_n_hidden": g.n_hidden, "gating_dropout": g.dropout,
-        "objectives": list(heads.objectives), "verbosity_index": heads.verbosity_index,
-    })
+    config.update(
+        {
+            "architectures": [ARMORM_ARCHITECTURE],
+            "pad_token_id": int(pad_token_id),
+            "vocab_size": int(vocab_size),
+            "num_objectives": heads.num_objectives,
+            "gating_temperature": g.temperature,
+            "gating_hidden_dim": g.hidden_dim,
+            "gating_n_hidden": g.n_hidden,
+            "gating_dropout": g.dropout,
+            "objectives": list(heads.objectives),
+            "verbosity_index": heads.verbosity_index,
+        }
+    )
     return config
 
 
@@ -151,4 +172,3 @@ def grow_embedding(weight: torch.Tensor, rows: int) -> torch.Tensor:
         return weight
     mean = weight.to(torch.float32).mean(0, keepdim=True).to(weight.dtype)
     return torch.cat([weight, mean.expand(rows - weight.shape[0], -1)], 0)
-

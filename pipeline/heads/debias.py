@@ -20,7 +20,8 @@ from pipeline.metrics import average_ranks, spearman  # noqa: F401  (spearman is
 
 # {0, 0.01, 0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.25, …, 0.95}
 DEFAULT_DEBIAS_GRID = (0.0, 0.01, 0.025, 0.05, 0.075, 0.1, 0.125, 0.15) + tuple(
-    round(0.2 + 0.05 * i, 4) for i in range(16))
+    round(0.2 + 0.05 * i, 4) for i in range(16)
+)
 LENGTH_OBJECTIVE = "verbosity.response_length"
 LENGTH_CAP_TOKENS = 4096
 
@@ -32,8 +33,9 @@ def length_target(response_tokens, cap: int = LENGTH_CAP_TOKENS) -> np.ndarray:
     return np.clip(np.log1p(np.maximum(n, 0.0)) / np.log1p(cap), 0.0, 1.0)
 
 
-def fit_verbosity_debias(ratings, verbosity=None, verbosity_index: int | None = None,
-                         grid=DEFAULT_DEBIAS_GRID, threshold: float = 0.03) -> tuple[np.ndarray, np.ndarray]:
+def fit_verbosity_debias(
+    ratings, verbosity=None, verbosity_index: int | None = None, grid=DEFAULT_DEBIAS_GRID, threshold: float = 0.03
+) -> tuple[np.ndarray, np.ndarray]:
     """Return (T [K×K], lambdas [K]) for ratings [N×K] (regression outputs on a reference set).
 
     `verbosity_index` names the verbosity column (r_v = ratings[:, v]). `verbosity`, if given as
@@ -48,8 +50,10 @@ def fit_verbosity_debias(ratings, verbosity=None, verbosity_index: int | None = 
     K = R.shape[1]
     if verbosity_index is None:
         if verbosity is not None:
-            raise ValueError("an external verbosity vector cannot be applied at inference as r·T; append a "
-                             "length pseudo-objective (ridge onto length_target) and pass its index")
+            raise ValueError(
+                "an external verbosity vector cannot be applied at inference as r·T; append a "
+                "length pseudo-objective (ridge onto length_target) and pass its index"
+            )
         return np.eye(K), np.zeros(K)
     v = int(verbosity_index)
     r_v = R[:, v]

@@ -28,9 +28,15 @@ class GatingNetwork(nn.Module):
     ReLU in training only. Parameter names `layers.{i}.weight/bias` and `logit_scale` match the
     released tensors once prefixed with `gating.`."""
 
-    def __init__(self, in_features: int, num_objectives: int, hidden_dim: int = RELEASE_HIDDEN_DIM,
-                 n_hidden: int = RELEASE_N_HIDDEN, temperature: float = RELEASE_TEMPERATURE,
-                 dropout: float = RELEASE_DROPOUT):
+    def __init__(
+        self,
+        in_features: int,
+        num_objectives: int,
+        hidden_dim: int = RELEASE_HIDDEN_DIM,
+        n_hidden: int = RELEASE_N_HIDDEN,
+        temperature: float = RELEASE_TEMPERATURE,
+        dropout: float = RELEASE_DROPOUT,
+    ):
         super().__init__()
         self.in_features, self.num_objectives = int(in_features), int(num_objectives)
         self.hidden_dim, self.n_hidden = int(hidden_dim), int(n_hidden)
@@ -47,9 +53,14 @@ class GatingNetwork(nn.Module):
         return F.softmax(logits / self.temperature, dim=-1) * self.logit_scale
 
     def config(self) -> dict:
-        return {"in_features": self.in_features, "num_objectives": self.num_objectives,
-                "hidden_dim": self.hidden_dim, "n_hidden": self.n_hidden,
-                "temperature": self.temperature, "dropout": self.dropout}
+        return {
+            "in_features": self.in_features,
+            "num_objectives": self.num_objectives,
+            "hidden_dim": self.hidden_dim,
+            "n_hidden": self.n_hidden,
+            "temperature": self.temperature,
+            "dropout": self.dropout,
+        }
 
 
 def gated_score(gate: torch.Tensor, debiased: torch.Tensor) -> torch.Tensor:
@@ -59,9 +70,9 @@ def gated_score(gate: torch.Tensor, debiased: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class GatingTrainResult:
-    network: GatingNetwork           # best checkpoint (by validation accuracy), in eval mode
+    network: GatingNetwork  # best checkpoint (by validation accuracy), in eval mode
     best_step: int
-    best_val_accuracy: float         # NaN when no validation pairs were given
+    best_val_accuracy: float  # NaN when no validation pairs were given
     history: list[dict] = field(default_factory=list)  # {"step", "train_loss", "val_accuracy", "val_loss"}
 
 
@@ -75,11 +86,25 @@ def _pair_eval(net: GatingNetwork, prompt, chosen, rejected) -> tuple[float, flo
     return acc, loss
 
 
-def train_gating(prompt_emb, debiased_chosen, debiased_rejected, *, val_prompt_emb=None, val_debiased_chosen=None,
-                 val_debiased_rejected=None, steps: int = 2000, batch_size: int = 1024, lr: float = 1e-3,
-                 seed: int = 0, eval_every: int = 50, hidden_dim: int = RELEASE_HIDDEN_DIM,
-                 n_hidden: int = RELEASE_N_HIDDEN, temperature: float = RELEASE_TEMPERATURE,
-                 dropout: float = RELEASE_DROPOUT, threads: int | None = None) -> GatingTrainResult:
+def train_gating(
+    prompt_emb,
+    debiased_chosen,
+    debiased_rejected,
+    *,
+    val_prompt_emb=None,
+    val_debiased_chosen=None,
+    val_debiased_rejected=None,
+    steps: int = 2000,
+    batch_size: int = 1024,
+    lr: float = 1e-3,
+    seed: int = 0,
+    eval_every: int = 50,
+    hidden_dim: int = RELEASE_HIDDEN_DIM,
+    n_hidden: int = RELEASE_N_HIDDEN,
+    temperature: float = RELEASE_TEMPERATURE,
+    dropout: float = RELEASE_DROPOUT,
+    threads: int | None = None,
+) -> GatingTrainResult:
     """Train the gating network on preference pairs (ties excluded by the caller).
 
     prompt_emb [N×H]: the pair's prompt embedding (chosen and rejected share the prompt);
@@ -120,7 +145,7 @@ def train_gating(prompt_emb, debiased_chosen, debiased_rejected, *, val_prompt_e
         for step in range(1, steps + 1):
             if cursor + batch > n:
                 perm, cursor = torch.randperm(n, generator=gen), 0
-            idx = perm[cursor:cursor + batch]
+            idx = perm[cursor : cursor + batch]
             cursor += batch
             net.train()
             gate = net(P[idx])
@@ -131,7 +156,9 @@ def train_gating(prompt_emb, debiased_chosen, debiased_rejected, *, val_prompt_e
             sched.step()
             if has_val and (step % eval_every == 0 or step == steps):
                 acc, vloss = _pair_eval(net, VP, VC, VR)
-                history.append({"step": step, "train_loss": float(loss.detach()), "val_accuracy": acc, "val_loss": vloss})
+                history.append(
+                    {"step": step, "train_loss": float(loss.detach()), "val_accuracy": acc, "val_loss": vloss}
+                )
                 key = (acc, -vloss)
                 if best_key is None or key > best_key:
                     best_key, best_step, best_state = key, step, copy.deepcopy(net.state_dict())
@@ -140,7 +167,11 @@ def train_gating(prompt_emb, debiased_chosen, debiased_rejected, *, val_prompt_e
         else:
             best_step = steps
         net.eval()
-        return GatingTrainResult(network=net, best_step=best_step,
-                                 best_val_accuracy=best_key[0] if best_key else float("nan"), history=history)
+        return GatingTrainResult(
+            network=net,
+            best_step=best_step,
+            best_val_accuracy=best_key[0] if best_key else float("nan"),
+            history=history,
+        )
     finally:
         torch.set_num_threads(prev_threads)

@@ -27,17 +27,17 @@ GATING_PREFIX = "gating."
 
 @dataclass
 class HeadOutputs:
-    rewards: np.ndarray   # N×K raw objective ratings r
+    rewards: np.ndarray  # N×K raw objective ratings r
     debiased: np.ndarray  # N×K r·T
-    gate: np.ndarray      # N×K gate weights (sum to β)
-    score: np.ndarray     # N   Σ gate·(r·T)
+    gate: np.ndarray  # N×K gate weights (sum to β)
+    score: np.ndarray  # N   Σ gate·(r·T)
 
 
 @dataclass
 class ArmoHeads:
     objectives: list[str]
-    regression_weight: np.ndarray      # K×H
-    transform: np.ndarray              # K×K (T)
+    regression_weight: np.ndarray  # K×H
+    transform: np.ndarray  # K×K (T)
     gating: GatingNetwork
     verbosity_index: int | None = None  # which objective T zeroes (None: no debiasing)
     metadata: dict = field(default_factory=dict)  # provenance: λs, metrics, backbone fingerprint …
@@ -47,8 +47,10 @@ class ArmoHeads:
         self.transform = np.asarray(self.transform, dtype=np.float32)
         K, H = self.regression_weight.shape
         if len(self.objectives) != K or self.transform.shape != (K, K):
-            raise ValueError(f"ArmoHeads: {len(self.objectives)} objectives, W {self.regression_weight.shape}, "
-                             f"T {self.transform.shape} disagree")
+            raise ValueError(
+                f"ArmoHeads: {len(self.objectives)} objectives, W {self.regression_weight.shape}, "
+                f"T {self.transform.shape} disagree"
+            )
         if self.gating.num_objectives != K or self.gating.in_features != H:
             raise ValueError("ArmoHeads: gating network shape disagrees with W")
         self.gating.eval()
@@ -82,15 +84,22 @@ class ArmoHeads:
     # --- tensors, fingerprint, persistence -------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
         """Released-checkpoint tensor names → float32 tensors."""
-        out = {REGRESSION_KEY: torch.from_numpy(self.regression_weight.copy()),
-               TRANSFORM_KEY: torch.from_numpy(self.transform.copy())}
+        out = {
+            REGRESSION_KEY: torch.from_numpy(self.regression_weight.copy()),
+            TRANSFORM_KEY: torch.from_numpy(self.transform.copy()),
+        }
         for name, value in self.gating.state_dict().items():
             out[GATING_PREFIX + name] = value.detach().to(torch.float32).clone().contiguous()
         return out
 
     def config(self) -> dict:
-        return {"format": FORMAT, "objectives": list(self.objectives), "hidden_size": self.hidden_size,
-                "verbosity_index": self.verbosity_index, "gating": self.gating.config()}
+        return {
+            "format": FORMAT,
+            "objectives": list(self.objectives),
+            "hidden_size": self.hidden_size,
+            "verbosity_index": self.verbosity_index,
+            "gating": self.gating.config(),
+        }
 
     @property
     def fingerprint(self) -> str:
@@ -105,23 +114,29 @@ class ArmoHeads:
 
     def save(self, directory: str, storage_options=None) -> str:
         from safetensors.torch import save as save_tensors
+
         blob = save_tensors(self.tensors(), metadata={"format": FORMAT})
         storage.write_atomic(storage.join(directory, TENSORS_FILE), blob, storage_options)
         meta = dict(self.config(), fingerprint=self.fingerprint, metadata=self.metadata)
         # JSON last: a directory with heads.json is complete
-        storage.write_atomic(storage.join(directory, META_FILE),
-                             json.dumps(meta, indent=2, sort_keys=True, default=_jsonable).encode(), storage_options)
+        storage.write_atomic(
+            storage.join(directory, META_FILE),
+            json.dumps(meta, indent=2, sort_keys=True, default=_jsonable).encode(),
+            storage_options,
+        )
         return self.fingerprint
 
     @classmethod
-    def load(cls, directory: str, storage_options=None) -> "ArmoHeads":
+    def load(cls, directory: str, storage_options=None) -> ArmoHeads:
         from safetensors.torch import load as load_tensors
+
         meta = json.loads(storage.read_bytes(storage.join(directory, META_FILE), storage_options))
         if meta.get("format") != FORMAT:
             raise ValueError(f"{directory}: not an armolabel heads directory (format {meta.get('format')!r})")
         tensors = load_tensors(storage.read_bytes(storage.join(directory, TENSORS_FILE), storage_options))
-        heads = cls.from_tensors(tensors, meta["objectives"], meta["gating"], meta.get("verbosity_index"),
-                                 meta.get("metadata") or {})
+        heads = cls.from_tensors(
+            tensors, meta["objectives"], meta["gating"], meta.get("verbosity_index"), meta.get("metadata") or {}
+        )
         if heads.fingerprint != meta["fingerprint"]:
             raise ValueError(f"{directory}: heads fingerprint mismatch (corrupt or edited files)")
         return heads
@@ -135,17 +150,29 @@ class ArmoHeads:
         return list(meta["objectives"])
 
     @classmethod
-    def from_tensors(cls, tensors: dict, objectives: list[str], gating_config: dict,
-                     verbosity_index: int | None = None, metadata: dict | None = None) -> "ArmoHeads":
+    def from_tensors(
+        cls,
+        tensors: dict,
+        objectives: list[str],
+        gating_config: dict,
+        verbosity_index: int | None = None,
+        metadata: dict | None = None,
+    ) -> ArmoHeads:
         """Build from released-layout tensor names (extra tensors, e.g. `model.*`, are ignored here)."""
         W = tensors[REGRESSION_KEY].to(torch.float32)
         gating = GatingNetwork(**gating_config)
-        gating_state = {k[len(GATING_PREFIX):]: v.to(torch.float32) for k, v in tensors.items()
-                        if k.startswith(GATING_PREFIX)}
+        gating_state = {
+            k[len(GATING_PREFIX) :]: v.to(torch.float32) for k, v in tensors.items() if k.startswith(GATING_PREFIX)
+        }
         gating.load_state_dict(gating_state, strict=True)  # every released gating tensor, nothing else
-        return cls(objectives=list(objectives), regression_weight=W.numpy(),
-                   transform=tensors[TRANSFORM_KEY].to(torch.float32).numpy(), gating=gating,
-                   verbosity_index=verbosity_index, metadata=dict(metadata or {}))
+        return cls(
+            objectives=list(objectives),
+            regression_weight=W.numpy(),
+            transform=tensors[TRANSFORM_KEY].to(torch.float32).numpy(),
+            gating=gating,
+            verbosity_index=verbosity_index,
+            metadata=dict(metadata or {}),
+        )
 
 
 def _jsonable(value):
@@ -159,4 +186,5 @@ def _jsonable(value):
 def load_baseline(directory: str, storage_options=None):
     """The single-score Bradley-Terry baseline saved beside heads (see bradley_terry.BradleyTerryHead)."""
     from .bradley_terry import BradleyTerryHead
+
     return BradleyTerryHead.load(directory, storage_options)

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-DEFAULT_LAMBDA_GRID = tuple(10.0 ** e for e in range(-4, 5))  # 1e-4 .. 1e4
+DEFAULT_LAMBDA_GRID = tuple(10.0**e for e in range(-4, 5))  # 1e-4 .. 1e4
 
 
 @dataclass
@@ -24,8 +24,8 @@ class RidgeStats:
     num_objectives: int
     # label pattern (tuple of K bools) -> XᵀX over rows with exactly that pattern
     gram_by_pattern: dict[tuple[bool, ...], np.ndarray] = field(default_factory=dict)
-    xty: np.ndarray = None    # K×H: Σ y_k x over rows labelling k
-    yty: np.ndarray = None    # K:   Σ y_k² over rows labelling k
+    xty: np.ndarray = None  # K×H: Σ y_k x over rows labelling k
+    yty: np.ndarray = None  # K:   Σ y_k² over rows labelling k
     count: np.ndarray = None  # K:   rows labelling k
 
     def __post_init__(self):
@@ -37,13 +37,15 @@ class RidgeStats:
         if self.count is None:
             self.count = np.zeros(k, dtype=np.int64)
 
-    def add(self, X, Y) -> "RidgeStats":
+    def add(self, X, Y) -> RidgeStats:
         """Accumulate rows: X [N×H] embeddings, Y [N×K] targets with NaN for missing labels."""
         X = np.asarray(X, dtype=np.float64)
         Y = np.asarray(Y, dtype=np.float64).reshape(len(X), -1)
         if X.ndim != 2 or X.shape[1] != self.hidden_size or Y.shape[1] != self.num_objectives:
-            raise ValueError(f"RidgeStats.add: expected X [N×{self.hidden_size}], Y [N×{self.num_objectives}], "
-                             f"got {X.shape}, {Y.shape}")
+            raise ValueError(
+                f"RidgeStats.add: expected X [N×{self.hidden_size}], Y [N×{self.num_objectives}], "
+                f"got {X.shape}, {Y.shape}"
+            )
         labelled = ~np.isnan(Y)
         Y0 = np.where(labelled, Y, 0.0)
         self.xty += Y0.T @ X
@@ -62,7 +64,7 @@ class RidgeStats:
                 self.gram_by_pattern[key] = gram
         return self
 
-    def merge(self, other: "RidgeStats") -> "RidgeStats":
+    def merge(self, other: RidgeStats) -> RidgeStats:
         """Sum another shard's statistics into this one (returns self)."""
         if (other.hidden_size, other.num_objectives) != (self.hidden_size, self.num_objectives):
             raise ValueError("RidgeStats.merge: shape mismatch")
@@ -110,9 +112,9 @@ class RidgeStats:
 
 
 class RidgeFit(NamedTuple):
-    weight: np.ndarray    # K×H
-    lambdas: np.ndarray   # K, chosen per objective (NaN: objective had no training rows)
-    val_mse: np.ndarray   # K, validation MSE at the chosen λ (NaN: no validation rows)
+    weight: np.ndarray  # K×H
+    lambdas: np.ndarray  # K, chosen per objective (NaN: objective had no training rows)
+    val_mse: np.ndarray  # K, validation MSE at the chosen λ (NaN: no validation rows)
 
 
 def fit_ridge(train_stats: RidgeStats, val_stats: RidgeStats, grid=DEFAULT_LAMBDA_GRID) -> RidgeFit:

@@ -23,30 +23,51 @@ import pyarrow as pa
 
 from pipeline import ids
 from pipeline import objectives as registry
-from pipeline.units import Pairs, concat_pairs, embeddings_of, human_ratings, preference_pairs, ranked_pairs, \
-    response_tokens
+from pipeline.metrics import pairwise_accuracy
+from pipeline.units import (
+    Pairs,
+    concat_pairs,
+    embeddings_of,
+    human_ratings,
+    preference_pairs,
+    ranked_pairs,
+    response_tokens,
+)
 
 from .bradley_terry import DEFAULT_L2_GRID, BradleyTerryHead, fit_bradley_terry, fit_bradley_terry_cv
 from .debias import DEFAULT_DEBIAS_GRID, LENGTH_OBJECTIVE, fit_verbosity_debias, length_target
-from .gating import (RELEASE_DROPOUT, RELEASE_HIDDEN_DIM, RELEASE_N_HIDDEN, RELEASE_TEMPERATURE, GatingNetwork,
-                     train_gating)
-from pipeline.metrics import pairwise_accuracy
+from .gating import (
+    RELEASE_DROPOUT,
+    RELEASE_HIDDEN_DIM,
+    RELEASE_N_HIDDEN,
+    RELEASE_TEMPERATURE,
+    GatingNetwork,
+    train_gating,
+)
 from .model import ArmoHeads
 from .regression import DEFAULT_LAMBDA_GRID, RidgeStats, fit_ridge
 
-GATING_DEFAULTS = {"steps": 1000, "batch_size": 512, "lr": 1e-3, "seed": 0, "eval_every": 25,
-                   "hidden_dim": RELEASE_HIDDEN_DIM, "n_hidden": RELEASE_N_HIDDEN,
-                   "temperature": RELEASE_TEMPERATURE, "dropout": RELEASE_DROPOUT}
+GATING_DEFAULTS = {
+    "steps": 1000,
+    "batch_size": 512,
+    "lr": 1e-3,
+    "seed": 0,
+    "eval_every": 25,
+    "hidden_dim": RELEASE_HIDDEN_DIM,
+    "n_hidden": RELEASE_N_HIDDEN,
+    "temperature": RELEASE_TEMPERATURE,
+    "dropout": RELEASE_DROPOUT,
+}
 DEFAULTS = {
-    "val_fraction": 0.1,          # of training rows, for λ / L2 selection and the gating checkpoint
+    "val_fraction": 0.1,  # of training rows, for λ / L2 selection and the gating checkpoint
     "ridge_grid": list(DEFAULT_LAMBDA_GRID),
     "bt_l2_grid": list(DEFAULT_L2_GRID),
-    "verbosity": "length",        # "length" (pseudo-objective), an objective name, or "none"
+    "verbosity": "length",  # "length" (pseudo-objective), an objective name, or "none"
     "debias_threshold": 0.03,
     "debias_grid": list(DEFAULT_DEBIAS_GRID),
-    "objectives": [],             # declared objectives (Objective fields): a pairwise one names a source's BT head
+    "objectives": [],  # declared objectives (Objective fields): a pairwise one names a source's BT head
     "baseline": True,
-    "threads": None,              # torch threads for gating training (None: torch's default)
+    "threads": None,  # torch threads for gating training (None: torch's default)
     "gating": {},
 }
 
@@ -77,8 +98,11 @@ def choose_objectives(units: pa.Table, extra: list[dict]) -> tuple[list[str], li
     pairwise: list[registry.Objective] = []
     for source in sorted(set(preference_pairs(units, include_ties=True).source)):
         named = registry.for_source(source, "pairwise")
-        pairwise += named or [registry.Objective(f"{source}.preferred", "pairwise", source, "preferred",
-                                                 description=f"the preferred reply in {source}")]
+        pairwise += named or [
+            registry.Objective(
+                f"{source}.preferred", "pairwise", source, "preferred", description=f"the preferred reply in {source}"
+            )
+        ]
     return rated, pairwise
 
 
@@ -90,8 +114,9 @@ def _fit_bt(X: np.ndarray, fit: Pairs, held: Pairs, grid) -> tuple[np.ndarray, f
     """A linear BT head on the response embeddings of `fit` (ties as ½): (w, l2, validation loss),
     L2 chosen from `grid` by the loss on `held` when there are held-out pairs, else 1e-3."""
     if len(held):
-        return fit_bradley_terry_cv(X[fit.better], X[fit.worse], X[held.better], X[held.worse],
-                                    fit.tie, held.tie, grid=grid)
+        return fit_bradley_terry_cv(
+            X[fit.better], X[fit.worse], X[held.better], X[held.worse], fit.tie, held.tie, grid=grid
+        )
     l2 = 1e-3
     return fit_bradley_terry(X[fit.better], X[fit.worse], fit.tie, l2=l2), l2, None
 
@@ -120,8 +145,13 @@ def train_heads(units: pa.Table, options: dict | None = None) -> TrainResult:
     verbosity = opts["verbosity"]
     ridge_names = rated + ([LENGTH_OBJECTIVE] if verbosity == "length" else [])
     truth = human_ratings(units)
-    Y = np.column_stack([truth[n] for n in rated] + ([length_target(response_tokens(units))] if verbosity == "length"
-                                                    else [])) if ridge_names else np.zeros((len(X), 0))
+    Y = (
+        np.column_stack(
+            [truth[n] for n in rated] + ([length_target(response_tokens(units))] if verbosity == "length" else [])
+        )
+        if ridge_names
+        else np.zeros((len(X), 0))
+    )
     summary_objectives: dict[str, dict] = {}
     ridge_rows = np.zeros((0, X.shape[1]))
     if ridge_names:
@@ -130,8 +160,12 @@ def train_heads(units: pa.Table, options: dict | None = None) -> TrainResult:
         ridge = fit_ridge(fit_stats, val_stats, opts["ridge_grid"])
         ridge_rows = ridge.weight
         for k, name in enumerate(ridge_names):
-            summary_objectives[name] = {"kind": "rating", "rows": int(fit_stats.count[k] + val_stats.count[k]),
-                                        "lambda": float(ridge.lambdas[k]), "val_mse": float(ridge.val_mse[k])}
+            summary_objectives[name] = {
+                "kind": "rating",
+                "rows": int(fit_stats.count[k] + val_stats.count[k]),
+                "lambda": float(ridge.lambdas[k]),
+                "val_mse": float(ridge.val_mse[k]),
+            }
 
     # --- stage 1: Bradley-Terry heads for pairwise-only objectives ------------------------------
     all_pref = preference_pairs(units, include_ties=True)
@@ -143,8 +177,9 @@ def train_heads(units: pa.Table, options: dict | None = None) -> TrainResult:
         bt_rows.append(w)
         summary_objectives[obj.name] = {"kind": "pairwise", **info}
     names = rated + [o.name for o in pairwise] + ([LENGTH_OBJECTIVE] if verbosity == "length" else [])
-    W = np.vstack([ridge_rows[:len(rated)]] + [np.asarray(bt_rows).reshape(-1, X.shape[1])]
-                  + [ridge_rows[len(rated):]])
+    W = np.vstack(
+        [ridge_rows[: len(rated)]] + [np.asarray(bt_rows).reshape(-1, X.shape[1])] + [ridge_rows[len(rated) :]]
+    )
     if not names:
         raise ValueError("train_heads: the units carry no ratings and no preference pairs: nothing to learn")
 
@@ -161,41 +196,78 @@ def train_heads(units: pa.Table, options: dict | None = None) -> TrainResult:
     gating_net = GatingNetwork(X.shape[1], len(names), g["hidden_dim"], g["n_hidden"], g["temperature"], g["dropout"])
     heads = ArmoHeads(names, W, np.eye(len(names)), gating_net, verbosity_index=v)
     rewards = heads.score(X, P).rewards
-    T, debias_lambdas = fit_verbosity_debias(rewards[~val_unit], verbosity_index=v, grid=opts["debias_grid"],
-                                             threshold=opts["debias_threshold"])
+    T, debias_lambdas = fit_verbosity_debias(
+        rewards[~val_unit], verbosity_index=v, grid=opts["debias_grid"], threshold=opts["debias_threshold"]
+    )
     heads = ArmoHeads(names, W, T, gating_net, verbosity_index=v)
     debiased = heads.score(X, P).debiased  # exactly what inference computes
 
     # --- stage 2: gating on every strict preference pair and ranked best-of-N pair -------------
     pairs = concat_pairs(preference_pairs(units), ranked_pairs(units))
-    summary: dict = {"objectives": summary_objectives, "objective_names": names, "verbosity_index": v,
-                     "debias_lambdas": dict(zip(names, map(float, debias_lambdas)))}
+    summary: dict = {
+        "objectives": summary_objectives,
+        "objective_names": names,
+        "verbosity_index": v,
+        "debias_lambdas": dict(zip(names, map(float, debias_lambdas))),
+    }
     if len(pairs) == 0:
         raise ValueError("train_heads: the gating network needs preference pairs or ranked best-of-N rows")
     pv = _val_mask(pairs.row_id, opts["val_fraction"])
     fit, held = pairs.select(~pv), pairs.select(pv)
-    trained = train_gating(P[fit.better], debiased[fit.better], debiased[fit.worse],
-                           val_prompt_emb=P[held.better], val_debiased_chosen=debiased[held.better],
-                           val_debiased_rejected=debiased[held.worse], threads=opts["threads"],
-                           **{k: g[k] for k in ("steps", "batch_size", "lr", "seed", "eval_every", "hidden_dim",
-                                                "n_hidden", "temperature", "dropout")})
+    trained = train_gating(
+        P[fit.better],
+        debiased[fit.better],
+        debiased[fit.worse],
+        val_prompt_emb=P[held.better],
+        val_debiased_chosen=debiased[held.better],
+        val_debiased_rejected=debiased[held.worse],
+        threads=opts["threads"],
+        **{
+            k: g[k]
+            for k in (
+                "steps",
+                "batch_size",
+                "lr",
+                "seed",
+                "eval_every",
+                "hidden_dim",
+                "n_hidden",
+                "temperature",
+                "dropout",
+            )
+        },
+    )
     heads = ArmoHeads(names, W, T, trained.network, verbosity_index=v)
-    summary["gating"] = {"pairs": {"train": len(fit), "validation": len(held),
-                                   "by_source": {s: int((pairs.source == s).sum()) for s in sorted(set(pairs.source))}},
-                         "best_step": trained.best_step, "val_accuracy": trained.best_val_accuracy,
-                         "options": g}
+    summary["gating"] = {
+        "pairs": {
+            "train": len(fit),
+            "validation": len(held),
+            "by_source": {s: int((pairs.source == s).sum()) for s in sorted(set(pairs.source))},
+        },
+        "best_step": trained.best_step,
+        "val_accuracy": trained.best_val_accuracy,
+        "options": g,
+    }
 
     # --- the single-head baseline on the same pairs --------------------------------------------
     baseline = None
     if opts["baseline"]:
         w, l2, val_loss = _fit_bt(X, fit, held, opts["bt_l2_grid"])  # these pairs have no ties
-        baseline = BradleyTerryHead(weight=w.astype(np.float32), name="single_bt",
-                                    metadata={"l2": l2, "pairs": len(fit)})
-        summary["baseline"] = {"l2": l2, "val_accuracy": pairwise_accuracy(baseline.score(X[held.better]),
-                                                                           baseline.score(X[held.worse]))
-                               if len(held) else None,
-                               "val_loss": val_loss}
-    heads.metadata = {"training": {k: summary[k] for k in ("objectives", "debias_lambdas")},
-                      "objective_definitions": {**{n: registry.get(n).to_dict() for n in rated if n in registry.known()},
-                                                **{o.name: o.to_dict() for o in pairwise}}}
+        baseline = BradleyTerryHead(
+            weight=w.astype(np.float32), name="single_bt", metadata={"l2": l2, "pairs": len(fit)}
+        )
+        summary["baseline"] = {
+            "l2": l2,
+            "val_accuracy": pairwise_accuracy(baseline.score(X[held.better]), baseline.score(X[held.worse]))
+            if len(held)
+            else None,
+            "val_loss": val_loss,
+        }
+    heads.metadata = {
+        "training": {k: summary[k] for k in ("objectives", "debias_lambdas")},
+        "objective_definitions": {
+            **{n: registry.get(n).to_dict() for n in rated if n in registry.known()},
+            **{o.name: o.to_dict() for o in pairwise},
+        },
+    }
     return TrainResult(heads=heads, baseline=baseline, summary=summary)

@@ -83,9 +83,15 @@ class ShardLedger:
         prog = self.shards.get(sid)
         if prog is None:
             prog = self.shards[sid] = ShardProgress(int(summary["shard_units"]))
-            prog.totals = {"shard_id": sid, "source": summary["source"], "source_uri": summary["source_uri"],
-                           "shard_rows": int(summary["shard_rows"]), "shard_units": int(summary["shard_units"]),
-                           "files": [], **{k: 0 for k in self.COUNTERS + self.OPTIONAL_COUNTERS}}
+            prog.totals = {
+                "shard_id": sid,
+                "source": summary["source"],
+                "source_uri": summary["source_uri"],
+                "shard_rows": int(summary["shard_rows"]),
+                "shard_units": int(summary["shard_units"]),
+                "files": [],
+                **{k: 0 for k in self.COUNTERS + self.OPTIONAL_COUNTERS},
+            }
         prog.add(int(summary["first"]), int(summary["last"]))
         for k in self.COUNTERS:
             prog.totals[k] += int(summary[k])

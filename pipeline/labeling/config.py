@@ -33,36 +33,36 @@ def _take(cls, data: Any, where: str):
 @dataclass
 class ModelConfig:
     backbone: dict = field(default_factory=lambda: {"path": "smollm2"})  # BackboneSpec fields
-    heads: str | None = None             # directory written by ArmoHeads.save (or jobs.train_heads)
+    heads: str | None = None  # directory written by ArmoHeads.save (or jobs.train_heads)
     armorm_checkpoint: str | None = None  # a released-format ArmoRM checkpoint (brings its own backbone)
-    train_if_missing: str | None = None   # a train_heads config to run first when `heads` does not exist
+    train_if_missing: str | None = None  # a train_heads config to run first when `heads` does not exist
     template: dict = field(default_factory=dict)  # TemplatePolicy fields
 
 
 @dataclass
 class ResourcesConfig:
-    actors: int | list[int] = 1           # scoring actors: a number or [min, max]
+    actors: int | list[int] = 1  # scoring actors: a number or [min, max]
     num_gpus_per_actor: float = 0.0
     num_cpus_per_actor: float = 1.0
     threads_per_actor: int | None = None  # CPU inference threads; default: Ray's share (num_cpus_per_actor)
     custom_resources_per_actor: dict = field(default_factory=dict)
-    token_budget: int | None = None       # padded tokens per forward pass (None: by device, see embed.engine)
-    units_per_call: int = 256             # units handed to a scoring actor at once (sorted into batches there)
-    share_prompts: str = "auto"           # decoders: compute each distinct prompt of a call once (auto | never)
-    rows_per_shard: int = 256             # input rows per shard (the unit of exactly-once commit)
-    cpus_per_cpu_task: float = 0.25       # read / tokenize / write tasks
+    token_budget: int | None = None  # padded tokens per forward pass (None: by device, see embed.engine)
+    units_per_call: int = 256  # units handed to a scoring actor at once (sorted into batches there)
+    share_prompts: str = "auto"  # decoders: compute each distinct prompt of a call once (auto | never)
+    rows_per_shard: int = 256  # input rows per shard (the unit of exactly-once commit)
+    cpus_per_cpu_task: float = 0.25  # read / tokenize / write tasks
 
 
 @dataclass
 class LabelConfig:
     inputs: list[dict]
-    output: str                           # root URI; the run writes under <output>/<run_id>/
+    output: str  # root URI; the run writes under <output>/<run_id>/
     run_id: str = "default"
     model: ModelConfig = field(default_factory=ModelConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     storage_options: dict = field(default_factory=dict)
-    embeddings: bool = False              # also write the response and prompt embeddings
-    incremental: bool = False             # skip input files recorded by earlier completed runs under `output`
+    embeddings: bool = False  # also write the response and prompt embeddings
+    incremental: bool = False  # skip input files recorded by earlier completed runs under `output`
     limit_rows_per_input: int | None = None  # for demos and smoke runs: stop each input after N rows
     ray_address: str | None = None
     progress_interval_s: float = 10.0
@@ -70,6 +70,7 @@ class LabelConfig:
     @property
     def run_dir(self) -> str:
         from pipeline import storage
+
         return storage.join(self.output, self.run_id)
 
     def to_dict(self) -> dict:
@@ -82,12 +83,19 @@ class LabelConfig:
     def scoring_identity(self) -> dict:
         """What decides each output row's values (not which rows): a resumed run must match it."""
         from pipeline import storage
+
         m, so = self.model, self.storage_options or None
         heads_fp = None
         if m.heads and storage.exists(heads_json := storage.join(m.heads, "heads.json"), so):
             heads_fp = json.loads(storage.read_bytes(heads_json, so)).get("fingerprint")
-        return {"backbone": m.backbone if not m.armorm_checkpoint else None, "armorm_checkpoint": m.armorm_checkpoint,
-                "heads": m.heads, "heads_fingerprint": heads_fp, "template": m.template, "embeddings": self.embeddings}
+        return {
+            "backbone": m.backbone if not m.armorm_checkpoint else None,
+            "armorm_checkpoint": m.armorm_checkpoint,
+            "heads": m.heads,
+            "heads_fingerprint": heads_fp,
+            "template": m.template,
+            "embeddings": self.embeddings,
+        }
 
     def hash(self) -> str:
         """Identity of what the run computes (not where it runs, nor with which credentials): used in
@@ -160,12 +168,14 @@ def _validate(cfg: LabelConfig) -> None:
     if m.train_if_missing and not os.path.exists(m.train_if_missing):
         raise ConfigError(f"model.train_if_missing: no such config file {m.train_if_missing}")
     from pipeline.embed.templating import TemplatePolicy
+
     try:
         TemplatePolicy.from_dict(m.template or {})
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model.template: {e}") from e
     if not m.armorm_checkpoint:
         from pipeline.embed.backbone import BackboneSpec, resolve_source
+
         try:
             resolve_source(BackboneSpec.from_dict(m.backbone))
         except Exception as e:  # noqa: BLE001

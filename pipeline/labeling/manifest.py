@@ -84,9 +84,19 @@ def summarize_sources(markers: list[dict]) -> dict[str, dict]:
     use: dict[str, FieldUse] = {}
     for m in markers:
         use.setdefault(m["source"], FieldUse()).merge(FieldUse.from_json(m.get("record_fields")))
-        s = out.setdefault(m["source"], {"rows_in": 0, "rows_labeled": 0, "rows_quarantined": 0, "units_in": 0,
-                                         "units_labeled": 0, "units_quarantined": 0, "tokens": 0,
-                                         "quarantine_reasons": Counter()})
+        s = out.setdefault(
+            m["source"],
+            {
+                "rows_in": 0,
+                "rows_labeled": 0,
+                "rows_quarantined": 0,
+                "units_in": 0,
+                "units_labeled": 0,
+                "units_quarantined": 0,
+                "tokens": 0,
+                "quarantine_reasons": Counter(),
+            },
+        )
         s["rows_in"] += m["shard_rows"]
         s["rows_labeled"] += m["rows_labeled"]
         s["rows_quarantined"] += m["rows_quarantined"]
@@ -109,8 +119,11 @@ def token_accounting(markers: list[dict]) -> dict:
     (1.0: nothing computed twice or padded). Units' own token counts are in sources[*].tokens."""
     computed = sum(int(m.get("computed_tokens") or 0) for m in markers)
     useful = sum(int(m.get("useful_tokens") or 0) for m in markers)
-    return {"computed_tokens": computed, "useful_tokens": useful,
-            "padding_waste": round(computed / useful, 4) if useful else None}
+    return {
+        "computed_tokens": computed,
+        "useful_tokens": useful,
+        "padding_waste": round(computed / useful, 4) if useful else None,
+    }
 
 
 def check_run_identity(run_dir: str, identity: dict, storage_options: dict | None) -> None:
@@ -121,8 +134,10 @@ def check_run_identity(run_dir: str, identity: dict, storage_options: dict | Non
         recorded = read_json(uri, storage_options)
         if recorded != identity:
             changed = sorted(k for k in set(recorded) | set(identity) if recorded.get(k) != identity.get(k))
-            raise RuntimeError(f"run {run_dir} was started with a different {', '.join(changed)}; "
-                               f"resuming would mix two models' scores: use a new run_id")
+            raise RuntimeError(
+                f"run {run_dir} was started with a different {', '.join(changed)}; "
+                f"resuming would mix two models' scores: use a new run_id"
+            )
     else:
         write_json(uri, identity, storage_options)
 
@@ -144,11 +159,16 @@ def score_summary(run_dir: str, objectives: list[str], storage_options: dict | N
         score = score[np.isfinite(score)]
         entry: dict = {"units": part.num_rows}
         if len(score):
-            entry.update(mean_score=round(float(score.mean()), 4), p10_score=round(float(np.quantile(score, 0.1)), 4),
-                         p90_score=round(float(np.quantile(score, 0.9)), 4))
+            entry.update(
+                mean_score=round(float(score.mean()), 4),
+                p10_score=round(float(np.quantile(score, 0.1)), 4),
+                p90_score=round(float(np.quantile(score, 0.9)), 4),
+            )
         if gates:
-            means = {o: float(np.nanmean(part.column(c).to_numpy(zero_copy_only=False).astype(float)))
-                     for c, o in gates.items()}
+            means = {
+                o: float(np.nanmean(part.column(c).to_numpy(zero_copy_only=False).astype(float)))
+                for c, o in gates.items()
+            }
             entry["top_gate"] = max(means, key=means.get)
         out[source] = entry
     return out

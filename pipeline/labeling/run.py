@@ -20,7 +20,7 @@ from pipeline.stage import Resources, apply_stage, stage_function
 # tokenized shards would travel as one block, and nothing would be scored, written or committed
 # until a whole file (of any size) is through. Small blocks keep the stream fine-grained: bounded
 # memory, commits every few MiB of units, resumable progress. (Blocks still group small shards.)
-MAX_BLOCK_BYTES = 4 * 1024 ** 2
+MAX_BLOCK_BYTES = 4 * 1024**2
 
 log = logging.getLogger("armolabel.label")
 
@@ -70,8 +70,11 @@ class Progress:
         self.units += units
         self.tokens += tokens
         if scored_from is not None and scored_until is not None:
-            self.window = [min(self.window[0], scored_from), max(self.window[1], scored_until)] if self.window \
+            self.window = (
+                [min(self.window[0], scored_from), max(self.window[1], scored_until)]
+                if self.window
                 else [scored_from, scored_until]
+            )
         now = time.monotonic()
         if now - self.last >= self.interval:
             self.last = now
@@ -84,14 +87,20 @@ class Progress:
         if not self.window or self.window[1] <= self.window[0]:
             return {"scoring_window_s": None, "steady_units_per_s": None, "steady_tokens_per_s": None}
         span = self.window[1] - self.window[0]
-        return {"scoring_window_s": round(span, 3), "steady_units_per_s": round(self.units / span, 3),
-                "steady_tokens_per_s": round(self.tokens / span, 1)}
+        return {
+            "scoring_window_s": round(span, 3),
+            "steady_units_per_s": round(self.units / span, 3),
+            "steady_tokens_per_s": round(self.tokens / span, 1),
+        }
 
     def line(self) -> str:
         # Rates over the scoring window once there is one: start-up and model loading would
         # otherwise drag the rate (and inflate the ETA) for most of a short run.
-        elapsed = (self.window[1] - self.window[0]) if self.window and self.window[1] > self.window[0] \
+        elapsed = (
+            (self.window[1] - self.window[0])
+            if self.window and self.window[1] > self.window[0]
             else time.monotonic() - self.start
+        )
         elapsed = max(elapsed, 1e-9)
         rate = self.units / elapsed
         msg = f"{self.units} units, {rate:.1f} units/s, {self.tokens / elapsed:.0f} tokens/s"
@@ -151,20 +160,37 @@ def run(cfg: LabelConfig) -> dict:
         tokenize = TokenizeStage(backbone, cfg.model.template, cpu)
 
         def plan(transform=None):
-            return read_corpus(specs, rows_per_shard=r.rows_per_shard, exclude_shards=set(done), files=files,
-                               limit_rows=cfg.limit_rows_per_input, num_cpus=r.cpus_per_cpu_task,
-                               shard_transform=transform, field_use=True)
+            return read_corpus(
+                specs,
+                rows_per_shard=r.rows_per_shard,
+                exclude_shards=set(done),
+                files=files,
+                limit_rows=cfg.limit_rows_per_input,
+                num_cpus=r.cpus_per_cpu_task,
+                shard_transform=transform,
+                field_use=True,
+            )
 
         total = plan().count()  # parsing only: cheap next to the model, and it gives progress an ETA
         # Blocks of at most units_per_call units reach the actors: each scoring call's results are
         # written and committed while the next is scored (a block is the unit of streaming).
         ds = plan(stage_function(tokenize)).repartition(target_num_rows_per_block=r.units_per_call)
-        scoring = Resources(num_cpus=r.num_cpus_per_actor, num_gpus=r.num_gpus_per_actor,
-                            custom=r.custom_resources_per_actor,
-                            actors=tuple(r.actors) if isinstance(r.actors, list) else r.actors,
-                            batch_size=r.units_per_call)
-        model = ScoringModel(cfg.model.backbone, cfg.model.heads, cfg.model.armorm_checkpoint, r.token_budget,
-                             cfg.embeddings, r.threads_per_actor, r.share_prompts)
+        scoring = Resources(
+            num_cpus=r.num_cpus_per_actor,
+            num_gpus=r.num_gpus_per_actor,
+            custom=r.custom_resources_per_actor,
+            actors=tuple(r.actors) if isinstance(r.actors, list) else r.actors,
+            batch_size=r.units_per_call,
+        )
+        model = ScoringModel(
+            cfg.model.backbone,
+            cfg.model.heads,
+            cfg.model.armorm_checkpoint,
+            r.token_budget,
+            cfg.embeddings,
+            r.threads_per_actor,
+            r.share_prompts,
+        )
         ds = apply_stage(ds, EmbedScoreStage(model, objectives, scoring))
         ds = apply_stage(ds, WriteStage(run_dir, cfg.run_id, objectives, cfg.embeddings, cfg.storage_options, cpu))
         _say(f"run {cfg.run_id}: {len(files)} file(s), {total} unit(s) to label -> {run_dir}")
@@ -200,9 +226,11 @@ def run(cfg: LabelConfig) -> dict:
     mf.write_json(storage.join(run_dir, mf.MANIFEST), man, so)
     for source, s in sorted(man["sources"].items()):
         if s.get("unused_label_fields"):
-            _say(f"warning: source {source!r}: record fields that look like labels were never read: "
-                 f"{', '.join(s['unused_label_fields'])} (map them in the input spec; check a mapping with "
-                 f"python -m jobs.inspect --config FILE)")
+            _say(
+                f"warning: source {source!r}: record fields that look like labels were never read: "
+                f"{', '.join(s['unused_label_fields'])} (map them in the input spec; check a mapping with "
+                f"python -m jobs.inspect --config FILE)"
+            )
     return man
 
 
@@ -225,9 +253,12 @@ def _drive(ds, run_dir: str, so: dict | None, progress: Progress) -> list[dict]:
             progress.add(summary["units"], summary["tokens"], summary["scored_from"], summary["scored_until"])
             finished = ledger.add(summary)
             if finished is not None:
-                marker = {**finished.totals, "reasons": dict(reasons.pop(summary["shard_id"])),
-                          "scored_on": dict(nodes.pop(summary["shard_id"])),
-                          "record_fields": json.loads(fields.pop(summary["shard_id"]).to_json())}
+                marker = {
+                    **finished.totals,
+                    "reasons": dict(reasons.pop(summary["shard_id"])),
+                    "scored_on": dict(nodes.pop(summary["shard_id"])),
+                    "record_fields": json.loads(fields.pop(summary["shard_id"]).to_json()),
+                }
                 mf.write_json(mf.marker_uri(run_dir, marker["shard_id"]), marker, so)
                 markers.append(marker)
     incomplete = ledger.incomplete()

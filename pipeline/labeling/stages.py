@@ -23,11 +23,11 @@ from pipeline.stage import Resources, Stage, StageError
 
 QUARANTINE_STAGE = "quarantine_stage"
 # Internal columns (reported in markers and the manifest, not written to the output):
-SCORED_ON = "scored_on"        # the node that scored the unit
-SCORED_FROM = "scored_from"    # wall-clock start and end of the scoring call (unix seconds):
+SCORED_ON = "scored_on"  # the node that scored the unit
+SCORED_FROM = "scored_from"  # wall-clock start and end of the scoring call (unix seconds):
 SCORED_UNTIL = "scored_until"  # the driver measures pipeline throughput from them
 COMPUTED_TOKENS = "computed_tokens"  # token positions the backbone ran, charged per unit (padding included)
-USEFUL_TOKENS = "useful_tokens"      # tokens that had to run (each distinct prompt of a call once)
+USEFUL_TOKENS = "useful_tokens"  # tokens that had to run (each distinct prompt of a call once)
 TOKEN_COLUMNS = [name for name, _ in schema.TOKEN_FIELDS]
 DEBIASED_PREFIX = schema.DEBIASED_PREFIX
 
@@ -81,8 +81,9 @@ class TokenizeStage(Stage):
         _check_rows_whole(batch, good, row_ids)
         prompts = batch.column("prompt").to_pylist()
         responses = batch.column("response").to_pylist()
-        results = tokenize_many(self.tokenizer, [prompts[i] for i in good], [responses[i] for i in good],
-                                self.policy, self.kind)
+        results = tokenize_many(
+            self.tokenizer, [prompts[i] for i in good], [responses[i] for i in good], self.policy, self.kind
+        )
         cols = {c: [None] * n for c in TOKEN_COLUMNS}
         failed_rows: dict[str, str] = {}
         for i, res in zip(good, results):
@@ -117,8 +118,9 @@ def _check_rows_whole(batch: pa.Table, good: list[int], row_ids: list) -> None:
     seen = Counter(row_ids[i] for i in good)
     for i in good:
         if seen[row_ids[i]] != n_resp[i]:
-            raise StageError(f"row {row_ids[i]}: {seen[row_ids[i]]} of {n_resp[i]} units in one batch; "
-                             "batches must hold whole rows")
+            raise StageError(
+                f"row {row_ids[i]}: {seen[row_ids[i]]} of {n_resp[i]} units in one batch; batches must hold whole rows"
+            )
 
 
 @dataclass
@@ -131,7 +133,7 @@ class ScoringModel:
     token_budget: int | None
     embeddings: bool
     num_threads: int | None = None  # CPU only: torch intra-op threads per actor
-    share_prompts: str = "auto"     # compute each distinct prompt once per call (see embed.engine)
+    share_prompts: str = "auto"  # compute each distinct prompt once per call (see embed.engine)
 
 
 class EmbedScoreStage(Stage):
@@ -140,8 +142,16 @@ class EmbedScoreStage(Stage):
 
     name = "embed_score"
     reads = ("input_ids", "prompt_end", "prompt_input_ids", "quarantine_reason")
-    writes = ("score", "backbone_fingerprint", "heads_fingerprint", "quarantine_reason", QUARANTINE_STAGE, SCORED_ON,
-              COMPUTED_TOKENS, USEFUL_TOKENS)
+    writes = (
+        "score",
+        "backbone_fingerprint",
+        "heads_fingerprint",
+        "quarantine_reason",
+        QUARANTINE_STAGE,
+        SCORED_ON,
+        COMPUTED_TOKENS,
+        USEFUL_TOKENS,
+    )
 
     def __init__(self, model: ScoringModel, objectives: list[str], resources: Resources):
         self.model = model
@@ -169,8 +179,12 @@ class EmbedScoreStage(Stage):
 
                 self.heads = ArmoHeads.load(self.model.heads)
                 self.heads_fingerprint = self.heads.fingerprint
-        self.engine = EmbeddingEngine(backbone, token_budget=self.model.token_budget,
-                                      num_threads=self.model.num_threads, share_prompts=self.model.share_prompts)
+        self.engine = EmbeddingEngine(
+            backbone,
+            token_budget=self.model.token_budget,
+            num_threads=self.model.num_threads,
+            share_prompts=self.model.share_prompts,
+        )
         self.backbone_fingerprint = backbone.fingerprint
         if self.heads is not None and list(self.heads.objectives) != list(self.objectives):
             raise StageError(f"heads objectives {self.heads.objectives} != job objectives {self.objectives}")
@@ -262,8 +276,15 @@ class WriteStage(Stage):
     reads = ("shard_id", "shard_unit", "shard_units", "shard_rows", "quarantine_reason", "response_index")
     writes = ("shard_id", "first", "last", "files")
 
-    def __init__(self, run_dir: str, run_id: str, objectives: list[str], embeddings: bool,
-                 storage_options: dict | None, resources: Resources | None = None):
+    def __init__(
+        self,
+        run_dir: str,
+        run_id: str,
+        objectives: list[str],
+        embeddings: bool,
+        storage_options: dict | None,
+        resources: Resources | None = None,
+    ):
         self.run_dir = run_dir
         self.run_id = run_id
         self.out_schema = output_columns(objectives, embeddings)
@@ -305,18 +326,27 @@ class WriteStage(Stage):
         first_units = pc.equal(part.column("response_index"), 0)
         tokens = pc.sum(good.column("total_tokens")).as_py() if good.num_rows else 0
         return {
-            "shard_id": sid, "first": first, "last": last,
-            "source": part.column("source")[0].as_py(), "source_uri": part.column("source_uri")[0].as_py(),
-            "shard_units": part.column("shard_units")[0].as_py(), "shard_rows": part.column("shard_rows")[0].as_py(),
-            "units": part.num_rows, "labeled_units": good.num_rows, "quarantined_units": bad.num_rows,
+            "shard_id": sid,
+            "first": first,
+            "last": last,
+            "source": part.column("source")[0].as_py(),
+            "source_uri": part.column("source_uri")[0].as_py(),
+            "shard_units": part.column("shard_units")[0].as_py(),
+            "shard_rows": part.column("shard_rows")[0].as_py(),
+            "units": part.num_rows,
+            "labeled_units": good.num_rows,
+            "quarantined_units": bad.num_rows,
             "rows_labeled": pc.sum(pc.and_(first_units, pc.invert(bad_mask))).as_py() or 0,
             "rows_quarantined": pc.sum(pc.and_(first_units, bad_mask)).as_py() or 0,
             "tokens": tokens or 0,
-            **{c: (pc.sum(part.column(c)).as_py() or 0) if c in part.column_names else 0
-               for c in (COMPUTED_TOKENS, USEFUL_TOKENS)},
+            **{
+                c: (pc.sum(part.column(c)).as_py() or 0) if c in part.column_names else 0
+                for c in (COMPUTED_TOKENS, USEFUL_TOKENS)
+            },
             "reasons": json.dumps(Counter(bad.column("quarantine_reason").to_pylist())),
-            "scored_on": json.dumps(Counter(part.column(SCORED_ON).to_pylist())
-                                    if SCORED_ON in part.column_names else {}),
+            "scored_on": json.dumps(
+                Counter(part.column(SCORED_ON).to_pylist()) if SCORED_ON in part.column_names else {}
+            ),
             "scored_from": pc.min(part.column(SCORED_FROM)).as_py() if SCORED_FROM in part.column_names else None,
             "scored_until": pc.max(part.column(SCORED_UNTIL)).as_py() if SCORED_UNTIL in part.column_names else None,
             "record_fields": _shard_field_use(part),

@@ -25,14 +25,16 @@ from pipeline.labeling.config import ConfigError, LabelConfig, ModelConfig, Reso
 class TrainConfig:
     name: str
     inputs: list[dict]
-    heads_out: str                          # where ArmoHeads.save writes the trained heads
+    heads_out: str  # where ArmoHeads.save writes the trained heads
     embeddings_out: str = "runs/embeddings"  # embedding cache: an embed-only labeling run per backbone+inputs
     backbone: dict = field(default_factory=lambda: {"path": "smollm2"})
     template: dict = field(default_factory=dict)
-    test_fraction: float = 0.2              # share of rows (by row-id hash) held out for evaluation
+    test_fraction: float = 0.2  # share of rows (by row-id hash) held out for evaluation
     limit_rows_per_input: int | None = None
     heads: dict = field(default_factory=dict)  # pipeline.heads.train options (gating steps, grids, ...)
-    objectives: list = field(default_factory=list)  # declared objectives (Objective fields), for every input and the heads
+    objectives: list = field(
+        default_factory=list
+    )  # declared objectives (Objective fields), for every input and the heads
     resources: dict = field(default_factory=dict)
     storage_options: dict = field(default_factory=dict)
 
@@ -47,22 +49,36 @@ class TrainConfig:
         from pipeline.secrets import without_credentials  # the cache survives a rotated key
 
         # Declared objectives ride in the inputs: a changed scale changes the ratings, so the cache key.
-        what = without_credentials({"backbone": self.backbone, "template": self.template,
-                                    "inputs": self.input_specs(), "limit": self.limit_rows_per_input})
+        what = without_credentials(
+            {
+                "backbone": self.backbone,
+                "template": self.template,
+                "inputs": self.input_specs(),
+                "limit": self.limit_rows_per_input,
+            }
+        )
         key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
         res = _take(ResourcesConfig, self.resources, "resources")
-        return LabelConfig(inputs=self.input_specs(), output=self.embeddings_out, run_id=f"{self.name}-{key}",
-                           model=ModelConfig(backbone=self.backbone, template=self.template), resources=res,
-                           storage_options=self.storage_options, embeddings=True,
-                           limit_rows_per_input=self.limit_rows_per_input, **overrides)
+        return LabelConfig(
+            inputs=self.input_specs(),
+            output=self.embeddings_out,
+            run_id=f"{self.name}-{key}",
+            model=ModelConfig(backbone=self.backbone, template=self.template),
+            resources=res,
+            storage_options=self.storage_options,
+            embeddings=True,
+            limit_rows_per_input=self.limit_rows_per_input,
+            **overrides,
+        )
 
     def input_specs(self) -> list[dict]:
         """The inputs, each carrying the config's declared objectives (the read tasks register
         them from the spec, in whatever process they run)."""
         if not self.objectives:
             return self.inputs
-        return [{**spec, "objectives": list(self.objectives) + list(spec.get("objectives") or [])}
-                for spec in self.inputs]
+        return [
+            {**spec, "objectives": list(self.objectives) + list(spec.get("objectives") or [])} for spec in self.inputs
+        ]
 
     def heads_options(self) -> dict:
         if not self.objectives:
@@ -119,7 +135,6 @@ def train_from_config(path: str, heads_out: str | None = None, ray_address: str 
     also written next to the heads as training.json."""
     from pipeline.evaluation import evaluate_methods
     from pipeline.heads.train import train_heads
-
     from pipeline.secrets import redact
 
     t0 = time.time()
@@ -136,11 +151,18 @@ def train_from_config(path: str, heads_out: str | None = None, ray_address: str 
         result.baseline.save(os.path.join(out, "baseline"))
     report = evaluate_methods(test_units, result.heads, result.baseline)
     summary = {
-        "name": cfg.name, "config": redact(asdict(cfg)), "config_hash": cfg.hash(), "heads": out,
-        "heads_fingerprint": result.heads.fingerprint, "embedding_run": run_dir,
+        "name": cfg.name,
+        "config": redact(asdict(cfg)),
+        "config_hash": cfg.hash(),
+        "heads": out,
+        "heads_fingerprint": result.heads.fingerprint,
+        "embedding_run": run_dir,
         "units": {"train": train_units.num_rows, "test": test_units.num_rows},
-        "training": result.summary, "evaluation": report, "wall_time_s": round(time.time() - t0, 1),
+        "training": result.summary,
+        "evaluation": report,
+        "wall_time_s": round(time.time() - t0, 1),
     }
-    storage.write_atomic(os.path.join(out, "training.json"),
-                         lambda f: f.write(json.dumps(summary, indent=2, default=float).encode()))
+    storage.write_atomic(
+        os.path.join(out, "training.json"), lambda f: f.write(json.dumps(summary, indent=2, default=float).encode())
+    )
     return summary
