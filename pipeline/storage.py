@@ -6,10 +6,13 @@ same, and so that files become visible only once complete (atomic commit).
 
 from __future__ import annotations
 
+import json
 import os
+import platform
 import posixpath
 import uuid
 from collections.abc import Callable
+from importlib import metadata
 from typing import IO, Any
 
 import fsspec
@@ -153,3 +156,24 @@ def remove(uri: str, storage_options: StorageOptions | None = None) -> None:
     fs, path = filesystem(uri, storage_options)
     if fs.exists(path):
         fs.rm(path, recursive=True)
+
+
+def write_json(uri: str, obj: dict, storage_options: StorageOptions | None) -> None:
+    """Every JSON artifact (run and curation manifests, markers, _run.json) goes out redacted."""
+    data = json.dumps(secrets.redact(obj), indent=2, sort_keys=True, default=str).encode()
+    write_atomic(uri, data, storage_options)
+
+
+def read_json(uri: str, storage_options: StorageOptions | None = None) -> dict:
+    return json.loads(read_bytes(uri, storage_options))
+
+
+def versions() -> dict:
+    """Version stamps recorded in every manifest, so a run says what produced it."""
+    out = {"python": platform.python_version()}
+    for pkg in ("armolabel", "ray", "torch", "transformers", "pyarrow", "datasets", "s3fs"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out

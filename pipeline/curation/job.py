@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import posixpath
 import time
@@ -332,13 +331,11 @@ def merge_bucket_counts(counts: list[dict]) -> dict:
 
 
 def _base_manifest(cfg: CurateConfig, files: list[str], t0: float) -> dict:
-    from pipeline.labeling.manifest import versions
-
     so = cfg.storage_options or None
     run_manifest_uri = storage.join(cfg.run, "manifest.json")
     run_id = None
     if storage.exists(run_manifest_uri, so):
-        run_id = json.loads(storage.read_bytes(run_manifest_uri, so)).get("run_id")
+        run_id = storage.read_json(run_manifest_uri, so).get("run_id")
     return {
         "task": cfg.task,
         "status": "complete",
@@ -347,16 +344,14 @@ def _base_manifest(cfg: CurateConfig, files: list[str], t0: float) -> dict:
         "run": cfg.run,
         "run_id": run_id,
         "input_files": files,
-        "versions": versions(),
+        "versions": storage.versions(),
         "wall_time_s": round(time.time() - t0, 3),
     }
 
 
 def write_manifest(uri: str, man: dict, storage_options: dict | None) -> None:
     """Every manifest this job writes goes through here."""
-    from pipeline.labeling.manifest import write_json
-
-    write_json(uri, man, storage_options)
+    storage.write_json(uri, man, storage_options)
 
 
 def run(cfg: CurateConfig) -> dict:

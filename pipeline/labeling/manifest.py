@@ -2,39 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import platform
 import re
 from collections import Counter
-from importlib import metadata
 
 from pipeline import storage
 
 MANIFEST = "manifest.json"
 SHARDS_DIR = "_shards"
 RUN_IDENTITY = "_run.json"  # what the committed shards were scored with; a resume must match it
-
-
-def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for pkg in ("armolabel", "ray", "torch", "transformers", "pyarrow", "datasets", "s3fs"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-def write_json(uri: str, obj: dict, storage_options: dict | None) -> None:
-    """Every JSON artifact (run and curation manifests, markers, _run.json) goes out redacted."""
-    from pipeline.secrets import redact
-
-    obj = redact(obj)
-    storage.write_atomic(uri, json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), storage_options)
-
-
-def read_json(uri: str, storage_options: dict | None) -> dict:
-    return json.loads(storage.read_bytes(uri, storage_options))
 
 
 def marker_uri(run_dir: str, shard_id: str) -> str:
@@ -46,7 +21,7 @@ def completed_shards(run_dir: str, storage_options: dict | None) -> dict[str, di
     out = {}
     for uri in storage.list_files(storage.join(run_dir, SHARDS_DIR), storage_options):
         if uri.endswith(".json"):
-            marker = read_json(uri, storage_options)
+            marker = storage.read_json(uri, storage_options)
             out[marker["shard_id"]] = marker
     return out
 
@@ -59,7 +34,7 @@ def earlier_input_files(output_root: str, run_id: str, storage_options: dict | N
         if parts[-1] != MANIFEST or parts[-2] == run_id:
             continue
         try:
-            m = read_json(uri, storage_options)
+            m = storage.read_json(uri, storage_options)
         except (OSError, ValueError):
             continue
         if m.get("status") == "complete":
@@ -131,7 +106,7 @@ def check_run_identity(run_dir: str, identity: dict, storage_options: dict | Non
     scores from two models under one run id. The first attempt records the identity."""
     uri = storage.join(run_dir, RUN_IDENTITY)
     if storage.exists(uri, storage_options):
-        recorded = read_json(uri, storage_options)
+        recorded = storage.read_json(uri, storage_options)
         if recorded != identity:
             changed = sorted(k for k in set(recorded) | set(identity) if recorded.get(k) != identity.get(k))
             raise RuntimeError(
@@ -139,7 +114,7 @@ def check_run_identity(run_dir: str, identity: dict, storage_options: dict | Non
                 f"resuming would mix two models' scores: use a new run_id"
             )
     else:
-        write_json(uri, identity, storage_options)
+        storage.write_json(uri, identity, storage_options)
 
 
 def score_summary(run_dir: str, objectives: list[str], storage_options: dict | None) -> dict[str, dict]:

@@ -207,7 +207,7 @@ def run(cfg: LabelConfig) -> dict:
         "status": "complete",
         "config_hash": cfg.hash(),
         "config": cfg.to_dict(),
-        "versions": mf.versions(),
+        "versions": storage.versions(),
         "objectives": objectives,
         "input_files": input_files,
         "skipped_input_files": skipped_files,
@@ -223,7 +223,7 @@ def run(cfg: LabelConfig) -> dict:
         **steady,
         "output": {"data": storage.join(run_dir, "data"), "quarantine": storage.join(run_dir, "quarantine")},
     }
-    mf.write_json(storage.join(run_dir, mf.MANIFEST), man, so)
+    storage.write_json(storage.join(run_dir, mf.MANIFEST), man, so)
     for source, s in sorted(man["sources"].items()):
         if s.get("unused_label_fields"):
             _say(
@@ -259,7 +259,7 @@ def _drive(ds, run_dir: str, so: dict | None, progress: Progress) -> list[dict]:
                     "scored_on": dict(nodes.pop(summary["shard_id"])),
                     "record_fields": json.loads(fields.pop(summary["shard_id"]).to_json()),
                 }
-                mf.write_json(mf.marker_uri(run_dir, marker["shard_id"]), marker, so)
+                storage.write_json(mf.marker_uri(run_dir, marker["shard_id"]), marker, so)
                 markers.append(marker)
     incomplete = ledger.incomplete()
     if incomplete:
