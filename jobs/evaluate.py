@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     import pyarrow as pa
 
     from pipeline import evaluation
-    from pipeline.labeling.train import is_test_row, load_train_config, read_run_units
+    from pipeline.training import is_test_row, load_train_config, read_run_units
 
     if args.table:
         reports = {}

@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
         print(warning, file=sys.stderr)
     from pipeline.labeling.manifest import score_summary
     from pipeline.labeling.run import run
+    from pipeline.training import ensure_heads
 
+    ensure_heads(cfg)  # model.train_if_missing: train the heads first when they do not exist
     man = run(cfg)
     print(
         scrub(

@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.secrets import install_excepthook, scrub
 
     install_excepthook()  # a traceback printed at exit shows no credential
-    from pipeline.labeling.train import train_from_config
+    from pipeline.training import train_from_config
 
     try:
         summary = train_from_config(args.config, heads_out=args.heads_out)

@@ -3,10 +3,15 @@
 A stage is a small class that declares the columns it reads and writes and the resources it
 wants; it transforms one pyarrow Table into another and never talks to Ray. `apply_stage`
 is the adapter: tasks for cheap stateless stages, an actor pool for stages that hold a model.
+The few other Ray Data calls a driver needs (block size, re-batching, counting, streaming the
+results) are here too, so that drivers hold no Ray Data specifics. The one exception is the
+corpus reader (pipeline/corpus/ray_read.py), which creates the Dataset: it is the source, not a
+stage.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,3 +102,27 @@ def apply_stage(ds, stage: Stage, resources: Resources | None = None):
     # Actors that die are restarted and their in-flight batches retried: Ray Data's actor pools
     # default to max_restarts=-1 / max_task_retries=-1 (tested by killing a scoring actor).
     return ds.map_batches(_StageActor, fn_constructor_args=(stage,), compute=pool, **common)
+
+
+def set_max_block_bytes(n: int) -> None:
+    """Ray Data merges what a task yields into blocks of up to this size (DataContext, this process)."""
+    import ray.data
+
+    ray.data.DataContext.get_current().target_max_block_size = n
+
+
+def rebatch(ds, rows_per_block: int):
+    """Blocks of at most `rows_per_block` rows (a block is the unit of streaming)."""
+    return ds.repartition(target_num_rows_per_block=rows_per_block)
+
+
+def count_rows(ds) -> int:
+    """Run the plan to the end and count its rows (nothing is kept)."""
+    return int(ds.count())
+
+
+def stream(ds) -> Iterator[pa.Table]:
+    """The plan's output blocks as pyarrow tables, each as soon as it is ready."""
+    # prefetch_batches=0: with Ray's default of 1 the iterator holds each block until the next one
+    # arrives, so every commit (and progress line) would wait for one more block.
+    yield from ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0)

@@ -48,7 +48,7 @@ def outcome(run_dir: Path) -> tuple[list[str], set[str], set[str]]:
 def small_run(tmp_path_factory, smollm2_heads):
     """The labeling job over a few LLMBar and OASST rows (label_fixtures.label_config's defaults)."""
     tmp = tmp_path_factory.mktemp("label")
-    cfg = label_config(tmp, smollm2_heads)
+    cfg = label_config(tmp, smollm2_heads, count_units=True)  # the parsing pass that gives an ETA
     path = write_yaml(tmp / "job.yaml", cfg)
     proc = run_module("jobs.label", "--config", str(path))
     return {"tmp": tmp, "cfg": cfg, "config_path": path, "run_dir": tmp / "labels" / "t1", "stdout": proc.stdout}
@@ -302,7 +302,10 @@ def test_incremental_run_labels_only_new_files(tmp_path, smollm2_heads):
     (inputs_dir / "day1.json").write_text(json.dumps(rows[:3]))
     spec = [{"path": str(inputs_dir), "format": "llmbar", "source": "llmbar"}]
     cfg = label_config(tmp_path, smollm2_heads, inputs=spec, limit_rows_per_input=None, run_id="day1")
-    run_module("jobs.label", "--config", str(write_yaml(tmp_path / "job.yaml", cfg)))
+    first = run_module("jobs.label", "--config", str(write_yaml(tmp_path / "job.yaml", cfg)))
+    # Without count_units there is no parsing pass before the run: the plan announces bytes, no ETA.
+    size = (inputs_dir / "day1.json").stat().st_size
+    assert f"run day1: 1 file(s), {size} input bytes to label" in first.stdout and "ETA" not in first.stdout
     (inputs_dir / "day2.json").write_text(json.dumps(rows[3:5]))
     run_module("jobs.label", "--config", str(tmp_path / "job.yaml"), "--run-id", "day2", "--incremental")
     day2 = tmp_path / "labels" / "day2"

@@ -2,7 +2,17 @@ import numpy as np
 import pytest
 
 from pipeline import ids
-from pipeline.labeling.commit import ExactlyOnceViolation, ShardLedger, contiguous_runs, part_name, shard_of_part
+from pipeline.labeling.commit import (
+    RANGE_SCHEMA,
+    ExactlyOnceViolation,
+    RangeSummary,
+    ShardLedger,
+    contiguous_runs,
+    part_name,
+    shard_of_part,
+    summaries_of,
+    summaries_table,
+)
 
 
 def test_part_name_round_trip_keeps_shard_id_with_dashes():
@@ -25,23 +35,49 @@ def test_contiguous_runs_split_and_cover():
         contiguous_runs(np.array([1, 2, 2]))
 
 
-def _summary(sid, first, last, units_total=10):
-    return {
-        "shard_id": sid,
-        "first": first,
-        "last": last,
-        "shard_units": units_total,
-        "shard_rows": 5,
-        "source": "s",
-        "source_uri": "u",
-        "units": last - first + 1,
-        "labeled_units": last - first + 1,
-        "quarantined_units": 0,
-        "rows_labeled": 1,
-        "rows_quarantined": 0,
-        "tokens": 3,
-        "files": [f"{first}"],
-    }
+def _summary(sid, first, last, units_total=10, **over):
+    fields = dict(
+        shard_id=sid,
+        first=first,
+        last=last,
+        source="s",
+        source_uri="u",
+        shard_units=units_total,
+        shard_rows=5,
+        units=last - first + 1,
+        labeled_units=last - first + 1,
+        quarantined_units=0,
+        rows_labeled=1,
+        rows_quarantined=0,
+        tokens=3,
+        computed_tokens=4,
+        useful_tokens=2,
+        reasons={},
+        scored_on={"node-a": last - first + 1},
+        scored_from=1.0,
+        scored_until=2.0,
+        fields_present=None,
+        fields_read=None,
+        files=[f"{first}"],
+    )
+    return RangeSummary(**{**fields, **over})
+
+
+def test_range_summaries_travel_as_typed_arrow_rows():
+    """The write stage's summaries cross Ray as RANGE_SCHEMA rows (maps and lists, no JSON) and
+    come back equal; the schema follows the dataclass field for field."""
+    import dataclasses
+
+    import pyarrow as pa
+
+    assert RANGE_SCHEMA.names == [f.name for f in dataclasses.fields(RangeSummary)]
+    a = _summary("a", 0, 3, reasons={"too long": 2}, fields_present={"label": 4, "x": 4}, fields_read=["x"])
+    b = _summary("b", 0, 9, scored_from=None, scored_until=None, scored_on={})
+    table = summaries_table([a, b])
+    assert table.schema == RANGE_SCHEMA and not any(
+        pa.types.is_string(table.schema.field(k).type) for k in ("reasons", "scored_on")
+    )
+    assert summaries_of(table) == [a, b]
 
 
 def test_ledger_completes_exactly_once_and_refuses_overlap():
@@ -49,8 +85,12 @@ def test_ledger_completes_exactly_once_and_refuses_overlap():
     assert ledger.add(_summary("a", 0, 3)) is None
     assert ledger.add(_summary("b", 0, 9)) is not None
     assert ledger.incomplete() == ["a"]
-    done = ledger.add(_summary("a", 4, 9))
+    done = ledger.add(_summary("a", 4, 9, reasons={"too long": 1}, fields_present={"label": 2}, fields_read=[]))
     assert done is not None and done.totals["units"] == 10 and done.totals["files"] == ["0", "4"]
+    marker = done.marker()
+    assert marker["computed_tokens"] == 8 and marker["useful_tokens"] == 4 and marker["tokens"] == 6
+    assert marker["reasons"] == {"too long": 1} and marker["scored_on"] == {"node-a": 10}
+    assert marker["record_fields"] == {"present": {"label": 2}, "read": []}
     assert ledger.incomplete() == []
     with pytest.raises(ExactlyOnceViolation):
         ledger.add(_summary("a", 2, 2))

@@ -87,3 +87,77 @@ def test_the_import_scanner_sees_function_level_and_relative_imports(tmp_path, m
 def test_layer_walls(rels, forbidden):
     assert all((REPO / rel).exists() for rel in rels), "a walled path moved: update this test"
     assert offenders(rels, forbidden) == {}
+
+
+def module_graph() -> dict[str, set[str]]:
+    """pipeline module -> the pipeline modules it imports (anywhere in the file). `from pkg import
+    name` is an edge to the submodule pkg.name when there is one, else to pkg itself."""
+    modules = {}
+    for path in sorted(PIPELINE.rglob("*.py")):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+
+    def target(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {}
+    for name, path in modules.items():
+        imported = imported_modules(path)
+        # a package named only because a submodule is imported from it (`from pkg import sub`)
+        named_for_sub = {m for m in imported if any(o.startswith(m + ".") and o in modules for o in imported)}
+        graph[name] = {t for m in imported - named_for_sub if (t := target(m)) and t != name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_cycle_finder_sees_a_cycle_through_a_function_level_import():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycle_among_pipeline_modules():
+    """Counting function-level imports: a cycle hidden inside a function is still a cycle."""
+    graph = module_graph()
+    assert "pipeline.labeling.run" in graph["pipeline.training"]  # the scanner sees real edges
+    assert cycles(graph) == []
+
+
+def test_labeling_never_imports_training():
+    """Training orchestration depends on the labeling job, never the other way round."""
+    assert offenders(["pipeline/labeling"], "pipeline.training") == {}

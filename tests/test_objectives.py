@@ -18,7 +18,7 @@ from pipeline.corpus import InputSpec, InputSpecError, read_units
 from pipeline.heads.checkpoint import RELEASE_OBJECTIVES
 from pipeline.heads.train import train_heads
 from pipeline.labeling.config import ConfigError
-from pipeline.labeling.train import load_train_config
+from pipeline.training import load_train_config
 
 REPO = os.path.join(os.path.dirname(__file__), "..")
 

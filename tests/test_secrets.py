@@ -219,7 +219,7 @@ def test_curate_config_hash_ignores_credentials_only(annotated_run):
 
 
 def test_train_config_hash_ignores_credentials_only(tmp_path):
-    from pipeline.labeling.train import load_train_config
+    from pipeline.training import load_train_config
 
     def cfg(**so):
         path = tmp_path / "t.yaml"

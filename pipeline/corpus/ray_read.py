@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pyarrow as pa
 import ray
@@ -27,7 +27,7 @@ def plan_files(specs: list[InputSpec], files: list[str] | None = None) -> list[t
 
 
 def read_corpus(
-    specs: list[InputSpec | dict],
+    specs: Sequence[InputSpec | dict],
     rows_per_shard: int = 1024,
     exclude_shards: set[str] | None = None,
     files: list[str] | None = None,
@@ -47,15 +47,15 @@ def read_corpus(
     merge or slice blocks anywhere downstream. `field_use` adds the reader's FIELD_USE column
     (which record fields the adapter read, per shard) for the labeling job's manifest.
     """
-    specs = as_specs(specs)
-    tasks = plan_files(specs, files)
+    resolved = as_specs(specs)
+    tasks = plan_files(resolved, files)
     if not tasks:
         return ray.data.from_arrow(schema.UNIT_SCHEMA.empty_table())
     skip = frozenset(exclude_shards or ())
 
     def read_file(batch: pa.Table):
         for spec_index, uri in zip(batch.column("spec").to_pylist(), batch.column("uri").to_pylist()):
-            for units in iter_shards(specs[spec_index], uri, rows_per_shard, limit_rows):
+            for units in iter_shards(resolved[spec_index], uri, rows_per_shard, limit_rows):
                 if units[0]["shard_id"] not in skip:
                     table = units_table(units, field_use)
                     yield shard_transform(table) if shard_transform is not None else table

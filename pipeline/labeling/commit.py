@@ -2,16 +2,22 @@
 
 Output files are named after the input shard and the range of units they hold
 (`<shard_id>-<first>-<last>.parquet`), so a retried write task rewrites the same file instead
-of adding one. The driver collects one summary per written range; a shard is complete when its
+of adding one. The write stage returns one RangeSummary per written range (as Arrow rows of RANGE_SCHEMA: typed
+columns, counts as maps, no JSON); the driver feeds them to the ShardLedger. A shard is complete when its
 ranges cover 0 .. shard_units-1 exactly once, and only then is its marker written. On resume,
 shards with a marker are skipped and every part file of a shard without one is deleted first.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from collections import Counter
+from dataclasses import dataclass, field, fields
 
 import numpy as np
+import pyarrow as pa
+
+from pipeline.corpus.field_use import FieldUse
 
 PART_SUFFIX = ".parquet"
 
@@ -45,6 +51,91 @@ def contiguous_runs(indices: np.ndarray) -> list[tuple[int, int, np.ndarray]]:
     return runs
 
 
+@dataclass
+class RangeSummary:
+    """What the write stage reports for one written range of a shard's units: the contract between
+    the write stage (which builds them) and the driver's ledger (which sums them per shard)."""
+
+    shard_id: str
+    first: int  # first and last unit index (within the shard) of the range
+    last: int
+    source: str
+    source_uri: str
+    shard_units: int  # the shard's totals, repeated on each of its ranges
+    shard_rows: int
+    units: int
+    labeled_units: int
+    quarantined_units: int
+    rows_labeled: int
+    rows_quarantined: int
+    tokens: int  # the labeled units' own token counts
+    computed_tokens: int  # scoring-pass accounting (see manifest.token_accounting)
+    useful_tokens: int
+    reasons: dict[str, int]  # quarantine reason -> units
+    scored_on: dict[str, int]  # node -> units
+    scored_from: float | None  # the range's scoring calls: earliest start, latest end (unix s)
+    scored_until: float | None
+    fields_present: dict[str, int] | None  # the reader's field use of the shard (on its first range)
+    fields_read: list[str] | None
+    files: list[str]
+
+    def field_use(self) -> FieldUse:
+        if self.fields_present is None and self.fields_read is None:
+            return FieldUse()
+        return FieldUse(Counter(self.fields_present or {}), set(self.fields_read or ()))
+
+    def to_row(self) -> dict:
+        row = {f.name: getattr(self, f.name) for f in fields(self)}
+        for k in MAP_FIELDS:  # Arrow maps are lists of (key, value) pairs
+            row[k] = None if row[k] is None else sorted(row[k].items())
+        return row
+
+    @classmethod
+    def from_row(cls, row: dict) -> RangeSummary:
+        d = dict(row)
+        for k in MAP_FIELDS:
+            d[k] = None if d[k] is None else dict(d[k])
+        return cls(**d)
+
+
+_COUNTS = pa.map_(pa.string(), pa.int64())
+MAP_FIELDS = ("reasons", "scored_on", "fields_present")
+RANGE_SCHEMA = pa.schema(
+    [
+        ("shard_id", pa.string()),
+        ("first", pa.int64()),
+        ("last", pa.int64()),
+        ("source", pa.string()),
+        ("source_uri", pa.string()),
+        ("shard_units", pa.int64()),
+        ("shard_rows", pa.int64()),
+        ("units", pa.int64()),
+        ("labeled_units", pa.int64()),
+        ("quarantined_units", pa.int64()),
+        ("rows_labeled", pa.int64()),
+        ("rows_quarantined", pa.int64()),
+        ("tokens", pa.int64()),
+        ("computed_tokens", pa.int64()),
+        ("useful_tokens", pa.int64()),
+        ("reasons", _COUNTS),
+        ("scored_on", _COUNTS),
+        ("scored_from", pa.float64()),
+        ("scored_until", pa.float64()),
+        ("fields_present", _COUNTS),
+        ("fields_read", pa.list_(pa.string())),
+        ("files", pa.list_(pa.string())),
+    ]
+)
+
+
+def summaries_table(summaries: list[RangeSummary]) -> pa.Table:
+    return pa.Table.from_pylist([s.to_row() for s in summaries], schema=RANGE_SCHEMA)
+
+
+def summaries_of(table: pa.Table) -> list[RangeSummary]:
+    return [RangeSummary.from_row(row) for row in table.to_pylist()]
+
+
 class ExactlyOnceViolation(RuntimeError):
     pass
 
@@ -55,6 +146,9 @@ class ShardProgress:
     ranges: list[tuple[int, int]] = field(default_factory=list)
     covered: int = 0
     totals: dict = field(default_factory=dict)
+    reasons: Counter = field(default_factory=Counter)
+    scored_on: Counter = field(default_factory=Counter)
+    fields: FieldUse = field(default_factory=FieldUse)
 
     def add(self, first: int, last: int) -> None:
         for a, b in self.ranges:
@@ -67,37 +161,56 @@ class ShardProgress:
     def complete(self) -> bool:
         return self.covered == self.shard_units
 
+    def marker(self) -> dict:
+        """The shard's commit marker (JSON): its totals, quarantine reasons, scoring nodes and the
+        reader's field use."""
+        return {
+            **self.totals,
+            "reasons": dict(self.reasons),
+            "scored_on": dict(self.scored_on),
+            "record_fields": json.loads(self.fields.to_json()),
+        }
+
 
 class ShardLedger:
     """Collects written ranges per shard and says when a shard is complete."""
 
-    COUNTERS = ("units", "labeled_units", "quarantined_units", "rows_labeled", "rows_quarantined", "tokens")
-    OPTIONAL_COUNTERS = ("computed_tokens", "useful_tokens")  # scoring-pass accounting (0 when absent)
+    COUNTERS = (
+        "units",
+        "labeled_units",
+        "quarantined_units",
+        "rows_labeled",
+        "rows_quarantined",
+        "tokens",
+        "computed_tokens",
+        "useful_tokens",
+    )
 
     def __init__(self) -> None:
         self.shards: dict[str, ShardProgress] = {}
 
-    def add(self, summary: dict) -> ShardProgress | None:
+    def add(self, summary: RangeSummary) -> ShardProgress | None:
         """Record one written range; returns the shard's progress when this completed it."""
-        sid = summary["shard_id"]
+        sid = summary.shard_id
         prog = self.shards.get(sid)
         if prog is None:
-            prog = self.shards[sid] = ShardProgress(int(summary["shard_units"]))
+            prog = self.shards[sid] = ShardProgress(summary.shard_units)
             prog.totals = {
                 "shard_id": sid,
-                "source": summary["source"],
-                "source_uri": summary["source_uri"],
-                "shard_rows": int(summary["shard_rows"]),
-                "shard_units": int(summary["shard_units"]),
+                "source": summary.source,
+                "source_uri": summary.source_uri,
+                "shard_rows": summary.shard_rows,
+                "shard_units": summary.shard_units,
                 "files": [],
-                **{k: 0 for k in self.COUNTERS + self.OPTIONAL_COUNTERS},
+                **{k: 0 for k in self.COUNTERS},
             }
-        prog.add(int(summary["first"]), int(summary["last"]))
+        prog.add(summary.first, summary.last)
         for k in self.COUNTERS:
-            prog.totals[k] += int(summary[k])
-        for k in self.OPTIONAL_COUNTERS:
-            prog.totals[k] += int(summary.get(k) or 0)
-        prog.totals["files"].extend(summary["files"])
+            prog.totals[k] += int(getattr(summary, k))
+        prog.totals["files"].extend(summary.files)
+        prog.reasons.update(summary.reasons)
+        prog.scored_on.update(summary.scored_on)
+        prog.fields.merge(summary.field_use())
         if prog.covered > prog.shard_units:
             raise ExactlyOnceViolation(f"shard {sid}: {prog.covered} units written, only {prog.shard_units} exist")
         return prog if prog.complete else None

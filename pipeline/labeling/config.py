@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from pipeline import secrets
+from pipeline import secrets, storage
 
 
 class ConfigError(ValueError):
@@ -66,11 +66,12 @@ class LabelConfig:
     limit_rows_per_input: int | None = None  # for demos and smoke runs: stop each input after N rows
     ray_address: str | None = None
     progress_interval_s: float = 10.0
+    # Parse every input once before labeling, for an exact unit total and an ETA in the progress
+    # lines. Off by default: on a large corpus that pass costs as much reading as the run itself.
+    count_units: bool = False
 
     @property
     def run_dir(self) -> str:
-        from pipeline import storage
-
         return storage.join(self.output, self.run_id)
 
     def to_dict(self) -> dict:
@@ -82,8 +83,6 @@ class LabelConfig:
 
     def scoring_identity(self) -> dict:
         """What decides each output row's values (not which rows): a resumed run must match it."""
-        from pipeline import storage
-
         m, so = self.model, self.storage_options or None
         heads_fp = None
         if m.heads and storage.exists(heads_json := storage.join(m.heads, "heads.json"), so):
@@ -101,7 +100,7 @@ class LabelConfig:
         """Identity of what the run computes (not where it runs, nor with which credentials): used in
         manifests and submission ids."""
         d = secrets.without_credentials(self.to_dict())
-        for k in ("ray_address", "progress_interval_s"):
+        for k in ("ray_address", "progress_interval_s", "count_units"):
             d.pop(k, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -130,11 +129,12 @@ def _lift_uri_credentials(data: dict) -> dict:
     that no recorded path (manifests, source_uri columns, logs) carries them."""
     try:
         model = data.get("model") if isinstance(data.get("model"), dict) else None
-        # output and heads share the top-level options
-        data = secrets.lift_config_uris({**data, "heads": model and model.get("heads")}, ("output", "heads"))
-        heads = data.pop("heads")
+        # output, heads and a checkpoint share the top-level options
+        lifted = ("heads", "armorm_checkpoint")
+        data = secrets.lift_config_uris({**data, **{k: model and model.get(k) for k in lifted}}, ("output", *lifted))
+        uris = {k: data.pop(k) for k in lifted}
         if model is not None:
-            data["model"] = {**model, "heads": heads}
+            data["model"] = {**model, **uris}
         data["inputs"] = secrets.lift_input_uris(data["inputs"], data.get("storage_options"))
     except ValueError as e:
         raise ConfigError(str(e)) from e
@@ -158,12 +158,12 @@ def _validate(cfg: LabelConfig) -> None:
         raise ConfigError("resources: token_budget must be >= 16, rows_per_shard and units_per_call >= 1")
     if r.share_prompts not in ("auto", "never", "always"):
         raise ConfigError(f"resources.share_prompts: expected auto, never or always, got {r.share_prompts!r}")
-    m = cfg.model
+    m, so = cfg.model, cfg.storage_options or None
     if m.heads and m.armorm_checkpoint:
         raise ConfigError("model: give either heads or armorm_checkpoint, not both")
-    if m.armorm_checkpoint and not os.path.exists(os.path.join(m.armorm_checkpoint, "config.json")):
+    if m.armorm_checkpoint and not _exists(storage.join(m.armorm_checkpoint, "config.json"), so):
         raise ConfigError(f"model.armorm_checkpoint: no config.json in {m.armorm_checkpoint}")
-    if m.heads and not os.path.exists(m.heads) and not m.train_if_missing and "://" not in m.heads:
+    if m.heads and not m.train_if_missing and not _exists(m.heads, so):
         raise ConfigError(f"model.heads: {m.heads} does not exist (set model.train_if_missing to train it first)")
     if m.train_if_missing and not os.path.exists(m.train_if_missing):
         raise ConfigError(f"model.train_if_missing: no such config file {m.train_if_missing}")
@@ -182,6 +182,14 @@ def _validate(cfg: LabelConfig) -> None:
             raise ConfigError(f"model.backbone: {e}") from e
     if not cfg.run_id or any(c in cfg.run_id for c in "/\\ "):
         raise ConfigError(f"run_id: must be a non-empty name without slashes or spaces, got {cfg.run_id!r}")
+
+
+def _exists(uri: str, storage_options: dict | None) -> bool:
+    """Through pipeline.storage, so that s3:// (any fsspec URI) is checked like a local path."""
+    try:
+        return storage.exists(uri, storage_options)
+    except Exception as e:  # noqa: BLE001 - unreachable store, bad credentials: say which URI
+        raise ConfigError(secrets.scrub(f"cannot check {uri}: {e}")) from None
 
 
 def load_config(path: str, overrides: dict | None = None) -> LabelConfig:

@@ -87,6 +87,17 @@ def summarize_sources(markers: list[dict]) -> dict[str, dict]:
     return out
 
 
+def unused_label_warnings(sources: dict[str, dict]) -> list[str]:
+    """One warning per source whose records carry label-like fields no adapter read."""
+    return [
+        f"warning: source {source!r}: record fields that look like labels were never read: "
+        f"{', '.join(s['unused_label_fields'])} (map them in the input spec; check a mapping with "
+        f"python -m jobs.inspect --config FILE)"
+        for source, s in sorted(sources.items())
+        if s.get("unused_label_fields")
+    ]
+
+
 def token_accounting(markers: list[dict]) -> dict:
     """What the scoring passes computed: computed_tokens (token positions the backbone ran,
     padding and prompts repeated across packed pieces included), useful_tokens (each distinct
@@ -144,6 +155,6 @@ def score_summary(run_dir: str, objectives: list[str], storage_options: dict | N
                 o: float(np.nanmean(part.column(c).to_numpy(zero_copy_only=False).astype(float)))
                 for c, o in gates.items()
             }
-            entry["top_gate"] = max(means, key=means.get)
+            entry["top_gate"] = max(means, key=means.__getitem__)
         out[source] = entry
     return out

@@ -1,20 +1,22 @@
-"""The labeling job's driver: plan the Ray Data pipeline, commit shards as they complete,
-write the manifest. Resumable (same run id) and incremental (new input files only)."""
+"""The labeling job's driver: `run(cfg) = execute(plan_run(cfg))`. Executing a plan wires the Ray
+Data pipeline (read + tokenize -> embed + score -> write), commits shards as they complete and
+writes the manifest. Resumable (same run id) and incremental (new input files only)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from collections import Counter, defaultdict
 
 from pipeline import storage
+from pipeline.corpus.ray_read import read_corpus
 from pipeline.labeling import manifest as mf
-from pipeline.labeling.commit import ShardLedger, shard_of_part
+from pipeline.labeling.commit import ShardLedger, shard_of_part, summaries_of
 from pipeline.labeling.config import LabelConfig
+from pipeline.labeling.plan import RunPlan, plan_run
 from pipeline.labeling.stages import EmbedScoreStage, ScoringModel, TokenizeStage, WriteStage
 from pipeline.runtime import init_ray
-from pipeline.stage import Resources, apply_stage, stage_function
+from pipeline.secrets import scrub
+from pipeline.stage import Resources, apply_stage, count_rows, rebatch, set_max_block_bytes, stage_function, stream
 
 # Ray Data merges what a task yields into blocks of up to 128 MiB (DataContext default): a file's
 # tokenized shards would travel as one block, and nothing would be scored, written or committed
@@ -26,23 +28,7 @@ log = logging.getLogger("armolabel.label")
 
 
 def _say(msg: str) -> None:
-    from pipeline.secrets import scrub
-
     print(scrub(f"[label] {msg}"), flush=True)
-
-
-def job_objectives(cfg: LabelConfig) -> list[str]:
-    """The objective columns this run writes: those of its heads (none in embed-only mode)."""
-    m = cfg.model
-    if m.armorm_checkpoint:
-        from pipeline.embed.checkpoint import read_objective_names
-
-        return read_objective_names(m.armorm_checkpoint)
-    if m.heads:
-        from pipeline.heads.model import ArmoHeads
-
-        return list(ArmoHeads.read_objectives(m.heads))
-    return []
 
 
 def _remove_uncommitted_parts(run_dir: str, done: dict, storage_options: dict | None) -> int:
@@ -112,153 +98,104 @@ class Progress:
 
 
 def run(cfg: LabelConfig) -> dict:
-    """Run (or resume) the labeling job; returns the manifest."""
-    from pipeline.corpus import InputSpec, expand_files, read_corpus
+    """Run (or resume) the labeling job; returns the manifest. Heads named by
+    `model.train_if_missing` must exist already: pipeline.training.ensure_heads trains them."""
+    return execute(plan_run(cfg))
 
+
+def execute(plan: RunPlan) -> dict:
     t0 = time.time()
-    init_ray(cfg.ray_address)
+    cfg = plan.cfg
     so = cfg.storage_options or None
     run_dir = cfg.run_dir
-    if cfg.model.heads and cfg.model.train_if_missing and not storage.exists(cfg.model.heads, so):
-        from pipeline.labeling.train import train_from_config
-
-        _say(f"no heads at {cfg.model.heads}: training them first ({cfg.model.train_if_missing})")
-        train_from_config(cfg.model.train_if_missing, heads_out=cfg.model.heads)
-        t0 = time.time()  # the manifest times the labeling; training writes its own report
-    objectives = job_objectives(cfg)
-
-    specs = [InputSpec.from_dict({"storage_options": cfg.storage_options, **i}) for i in cfg.inputs]
-    input_files = []
-    for spec in specs:
-        for uri in expand_files(spec):
-            fs, path = storage.filesystem(uri, so)
-            input_files.append({"uri": uri, "size": fs.size(path) if fs.isfile(path) else None, "source": spec.source})
-    skipped_files = []
     if cfg.incremental:
-        earlier = mf.earlier_input_files(cfg.output, cfg.run_id, so)
-        skipped_files = [f for f in input_files if f["uri"] in earlier and earlier[f["uri"]]["size"] == f["size"]]
-        input_files = [f for f in input_files if f not in skipped_files]
-        _say(f"incremental: {len(skipped_files)} file(s) done by earlier runs, {len(input_files)} new")
-
-    mf.check_run_identity(run_dir, cfg.scoring_identity(), so)
-    done = mf.completed_shards(run_dir, so)
-    removed = _remove_uncommitted_parts(run_dir, done, so)
-    if done or removed:
-        _say(f"resuming run {cfg.run_id}: {len(done)} shard(s) already committed, {removed} partial file(s) removed")
-
-    files = [f["uri"] for f in input_files]
-    r = cfg.resources
+        _say(f"incremental: {len(plan.skipped)} file(s) done by earlier runs, {len(plan.files)} new")
+    mf.check_run_identity(run_dir, plan.identity, so)
+    removed = _remove_uncommitted_parts(run_dir, plan.committed, so)
+    if plan.committed or removed:
+        _say(
+            f"resuming run {cfg.run_id}: {len(plan.committed)} shard(s) already committed, "
+            f"{removed} partial file(s) removed"
+        )
     new_markers: list[dict] = []
     steady: dict = {}
-    if files:
-        import ray.data
-
-        ray.data.DataContext.get_current().target_max_block_size = MAX_BLOCK_BYTES
-        cpu = Resources(num_cpus=r.cpus_per_cpu_task)
-        backbone = {"path": cfg.model.armorm_checkpoint} if cfg.model.armorm_checkpoint else cfg.model.backbone
-        # Tokenization runs inside the read tasks, one shard at a time, so that it sees whole rows.
-        tokenize = TokenizeStage(backbone, cfg.model.template, cpu)
-
-        def plan(transform=None):
-            return read_corpus(
-                specs,
-                rows_per_shard=r.rows_per_shard,
-                exclude_shards=set(done),
-                files=files,
-                limit_rows=cfg.limit_rows_per_input,
-                num_cpus=r.cpus_per_cpu_task,
-                shard_transform=transform,
-                field_use=True,
-            )
-
-        total = plan().count()  # parsing only: cheap next to the model, and it gives progress an ETA
-        # Blocks of at most units_per_call units reach the actors: each scoring call's results are
-        # written and committed while the next is scored (a block is the unit of streaming).
-        ds = plan(stage_function(tokenize)).repartition(target_num_rows_per_block=r.units_per_call)
-        scoring = Resources(
-            num_cpus=r.num_cpus_per_actor,
-            num_gpus=r.num_gpus_per_actor,
-            custom=r.custom_resources_per_actor,
-            actors=tuple(r.actors) if isinstance(r.actors, list) else r.actors,
-            batch_size=r.units_per_call,
-        )
-        model = ScoringModel(
-            cfg.model.backbone,
-            cfg.model.heads,
-            cfg.model.armorm_checkpoint,
-            r.token_budget,
-            cfg.embeddings,
-            r.threads_per_actor,
-            r.share_prompts,
-        )
-        ds = apply_stage(ds, EmbedScoreStage(model, objectives, scoring))
-        ds = apply_stage(ds, WriteStage(run_dir, cfg.run_id, objectives, cfg.embeddings, cfg.storage_options, cpu))
-        _say(f"run {cfg.run_id}: {len(files)} file(s), {total} unit(s) to label -> {run_dir}")
+    if plan.files:
+        init_ray(cfg.ray_address)
+        set_max_block_bytes(MAX_BLOCK_BYTES)
+        total = count_rows(_read(plan)) if cfg.count_units else None
+        ds = _pipeline(plan)
+        what = f"{total} unit(s) to label" if total is not None else f"{plan.input_bytes} input bytes to label"
+        _say(f"run {cfg.run_id}: {len(plan.files)} file(s), {what} -> {run_dir}")
         progress = Progress(total, cfg.progress_interval_s)
         new_markers = _drive(ds, run_dir, so, progress)
         steady = progress.steady()
-
-    markers = list(done.values()) + new_markers
-    wall = time.time() - t0
-    labeled = sum(m["labeled_units"] for m in new_markers)
-    tokens = sum(m["tokens"] for m in new_markers)
-    man = {
-        "run_id": cfg.run_id,
-        "status": "complete",
-        "config_hash": cfg.hash(),
-        "config": cfg.to_dict(),
-        "versions": storage.versions(),
-        "objectives": objectives,
-        "input_files": input_files,
-        "skipped_input_files": skipped_files,
-        "sources": mf.summarize_sources(markers),
-        "shards": len(markers),
-        "shards_this_attempt": len(new_markers),
-        "scored_on": dict(sum((Counter(m.get("scored_on", {})) for m in new_markers), Counter())),
-        "units_labeled_this_attempt": labeled,
-        "wall_time_s": round(wall, 3),
-        "units_per_s": round(labeled / wall, 3) if wall else None,
-        "tokens_per_s": round(tokens / wall, 1) if wall else None,
-        **mf.token_accounting(new_markers),
-        **steady,
-        "output": {"data": storage.join(run_dir, "data"), "quarantine": storage.join(run_dir, "quarantine")},
-    }
+    man = plan.manifest(new_markers, time.time() - t0, steady, storage.versions())
     storage.write_json(storage.join(run_dir, mf.MANIFEST), man, so)
-    for source, s in sorted(man["sources"].items()):
-        if s.get("unused_label_fields"):
-            _say(
-                f"warning: source {source!r}: record fields that look like labels were never read: "
-                f"{', '.join(s['unused_label_fields'])} (map them in the input spec; check a mapping with "
-                f"python -m jobs.inspect --config FILE)"
-            )
+    for warning in mf.unused_label_warnings(man["sources"]):
+        _say(warning)
     return man
 
 
-def _drive(ds, run_dir: str, so: dict | None, progress: Progress) -> list[dict]:
-    """Consume the write stage's summaries; commit each shard the moment it is complete."""
-    from pipeline.corpus.field_use import FieldUse
+def _read(plan: RunPlan, transform=None):
+    """The plan's input files as a Dataset of units (committed shards left out); `transform` runs
+    on each shard inside its read task."""
+    cfg, r = plan.cfg, plan.cfg.resources
+    return read_corpus(
+        plan.specs,
+        rows_per_shard=r.rows_per_shard,
+        exclude_shards=set(plan.committed),
+        files=[f.uri for f in plan.files],
+        limit_rows=cfg.limit_rows_per_input,
+        num_cpus=r.cpus_per_cpu_task,
+        shard_transform=transform,
+        field_use=True,
+    )
 
+
+def _pipeline(plan: RunPlan):
+    """read + tokenize -> embed + score -> write: a Dataset of the write stage's range summaries."""
+    cfg, r, m = plan.cfg, plan.cfg.resources, plan.cfg.model
+    so = cfg.storage_options or None
+    cpu = Resources(num_cpus=r.cpus_per_cpu_task)
+    # Tokenization quarantines a row (a pair, a best-of-N group) whole when one of its units fails,
+    # so it must see whole rows. Only the read task sees a shard whole: between operators Ray Data
+    # may split a block at any row (target_max_block_size) or merge blocks. So it runs there, on
+    # each shard, rather than as an operator of its own (TokenizeStage checks rows are whole).
+    tokenize = TokenizeStage(None if m.armorm_checkpoint else m.backbone, m.template, cpu, m.armorm_checkpoint, so)
+    # Blocks of at most units_per_call units reach the actors: each scoring call's results are
+    # written and committed while the next is scored (a block is the unit of streaming).
+    ds = rebatch(_read(plan, stage_function(tokenize)), r.units_per_call)
+    scoring = Resources(
+        num_cpus=r.num_cpus_per_actor,
+        num_gpus=r.num_gpus_per_actor,
+        custom=r.custom_resources_per_actor,
+        actors=(r.actors[0], r.actors[1]) if isinstance(r.actors, list) else r.actors,
+        batch_size=r.units_per_call,
+    )
+    model = ScoringModel(
+        m.backbone,
+        m.heads,
+        m.armorm_checkpoint,
+        r.token_budget,
+        cfg.embeddings,
+        r.threads_per_actor,
+        r.share_prompts,
+        so,
+    )
+    ds = apply_stage(ds, EmbedScoreStage(model, plan.objectives, scoring))
+    return apply_stage(ds, WriteStage(cfg.run_dir, cfg.run_id, plan.objectives, cfg.embeddings, so, cpu))
+
+
+def _drive(ds, run_dir: str, so: dict | None, progress: Progress) -> list[dict]:
+    """Consume the write stage's range summaries; commit each shard the moment it is complete."""
     ledger = ShardLedger()
-    reasons: dict[str, Counter] = defaultdict(Counter)
-    fields: dict[str, FieldUse] = defaultdict(FieldUse)
-    nodes: dict[str, Counter] = defaultdict(Counter)
     markers = []
-    # prefetch_batches=0: with Ray's default of 1 the iterator holds each block until the next one
-    # arrives, so every commit (and progress line) would wait for one more block to be scored.
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
-        for summary in batch.to_pylist():
-            reasons[summary["shard_id"]].update(json.loads(summary["reasons"]))
-            nodes[summary["shard_id"]].update(json.loads(summary["scored_on"]))
-            fields[summary["shard_id"]].merge(FieldUse.from_json(summary.get("record_fields")))
-            progress.add(summary["units"], summary["tokens"], summary["scored_from"], summary["scored_until"])
+    for table in stream(ds):
+        for summary in summaries_of(table):
+            progress.add(summary.units, summary.tokens, summary.scored_from, summary.scored_until)
             finished = ledger.add(summary)
             if finished is not None:
-                marker = {
-                    **finished.totals,
-                    "reasons": dict(reasons.pop(summary["shard_id"])),
-                    "scored_on": dict(nodes.pop(summary["shard_id"])),
-                    "record_fields": json.loads(fields.pop(summary["shard_id"]).to_json()),
-                }
+                marker = finished.marker()
                 storage.write_json(mf.marker_uri(run_dir, marker["shard_id"]), marker, so)
                 markers.append(marker)
     incomplete = ledger.incomplete()

@@ -7,9 +7,8 @@ that every input unit ends in exactly one output file: labeled or quarantined.
 
 from __future__ import annotations
 
-import json
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +17,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import schema, storage
-from pipeline.labeling.commit import contiguous_runs, part_name
+from pipeline.corpus.field_use import FieldUse
+from pipeline.corpus.reader import FIELD_USE
+from pipeline.embed.backbone import BackboneSpec, load_backbone, load_tokenizer, resolve_kind
+from pipeline.embed.checkpoint import checkpoint_backbone, checkpoint_tokenizer, local_checkpoint
+from pipeline.embed.engine import EmbeddingEngine
+from pipeline.embed.templating import TemplateError, TemplatePolicy, tokenize_many
+from pipeline.heads.model import ArmoHeads
+from pipeline.labeling.commit import RANGE_SCHEMA, RangeSummary, contiguous_runs, part_name, summaries_table
 from pipeline.stage import Resources, Stage, StageError
 
 QUARANTINE_STAGE = "quarantine_stage"
@@ -56,23 +62,31 @@ class TokenizeStage(Stage):
     reads = ("row_id", "prompt", "response", "n_responses", "response_index", "quarantine_reason")
     writes = tuple(TOKEN_COLUMNS) + ("quarantine_reason", QUARANTINE_STAGE)
 
-    def __init__(self, backbone: dict, template: dict, resources: Resources | None = None):
+    def __init__(
+        self,
+        backbone: dict | None,
+        template: dict,
+        resources: Resources | None = None,
+        armorm_checkpoint: str | None = None,
+        storage_options: dict | None = None,
+    ):
         self.backbone_spec = backbone
+        self.armorm_checkpoint = armorm_checkpoint  # local or remote: the tokenizer comes from it
+        self.storage_options = storage_options
         self.template = template
         self.resources = resources or Resources(num_cpus=0.25)
 
     def setup(self) -> None:
-        from pipeline.embed.backbone import BackboneSpec, load_tokenizer
-        from pipeline.embed.templating import TemplatePolicy
-
-        spec = BackboneSpec.from_dict(self.backbone_spec)
-        self.tokenizer = load_tokenizer(spec)
-        self.kind = _backbone_kind(spec)
+        if self.armorm_checkpoint:
+            self.tokenizer = _checkpoint_tokenizer(self.armorm_checkpoint, self.storage_options)
+            self.kind = "decoder"  # the released layout is a Llama
+        else:
+            spec = BackboneSpec.from_dict(self.backbone_spec or {})
+            self.tokenizer = load_tokenizer(spec)
+            self.kind = resolve_kind(spec)  # decoder | encoder, without loading the weights
         self.policy = TemplatePolicy(**self.template)
 
     def process(self, batch: pa.Table) -> pa.Table:
-        from pipeline.embed.templating import TemplateError, tokenize_many
-
         n = batch.num_rows
         reasons = batch.column("quarantine_reason").to_pylist()
         stages = _quarantine_stage_column(batch)
@@ -105,11 +119,17 @@ class TokenizeStage(Stage):
         return _set_column(out, QUARANTINE_STAGE, stages, pa.string())
 
 
-def _backbone_kind(spec) -> str:
-    """decoder | encoder, from the model config, without loading the weights."""
-    from pipeline.embed.backbone import resolve_kind
+_CHECKPOINT_TOKENIZERS: dict[str, object] = {}  # per process: Ray reuses workers across read tasks
 
-    return resolve_kind(spec)
+
+def _checkpoint_tokenizer(path: str, storage_options: dict | None):
+    """The tokenizer the scoring stage will use for this checkpoint (its own files, its pad and
+    length checks), from the per-machine copy when the checkpoint is remote."""
+    if path not in _CHECKPOINT_TOKENIZERS:
+        directory = local_checkpoint(path, storage_options)
+        config = storage.read_json(storage.join(directory, "config.json"))
+        _CHECKPOINT_TOKENIZERS[path] = checkpoint_tokenizer(directory, config)
+    return _CHECKPOINT_TOKENIZERS[path]
 
 
 def _check_rows_whole(batch: pa.Table, good: list[int], row_ids: list) -> None:
@@ -134,6 +154,7 @@ class ScoringModel:
     embeddings: bool
     num_threads: int | None = None  # CPU only: torch intra-op threads per actor
     share_prompts: str = "auto"  # compute each distinct prompt once per call (see embed.engine)
+    storage_options: dict | None = None  # for heads and checkpoints on s3:// (or any fsspec URI)
 
 
 class EmbedScoreStage(Stage):
@@ -142,42 +163,52 @@ class EmbedScoreStage(Stage):
 
     name = "embed_score"
     reads = ("input_ids", "prompt_end", "prompt_input_ids", "quarantine_reason")
-    writes = (
-        "score",
-        "backbone_fingerprint",
-        "heads_fingerprint",
-        "quarantine_reason",
-        QUARANTINE_STAGE,
-        SCORED_ON,
-        COMPUTED_TOKENS,
-        USEFUL_TOKENS,
-    )
+    heads: ArmoHeads | None
+    heads_fingerprint: str | None
 
     def __init__(self, model: ScoringModel, objectives: list[str], resources: Resources):
         self.model = model
         self.objectives = objectives
         self.resources = resources
+        self.writes = self.columns_written(objectives, model.embeddings)
+
+    @staticmethod
+    def columns_written(objectives: list[str], embeddings: bool) -> tuple[str, ...]:
+        per_objective = [
+            schema.objective_column(prefix, obj)
+            for obj in objectives
+            for prefix in (schema.RATING_PREFIX, DEBIASED_PREFIX, schema.GATE_PREFIX)
+        ]
+        return (
+            *per_objective,
+            "score",
+            *(("embedding", "prompt_embedding") if embeddings else ()),
+            "backbone_fingerprint",
+            "heads_fingerprint",
+            "quarantine_reason",
+            SCORED_ON,
+            SCORED_FROM,
+            SCORED_UNTIL,
+            COMPUTED_TOKENS,
+            USEFUL_TOKENS,
+            QUARANTINE_STAGE,
+        )
 
     def setup(self) -> None:
-        from pipeline.embed.backbone import BackboneSpec, load_backbone
-        from pipeline.embed.engine import EmbeddingEngine
-
         self.node = _node_name()
 
         if self.model.armorm_checkpoint:
-            from pipeline.embed.checkpoint import checkpoint_backbone
-
             settings = {k: v for k, v in (self.model.backbone or {}).items() if k in ("device", "dtype")}
-            backbone, self.heads = checkpoint_backbone(self.model.armorm_checkpoint, **settings)
+            backbone, self.heads = checkpoint_backbone(
+                self.model.armorm_checkpoint, storage_options=self.model.storage_options, **settings
+            )
             self.heads_fingerprint = backbone.fingerprint  # one id for the checkpoint: weights + heads
         else:
-            backbone = load_backbone(BackboneSpec.from_dict(self.model.backbone))
+            backbone = load_backbone(BackboneSpec.from_dict(self.model.backbone or {}))
             self.heads = None
             self.heads_fingerprint = None
             if self.model.heads:
-                from pipeline.heads.model import ArmoHeads
-
-                self.heads = ArmoHeads.load(self.model.heads)
+                self.heads = ArmoHeads.load(self.model.heads, self.model.storage_options)
                 self.heads_fingerprint = self.heads.fingerprint
         self.engine = EmbeddingEngine(
             backbone,
@@ -229,7 +260,7 @@ class EmbedScoreStage(Stage):
         if self.model.embeddings:
             h_resp = [None] * n
             h_prompt = [None] * n
-            if emb is not None:
+            if emb is not None and pemb is not None:
                 for row, i in enumerate(good):
                     h_resp[i], h_prompt[i] = emb[row], pemb[row]
             out_t = _set_column(out_t, "embedding", h_resp, pa.list_(pa.float32()))
@@ -269,12 +300,22 @@ def output_columns(objectives: list[str], embeddings: bool) -> pa.Schema:
 
 class WriteStage(Stage):
     """Writes each contiguous range of a shard's units to files named after the shard and range
-    (labeled units to data/, quarantined ones to quarantine/), atomically, and returns one summary
-    row per range for the driver's ledger."""
+    (labeled units to data/, quarantined ones to quarantine/), atomically, and returns one
+    RangeSummary row per range (RANGE_SCHEMA, nothing else) for the driver's ledger."""
 
     name = "write"
-    reads = ("shard_id", "shard_unit", "shard_units", "shard_rows", "quarantine_reason", "response_index")
-    writes = ("shard_id", "first", "last", "files")
+    reads = (
+        "shard_id",
+        "shard_unit",
+        "shard_units",
+        "shard_rows",
+        "source",
+        "source_uri",
+        "quarantine_reason",
+        "response_index",
+        "total_tokens",
+    )
+    writes = tuple(RANGE_SCHEMA.names)
 
     def __init__(
         self,
@@ -297,18 +338,16 @@ class WriteStage(Stage):
         if QUARANTINE_STAGE not in batch.column_names:
             batch = _set_column(batch, QUARANTINE_STAGE, _quarantine_stage_column(batch), pa.string())
         shard_ids = batch.column("shard_id").to_numpy(zero_copy_only=False)
-        summaries = defaultdict(list)
+        summaries = []
         for sid in np.unique(shard_ids):
             positions = np.nonzero(shard_ids == sid)[0]
             shard = batch.take(pa.array(positions))
             units = shard.column("shard_unit").to_numpy()
             for first, last, pos in contiguous_runs(units):
-                summary = self._write_range(shard.take(pa.array(pos)), str(sid), first, last)
-                for key, value in summary.items():
-                    summaries[key].append(value)
-        return pa.table(summaries)
+                summaries.append(self._write_range(shard.take(pa.array(pos)), str(sid), first, last))
+        return summaries_table(summaries)
 
-    def _write_range(self, part: pa.Table, sid: str, first: int, last: int) -> dict:
+    def _write_range(self, part: pa.Table, sid: str, first: int, last: int) -> RangeSummary:
         bad_mask = pc.is_valid(part.column("quarantine_reason"))
         good, bad = part.filter(pc.invert(bad_mask)), part.filter(bad_mask)
         name = part_name(sid, first, last)
@@ -325,43 +364,42 @@ class WriteStage(Stage):
             files.append(uri)
         first_units = pc.equal(part.column("response_index"), 0)
         tokens = pc.sum(good.column("total_tokens")).as_py() if good.num_rows else 0
-        return {
-            "shard_id": sid,
-            "first": first,
-            "last": last,
-            "source": part.column("source")[0].as_py(),
-            "source_uri": part.column("source_uri")[0].as_py(),
-            "shard_units": part.column("shard_units")[0].as_py(),
-            "shard_rows": part.column("shard_rows")[0].as_py(),
-            "units": part.num_rows,
-            "labeled_units": good.num_rows,
-            "quarantined_units": bad.num_rows,
-            "rows_labeled": pc.sum(pc.and_(first_units, pc.invert(bad_mask))).as_py() or 0,
-            "rows_quarantined": pc.sum(pc.and_(first_units, bad_mask)).as_py() or 0,
-            "tokens": tokens or 0,
-            **{
-                c: (pc.sum(part.column(c)).as_py() or 0) if c in part.column_names else 0
-                for c in (COMPUTED_TOKENS, USEFUL_TOKENS)
-            },
-            "reasons": json.dumps(Counter(bad.column("quarantine_reason").to_pylist())),
-            "scored_on": json.dumps(
-                Counter(part.column(SCORED_ON).to_pylist()) if SCORED_ON in part.column_names else {}
-            ),
-            "scored_from": pc.min(part.column(SCORED_FROM)).as_py() if SCORED_FROM in part.column_names else None,
-            "scored_until": pc.max(part.column(SCORED_UNTIL)).as_py() if SCORED_UNTIL in part.column_names else None,
-            "record_fields": _shard_field_use(part),
-            "files": files,
-        }
+        cols = part.column_names
+        use = _shard_field_use(part)
+        return RangeSummary(
+            shard_id=sid,
+            first=first,
+            last=last,
+            source=part.column("source")[0].as_py(),
+            source_uri=part.column("source_uri")[0].as_py(),
+            shard_units=part.column("shard_units")[0].as_py(),
+            shard_rows=part.column("shard_rows")[0].as_py(),
+            units=part.num_rows,
+            labeled_units=good.num_rows,
+            quarantined_units=bad.num_rows,
+            rows_labeled=pc.sum(pc.and_(first_units, pc.invert(bad_mask))).as_py() or 0,
+            rows_quarantined=pc.sum(pc.and_(first_units, bad_mask)).as_py() or 0,
+            tokens=tokens or 0,
+            # Absent when no scoring stage ran (e.g. every unit quarantined by the reader).
+            computed_tokens=(pc.sum(part.column(COMPUTED_TOKENS)).as_py() or 0) if COMPUTED_TOKENS in cols else 0,
+            useful_tokens=(pc.sum(part.column(USEFUL_TOKENS)).as_py() or 0) if USEFUL_TOKENS in cols else 0,
+            reasons=dict(Counter(bad.column("quarantine_reason").to_pylist())),
+            scored_on=dict(Counter(part.column(SCORED_ON).to_pylist())) if SCORED_ON in cols else {},
+            scored_from=pc.min(part.column(SCORED_FROM)).as_py() if SCORED_FROM in cols else None,
+            scored_until=pc.max(part.column(SCORED_UNTIL)).as_py() if SCORED_UNTIL in cols else None,
+            fields_present=dict(use.present) if use is not None else None,
+            fields_read=sorted(use.read) if use is not None else None,
+            files=files,
+        )
 
 
-def _shard_field_use(part: pa.Table) -> str | None:
-    """The reader's field use of the shard (JSON, on the shard's first unit only), if the read carried it."""
-    from pipeline.corpus.reader import FIELD_USE
-
+def _shard_field_use(part: pa.Table) -> FieldUse | None:
+    """The reader's field use of the shard (the reader writes it as JSON on the shard's first unit
+    only), if the read carried it."""
     if FIELD_USE not in part.column_names:
         return None
     values = pc.drop_null(part.column(FIELD_USE))
-    return values[0].as_py() if len(values) else None
+    return FieldUse.from_json(values[0].as_py()) if len(values) else None
 
 
 def _write_parquet(uri: str, table: pa.Table, storage_options: dict | None) -> None:

@@ -2,7 +2,9 @@
 (embed-only, embeddings written: this is the embedding cache), split rows deterministically into
 train and test, fit the heads (pipeline.heads.train), save them, and evaluate them on the test split.
 
-The math lives in pipeline.heads; this module only orchestrates.
+The math lives in pipeline.heads; this module only orchestrates. It depends on the labeling job
+(pipeline.labeling.run) and never the other way round: a labeling config's `train_if_missing` is
+honoured here (`ensure_heads`, which jobs.label calls before the run), not inside the driver.
 """
 
 from __future__ import annotations
@@ -18,7 +20,11 @@ import pyarrow as pa
 import yaml
 
 from pipeline import ids, objectives, storage
+from pipeline.evaluation import evaluate_methods
+from pipeline.heads.train import train_heads
 from pipeline.labeling.config import ConfigError, LabelConfig, ModelConfig, ResourcesConfig, _take
+from pipeline.labeling.run import run
+from pipeline.secrets import lift_config_uris, lift_input_uris, redact, scrub, without_credentials
 
 
 @dataclass
@@ -39,15 +45,13 @@ class TrainConfig:
     storage_options: dict = field(default_factory=dict)
 
     def hash(self) -> str:
-        from pipeline.secrets import without_credentials  # a rotated key is the same training
-
+        # credentials left out: a rotated key is the same training
         return hashlib.sha256(json.dumps(without_credentials(asdict(self)), sort_keys=True).encode()).hexdigest()[:12]
 
     def embedding_run(self, **overrides) -> LabelConfig:
         """The embed-only labeling run that fills the cache; its run id is keyed by what it embeds,
         so a rerun reuses (or resumes) it."""
-        from pipeline.secrets import without_credentials  # the cache survives a rotated key
-
+        # Credentials left out: the cache survives a rotated key.
         # Declared objectives ride in the inputs: a changed scale changes the ratings, so the cache key.
         what = without_credentials(
             {
@@ -92,9 +96,7 @@ def load_train_config(path: str) -> TrainConfig:
             data = yaml.safe_load(f) or {}
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e}") from e
-    from pipeline.secrets import lift_config_uris, lift_input_uris  # s3://KEY:SECRET@... -> storage_options
-
-    try:
+    try:  # s3://KEY:SECRET@... -> storage_options
         data = lift_config_uris(data, ("heads_out", "embeddings_out"))
         data["inputs"] = lift_input_uris(data.get("inputs"), data.get("storage_options"))
     except (TypeError, ValueError) as e:
@@ -123,8 +125,6 @@ def read_run_units(run_dir: str, storage_options: dict | None = None, columns: l
 
 
 def embed_training_corpora(cfg: TrainConfig, ray_address: str | None = None) -> str:
-    from pipeline.labeling.run import run
-
     label_cfg = cfg.embedding_run(ray_address=ray_address)
     run(label_cfg)
     return label_cfg.run_dir
@@ -133,10 +133,6 @@ def embed_training_corpora(cfg: TrainConfig, ray_address: str | None = None) -> 
 def train_from_config(path: str, heads_out: str | None = None, ray_address: str | None = None) -> dict:
     """Embed (or reuse cached embeddings), fit, save and evaluate. Returns a summary dict that is
     also written next to the heads as training.json."""
-    from pipeline.evaluation import evaluate_methods
-    from pipeline.heads.train import train_heads
-    from pipeline.secrets import redact
-
     t0 = time.time()
     cfg = load_train_config(path)
     out = heads_out or cfg.heads_out
@@ -162,7 +158,16 @@ def train_from_config(path: str, heads_out: str | None = None, ray_address: str 
         "evaluation": report,
         "wall_time_s": round(time.time() - t0, 1),
     }
-    storage.write_atomic(
-        os.path.join(out, "training.json"), lambda f: f.write(json.dumps(summary, indent=2, default=float).encode())
-    )
+    storage.write_atomic(os.path.join(out, "training.json"), json.dumps(summary, indent=2, default=float).encode())
     return summary
+
+
+def ensure_heads(cfg: LabelConfig) -> dict | None:
+    """A labeling config's `model.train_if_missing`: when its heads do not exist yet, train them
+    (with that train config, writing to `model.heads`) before the labeling run. Returns the
+    training summary, or None when nothing was trained."""
+    m = cfg.model
+    if not (m.heads and m.train_if_missing) or storage.exists(m.heads, cfg.storage_options or None):
+        return None
+    print(scrub(f"[label] no heads at {m.heads}: training them first ({m.train_if_missing})"), flush=True)
+    return train_from_config(m.train_if_missing, heads_out=m.heads, ray_address=cfg.ray_address)
