@@ -60,6 +60,8 @@ def read_corpus(
                     table = units_table(units, field_use)
                     yield shard_transform(table) if shard_transform is not None else table
 
+    # The Dataset is created here, not through pipeline.stage's adapter: the reader is the source
+    # of the plan (one task per file), not a stage over an existing Dataset.
     items = [{"spec": i, "uri": uri} for i, uri in tasks]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     return ds.map_batches(read_file, batch_size=1, batch_format="pyarrow", num_cpus=num_cpus, zero_copy_batch=True)

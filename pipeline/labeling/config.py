@@ -11,6 +11,9 @@ from typing import Any
 import yaml
 
 from pipeline import secrets, storage
+from pipeline.corpus import InputSpec, expand_files
+from pipeline.embed.backbone import BackboneSpec, resolve_source
+from pipeline.embed.templating import TemplatePolicy
 
 
 class ConfigError(ValueError):
@@ -142,8 +145,6 @@ def _lift_uri_credentials(data: dict) -> dict:
 
 
 def _validate(cfg: LabelConfig) -> None:
-    from pipeline.corpus import InputSpec, expand_files
-
     for i, spec in enumerate(cfg.inputs):
         try:
             parsed = InputSpec.from_dict({"storage_options": cfg.storage_options, **spec})
@@ -167,15 +168,11 @@ def _validate(cfg: LabelConfig) -> None:
         raise ConfigError(f"model.heads: {m.heads} does not exist (set model.train_if_missing to train it first)")
     if m.train_if_missing and not os.path.exists(m.train_if_missing):
         raise ConfigError(f"model.train_if_missing: no such config file {m.train_if_missing}")
-    from pipeline.embed.templating import TemplatePolicy
-
     try:
         TemplatePolicy.from_dict(m.template or {})
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model.template: {e}") from e
     if not m.armorm_checkpoint:
-        from pipeline.embed.backbone import BackboneSpec, resolve_source
-
         try:
             resolve_source(BackboneSpec.from_dict(m.backbone))
         except Exception as e:  # noqa: BLE001

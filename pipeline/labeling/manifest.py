@@ -5,7 +5,11 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from pipeline import storage
+import numpy as np
+import pyarrow.compute as pc
+
+from pipeline import schema, storage
+from pipeline.corpus.field_use import FieldUse
 
 MANIFEST = "manifest.json"
 SHARDS_DIR = "_shards"
@@ -53,8 +57,6 @@ def summarize_sources(markers: list[dict]) -> dict[str, dict]:
     """Per-source counts; rows_in = rows_labeled + rows_quarantined holds for every source.
     Also the record fields no labeled row's adapter read (`unused_fields`) and those of them that
     look like labels (`unused_label_fields`), from the markers' `record_fields`."""
-    from pipeline.corpus.field_use import FieldUse
-
     out: dict[str, dict] = {}
     use: dict[str, FieldUse] = {}
     for m in markers:
@@ -131,11 +133,6 @@ def check_run_identity(run_dir: str, identity: dict, storage_options: dict | Non
 def score_summary(run_dir: str, objectives: list[str], storage_options: dict | None) -> dict[str, dict]:
     """Per source: labeled units, mean / 10th / 90th percentile score and the objective with the
     largest mean gate weight: the short summary a finished run prints. Reads only those columns."""
-    import numpy as np
-    import pyarrow.compute as pc
-
-    from pipeline import schema
-
     gates = {schema.objective_column(schema.GATE_PREFIX, o): o for o in objectives}
     table = storage.read_run_table(run_dir, storage_options, columns=["source", "score", *gates])
     out = {}
