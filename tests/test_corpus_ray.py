@@ -82,7 +82,12 @@ def test_exclude_shards_files_and_limit(local_ray, specs):
     assert set(only.column("source_uri").to_pylist()) == {sfres}
     assert only.num_rows == 50 and sorted(set(only.column("shard_rows").to_pylist())) == [10, 40]
 
+    # Tasks expanded already (the labeling plan's): the same read, the specs not expanded again.
+    planned = _collect(read_corpus(specs, rows_per_shard=40, tasks=[(2, sfres)], limit_rows=50))
+    assert _sorted(planned).equals(_sorted(only))
+
     assert read_corpus(specs, files=[]).count() == 0
+    assert read_corpus(specs, tasks=[]).count() == 0
 
 
 def test_objectives_declared_in_a_spec_reach_the_read_tasks(local_ray, tmp_path):

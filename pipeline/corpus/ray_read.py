@@ -35,6 +35,7 @@ def read_corpus(
     num_cpus: float = READ_TASK_CPUS,
     shard_transform: Callable[[pa.Table], pa.Table] | None = None,
     field_use: bool = False,
+    tasks: Sequence[tuple[int, str]] | None = None,
 ) -> ray.data.Dataset:
     """A Dataset of units (UNIT_SCHEMA, pyarrow blocks), one block per shard.
 
@@ -45,10 +46,13 @@ def read_corpus(
     `shard_transform` runs on each shard's table inside the read task: work that must see whole
     rows (e.g. tokenization that quarantines a pair together) belongs there, because Ray may
     merge or slice blocks anywhere downstream. `field_use` adds the reader's FIELD_USE column
-    (which record fields the adapter read, per shard) for the labeling job's manifest.
+    (which record fields the adapter read, per shard) for the labeling job's manifest. `tasks`:
+    (spec index, file) pairs expanded already (the labeling plan's), instead of expanding the
+    specs here.
     """
     resolved = as_specs(specs)
-    tasks = plan_files(resolved, files)
+    if tasks is None:
+        tasks = plan_files(resolved, files)
     if not tasks:
         return ray.data.from_arrow(schema.UNIT_SCHEMA.empty_table())
     skip = frozenset(exclude_shards or ())

@@ -46,9 +46,6 @@ class RunPlan:
     def input_bytes(self) -> int:
         return sum(f.size or 0 for f in self.files)
 
-    def files_of(self, spec: int) -> list[str]:
-        return [f.uri for f in self.files if f.spec == spec]
-
     def manifest(self, new_markers: list[dict], wall_s: float, steady: dict, versions: dict) -> dict:
         """The run's manifest from the plan and the shard markers (those committed by earlier
         attempts, `self.committed`, plus this attempt's `new_markers`)."""

@@ -144,7 +144,7 @@ def _read(plan: RunPlan, transform=None):
         plan.specs,
         rows_per_shard=r.rows_per_shard,
         exclude_shards=set(plan.committed),
-        files=[f.uri for f in plan.files],
+        tasks=[(f.spec, f.uri) for f in plan.files],  # the plan's expansion, not a new one
         limit_rows=cfg.limit_rows_per_input,
         num_cpus=r.cpus_per_cpu_task,
         shard_transform=transform,
