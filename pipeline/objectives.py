@@ -115,18 +115,21 @@ class Objective:
             if key not in self.values:
                 raise ValueError(f"{raw!r} is not one of {sorted(self.values)}")
             return self.values[key]
+        low, high = self.low, self.high
+        if low is None or high is None:  # a pairwise objective: labels are preferences, not ratings
+            raise ValueError(f"objective {self.name}: a {self.kind} objective has no scale to put {raw!r} on")
         x = float(raw)
-        if not self.low <= x <= self.high:
-            raise ValueError(f"{raw} is outside its scale [{self.low:g}, {self.high:g}]")
+        if not low <= x <= high:
+            raise ValueError(f"{raw} is outside its scale [{low:g}, {high:g}]")
         if self.scale == "bin_center":
-            return (x - self.low + 0.5) / (self.high - self.low + 1)
-        return (x - self.low) / (self.high - self.low)
+            return (x - low + 0.5) / (high - low + 1)
+        return (x - low) / (high - low)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> Objective:
+    def from_dict(cls, d: dict | Objective) -> Objective:
         if isinstance(d, Objective):
             return d
         if not isinstance(d, dict):

@@ -287,7 +287,8 @@ def lift_uri_credentials(
     (one options mapping serves them all), and with the options' own unless those are `inherited`
     (an input's URI credentials override the top-level ones); ValueError otherwise (the message
     names no value)."""
-    clean, found = [], {}
+    clean: list[str] = []
+    found: dict[str, str] = {}
     for uri in uris:
         c, creds = split_uri_credentials(uri)
         clean.append(c)

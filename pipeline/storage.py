@@ -168,9 +168,9 @@ def read_json(uri: str, storage_options: StorageOptions | None = None) -> dict:
     return json.loads(read_bytes(uri, storage_options))
 
 
-def versions() -> dict:
-    """Version stamps recorded in every manifest, so a run says what produced it."""
-    out = {"python": platform.python_version()}
+def versions() -> dict[str, str | None]:
+    """Version stamps recorded in every manifest, so a run says what produced it (None: not installed)."""
+    out: dict[str, str | None] = {"python": platform.python_version()}
     for pkg in ("armolabel", "ray", "torch", "transformers", "pyarrow", "datasets", "s3fs"):
         try:
             out[pkg] = metadata.version(pkg)
