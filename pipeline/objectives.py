@@ -29,6 +29,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from pipeline.schema import objective_column
+
 KINDS = ("rating", "pairwise")
 KIND_ALIASES = {"rated": "rating", "rating": "rating", "pairwise": "pairwise", "preference": "pairwise"}
 SCALES = ("linear", "bin_center")
@@ -241,9 +243,7 @@ def register(obj: Objective | dict) -> Objective:
 
 
 def _column_safe(name: str) -> str:
-    from pipeline.schema import objective_column  # the one rule for output column names
-
-    return objective_column("", name)
+    return objective_column("", name)  # the one rule for output column names
 
 
 def register_all(declared) -> list[Objective]:
