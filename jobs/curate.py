@@ -16,6 +16,8 @@ import json
 import sys
 
 from pipeline.curation.config import ConfigError, load_config
+from pipeline.curation.job import run
+from pipeline.secrets import inline_credentials_warning, install_excepthook, scrub
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,8 +27,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", help="override the output directory (calibrate: the JSON file)")
     ap.add_argument("--task", help="override the task (sft | dpo | rerank | calibrate)")
     args = ap.parse_args(argv)
-    from pipeline.secrets import inline_credentials_warning, install_excepthook, scrub
-
     install_excepthook()  # a traceback printed at exit shows no credential
     overrides = {k: v for k, v in {"run": args.run, "output": args.output, "task": args.task}.items() if v}
     try:
@@ -36,8 +36,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if warning := inline_credentials_warning(cfg.to_dict()):
         print(warning, file=sys.stderr)
-    from pipeline.curation.job import run
-
     man = run(cfg)
     summary = {
         k: man[k]

@@ -21,16 +21,19 @@ import os
 import sys
 
 import numpy as np
+import pyarrow as pa
+
+from pipeline import evaluation
+from pipeline.heads.model import ArmoHeads, load_baseline
+from pipeline.schema import RATING_PREFIX, objective_column
+from pipeline.training import is_test_row, load_train_config, read_run_units
+from pipeline.units import human_ratings
 
 
 def _load_heads(path: str):
-    from pipeline.heads.model import ArmoHeads
-
     heads = ArmoHeads.load(path)
     baseline = None
     if os.path.isdir(os.path.join(path, "baseline")):
-        from pipeline.heads.model import load_baseline
-
         baseline = load_baseline(os.path.join(path, "baseline"))
     return heads, baseline
 
@@ -46,11 +49,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--all-rows", action="store_true", help="with --train-config: every row, not only the test split")
     ap.add_argument("--out", help="write the JSON report here (default: print it)")
     args = ap.parse_args(argv)
-
-    import pyarrow as pa
-
-    from pipeline import evaluation
-    from pipeline.training import is_test_row, load_train_config, read_run_units
 
     if args.table:
         reports = {}
@@ -74,9 +72,6 @@ def main(argv: list[str] | None = None) -> int:
         report = evaluation.evaluate_methods(read_run_units(args.run), heads, baseline)
     else:
         units = read_run_units(args.scored_run)
-        from pipeline.schema import RATING_PREFIX, objective_column
-        from pipeline.units import human_ratings
-
         scores = {
             "score": units.column("score").to_numpy(zero_copy_only=False).astype(np.float64),
             evaluation.LENGTH_BASELINE: evaluation.length_scores(units),

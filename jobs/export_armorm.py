@@ -14,6 +14,14 @@ import argparse
 import json
 import sys
 
+import torch
+
+from pipeline import storage
+from pipeline.embed.backbone import BackboneSpec, load_backbone
+from pipeline.embed.checkpoint import export_armorm_checkpoint
+from pipeline.heads.checkpoint import CheckpointError
+from pipeline.heads.model import ArmoHeads
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jobs.export_armorm", description=__doc__.splitlines()[0])
@@ -23,14 +31,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast weights (default: keep)")
     ap.add_argument("--shard-size-mb", type=int, default=5 * 1024, help="largest safetensors shard")
     args = ap.parse_args(argv)
-
-    import torch
-
-    from pipeline import storage
-    from pipeline.embed.backbone import BackboneSpec, load_backbone
-    from pipeline.embed.checkpoint import export_armorm_checkpoint
-    from pipeline.heads.checkpoint import CheckpointError
-    from pipeline.heads.model import ArmoHeads
 
     heads = ArmoHeads.load(args.heads)
     backbone = load_backbone(BackboneSpec(path=args.backbone, device="cpu", dtype="float32"))

@@ -17,6 +17,9 @@ import sys
 
 import yaml
 
+from pipeline.corpus import InputSpec
+from pipeline.corpus.inspection import inspect_input
+
 CUT = 100  # characters of a text shown in the human-readable report
 
 
@@ -38,9 +41,6 @@ def load_inputs(path: str) -> tuple[list[dict], dict | None]:
 
 
 def inspect_config(path: str, rows: int) -> list[dict]:
-    from pipeline.corpus import InputSpec
-    from pipeline.corpus.inspection import inspect_input
-
     inputs, storage_options = load_inputs(path)
     out = []
     for i, raw in enumerate(inputs):

@@ -13,6 +13,9 @@ import argparse
 import json
 import sys
 
+from pipeline.curation.report import build_report
+from pipeline.secrets import install_excepthook, lift_uri_credentials, scrub
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jobs.report", description=__doc__.splitlines()[0])
@@ -23,15 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="HTML file to write")
     ap.add_argument("--storage-options", default="{}", help="JSON storage options for s3:// (endpoint_url, ...)")
     args = ap.parse_args(argv)
-    from pipeline.secrets import install_excepthook, lift_uri_credentials, scrub
-
     install_excepthook()  # a traceback printed at exit shows no credential
     try:
         storage_options = json.loads(args.storage_options)
     except json.JSONDecodeError as e:
         print(scrub(f"--storage-options is not JSON: {e}"), file=sys.stderr)
         return 2
-    from pipeline.curation.report import build_report
 
     try:  # s3://KEY:SECRET@... in the paths: moved into the options (and remembered)
         (run, out, *manifests), storage_options = lift_uri_credentials(

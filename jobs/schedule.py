@@ -31,12 +31,14 @@ import os
 import re
 import shlex
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from pipeline.secrets import scrub, without_credentials
 
 RETRYABLE = {"FAILED", "STOPPED"}
 SCHEDULE_KEY = "armolabel.schedule"  # job metadata naming the schedule slot a job belongs to
@@ -51,8 +53,6 @@ WORKING_DIR_EXCLUDES = [".git", ".venv", "runs", "__pycache__", "*.egg-info", ".
 def canonical_config(text: str) -> str:
     """The config's content independent of comments, key order, formatting and credentials (a
     rotated key is the same job: storage_options credentials and URI userinfo are left out)."""
-    from pipeline.secrets import without_credentials
-
     return json.dumps(without_credentials(yaml.safe_load(text)), sort_keys=True, separators=(",", ":"), default=str)
 
 
@@ -90,14 +90,8 @@ def retry_index(base_id: str, job_id: str) -> int | None:
 
 def decide(base_id: str, existing: Iterable[ExistingJob], resubmit_failed: bool = False) -> Decision:
     """What to do for one schedule slot, given the cluster's jobs."""
-    attempts = sorted(
-        (
-            (retry_index(base_id, j.submission_id), j)
-            for j in existing
-            if retry_index(base_id, j.submission_id) is not None
-        ),
-        key=lambda t: t[0],
-    )
+    indexed = ((retry_index(base_id, j.submission_id), j) for j in existing)
+    attempts = sorted(((i, j) for i, j in indexed if i is not None), key=lambda t: t[0])
     if not attempts:
         return Decision("submit", base_id)
     for _, job in attempts:
@@ -112,13 +106,13 @@ def decide(base_id: str, existing: Iterable[ExistingJob], resubmit_failed: bool 
 # ---- talking to the cluster ----------------------------------------------------------------
 
 
-def auth_headers(env: dict[str, str] | None = None) -> dict[str, str]:
+def auth_headers(env: Mapping[str, str] | None = None) -> dict[str, str]:
     """An explicit bearer header when a token is given by env var or file; otherwise Ray's own
     lookup applies (~/.ray/auth_token when RAY_AUTH_MODE=token)."""
-    env = os.environ if env is None else env
-    token = env.get("RAY_AUTH_TOKEN")
-    if not token and env.get("RAY_AUTH_TOKEN_PATH"):
-        token = Path(env["RAY_AUTH_TOKEN_PATH"]).expanduser().read_text().strip()
+    source: Mapping[str, str] = os.environ if env is None else env
+    token = source.get("RAY_AUTH_TOKEN")
+    if not token and source.get("RAY_AUTH_TOKEN_PATH"):
+        token = Path(source["RAY_AUTH_TOKEN_PATH"]).expanduser().read_text().strip()
     return {"Authorization": f"Bearer {token.strip()}"} if token else {}
 
 
@@ -255,9 +249,8 @@ def main(argv: list[str] | None = None) -> int:
             entrypoint=args.entrypoint,
         )
     except (OSError, yaml.YAMLError, ValueError, AuthenticationError) as e:
-        # A bad config, an unreachable cluster or a refused token: nothing was submitted.
-        from pipeline.secrets import scrub  # a YAML error quotes the offending line
-
+        # A bad config, an unreachable cluster or a refused token: nothing was submitted. Scrubbed:
+        # a YAML error quotes the offending line.
         print(scrub(f"schedule error: {e}"), file=sys.stderr)
         return 2
     print(json.dumps(report, indent=2))

@@ -13,6 +13,8 @@ gated heads, a single Bradley-Terry head, the response length).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pyarrow as pa
 
@@ -41,9 +43,10 @@ def evaluate(
             **{m: metrics.pairwise_accuracy(s[sel.better], s[sel.worse]) for m, s in scores.items()},
         }
     groups_by_source = ranked_groups(units)
-    ranks = units.column("human_rank").to_numpy(zero_copy_only=False).astype(np.float64) if groups_by_source else None
+    if groups_by_source:
+        ranks = units.column("human_rank").to_numpy(zero_copy_only=False).astype(np.float64)
     for source, groups in sorted(groups_by_source.items()):
-        entry = {"prompts": len(groups)}
+        entry: dict[str, Any] = {"prompts": len(groups)}
         rows = np.concatenate(groups)
         codes = np.repeat(np.arange(len(groups)), [len(g) for g in groups])
         for m, s in scores.items():

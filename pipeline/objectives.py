@@ -29,6 +29,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from pipeline.schema import objective_column
+
 KINDS = ("rating", "pairwise")
 KIND_ALIASES = {"rated": "rating", "rating": "rating", "pairwise": "pairwise", "preference": "pairwise"}
 SCALES = ("linear", "bin_center")
@@ -115,18 +117,21 @@ class Objective:
             if key not in self.values:
                 raise ValueError(f"{raw!r} is not one of {sorted(self.values)}")
             return self.values[key]
+        low, high = self.low, self.high
+        if low is None or high is None:  # a pairwise objective: labels are preferences, not ratings
+            raise ValueError(f"objective {self.name}: a {self.kind} objective has no scale to put {raw!r} on")
         x = float(raw)
-        if not self.low <= x <= self.high:
-            raise ValueError(f"{raw} is outside its scale [{self.low:g}, {self.high:g}]")
+        if not low <= x <= high:
+            raise ValueError(f"{raw} is outside its scale [{low:g}, {high:g}]")
         if self.scale == "bin_center":
-            return (x - self.low + 0.5) / (self.high - self.low + 1)
-        return (x - self.low) / (self.high - self.low)
+            return (x - low + 0.5) / (high - low + 1)
+        return (x - low) / (high - low)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> Objective:
+    def from_dict(cls, d: dict | Objective) -> Objective:
         if isinstance(d, Objective):
             return d
         if not isinstance(d, dict):
@@ -238,9 +243,7 @@ def register(obj: Objective | dict) -> Objective:
 
 
 def _column_safe(name: str) -> str:
-    from pipeline.schema import objective_column  # the one rule for output column names
-
-    return objective_column("", name)
+    return objective_column("", name)  # the one rule for output column names
 
 
 def register_all(declared) -> list[Objective]:

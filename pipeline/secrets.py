@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import re
 import sys
+import traceback
 from collections.abc import Iterable
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import quote, quote_plus, unquote
 
 REDACTED = "REDACTED"
 STORAGE_OPTIONS = "storage_options"  # the mapping name under which credentials are looked for
@@ -237,8 +238,6 @@ def _add_values(v: Any) -> None:
     global _known_longest_first
     if isinstance(v, str):
         if len(v) >= MIN_KNOWN_VALUE_LEN and v not in _known_values:
-            from urllib.parse import quote, quote_plus
-
             _known_values.update({v, quote(v, safe=""), quote_plus(v)})
             _known_longest_first = tuple(sorted(_known_values, key=len, reverse=True))
     elif isinstance(v, dict):
@@ -269,7 +268,6 @@ def install_excepthook() -> None:
     many people read). Idempotent."""
     if getattr(sys.excepthook, "_armolabel_scrubbed", False):
         return
-    import traceback
 
     def hook(exc_type, exc, tb):
         sys.stderr.write(scrub("".join(traceback.format_exception(exc_type, exc, tb))))
@@ -287,7 +285,8 @@ def lift_uri_credentials(
     (one options mapping serves them all), and with the options' own unless those are `inherited`
     (an input's URI credentials override the top-level ones); ValueError otherwise (the message
     names no value)."""
-    clean, found = [], {}
+    clean: list[str] = []
+    found: dict[str, str] = {}
     for uri in uris:
         c, creds = split_uri_credentials(uri)
         clean.append(c)

@@ -16,6 +16,8 @@ from importlib import metadata
 from typing import IO, Any
 
 import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline import secrets
 
@@ -87,7 +89,7 @@ def read_bytes(uri: str, storage_options: StorageOptions | None = None) -> bytes
 
 
 def write_atomic(
-    uri: str, write: Callable[[IO[bytes]], None] | bytes, storage_options: StorageOptions | None = None
+    uri: str, write: Callable[[IO[bytes]], object] | bytes, storage_options: StorageOptions | None = None
 ) -> None:
     """Write a file so that readers see either nothing or the whole file.
 
@@ -141,9 +143,6 @@ def run_data_files(run_dir: str, storage_options: StorageOptions | None = None) 
 
 def read_run_table(run_dir: str, storage_options: StorageOptions | None = None, columns: list[str] | None = None):
     """Every Parquet part of a labeled run as one Arrow table (only `columns`, when given), in file order."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     tables = []
     for uri in run_data_files(run_dir, storage_options):
         fs, path = filesystem(uri, storage_options)
@@ -168,9 +167,9 @@ def read_json(uri: str, storage_options: StorageOptions | None = None) -> dict:
     return json.loads(read_bytes(uri, storage_options))
 
 
-def versions() -> dict:
-    """Version stamps recorded in every manifest, so a run says what produced it."""
-    out = {"python": platform.python_version()}
+def versions() -> dict[str, str | None]:
+    """Version stamps recorded in every manifest, so a run says what produced it (None: not installed)."""
+    out: dict[str, str | None] = {"python": platform.python_version()}
     for pkg in ("armolabel", "ray", "torch", "transformers", "pyarrow", "datasets", "s3fs"):
         try:
             out[pkg] = metadata.version(pkg)

@@ -56,7 +56,7 @@ import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, overload
 
 from pipeline import objectives
 
@@ -98,7 +98,9 @@ class Row:
 @dataclass(frozen=True)
 class Adapter:
     name: str
-    fn: Callable[[dict, dict], list]  # (record, options) -> [Row | QuarantineError, ...]
+    # (record, options) -> [Row | QuarantineError, ...]; None for "auto" (an adapter chosen per
+    # record) and "mapping" (driven by the spec's columns, see adapt_mapping)
+    fn: Callable[[dict, dict], list] | None
     default_source: str | None = None  # None: the file's name
     description: str = ""
 
@@ -178,6 +180,10 @@ def _as_list(v: Any, name: str) -> list:
     return v
 
 
+@overload
+def text_field(rec: dict, name: str, allow_missing: Literal[False] = False) -> str: ...
+@overload
+def text_field(rec: dict, name: str, allow_missing: bool) -> str | None: ...
 def text_field(rec: dict, name: str, allow_missing: bool = False) -> str | None:
     try:
         v = field_value(rec, name)
@@ -549,18 +555,22 @@ def adapt_best_of_n(rec: dict, opts: dict) -> list:
             if isinstance(ranks, list)
             else None
         )
-        if (
-            values is None
-            or len(values) != len(texts)
-            or not all(_is_int(v) or (isinstance(v, float) and v == int(v)) for v in values)
-        ):
+        ints = [_integral(v) for v in values] if values is not None else []
+        if len(ints) != len(texts) or None in ints:
             raise QuarantineError("wrong type: 'ranks' must be a list of integers, one per response")
-        ranks = [int(v) for v in values]
+        ranks = [i for i in ints if i is not None]
     return [Row("best_of_n", prompt, texts, ranks=ranks)]
 
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _integral(v: Any) -> int | None:
+    """An int, or a float with an integral value, as an int; None for anything else."""
+    if _is_int(v) or (isinstance(v, float) and v == int(v)):
+        return int(v)
+    return None
 
 
 # --- HH-RLHF -------------------------------------------------------------------------------------
@@ -669,9 +679,11 @@ def rating(obj: objectives.Objective, raw: Any, label: str) -> dict | None:
     x = number_of(raw, f"rating {label!r}")
     if x is None:
         return None
-    if not obj.low <= x <= obj.high:
-        raise QuarantineError(f"rating {label!r} = {x} is outside its scale [{obj.low}, {obj.high}]")
-    return {"name": obj.name, "raw": x, "value": obj.to_unit(x)}
+    try:
+        value = obj.to_unit(x)  # checks the native scale
+    except ValueError as e:
+        raise QuarantineError(f"rating {label!r} = {e}") from None
+    return {"name": obj.name, "raw": x, "value": value}
 
 
 def _is_number(s: str) -> bool:
@@ -1075,6 +1087,7 @@ def winner_of(rec: dict, rule: dict) -> tuple[int | None, float | None]:
         side = rule["values"][key]
         return (None if side == TIE else side), None
     x = number_of(raw, f"label {col!r}")
+    assert x is not None  # a missing label was quarantined above
     m = rule["max"]
     if m is not None and abs(x) > m:
         raise QuarantineError(f"label {col!r} = {x:g} is outside [-{m:g}, {m:g}]")
@@ -1145,7 +1158,7 @@ def _adapt_group(rec: dict, opts: dict, columns: dict) -> list:
                     "best_of_n",
                     prompt,
                     [texts[i] for i in keep],
-                    ranks=[ranks[i] for i in keep],
+                    ranks=[r for r in ranks if r is not None],  # the ranks of `keep`
                     response_labels=[names[i] for i in keep],
                     locator="ranked",
                 )
@@ -1157,7 +1170,7 @@ def _adapt_group(rec: dict, opts: dict, columns: dict) -> list:
     for i, (text, name) in enumerate(zip(texts, names)):
         if not columns.get("ratings"):
             break
-        entries = []
+        entries: list[dict] = []
         for obj_name, spec in sorted(columns["ratings"].items()):
             values, _ = _values_at(rec, spec)
             if len(values) != len(texts):
@@ -1165,17 +1178,16 @@ def _adapt_group(rec: dict, opts: dict, columns: dict) -> list:
             try:
                 entry = rating(objectives.get(obj_name), values[i], f"{obj_name} of {name}")
             except QuarantineError as e:
-                rows.append(QuarantineError(e.reason, name))
-                entries = None
+                rows.append(QuarantineError(e.reason, name))  # this response is quarantined, no rated row
                 break
             if entry is not None:
                 entries.append(entry)
-        if entries is None:
-            continue
-        if entries:
-            rows.append(Row("rated", prompt, [text], ratings=entries, response_labels=[name], locator=name))
         else:
-            rows.append(QuarantineError(f"no rating present for {name} (all of its rating values are missing)", name))
+            if entries:
+                rows.append(Row("rated", prompt, [text], ratings=entries, response_labels=[name], locator=name))
+            else:
+                reason = f"no rating present for {name} (all of its rating values are missing)"
+                rows.append(QuarantineError(reason, name))
     return rows
 
 

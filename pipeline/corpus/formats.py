@@ -398,7 +398,8 @@ class _ReplayableLines:
 
 def _header_names(fields: list[str]) -> list[str]:
     """Column names as pandas gives them: an empty name is "Unnamed: i", a repeated one "name.1"."""
-    out, seen = [], Counter()
+    out: list[str] = []
+    seen: Counter[str] = Counter()
     for i, name in enumerate(fields):
         name = name or f"Unnamed: {i}"
         base = name

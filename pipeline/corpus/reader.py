@@ -27,6 +27,7 @@ import posixpath
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from itertools import chain
+from typing import overload
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -89,6 +90,12 @@ def _storable(text: str) -> bool:
         return False
 
 
+@overload
+def storable_text(text: str) -> str: ...
+@overload
+def storable_text(text: None) -> None: ...
+@overload
+def storable_text(text: str | None) -> str | None: ...
 def storable_text(text: str | None) -> str | None:
     """The text with anything UTF-8 cannot hold (lone surrogates) written as a "\\udXXX" escape."""
     if text is None or _storable(text):
@@ -280,10 +287,13 @@ class FileReader:
         self.adapters_used[adapter] += 1
         value = TrackedRecord(rec.value)
         try:
-            if adapter == "mapping":
+            adapt = ADAPTERS[adapter].fn
+            if adapt is not None:
+                results = adapt(value, self.spec.options)
+            elif self.spec.columns is not None:  # "mapping"; InputSpec requires its columns
                 results = adapt_mapping(value, self.spec.options, self.spec.columns)
             else:
-                results = ADAPTERS[adapter].fn(value, self.spec.options)
+                raise ValueError(f"format {adapter!r} needs a column mapping")
         except QuarantineError as e:
             results = [e]
         except Exception as e:  # noqa: BLE001 - odd data must quarantine the record, not kill the read

@@ -7,7 +7,9 @@ import os
 import posixpath
 from dataclasses import dataclass, field
 
-from pipeline import storage
+from pipeline import objectives, storage
+from pipeline.corpus.adapters import ADAPTERS, ALIASES, PRESETS, check_columns
+from pipeline.schema import KINDS
 
 FILE_FORMATS = ("auto", "jsonl", "json", "csv", "tsv", "parquet", "hf_dataset")
 
@@ -47,10 +49,6 @@ class InputSpec:
     objectives: list | None = None  # objectives this input's ratings use (pipeline.objectives.Objective fields)
 
     def __post_init__(self):
-        from pipeline import objectives
-        from pipeline.corpus.adapters import ADAPTERS, ALIASES, PRESETS, check_columns
-        from pipeline.schema import KINDS
-
         # Declared objectives first: the columns check below looks their names up. Registering
         # here (and in __setstate__) registers them in every process that holds the spec.
         try:
@@ -100,8 +98,6 @@ class InputSpec:
         # declared objectives in that process too, or the adapters could not look them up.
         self.__dict__.update(state)
         if self.objectives:
-            from pipeline import objectives
-
             objectives.register_all(self.objectives)
 
     @classmethod

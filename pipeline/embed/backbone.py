@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -303,15 +304,15 @@ def build_tokenizer(spec: BackboneSpec, materialise: bool = True):
 
 
 def _max_length(directory: str, config, tokenizer) -> int:
-    limits = [getattr(config, "max_position_embeddings", None)]
+    limits: list[Any] = [getattr(config, "max_position_embeddings", None)]
     st_config = Path(directory) / "sentence_bert_config.json"
     if st_config.is_file():  # sentence-transformers models declare the length they were trained on
         limits.append(json.loads(st_config.read_text()).get("max_seq_length"))
     tml = getattr(tokenizer, "model_max_length", None)
     if tml and tml < 1_000_000:
         limits.append(tml)
-    limits = [int(x) for x in limits if x]
-    return min(limits) if limits else 2048
+    known = [int(x) for x in limits if x]
+    return min(known) if known else 2048
 
 
 def _normalises(directory: str) -> bool:
@@ -360,8 +361,6 @@ def load_backbone(spec: BackboneSpec) -> Backbone:
 
 def build_backbone(spec: BackboneSpec, materialise: bool = True) -> Backbone:
     """Uncached `load_backbone`; materialise=False opens a GGUF file directly (slow)."""
-    import time
-
     import torch
     from transformers import AutoModel
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 
-def plan_batches(lengths: Sequence[int], token_budget: int, max_rows: int | None = None) -> list[np.ndarray]:
+def plan_batches(lengths: ArrayLike, token_budget: int, max_rows: int | None = None) -> list[np.ndarray]:
     """Indices of `lengths` grouped into batches, longest rows first.
 
     Each batch's padded size (rows x its longest row) is <= token_budget, except a single row
@@ -75,7 +76,7 @@ def restore_order(batches: Sequence[np.ndarray], outputs: Sequence[np.ndarray], 
     return result
 
 
-def plan_packs(lengths: Sequence[int], token_budget: int) -> list[np.ndarray]:
+def plan_packs(lengths: ArrayLike, token_budget: int) -> list[np.ndarray]:
     """Indices grouped into packs for padding-free (varlen) passes: rows longest first, each pack
     holding at most token_budget real tokens (a single longer row goes alone)."""
     if token_budget < 1:

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from pipeline import storage
 from pipeline.embed.backbone import Backbone, _max_length, _resolve_device, _resolve_dtype, cache_root
@@ -185,8 +187,6 @@ def _safetensors_map(directory: str) -> dict[str, str]:
                 raise CheckpointError(f"{os.path.join(directory, INDEX_FILE)}: shard {shard} is missing")
         return weight_map
     if SINGLE_FILE in names:
-        from safetensors import safe_open
-
         with safe_open(os.path.join(directory, SINGLE_FILE), framework="pt") as f:
             return {name: SINGLE_FILE for name in f.keys()}
     raise _no_weights(directory, names)
@@ -211,8 +211,6 @@ class BackboneWeights:
 
 
 def _read_tensors(directory: str, shard_of: dict[str, str], names) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
     by_file: dict[str, list[str]] = {}
     for name in names:
         by_file.setdefault(shard_of[name], []).append(name)
@@ -259,7 +257,8 @@ def build_llama_backbone(
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:
         raise CheckpointError(f"backbone tensors not loaded: {leftover[:5]}")
-    return model.to(device=device).eval()
+    # transformers wraps PreTrainedModel.to in functools.wraps(nn.Module.to), which mypy reads as unbound.
+    return model.to(device=device).eval()  # type: ignore[call-arg]
 
 
 def checkpoint_fingerprint(directory: str, heads: ArmoHeads) -> str:
@@ -419,14 +418,18 @@ class _Source:
     file: tuple[str, str] | None = None  # (shard path, tensor name in it)
     rows: int | None = None  # grow to this many rows (the embedding, for an added pad)
 
-    def _shape_kind(self) -> tuple[list[int], int, bool]:
+    def _in_file(self) -> tuple[str, str]:
         if self.file is None:
+            raise ValueError("an export source holds a tensor or names one in a file")
+        return self.file
+
+    def _shape_kind(self) -> tuple[list[int], int, bool]:
+        if self.tensor is not None:
             t = self.tensor
             return list(t.shape), t.element_size(), t.is_floating_point()
-        from safetensors import safe_open
-
-        with safe_open(self.file[0], framework="pt") as f:
-            sl = f.get_slice(self.file[1])
+        path, name = self._in_file()
+        with safe_open(path, framework="pt") as f:
+            sl = f.get_slice(name)
             shape, kind = list(sl.get_shape()), sl.get_dtype()
         return shape, _SAFETENSORS_ITEMSIZE.get(kind, 4), kind in ("F64", "F32", "BF16", "F16")
 
@@ -445,13 +448,12 @@ class _Source:
         return n * itemsize
 
     def load(self, dtype: torch.dtype | None) -> torch.Tensor:
-        if self.file is None:
+        if self.tensor is not None:
             t = self.tensor.detach()
         else:
-            from safetensors import safe_open
-
-            with safe_open(self.file[0], framework="pt") as f:
-                t = f.get_tensor(self.file[1])
+            path, name = self._in_file()
+            with safe_open(path, framework="pt") as f:
+                t = f.get_tensor(name)
         if self.rows:
             t = grow_embedding(t, self.rows)
         if dtype is not None and t.is_floating_point():
@@ -539,9 +541,6 @@ def export_armorm_checkpoint(
     if vocab_size > rows:
         sources[EMBEDDING_KEY].rows = vocab_size
     items = list(sources.items()) + [(n, _Source(tensor=t)) for n, t in heads.tensors().items()]
-
-    from safetensors.torch import save_file
-
     shards = pack_shards([source.stored_size(dtype) for _, source in items], shard_size)
     weight_map, total = {}, 0
     with tempfile.TemporaryDirectory(prefix="armorm-export-") as tmp:

@@ -127,6 +127,7 @@ class EmbeddingEngine:
             raise ValueError(f"share_prompts must be one of {SHARE_PROMPTS}, not {share_prompts!r}")
         self.shared = False
         if backbone.kind == "decoder" and share_prompts != "never":
+            # shared_attention imports torch at module level; this module loads torch only when it runs.
             from pipeline.embed.shared_attention import supports
 
             why_not = supports(backbone.model)

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 
 def prompt_groups(prompts: Sequence[Sequence[int]]) -> np.ndarray:
@@ -45,9 +46,9 @@ def _check(groups, prompt_lengths, response_lengths) -> tuple[np.ndarray, np.nda
 
 
 def plan_shared_rows(
-    groups: Sequence[int],
-    prompt_lengths: Sequence[int],
-    response_lengths: Sequence[int],
+    groups: ArrayLike,
+    prompt_lengths: ArrayLike,
+    response_lengths: ArrayLike,
     token_budget: int,
     groups_per_row: int | None = None,
 ) -> list[list[np.ndarray]]:
@@ -122,7 +123,7 @@ class RowLayout:
         return int(self.positions.size)
 
 
-def layout_row(row: Sequence[np.ndarray], prompt_lengths: Sequence[int], response_lengths: Sequence[int]) -> RowLayout:
+def layout_row(row: Sequence[np.ndarray], prompt_lengths: ArrayLike, response_lengths: ArrayLike) -> RowLayout:
     p_all = np.asarray(prompt_lengths, dtype=np.int64)
     r_all = np.asarray(response_lengths, dtype=np.int64)
     spans, positions, pieces, units, resp_at, prompt_at, computed = [], [], [], [], [], [], []
@@ -155,7 +156,7 @@ def layout_row(row: Sequence[np.ndarray], prompt_lengths: Sequence[int], respons
     )
 
 
-def useful_tokens(groups: Sequence[int], prompt_lengths: Sequence[int], response_lengths: Sequence[int]) -> np.ndarray:
+def useful_tokens(groups: ArrayLike, prompt_lengths: ArrayLike, response_lengths: ArrayLike) -> np.ndarray:
     """Tokens that must be computed per unit when each distinct prompt is computed once: its
     response, plus its prompt for the first unit of each group. Their sum is the bound packing
     can reach; computed / useful is the waste (padding, prompts repeated across pieces)."""

@@ -22,6 +22,7 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention.bias import causal_lower_right
 
 NAME = "armolabel_shared_prompt"
 KWARG = "armolabel_pieces"
@@ -33,7 +34,7 @@ MASK_ELEMENTS = 1 << 22
 class Chunk:
     start: int  # first response token (row index)
     end: int  # one past the last
-    mask: object  # bool [R, prompt + R] tensor, or a lower-right causal bias (one response)
+    mask: torch.Tensor  # bool [R, prompt + R], or a lower-right causal bias (one response; a Tensor subclass)
 
 
 @dataclass
@@ -45,9 +46,8 @@ class Piece:
 
 def _chunk(pos: int, p: int, group: list[int], device) -> Chunk:
     """Responses of lengths `group` packed after a prompt of length p: each sees the prompt and itself."""
-    from torch.nn.attention.bias import causal_lower_right
-
     total = sum(group)
+    mask: torch.Tensor
     if len(group) == 1:
         mask = causal_lower_right(total, p + total)
     else:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 
 from .. import storage
 
@@ -75,12 +77,15 @@ def fit_bradley_terry_cv(
 ) -> tuple[np.ndarray, float, float]:
     """Pick l2 from `grid` by validation BT loss (unregularised); returns (w, l2, val_loss)."""
     val_diff = np.asarray(val_chosen, dtype=np.float64) - np.asarray(val_rejected, dtype=np.float64)
-    best = None
+    if not grid:
+        raise ValueError("fit_bradley_terry_cv: an empty l2 grid")
+    best: tuple[np.ndarray, float, float] | None = None
     for l2 in grid:
         w = fit_bradley_terry(train_chosen, train_rejected, train_tie, l2=l2)
         loss = bt_loss(w, val_diff, val_tie)
         if best is None or loss < best[2]:
             best = (w, float(l2), loss)
+    assert best is not None  # the grid is not empty
     return best
 
 
@@ -105,8 +110,6 @@ class BradleyTerryHead:
         return h.hexdigest()
 
     def save(self, directory: str, storage_options=None) -> None:
-        from safetensors.torch import save as save_tensors
-
         blob = save_tensors({"bt_head.weight": torch.as_tensor(np.asarray(self.weight, dtype=np.float32))})
         storage.write_atomic(storage.join(directory, "bt_head.safetensors"), blob, storage_options)
         meta = {
@@ -122,8 +125,6 @@ class BradleyTerryHead:
 
     @classmethod
     def load(cls, directory: str, storage_options=None) -> BradleyTerryHead:
-        from safetensors.torch import load as load_tensors
-
         meta = json.loads(storage.read_bytes(storage.join(directory, "bt_head.json"), storage_options))
         tensors = load_tensors(storage.read_bytes(storage.join(directory, "bt_head.safetensors"), storage_options))
         head = cls(weight=tensors["bt_head.weight"].numpy(), name=meta["name"], metadata=meta.get("metadata"))

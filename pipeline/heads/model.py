@@ -13,8 +13,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 
 from .. import storage
+from .bradley_terry import BradleyTerryHead
 from .gating import GatingNetwork, gated_score
 
 FORMAT = "armolabel.heads/1"
@@ -113,8 +116,6 @@ class ArmoHeads:
         return h.hexdigest()
 
     def save(self, directory: str, storage_options=None) -> str:
-        from safetensors.torch import save as save_tensors
-
         blob = save_tensors(self.tensors(), metadata={"format": FORMAT})
         storage.write_atomic(storage.join(directory, TENSORS_FILE), blob, storage_options)
         meta = dict(self.config(), fingerprint=self.fingerprint, metadata=self.metadata)
@@ -128,8 +129,6 @@ class ArmoHeads:
 
     @classmethod
     def load(cls, directory: str, storage_options=None) -> ArmoHeads:
-        from safetensors.torch import load as load_tensors
-
         meta = json.loads(storage.read_bytes(storage.join(directory, META_FILE), storage_options))
         if meta.get("format") != FORMAT:
             raise ValueError(f"{directory}: not an armolabel heads directory (format {meta.get('format')!r})")
@@ -185,6 +184,4 @@ def _jsonable(value):
 
 def load_baseline(directory: str, storage_options=None):
     """The single-score Bradley-Terry baseline saved beside heads (see bradley_terry.BradleyTerryHead)."""
-    from .bradley_terry import BradleyTerryHead
-
     return BradleyTerryHead.load(directory, storage_options)

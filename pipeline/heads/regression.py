@@ -24,18 +24,16 @@ class RidgeStats:
     num_objectives: int
     # label pattern (tuple of K bools) -> XᵀX over rows with exactly that pattern
     gram_by_pattern: dict[tuple[bool, ...], np.ndarray] = field(default_factory=dict)
-    xty: np.ndarray = None  # K×H: Σ y_k x over rows labelling k
-    yty: np.ndarray = None  # K:   Σ y_k² over rows labelling k
-    count: np.ndarray = None  # K:   rows labelling k
+    # Running sums, zero at the start; add() and merge() accumulate them.
+    xty: np.ndarray = field(init=False)  # K×H: Σ y_k x over rows labelling k
+    yty: np.ndarray = field(init=False)  # K:   Σ y_k² over rows labelling k
+    count: np.ndarray = field(init=False)  # K:   rows labelling k
 
     def __post_init__(self):
         k, h = self.num_objectives, self.hidden_size
-        if self.xty is None:
-            self.xty = np.zeros((k, h), dtype=np.float64)
-        if self.yty is None:
-            self.yty = np.zeros(k, dtype=np.float64)
-        if self.count is None:
-            self.count = np.zeros(k, dtype=np.int64)
+        self.xty = np.zeros((k, h), dtype=np.float64)
+        self.yty = np.zeros(k, dtype=np.float64)
+        self.count = np.zeros(k, dtype=np.int64)
 
     def add(self, X, Y) -> RidgeStats:
         """Accumulate rows: X [N×H] embeddings, Y [N×K] targets with NaN for missing labels."""
