@@ -1,4 +1,4 @@
-"""The curation job's driver on Ray: one read of a labeled run, a shuffle through files, one task per output file.
+"""The curation job's driver on Ray: a shuffle of a labeled run through files, one task per output file.
 
 1. Scatter: Ray tasks read slices of the run (row groups, projected to the columns the task needs;
    never the embeddings) in batches and append each unit to the fragment of its partition,
@@ -6,10 +6,16 @@
    number of partitions P follows the data (`partition_rows` units each, at least one per output
    file), not the number of output files; no task ever holds more than one batch. The same pass
    returns every value of the columns that quantile filters need, so whole-run cut-offs are exact.
-2. Gather: one Ray task per output file takes its share of the partitions one after another; each
-   partition holds whole prompts (every unit of a prompt, across input files and nodes), so the
-   task's pure function (pipeline.curation.tasks) sees whole best-of-N groups and preference rows.
-   Peak memory of a task is that of one partition, whatever the size of the run.
+2. Each partition holds whole prompts (every unit of a prompt, across input files and nodes), so
+   the task's pure function (pipeline.curation.tasks) sees whole best-of-N groups and preference
+   rows; partitions are taken one after another, so the peak memory of a task is that of one
+   partition, whatever the size of the run.
+   - dpo (run_pairs_task): the fragments carry every column the pairs need; one gather task per
+     output file builds the pairs of its partitions.
+   - sft, rerank (run_unit_task): the fragments carry only what the selection reads plus each
+     unit's position in the run; the selection writes a plan, the output columns (texts, ratings)
+     of the selected units are read back from the run slice by slice, and one task per output
+     file writes them in order. The text columns are read once and never shuffled whole.
 3. Each output file `data/train-<k>-of-<n>.parquet` (the name `datasets` maps to a `train` split)
    is written atomically, its partitions' rows in partition order, each sorted by a stable key: a
    rerun rewrites the same files with the same bytes, and files of an earlier run with another
@@ -208,14 +214,22 @@ def scatter_slice(uri: str, row_groups: list[int], slice_id: int, spec: Scatter)
     return {"rows": rows, "values": {c: np.concatenate(v) if v else np.zeros(0) for c, v in values.items()}}
 
 
+def _runs(sorted_key: np.ndarray):
+    """(value, start, end) of each run of equal values in a sorted integer key."""
+    if not len(sorted_key):
+        return
+    bounds = np.flatnonzero(np.diff(sorted_key)) + 1
+    for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(sorted_key)]):
+        yield int(sorted_key[lo]), int(lo), int(hi)
+
+
 def _split_by(table: pa.Table, key: np.ndarray):
     """(value, sub-table) for each value of an integer key (one per row), in value order; rows keep
     their order within a value."""
     order = np.argsort(key, kind="stable")
-    key, table = key[order], table.take(pa.array(order))
-    bounds = np.flatnonzero(np.diff(key)) + 1
-    for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(key)]):
-        yield int(key[lo]), table.slice(lo, hi - lo)
+    table = table.take(pa.array(order))
+    for value, lo, hi in _runs(key[order]):
+        yield value, table.slice(lo, hi - lo)
 
 
 def read_partition(scratch: str, partition: int, storage_options: dict | None, schema_: pa.Schema) -> pa.Table:
@@ -426,6 +440,7 @@ def read_back_slice(
     plan = pa.concat_tables(plans)
     plan = plan.take(pc.sort_indices(plan, [(POS_ROW, "ascending")]))
     want = plan.column(POS_ROW).to_numpy()
+    plan_part = plan.column(POS_PART).to_numpy()
     computed = [c for c in plan.column_names if c not in (POS_SLICE, POS_ROW, POS_PART, POS_OUT)]
     build = UNIT_TASKS[cfg.task][2]
     fs, path = storage.filesystem(uri, so)
@@ -441,15 +456,17 @@ def read_back_slice(
             for batch in pf.iter_batches(batch_size=BATCH_ROWS, row_groups=[g], columns=output_columns):
                 hi = lo + batch.num_rows
                 a, b = np.searchsorted(want, [lo, hi])
-                sub = plan.slice(a, b - a)
+                # The batch's selected units grouped by partition, so that one take builds them all.
+                by_part = np.argsort(plan_part[a:b], kind="stable")
+                sub = plan.slice(a, b - a).take(pa.array(by_part))
                 rows = build(
-                    pa.Table.from_batches([batch]).take(pa.array(want[a:b] - lo)),
+                    pa.Table.from_batches([batch]).take(pa.array(want[a:b][by_part] - lo)),
                     {c: sub.column(c).to_numpy() for c in computed},
                     calibration,
                 ).append_column(POS_OUT, sub.column(POS_OUT))
-                for p, part in _split_by(rows, sub.column(POS_PART).to_numpy()):
-                    out.write(p, part)
-                    written += part.num_rows
+                for p, i, j in _runs(plan_part[a:b][by_part]):
+                    out.write(p, rows.slice(i, j - i))
+                    written += j - i
                 lo = hi
     return written
 
