@@ -15,9 +15,11 @@ prompt ~ 350 and response ~ 1,200 characters, lognormal) is generated once per s
   rerank:  top 2 per prompt with rank and n_candidates (the job also computes top-1 / Kendall tau-b,
            which the query does not)
 
+Before each measured process the run's files are read once (page cache warm for both ways alike).
 Printed per run: wall time, units/s, peak memory of the process tree (sum of RSS over the process
-and all its descendants, sampled every 0.2 s), rows out, and the job / DuckDB time ratio. The last
-line is ONE JSON object with every figure.
+and all its descendants, sampled every 0.2 s), rows out, the job / DuckDB time ratio and the load
+average as each started (the machine may be shared). The last line is ONE JSON object with every
+figure.
 
   .venv/bin/python bench/bench_curate.py --sizes 200000,800000
   .venv/bin/python bench/bench_curate.py --sizes 3200000 --tasks dpo
@@ -118,7 +120,7 @@ def synthetic_chunk(n_units: int, seed: int) -> pa.Table:
     hr = np.zeros(n, dtype=np.int32)
     bon_noisy = noisy[is_bon].reshape(-1, 4)
     hr[is_bon] = np.argsort(np.argsort(-bon_noisy, axis=1), axis=1).reshape(-1)
-    pref = np.where(is_bon, None, np.where(index == 0, "chosen", "rejected"))
+    pref = np.where(index == 0, "chosen", "rejected")  # null for best-of-N units (mask below)
     columns = {
         "unit_id": uid,
         "row_id": rid,
@@ -131,8 +133,8 @@ def synthetic_chunk(n_units: int, seed: int) -> pa.Table:
         "response": response,
         "response_index": pa.array(index),
         "n_responses": pa.array(np.where(is_bon, 4, 2).astype(np.int32)),
-        "preference": pa.array(pref.tolist(), pa.string()),
-        "tie": pa.array(np.where(is_bon, None, False).tolist(), pa.bool_()),
+        "preference": pa.array(pref, pa.string(), mask=is_bon),
+        "tie": pa.array(np.zeros(n, dtype=bool), pa.bool_(), mask=is_bon),
         "human_rank": pa.array(hr, pa.int32(), mask=~is_bon),
         "response_tokens": pa.array(np.asarray(pc.utf8_length(response)) // 4, pa.int32()),
         "truncated": pa.array(np.zeros(n, dtype=bool)),
@@ -152,7 +154,7 @@ def synthetic_chunk(n_units: int, seed: int) -> pa.Table:
     return table.take(pa.array(rng.permutation(n)))
 
 
-JOB_CONFIGS = {
+JOB_CONFIGS: dict[str, dict] = {
     "sft": {"filters": [{"column": "score", "top": 0.3}], "sft": {"one_per_prompt": True}},
     "dpo": {"pairs": {"best_of_n": "best_worst", "preference": "flip"}},
     "rerank": {"rerank": {"top_k": 2}},
@@ -220,6 +222,7 @@ def duckdb_script(task: str, run: Path, out: Path) -> str:
 
 def measured(cmd: list[str], env: dict | None = None) -> dict:
     """Run cmd; wall time and peak summed RSS of its process tree."""
+    load_before = load()
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})}
@@ -251,13 +254,33 @@ def measured(cmd: list[str], env: dict | None = None) -> dict:
     t.join()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{output[-4000:]}")
-    return {"wall_s": round(wall, 2), "peak_rss_gb": round(peak[0] / 2**30, 2), "output": output}
+    return {
+        "wall_s": round(wall, 2),
+        "peak_rss_gb": round(peak[0] / 2**30, 2),
+        "load_before": load_before,  # 1-minute load average when it started (the machine may be shared)
+        "output": output,
+    }
+
+
+def warm_cache(run: Path) -> None:
+    """Read every file of the run once, so that each measured process starts with the run in the page
+    cache: otherwise whichever way runs first pays the disk reads (other processes on a shared
+    machine evict the cache between runs)."""
+    for f in sorted((run / "data").glob("*.parquet")):
+        with open(f, "rb") as fh:
+            while fh.read(1 << 24):
+                pass
+
+
+def load() -> float:
+    return round(os.getloadavg()[0], 2)
 
 
 def run_job(task: str, run: Path, work: Path) -> dict:
     out = work / f"job-{task}"
     cfg = {"task": task, "run": str(run), "output": str(out), **JOB_CONFIGS[task]}
     (work / f"{task}.yaml").write_text(yaml.safe_dump(cfg))
+    warm_cache(run)
     m = measured(
         [sys.executable, "-m", "jobs.curate", "--config", str(work / f"{task}.yaml")], {"RAY_USAGE_STATS_ENABLED": "0"}
     )
@@ -271,6 +294,7 @@ def run_duckdb(task: str, run: Path, work: Path) -> dict:
     out = work / f"duckdb-{task}.parquet"
     script = work / f"duckdb-{task}.py"
     script.write_text(duckdb_script(task, run, out))
+    warm_cache(run)
     m = measured([sys.executable, str(script)])
     m["rows_out"] = int(m.pop("output").strip().splitlines()[-1])
     return m
@@ -308,7 +332,7 @@ def main() -> int:
                 f"{task:7s} job {job['wall_s']:7.1f} s {r['job_units_per_s']:>9,} units/s "
                 f"peak {job['peak_rss_gb']:5.2f} GB rows {job['rows_out']:>9,} ({job['partitions']} partitions) | "
                 f"duckdb {duck['wall_s']:6.1f} s peak {duck['peak_rss_gb']:5.2f} GB rows {duck['rows_out']:>9,} | "
-                f"ratio {r['time_ratio_job_over_duckdb']:.2f}x",
+                f"ratio {r['time_ratio_job_over_duckdb']:.2f}x | load {job['load_before']} / {duck['load_before']}",
                 flush=True,
             )
     print(

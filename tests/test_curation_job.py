@@ -3,10 +3,12 @@ output is checked against a reference computed here with plain pandas over the w
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -15,7 +17,7 @@ from curation_fixtures import load_units
 from jobs import curate as curate_cli
 from pipeline.curation import calibration as cal
 from pipeline.curation.config import ConfigError, parse_config
-from pipeline.curation.job import run
+from pipeline.curation.job import partition_of, run
 from pipeline.curation.pairs import human_pair_margins
 from pipeline.curation.rerank import agreement_over_prompts
 
@@ -362,3 +364,65 @@ def test_many_small_partitions_give_the_same_rows_and_counts(ray_session, annota
         b[["chosen_unit_id", "rejected_unit_id", "score_margin", "action"]]
     )
     assert not (tmp_path / "many" / "_shuffle").exists()  # scratch removed
+
+
+@pytest.mark.parametrize(
+    "task, extra",
+    [
+        ("sft", {"filters": [{"column": "score", "top": 0.5}], "sft": {"one_per_prompt": True}}),
+        ("rerank", {"rerank": {"top_k": 2}}),
+    ],
+)
+def test_unit_tasks_give_the_same_rows_whatever_the_layout(ray_session, annotated_run, tmp_path, task, extra):
+    """sft and rerank shuffle only light columns and read the selected units' texts back from the
+    run by position: with many small partitions and slices (several slices a file, several
+    partitions a file) every output row, in order, and every count are those of one partition."""
+    cfg = dict(task=task, run=str(annotated_run), **extra)
+    one = curate(ray_session, **cfg, output=str(tmp_path / "one"), output_files=1, partition_rows=100_000)
+    many = curate(ray_session, **cfg, output=str(tmp_path / "many"), output_files=3, partition_rows=40)
+    assert one["partitions"] == 1 and many["partitions"] > 6
+    for name in ("rows_in", "rows_out", "filters", "selection", "resolved_filters"):
+        assert one[name] == many[name]
+    a = read_output(tmp_path / "one")
+    b = read_output(tmp_path / "many")
+    assert len(a) == one["rows_out"] > 0 and len(many["output"]["files"]) == 3
+    key = ["prompt_id", "rank"] if task == "rerank" else ["prompt_id", "unit_id"]
+    a, b = (df.sort_values(key).reset_index(drop=True) for df in (a, b))
+    assert a.drop(columns="messages").equals(b.drop(columns="messages"))
+    assert [list(m) for m in a["messages"]] == [list(m) for m in b["messages"]]
+    # each file: its partitions' rows in partition order, each partition in the selection's order
+    for f in many["output"]["files"]:
+        part = pq.read_table(tmp_path / "many" / "data" / f).to_pandas()
+        p = partition_of(pa.array(part["prompt_id"]), many["partitions"])
+        assert (np.diff(p) >= 0).all()
+        for _, g in part.assign(p=p).groupby("p"):
+            assert g[key].equals(g.sort_values(key)[key])
+    # the texts are the selected units' own
+    by_unit = load_units(annotated_run).drop_duplicates("unit_id").set_index("unit_id")
+    for _, row in b.iterrows():
+        assert row["messages"][-1]["content"] == by_unit.loc[row["unit_id"], "response"]
+        assert list(row["messages"][:-1]) == list(by_unit.loc[row["unit_id"], "prompt"])
+
+
+def test_embedded_ray_workers_get_the_curation_worker_env(tmp_path):
+    """A fresh process starts an embedded Ray through init_ray with the curation job's WORKER_ENV:
+    its workers see the variable; one the user set beforehand is kept."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, ray\n"
+        "from pipeline.curation.job import WORKER_ENV\n"
+        "from pipeline.runtime import init_ray\n"
+        "init_ray(num_cpus=1, worker_env={**WORKER_ENV, 'ARMOLABEL_TEST_KEPT': 'default'})\n"
+        "names = ('MIMALLOC_ARENA_EAGER_COMMIT', 'ARMOLABEL_TEST_KEPT')\n"
+        "f = ray.remote(lambda: tuple(os.environ.get(k) for k in names))\n"
+        "print(ray.get(f.remote()))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("MIMALLOC_ARENA_EAGER_COMMIT", "RAY_ADDRESS")}
+    env["ARMOLABEL_TEST_KEPT"] = "users"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "('0', 'users')"

@@ -1,4 +1,4 @@
-"""The curation job's driver on Ray: one read of a labeled run, a shuffle through files, one task per output file.
+"""The curation job's driver on Ray: a shuffle of a labeled run through files, one task per output file.
 
 1. Scatter: Ray tasks read slices of the run (row groups, projected to the columns the task needs;
    never the embeddings) in batches and append each unit to the fragment of its partition,
@@ -6,10 +6,16 @@
    number of partitions P follows the data (`partition_rows` units each, at least one per output
    file), not the number of output files; no task ever holds more than one batch. The same pass
    returns every value of the columns that quantile filters need, so whole-run cut-offs are exact.
-2. Gather: one Ray task per output file takes its share of the partitions one after another; each
-   partition holds whole prompts (every unit of a prompt, across input files and nodes), so the
-   task's pure function (pipeline.curation.tasks) sees whole best-of-N groups and preference rows.
-   Peak memory of a task is that of one partition, whatever the size of the run.
+2. Each partition holds whole prompts (every unit of a prompt, across input files and nodes), so
+   the task's pure function (pipeline.curation.tasks) sees whole best-of-N groups and preference
+   rows; partitions are taken one after another, so the peak memory of a task is that of one
+   partition, whatever the size of the run.
+   - dpo (run_pairs_task): the fragments carry every column the pairs need; one gather task per
+     output file builds the pairs of its partitions.
+   - sft, rerank (run_unit_task): the fragments carry only what the selection reads plus each
+     unit's position in the run; the selection writes a plan, the output columns (texts, ratings)
+     of the selected units are read back from the run slice by slice, and one task per output
+     file writes them in order. The text columns are read once and never shuffled whole.
 3. Each output file `data/train-<k>-of-<n>.parquet` (the name `datasets` maps to a `train` split)
    is written atomically, its partitions' rows in partition order, each sorted by a stable key: a
    rerun rewrites the same files with the same bytes, and files of an earlier run with another
@@ -21,6 +27,9 @@ from __future__ import annotations
 import math
 import posixpath
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import pyarrow as pa
@@ -33,7 +42,19 @@ from pipeline.curation import calibration as cal
 from pipeline.curation.config import CurateConfig
 from pipeline.curation.pairs import human_pair_margins, merge_counts
 from pipeline.curation.rerank import Agreement
-from pipeline.curation.tasks import build_dpo, rerank, select_sft
+from pipeline.curation.tasks import (
+    RERANK_OUTPUT_COLUMNS,
+    RERANK_SELECT_COLUMNS,
+    SFT_OUTPUT_COLUMNS,
+    SFT_SELECT_COLUMNS,
+    UnitSelection,
+    build_dpo,
+    rating_columns,
+    rerank_rows,
+    rerank_selection,
+    sft_rows,
+    sft_selection,
+)
 from pipeline.curation.thresholds import Filter, columns_to_fit, merge_filter_counts, parse_filters, resolve_filters
 from pipeline.runtime import init_ray
 
@@ -41,6 +62,14 @@ MANIFEST = "manifest.json"
 SLICE_PARTITIONS = 8  # a scatter task reads up to this many partitions' worth of units
 BATCH_ROWS = 50_000  # ... in batches of at most this many units
 SPLIT = "train"
+# Position columns of the unit tasks' shuffle (see run_unit_task); never written to an output.
+POS_SLICE, POS_ROW, POS_PART, POS_OUT = "__slice", "__row", "__partition", "__position"
+# Arrow's bundled mimalloc commits each new arena eagerly by default. On the 2-core VM of
+# BENCHMARKS.md, taking and building 75 % of 400,000 units spent 6.6-9.3 s in the kernel against
+# 1 s of user time; with arenas committed on demand, 0.8-1.1 s (same user time, same peak RSS), and
+# the 0.8M-unit sft read-back went from 13.5 s to 3.3-4.2 s.
+# Set for the workers of an embedded Ray (see pipeline.runtime.init_ray); a cluster sets it itself.
+WORKER_ENV = {"MIMALLOC_ARENA_EAGER_COMMIT": "0"}
 # Uncompressed: fragments live a few seconds on local or cluster scratch; lz4 cost more CPU than it saved I/O.
 IPC_OPTIONS = ipc.IpcWriteOptions(compression=None)
 
@@ -120,49 +149,87 @@ def _fragment_uri(scratch: str, partition: int, slice_id: int) -> str:
     return storage.join(scratch, f"p-{partition:05d}", f"s-{slice_id:06d}.arrow")
 
 
-def scatter_slice(
-    uri: str,
-    row_groups: list[int],
-    slice_id: int,
-    columns: list[str],
-    key: str,
-    partitions: int,
-    scratch: str,
-    batch_rows: int,
-    fit_columns: list[str],
-    storage_options: dict | None,
-) -> dict:
-    """Scatter one slice: each batch is split by partition and appended to that partition's fragment
-    of this slice (one IPC stream per partition). Returns the rows read and the fit columns' values."""
-    fs, path = storage.filesystem(uri, storage_options)
-    writers: dict[int, tuple] = {}
-    values: dict[str, list[np.ndarray]] = {c: [] for c in fit_columns}
-    rows = 0
-    try:
-        with fs.open(path, "rb") as f:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, row_groups=row_groups, columns=columns):
-                table = pa.Table.from_batches([batch])
-                rows += table.num_rows
-                for c in fit_columns:
-                    values[c].append(pc.cast(table.column(c), pa.float64()).to_numpy(zero_copy_only=False))
-                part = partition_of(table.column(key), partitions)
-                order = np.argsort(part, kind="stable")
-                table, part = table.take(order), part[order]
-                bounds = np.flatnonzero(np.diff(part)) + 1
-                for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(part)]):
-                    p = int(part[lo])
-                    if p not in writers:
-                        frag = _fragment_uri(scratch, p, slice_id)
-                        ffs, fpath = storage.filesystem(frag, storage_options)
-                        ffs.makedirs(posixpath.dirname(fpath), exist_ok=True)
-                        sink = ffs.open(fpath, "wb")
-                        writers[p] = (sink, ipc.new_stream(sink, table.schema, options=IPC_OPTIONS))
-                    writers[p][1].write_table(table.slice(lo, hi - lo))
-    finally:
-        for sink, writer in writers.values():
+class Fragments:
+    """The IPC fragments one task appends to: one stream per partition, opened on its first table."""
+
+    def __init__(self, uri_of: Callable[[int], str], storage_options: dict | None):
+        self.uri_of, self.storage_options = uri_of, storage_options
+        self.writers: dict[int, tuple] = {}
+
+    def write(self, partition: int, table: pa.Table) -> None:
+        if partition not in self.writers:
+            fs, path = storage.filesystem(self.uri_of(partition), self.storage_options)
+            fs.makedirs(posixpath.dirname(path), exist_ok=True)
+            sink = fs.open(path, "wb")
+            self.writers[partition] = (sink, ipc.new_stream(sink, table.schema, options=IPC_OPTIONS))
+        self.writers[partition][1].write_table(table)
+
+    def __enter__(self) -> Fragments:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sink, writer in self.writers.values():
             writer.close()
             sink.close()
+
+
+@dataclass(frozen=True)
+class Scatter:
+    """What every scatter task of one run shares."""
+
+    columns: list[str]  # read from the run
+    key: str  # partition = stable_hash(key) mod partitions
+    partitions: int
+    scratch: str
+    batch_rows: int
+    fit_columns: list[str]  # whole-run values returned for the quantile filters
+    storage_options: dict | None
+    positions: bool = False  # add each unit's slice and row in its slice (POS_SLICE, POS_ROW)
+
+
+def scatter_slice(uri: str, row_groups: list[int], slice_id: int, spec: Scatter) -> dict:
+    """Scatter one slice: each batch is split by partition and appended to that partition's fragment
+    of this slice. With `spec.positions`, each unit also carries its slice and its row within the
+    slice, so that its other columns can be read back from the run later. Returns the rows read and
+    the fit columns' values."""
+    fs, path = storage.filesystem(uri, spec.storage_options)
+    values: dict[str, list[np.ndarray]] = {c: [] for c in spec.fit_columns}
+    rows = 0
+    with (
+        fs.open(path, "rb") as f,
+        Fragments(lambda p: _fragment_uri(spec.scratch, p, slice_id), spec.storage_options) as out,
+    ):
+        for batch in pq.ParquetFile(f).iter_batches(
+            batch_size=spec.batch_rows, row_groups=row_groups, columns=spec.columns
+        ):
+            table = pa.Table.from_batches([batch])
+            if spec.positions:
+                table = table.append_column(POS_SLICE, pa.array(np.full(table.num_rows, slice_id, np.int32)))
+                table = table.append_column(POS_ROW, pa.array(np.arange(rows, rows + table.num_rows)))
+            rows += table.num_rows
+            for c in spec.fit_columns:
+                values[c].append(pc.cast(table.column(c), pa.float64()).to_numpy(zero_copy_only=False))
+            for p, part in _split_by(table, partition_of(table.column(spec.key), spec.partitions)):
+                out.write(p, part)
     return {"rows": rows, "values": {c: np.concatenate(v) if v else np.zeros(0) for c, v in values.items()}}
+
+
+def _runs(sorted_key: np.ndarray):
+    """(value, start, end) of each run of equal values in a sorted integer key."""
+    if not len(sorted_key):
+        return
+    bounds = np.flatnonzero(np.diff(sorted_key)) + 1
+    for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(sorted_key)]):
+        yield int(sorted_key[lo]), int(lo), int(hi)
+
+
+def _split_by(table: pa.Table, key: np.ndarray):
+    """(value, sub-table) for each value of an integer key (one per row), in value order; rows keep
+    their order within a value."""
+    order = np.argsort(key, kind="stable")
+    table = table.take(pa.array(order))
+    for value, lo, hi in _runs(key[order]):
+        yield value, table.slice(lo, hi - lo)
 
 
 def read_partition(scratch: str, partition: int, storage_options: dict | None, schema_: pa.Schema) -> pa.Table:
@@ -176,16 +243,10 @@ def read_partition(scratch: str, partition: int, storage_options: dict | None, s
 
 
 def task_fn(cfg: CurateConfig, filters: list[Filter], calibration: dict | None):
-    """The task's pure function of one partition: table -> (output table, counts)."""
-    if cfg.task == "sft":
-        return lambda units: select_sft(
-            units, filters, cfg.sft.one_per_prompt, cfg.sft.kinds, cfg.sft.exclude_human_rejected, calibration
-        )
+    """The pairs task's pure function of one partition: table -> (output table, counts)."""
     if cfg.task == "dpo":
         temperature = calibration["temperature"] if calibration else 1.0
         return lambda units: build_dpo(units, filters, cfg.pairs.rules(), temperature, cfg.pairs.reward_margin)
-    if cfg.task == "rerank":
-        return lambda units: rerank(units, filters, cfg.rerank.top_k, cfg.rerank.kinds, calibration)
     raise ValueError(f"task {cfg.task!r} has no per-partition step")
 
 
@@ -210,7 +271,7 @@ def gather_file(
         counts.append(c)
         if table.num_rows and len(partitions) > 1:
             uri = storage.join(scratch, "out", f"r-{p:05d}.arrow")
-            storage.write_atomic(uri, lambda f, t=table: _write_ipc(f, t), so)
+            storage.write_atomic(uri, partial(_write_ipc, table=table), so)
             staged.append(uri)
         if table.num_rows:
             out_schema, rows = table.schema, rows + table.num_rows
@@ -246,8 +307,10 @@ def shuffle(
     fit_columns: list[str],
     scratch: str,
     output_files: int | None,
+    positions: bool = False,
 ) -> dict:
-    """The scatter pass over the whole run; returns the layout and the fit columns' whole-run values."""
+    """The scatter pass over the whole run; returns the layout, the slices and the fit columns'
+    whole-run values."""
     import ray
 
     so = cfg.storage_options or None
@@ -257,50 +320,243 @@ def shuffle(
     partitions, n_files = partition_layout(total, cfg.partition_rows, output_files)
     storage.remove(scratch, so)
     t0 = time.time()
+    spec = Scatter(columns, key, partitions, scratch, min(cfg.partition_rows, BATCH_ROWS), fit_columns, so, positions)
     task = ray.remote(num_cpus=1)(scatter_slice)
-    refs = [
-        task.remote(
-            uri, groups, i, columns, key, partitions, scratch, min(cfg.partition_rows, BATCH_ROWS), fit_columns, so
-        )
-        for i, (uri, groups) in enumerate(slices)
-    ]
+    refs = [task.remote(uri, groups, i, spec) for i, (uri, groups) in enumerate(slices)]
     results = ray.get(refs)
     values = {c: np.concatenate([r["values"][c] for r in results]) if results else np.zeros(0) for c in fit_columns}
     _say(
         f"scattered {total} units from {len(slices)} slice(s) into {partitions} partition(s) "
         f"in {time.time() - t0:.1f} s"
     )
-    return {"partitions": partitions, "files": n_files, "units": total, "values": values}
+    return {"partitions": partitions, "files": n_files, "units": total, "values": values, "slices": slices}
 
 
-# Columns each task reads besides the filter columns (the rest of a run is never read).
-TASK_COLUMNS = {
-    "sft": ["unit_id", "row_id", "prompt_id", "kind", "source", "prompt", "response", "preference", "score"],
-    "dpo": [
-        "unit_id",
-        "row_id",
-        "prompt_id",
-        "kind",
-        "source",
-        "prompt",
-        "response",
-        "response_index",
-        "preference",
-        "tie",
-        "human_rank",
-        "score",
-    ],
-    "rerank": ["unit_id", "row_id", "prompt_id", "kind", "source", "prompt", "response", "human_rank", "score"],
+# Columns each task reads besides the filter columns (the rest of a run is never read). dpo reads
+# them all in its shuffle; sft and rerank shuffle only what their selection reads and read the
+# output columns back from the run for the selected units (run_unit_task).
+DPO_COLUMNS = [
+    "unit_id",
+    "row_id",
+    "prompt_id",
+    "kind",
+    "source",
+    "prompt",
+    "response",
+    "response_index",
+    "preference",
+    "tie",
+    "human_rank",
+    "score",
+]
+UNIT_TASKS = {
+    # task: (selection columns, output columns, output rows builder)
+    "sft": (SFT_SELECT_COLUMNS, SFT_OUTPUT_COLUMNS, sft_rows),
+    "rerank": (RERANK_SELECT_COLUMNS, RERANK_OUTPUT_COLUMNS, rerank_rows),
 }
 
 
-def task_columns(task: str, names: list[str], filters: list[Filter]) -> list[str]:
-    """The run's columns a task needs: its own, the per-objective ratings it carries into its output
-    (sft, rerank), and every filtered column."""
-    wanted = set(TASK_COLUMNS[task]) | {f.column for f in filters}
-    if task in ("sft", "rerank"):
-        wanted |= {n for n in names if n.startswith((schema.RATING_PREFIX, schema.DEBIASED_PREFIX))}
+def _present(names: list[str], wanted) -> list[str]:
+    """The wanted columns that the run has, in the run's order (a missing filter column is reported
+    by the filter step)."""
+    wanted = set(wanted)
     return [n for n in names if n in wanted]
+
+
+def task_columns(task: str, names: list[str], filters: list[Filter]) -> tuple[list[str], list[str]]:
+    """(the columns the shuffle carries, the columns read back for the output; [] for dpo): a task's
+    own, every filtered column, and the per-objective ratings that sft and rerank carry."""
+    filtered = {f.column for f in filters}
+    if task == "dpo":
+        return _present(names, set(DPO_COLUMNS) | filtered), []
+    select, output, _ = UNIT_TASKS[task]
+    return _present(names, set(select) | filtered), _present(names, set(output) | set(rating_columns(names)))
+
+
+def unit_selection_fn(cfg: CurateConfig, filters: list[Filter]):
+    """The unit task's selection over one partition of light columns: table -> UnitSelection."""
+    if cfg.task == "sft":
+        s = cfg.sft
+        return lambda units: sft_selection(units, filters, s.one_per_prompt, s.kinds, s.exclude_human_rejected)
+    if cfg.task == "rerank":
+        return lambda units: rerank_selection(units, filters, cfg.rerank.top_k, cfg.rerank.kinds)
+    raise ValueError(f"task {cfg.task!r} is not a unit task")
+
+
+def _plan_uri(scratch: str, slice_id: int, partition: int) -> str:
+    return storage.join(scratch, "plan", f"s-{slice_id:06d}", f"p-{partition:05d}.arrow")
+
+
+def _rows_uri(scratch: str, partition: int, slice_id: int) -> str:
+    return storage.join(scratch, "rows", f"p-{partition:05d}", f"s-{slice_id:06d}.arrow")
+
+
+def select_units(
+    partitions: list[int], cfg: CurateConfig, filters: list[Filter], scratch: str, light_schema: pa.Schema
+) -> list[dict]:
+    """Unit tasks, step 2: the selection of each partition (one at a time) on its light columns. The
+    selected units' positions, output order and computed columns are written as a plan per (slice,
+    partition) for the read-back step. Returns each partition's counts."""
+    so = cfg.storage_options or None
+    select = unit_selection_fn(cfg, filters)
+    counts = []
+    for p in partitions:
+        units = read_partition(scratch, p, so, light_schema)
+        sel: UnitSelection = select(units)
+        counts.append(sel.counts)
+        if not len(sel.rows):
+            continue
+        take = pa.array(sel.rows)
+        plan = pa.table(
+            {
+                POS_SLICE: units.column(POS_SLICE).take(take),
+                POS_ROW: units.column(POS_ROW).take(take),
+                POS_PART: pa.array(np.full(len(sel.rows), p, np.int32)),
+                POS_OUT: pa.array(np.arange(len(sel.rows), dtype=np.int64)),
+                **{c: pa.array(v) for c, v in sel.computed.items()},
+            }
+        )
+        for s, part in _split_by(plan, plan.column(POS_SLICE).to_numpy()):
+            storage.write_atomic(_plan_uri(scratch, s, p), partial(_write_ipc, table=part), so)
+    return counts
+
+
+def read_back_slice(
+    uri: str,
+    row_groups: list[int],
+    slice_id: int,
+    output_columns: list[str],
+    cfg: CurateConfig,
+    calibration: dict | None,
+    scratch: str,
+) -> int:
+    """Unit tasks, step 3: the output columns of this slice's selected units, read from the run (only
+    the row groups holding one), built into output rows batch by batch and appended to the fragment
+    of their partition. Returns the rows written."""
+    so = cfg.storage_options or None
+    plans = [_read_ipc(u, so) for u in storage.list_files(storage.join(scratch, "plan", f"s-{slice_id:06d}"), so)]
+    if not plans:
+        return 0
+    plan = pa.concat_tables(plans)
+    plan = plan.take(pc.sort_indices(plan, [(POS_ROW, "ascending")]))
+    want = plan.column(POS_ROW).to_numpy()
+    plan_part = plan.column(POS_PART).to_numpy()
+    computed = [c for c in plan.column_names if c not in (POS_SLICE, POS_ROW, POS_PART, POS_OUT)]
+    build = UNIT_TASKS[cfg.task][2]
+    fs, path = storage.filesystem(uri, so)
+    written = 0
+    with fs.open(path, "rb") as f, Fragments(lambda p: _rows_uri(scratch, p, slice_id), so) as out:
+        pf = pq.ParquetFile(f)
+        sizes = [pf.metadata.row_group(g).num_rows for g in row_groups]
+        starts = np.r_[0, np.cumsum(sizes)]  # row in the slice of each row group's first row
+        for g, start, end in zip(row_groups, starts[:-1], starts[1:]):
+            if np.searchsorted(want, start) == np.searchsorted(want, end):
+                continue  # no selected unit in this row group: not read
+            lo = start
+            for batch in pf.iter_batches(batch_size=BATCH_ROWS, row_groups=[g], columns=output_columns):
+                hi = lo + batch.num_rows
+                a, b = np.searchsorted(want, [lo, hi])
+                # The batch's selected units grouped by partition, so that one take builds them all.
+                by_part = np.argsort(plan_part[a:b], kind="stable")
+                sub = plan.slice(a, b - a).take(pa.array(by_part))
+                rows = build(
+                    pa.Table.from_batches([batch]).take(pa.array(want[a:b][by_part] - lo)),
+                    {c: sub.column(c).to_numpy() for c in computed},
+                    calibration,
+                ).append_column(POS_OUT, sub.column(POS_OUT))
+                for p, i, j in _runs(plan_part[a:b][by_part]):
+                    out.write(p, rows.slice(i, j - i))
+                    written += j - i
+                lo = hi
+    return written
+
+
+def write_unit_file(k: int, n_files: int, partitions: list[int], scratch: str, out_dir: str, so: dict | None) -> str:
+    """Unit tasks, step 4: output file k, its partitions' rows in partition order, each in the order
+    its selection gave (one partition in memory at a time)."""
+    name = output_name(k, n_files)
+
+    def write(f):
+        writer = None
+        for p in partitions:
+            frags = [_read_ipc(u, so) for u in storage.list_files(storage.join(scratch, "rows", f"p-{p:05d}"), so)]
+            if not frags:
+                continue
+            table = pa.concat_tables(frags)
+            order = np.empty(table.num_rows, dtype=np.int64)
+            order[table.column(POS_OUT).to_numpy()] = np.arange(table.num_rows)
+            table = table.take(pa.array(order)).drop_columns([POS_OUT])
+            if writer is None:
+                writer = pq.ParquetWriter(f, table.schema, compression="zstd")
+            writer.write_table(table)
+            del table, frags
+        if writer is not None:
+            writer.close()
+
+    storage.write_atomic(storage.join(out_dir, name), write, so)
+    return name
+
+
+def _read_ipc(uri: str, so: dict | None) -> pa.Table:
+    fs, path = storage.filesystem(uri, so)
+    with fs.open(path, "rb") as f:
+        return ipc.open_stream(f).read_all()
+
+
+def run_unit_task(
+    cfg: CurateConfig,
+    files: list[str],
+    names: list[str],
+    filters: list[Filter],
+    calibration: dict | None,
+    scratch: str,
+    out_dir: str,
+) -> tuple[list[dict], list[str], dict]:
+    """sft and rerank: write only selected units, so the shuffle carries just what the selection reads.
+
+    1. scatter the light columns (ids, kind, preference, score, filter columns) with each unit's
+       position (slice, row) in the run;
+    2. select per partition -> a plan: the chosen units' positions, output order, computed columns;
+    3. per slice, read the output columns (texts, ratings) of the chosen units back from the run,
+       build their output rows and append them to their partition's fragment;
+    4. per output file, its partitions' rows in order.
+    The heavy text columns are read once and written once per selected unit, never shuffled whole.
+    Returns (per-partition counts, written file names, layout)."""
+    import ray
+
+    so = cfg.storage_options or None
+    select_cols, output_cols = task_columns(cfg.task, names, filters)
+    in_schema = run_schema(files, so)
+    light_schema = pa.schema(
+        [in_schema.field(c) for c in select_cols] + [pa.field(POS_SLICE, pa.int32()), pa.field(POS_ROW, pa.int64())]
+    )
+    layout = shuffle(cfg, files, select_cols, "prompt_id", columns_to_fit(filters), scratch, cfg.output_files, True)
+    if layout["values"]:
+        _say(f"whole-run quantiles of {sorted(layout['values'])}")
+        filters = resolve_filters(filters, layout["values"])
+    n_files, per_file = layout["files"], layout["partitions"] // layout["files"]
+    groups = [list(range(k * per_file, (k + 1) * per_file)) for k in range(n_files)]
+    t1 = time.time()
+    select = ray.remote(num_cpus=1)(select_units)
+    counts_per_file = ray.get([select.remote(g, cfg, filters, scratch, light_schema) for g in groups])
+    t2 = time.time()
+    read_back = ray.remote(num_cpus=1)(read_back_slice)
+    ray.get(
+        [
+            read_back.remote(uri, rgs, i, output_cols, cfg, calibration, scratch)
+            for i, (uri, rgs) in enumerate(layout["slices"])
+        ]
+    )
+    t3 = time.time()
+    write = ray.remote(num_cpus=1)(write_unit_file)
+    todo = [k for k in range(n_files) if sum(c["rows_out"] for c in counts_per_file[k])]
+    written = ray.get([write.remote(k, n_files, groups[k], scratch, out_dir, so) for k in todo])
+    _say(
+        f"{cfg.task} on {layout['partitions']} partition(s) -> {len(written)} file(s): selection "
+        f"{t2 - t1:.1f} s, read back {t3 - t2:.1f} s, write {time.time() - t3:.1f} s"
+    )
+    layout["resolved_filters"] = filters
+    return [c for cs in counts_per_file for c in cs], written, layout
 
 
 def _scratch(cfg: CurateConfig) -> str:
@@ -354,12 +610,55 @@ def write_manifest(uri: str, man: dict, storage_options: dict | None) -> None:
     storage.write_json(uri, man, storage_options)
 
 
-def run(cfg: CurateConfig) -> dict:
-    """Run one curation task; returns its manifest (also written next to the output)."""
+def run_pairs_task(
+    cfg: CurateConfig,
+    files: list[str],
+    names: list[str],
+    filters: list[Filter],
+    calibration: dict | None,
+    scratch: str,
+    out_dir: str,
+) -> tuple[list[dict], list[str], dict]:
+    """dpo: the shuffle carries every column the pairs need (their rules compare response texts); one
+    gather task per output file. Returns (per-partition counts, written file names, layout)."""
     import ray
 
+    so = cfg.storage_options or None
+    columns, _ = task_columns(cfg.task, names, filters)
+    in_schema = run_schema(files, so)
+    in_schema = pa.schema([in_schema.field(c) for c in columns])
+    layout = shuffle(cfg, files, columns, "prompt_id", columns_to_fit(filters), scratch, cfg.output_files)
+    if layout["values"]:
+        _say(f"whole-run quantiles of {sorted(layout['values'])}")
+        filters = resolve_filters(filters, layout["values"])
+    n_files, per_file = layout["files"], layout["partitions"] // layout["files"]
+    t1 = time.time()
+    task = ray.remote(num_cpus=1)(gather_file)
+    summaries = ray.get(
+        [
+            task.remote(
+                k,
+                n_files,
+                list(range(k * per_file, (k + 1) * per_file)),
+                cfg,
+                filters,
+                calibration,
+                scratch,
+                in_schema,
+                out_dir,
+            )
+            for k in range(n_files)
+        ]
+    )
+    _say(f"{cfg.task} on {layout['partitions']} partition(s) -> {n_files} file(s) in {time.time() - t1:.1f} s")
+    layout["resolved_filters"] = filters
+    return [c for s in summaries for c in s["counts"]], [s["file"] for s in summaries if s["file"]], layout
+
+
+def run(cfg: CurateConfig) -> dict:
+    """Run one curation task; returns its manifest (also written next to the output)."""
     t0 = time.time()
-    init_ray(cfg.ray_address)
+    init_ray(cfg.ray_address, worker_env=WORKER_ENV)
     _say(f"ray ready in {time.time() - t0:.1f} s")
     so = cfg.storage_options or None
     files = storage.run_data_files(cfg.run, so)
@@ -367,52 +666,27 @@ def run(cfg: CurateConfig) -> dict:
         return run_calibrate(cfg, files, t0)
 
     filters = parse_filters(cfg.filters)
-    fit_cols = columns_to_fit(filters)
     calibration = cal.load(cfg.calibration, so) if cfg.calibration else None
 
     # A manifest left by an earlier run would describe files this run is about to replace.
     storage.remove(storage.join(cfg.output, MANIFEST), so)
     out_dir = storage.join(cfg.output, "data")
     scratch = _scratch(cfg)
-    in_schema = run_schema(files, so)
-    columns = task_columns(cfg.task, in_schema.names, filters)
-    in_schema = pa.schema([in_schema.field(c) for c in columns])
+    names = run_schema(files, so).names
+    run_task = run_unit_task if cfg.task in UNIT_TASKS else run_pairs_task
     try:
-        layout = shuffle(cfg, files, columns, "prompt_id", fit_cols, scratch, cfg.output_files)
-        if fit_cols:
-            _say(f"whole-run quantiles of {fit_cols}")
-            filters = resolve_filters(filters, layout["values"])
-        n_files, per_file = layout["files"], layout["partitions"] // layout["files"]
-        t1 = time.time()
-        task = ray.remote(num_cpus=1)(gather_file)
-        summaries = ray.get(
-            [
-                task.remote(
-                    k,
-                    n_files,
-                    list(range(k * per_file, (k + 1) * per_file)),
-                    cfg,
-                    filters,
-                    calibration,
-                    scratch,
-                    in_schema,
-                    out_dir,
-                )
-                for k in range(n_files)
-            ]
-        )
-        _say(f"{cfg.task} on {layout['partitions']} partition(s) -> {n_files} file(s) in {time.time() - t1:.1f} s")
+        counts_per_partition, written, layout = run_task(cfg, files, names, filters, calibration, scratch, out_dir)
     finally:
         storage.remove(scratch, so)
-    written = sorted(s["file"] for s in summaries if s["file"])
+    written = sorted(written)
     stale = [u for u in storage.list_files(out_dir, so) if posixpath.basename(u) not in set(written)]
     for uri in stale:
         storage.remove(uri, so)
-    counts = merge_bucket_counts([c for s in summaries for c in s["counts"]])
+    counts = merge_bucket_counts(counts_per_partition)
     man = {
         **_base_manifest(cfg, files, t0),
         **counts,
-        "resolved_filters": [f.to_dict() for f in filters],
+        "resolved_filters": [f.to_dict() for f in layout["resolved_filters"]],
         "partitions": layout["partitions"],
         "output": {"dir": out_dir, "files": written, "stale_files_removed": len(stale)},
     }

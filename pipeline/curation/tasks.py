@@ -9,6 +9,8 @@ do not depend on arrival order. pandas frames are accepted too (tests, the repor
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -85,11 +87,13 @@ def _light(units: pa.Table, rows: np.ndarray, columns) -> pa.Table:
 
 
 def _has_score_calibration(calibration: dict | None) -> bool:
-    return bool(calibration) and "score" in calibration["columns"]
+    if not calibration:
+        return False
+    return "score" in calibration["columns"]
 
 
 def _calibrated(units: pa.Table, calibration: dict | None) -> dict:
-    if not _has_score_calibration(calibration):
+    if not calibration or not _has_score_calibration(calibration):
         return {}
     return {
         "score_calibrated": pa.array(cal.apply_column(calibration, "score", float_column(units, "score")), pa.float64())
@@ -116,16 +120,34 @@ def sft_schema(ratings: list[str], calibrated: bool) -> pa.Schema:
     return pa.schema(fields)
 
 
-def select_sft(
+@dataclass
+class UnitSelection:
+    """The units of a partition a task writes (sft, rerank): their row indices in output order, the
+    columns the selection computed for them (aligned with rows) and the manifest counts. Selection
+    reads only light columns; the output rows are built afterwards from just these units, so the
+    heavy text columns are read for the selected units only (see pipeline.curation.job)."""
+
+    rows: np.ndarray
+    computed: dict[str, np.ndarray] = field(default_factory=dict)
+    counts: dict = field(default_factory=dict)
+
+
+# Columns each selection reads (besides the filter columns) and each output is built from (besides
+# the per-objective ratings it carries).
+SFT_SELECT_COLUMNS = ["unit_id", "prompt_id", "kind", "preference", "score"]
+SFT_OUTPUT_COLUMNS = ["prompt", "response", "prompt_id", "unit_id", "row_id", "source", "kind", "score"]
+RERANK_SELECT_COLUMNS = ["unit_id", "prompt_id", "kind", "score", "human_rank"]
+RERANK_OUTPUT_COLUMNS = [*SFT_OUTPUT_COLUMNS, "human_rank"]
+
+
+def sft_selection(
     units,
     filters: list[Filter],
     one_per_prompt: bool,
     kinds: list | None = None,
     exclude_human_rejected: bool = True,
-    calibration: dict | None = None,
-) -> tuple[pa.Table, dict]:
+) -> UnitSelection:
     units = as_table(units)
-    ratings = rating_columns(units.column_names)
     rows_in = units.num_rows
     rows, steps = _pre_filter(units, kinds, exclude_human_rejected)
     keep, filter_counts = apply_filters(_light(units, rows, [f.column for f in filters] + ["unit_id"]), filters)
@@ -143,22 +165,40 @@ def select_sft(
         .to_numpy()
         .astype(np.int64)
     ]
-    out = units.take(pa.array(rows))
-    out_schema = sft_schema(ratings, _has_score_calibration(calibration))
-    data = {
-        "messages": conversations(out.column("prompt"), out.column("response")),
-        **_unit_columns(out, ["prompt_id", "unit_id", "row_id", "source", "kind", "score", *ratings], out_schema),
-    }
-    data.update(_calibrated(out, calibration))
-    table = pa.table(data, schema=out_schema)
     counts = {
         "rows_in": rows_in,
-        "rows_out": table.num_rows,
+        "rows_out": len(rows),
         "selection": steps,
         "filters": filter_counts,
         "one_per_prompt_removed": removed_by_one_per_prompt,
     }
-    return table, counts
+    return UnitSelection(rows, {}, counts)
+
+
+def sft_rows(selected: pa.Table, computed: dict, calibration: dict | None = None) -> pa.Table:
+    """The SFT output rows of the selected units (in their order); row by row, so any slice of the
+    selection can be built on its own."""
+    ratings = rating_columns(selected.column_names)
+    out_schema = sft_schema(ratings, _has_score_calibration(calibration))
+    data = {
+        "messages": conversations(selected.column("prompt"), selected.column("response")),
+        **_unit_columns(selected, ["prompt_id", "unit_id", "row_id", "source", "kind", "score", *ratings], out_schema),
+    }
+    data.update(_calibrated(selected, calibration))
+    return pa.table(data, schema=out_schema)
+
+
+def select_sft(
+    units,
+    filters: list[Filter],
+    one_per_prompt: bool,
+    kinds: list | None = None,
+    exclude_human_rejected: bool = True,
+    calibration: dict | None = None,
+) -> tuple[pa.Table, dict]:
+    units = as_table(units)
+    sel = sft_selection(units, filters, one_per_prompt, kinds, exclude_human_rejected)
+    return sft_rows(units.take(pa.array(sel.rows)), sel.computed, calibration), sel.counts
 
 
 def dpo_schema(reward_margin: bool = False) -> pa.Schema:
@@ -223,14 +263,11 @@ def rerank_schema(ratings: list[str], calibrated: bool) -> pa.Schema:
     return pa.schema(fields)
 
 
-def rerank(
-    units, filters: list[Filter], top_k: int, kinds: list | None = None, calibration: dict | None = None
-) -> tuple[pa.Table, dict]:
+def rerank_selection(units, filters: list[Filter], top_k: int, kinds: list | None = None) -> UnitSelection:
     """Per prompt, the top_k surviving units by score with their rank (0 = best; top_k 1 keeps rank 0
     only); agreement with human ranks is measured on every scored unit of the selected kinds, before
     the filters."""
     units = as_table(units)
-    ratings = rating_columns(units.column_names)
     rows_in = units.num_rows
     rows, steps = _pre_filter(units, kinds, exclude_rejected=False)
     light = _light(units, rows, ["prompt_id", "unit_id", "score", "human_rank"] + [f.column for f in filters])
@@ -242,23 +279,37 @@ def rerank(
     order, rank, _ = rank_order(light)
     top = rank < top_k
     order, rank = order[top], rank[top]
-    out = units.take(pa.array(rows[order]))
-    out_schema = rerank_schema(ratings, _has_score_calibration(calibration))
-    data = {
-        "messages": conversations(out.column("prompt"), out.column("response")),
-        **_unit_columns(out, ["prompt_id", "unit_id", "row_id", "source", "kind"], out_schema),
-        "rank": pa.array(rank, pa.int32()),
-        "n_candidates": pa.array(candidates[codes[order]], pa.int32()),
-        **_unit_columns(out, ["score", "human_rank", *ratings], out_schema),
-    }
-    data.update(_calibrated(out, calibration))
-    table = pa.table(data, schema=out_schema)
+    computed = {"rank": rank.astype(np.int32), "n_candidates": candidates[codes[order]].astype(np.int32)}
     counts = {
         "rows_in": rows_in,
-        "rows_out": table.num_rows,
+        "rows_out": len(order),
         "selection": steps,
         "filters": filter_counts,
         "prompts": int(n_prompts),
         "agreement": agreement.to_dict(),
     }
-    return table, counts
+    return UnitSelection(rows[order], computed, counts)
+
+
+def rerank_rows(selected: pa.Table, computed: dict, calibration: dict | None = None) -> pa.Table:
+    """The rerank output rows of the selected units (in their order), with the computed rank and
+    n_candidates; row by row, like sft_rows."""
+    ratings = rating_columns(selected.column_names)
+    out_schema = rerank_schema(ratings, _has_score_calibration(calibration))
+    data = {
+        "messages": conversations(selected.column("prompt"), selected.column("response")),
+        **_unit_columns(selected, ["prompt_id", "unit_id", "row_id", "source", "kind"], out_schema),
+        "rank": pa.array(computed["rank"], pa.int32()),
+        "n_candidates": pa.array(computed["n_candidates"], pa.int32()),
+        **_unit_columns(selected, ["score", "human_rank", *ratings], out_schema),
+    }
+    data.update(_calibrated(selected, calibration))
+    return pa.table(data, schema=out_schema)
+
+
+def rerank(
+    units, filters: list[Filter], top_k: int, kinds: list | None = None, calibration: dict | None = None
+) -> tuple[pa.Table, dict]:
+    units = as_table(units)
+    sel = rerank_selection(units, filters, top_k, kinds)
+    return rerank_rows(units.take(pa.array(sel.rows)), sel.computed, calibration), sel.counts
