@@ -104,7 +104,7 @@ def test_unused_fields_per_shard_and_source(tmp_path):
     _write(path, records)
     shards = list(iter_shards(InputSpec(str(path)), str(path), rows_per_shard=2))
     assert len(shards) == 3
-    per_shard = [FieldUse.from_json(s[0][FIELD_USE]) for s in shards]
+    per_shard = [FieldUse.from_dict(s[0][FIELD_USE]) for s in shards]
     assert all(FIELD_USE not in u for s in shards for u in s[1:])  # only on each shard's first unit
     assert [dict(u.present) for u in per_shard] == [
         {"prompt": 2, "response": 2, "reward_gpt4": 2, "lang": 2},
@@ -121,7 +121,7 @@ def test_unused_fields_per_shard_and_source(tmp_path):
             "labeled_units": 0,
             "quarantined_units": 0,
             "tokens": 0,
-            "record_fields": json.loads(s[0][FIELD_USE]),
+            "record_fields": s[0][FIELD_USE],
         }
         for s in shards
     ]
@@ -137,5 +137,5 @@ def test_fields_read_by_a_mapping_are_not_unused(tmp_path):
     path = tmp_path / "m.jsonl"
     _write(path, [{"question": "q", "meta": {"answer": "a"}, "score": 3, "id": 1}])
     spec = InputSpec(str(path), columns={"prompt": "question", "response": "meta.answer"})
-    use = FieldUse.from_json(next(iter_shards(spec, str(path)))[0][FIELD_USE])
+    use = FieldUse.from_dict(next(iter_shards(spec, str(path)))[0][FIELD_USE])
     assert use.unused() == ["id", "score"] and use.unused_labels() == ["score"]

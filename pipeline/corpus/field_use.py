@@ -14,11 +14,12 @@ Only top-level keys are tracked; reading "meta.score" reads "meta".
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
+
+import pyarrow as pa
 
 # Words that name a label in the published preference and rating sets (HelpSteer, UltraFeedback,
 # SHP, PKU-SafeRLHF, BeaverTails, chatbot arena, MT-Bench, Nectar, Tulu/H4 mixtures, ...). A field
@@ -145,6 +146,10 @@ class TrackedRecord(dict):
         return super().__iter__()
 
 
+# FieldUse as one Arrow cell: it travels in the unit stream from the read tasks to the write stage.
+FIELD_USE_TYPE = pa.struct([("present", pa.map_(pa.string(), pa.int64())), ("read", pa.list_(pa.string()))])
+
+
 @dataclass
 class FieldUse:
     """Per field: records (that gave a good row) where it held a value; and the fields read."""
@@ -160,15 +165,17 @@ class FieldUse:
         self.present.update(other.present)
         self.read |= other.read
 
-    def to_json(self) -> str:
-        return json.dumps({"present": dict(self.present), "read": sorted(self.read)}, sort_keys=True)
+    def to_dict(self) -> dict[str, Any]:
+        """The plain form: a FIELD_USE_TYPE cell in the unit stream, `record_fields` in a shard marker."""
+        return {"present": dict(sorted(self.present.items())), "read": sorted(self.read)}
 
     @classmethod
-    def from_json(cls, data: str | dict | None) -> FieldUse:
+    def from_dict(cls, data: dict | None) -> FieldUse:
+        """From to_dict()'s form, or an Arrow FIELD_USE_TYPE cell (whose map reads as (key, value) pairs)."""
         if not data:
             return cls()
-        d = json.loads(data) if isinstance(data, str) else data
-        return cls(Counter(d.get("present", {})), set(d.get("read", [])))
+        present = data.get("present") or {}
+        return cls(Counter(dict(present)), set(data.get("read") or []))
 
     def unused(self) -> list[str]:
         """Fields that held a value in some record and were never read."""

@@ -17,7 +17,7 @@ is quarantined with the place it was found, never raised. Reasons and raw text o
 rows are stored with such characters written as "\\udXXX" escapes.
 
 Field use: each record reaches its adapter as a field_use.TrackedRecord; the first unit of every
-shard carries (under FIELD_USE, outside UNIT_SCHEMA) the shard's FieldUse as JSON, which the
+shard carries (under FIELD_USE, outside UNIT_SCHEMA) the shard's FieldUse (a FIELD_USE_TYPE struct), which the
 labeling job sums per source to report record fields that were never read.
 """
 
@@ -35,12 +35,12 @@ import pyarrow.compute as pc
 from pipeline import ids, schema, storage
 from pipeline.corpus import formats
 from pipeline.corpus.adapters import ADAPTERS, QuarantineError, Row, adapt_mapping, detect
-from pipeline.corpus.field_use import FieldUse, TrackedRecord
+from pipeline.corpus.field_use import FIELD_USE_TYPE, FieldUse, TrackedRecord
 from pipeline.corpus.spec import InputSpec, expand_files, file_format_of
 
 PROMPT_ROLES = ("system", "user", "assistant")
 _DETECT_LOOKAHEAD = 1000  # records buffered while looking for one whose fields name the format
-FIELD_USE = "record_fields"  # per-shard FieldUse JSON on the shard's first unit (see module docstring)
+FIELD_USE = "record_fields"  # per-shard FieldUse on the shard's first unit (see module docstring)
 
 
 def file_stem(uri: str) -> str:
@@ -340,7 +340,7 @@ def iter_shards(
         n_rows = sum(len(rows) for rows in records)
         for i, u in enumerate(units):
             u.update(shard_id=sid, shard_unit=i, shard_units=len(units), shard_rows=n_rows)
-        units[0][FIELD_USE] = reader.take_field_use().to_json()
+        units[0][FIELD_USE] = reader.take_field_use().to_dict()
         return units
 
     for rows in reader.rows(limit_rows):
@@ -356,7 +356,7 @@ def units_table(units: list[dict], field_use: bool = False) -> pa.Table:
     """UNIT_SCHEMA columns; with field_use, also the FIELD_USE column (null but on shard starts)."""
     table = pa.Table.from_pylist(units, schema=schema.UNIT_SCHEMA)
     if field_use:
-        table = table.append_column(FIELD_USE, pa.array([u.get(FIELD_USE) for u in units], pa.string()))
+        table = table.append_column(FIELD_USE, pa.array([u.get(FIELD_USE) for u in units], FIELD_USE_TYPE))
     return table
 
 

@@ -10,7 +10,6 @@ shards with a marker are skipped and every part file of a shard without one is d
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field, fields
 
@@ -168,7 +167,7 @@ class ShardProgress:
             **self.totals,
             "reasons": dict(self.reasons),
             "scored_on": dict(self.scored_on),
-            "record_fields": json.loads(self.fields.to_json()),
+            "record_fields": self.fields.to_dict(),
         }
 
 

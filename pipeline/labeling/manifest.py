@@ -60,7 +60,7 @@ def summarize_sources(markers: list[dict]) -> dict[str, dict]:
     out: dict[str, dict] = {}
     use: dict[str, FieldUse] = {}
     for m in markers:
-        use.setdefault(m["source"], FieldUse()).merge(FieldUse.from_json(m.get("record_fields")))
+        use.setdefault(m["source"], FieldUse()).merge(FieldUse.from_dict(m.get("record_fields")))
         s = out.setdefault(
             m["source"],
             {

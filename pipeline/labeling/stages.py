@@ -394,12 +394,12 @@ class WriteStage(Stage):
 
 
 def _shard_field_use(part: pa.Table) -> FieldUse | None:
-    """The reader's field use of the shard (the reader writes it as JSON on the shard's first unit
-    only), if the read carried it."""
+    """The reader's field use of the shard (the reader puts it on the shard's first unit only), if
+    the read carried it."""
     if FIELD_USE not in part.column_names:
         return None
     values = pc.drop_null(part.column(FIELD_USE))
-    return FieldUse.from_json(values[0].as_py()) if len(values) else None
+    return FieldUse.from_dict(values[0].as_py()) if len(values) else None
 
 
 def _write_parquet(uri: str, table: pa.Table, storage_options: dict | None) -> None:
