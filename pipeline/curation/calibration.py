@@ -15,6 +15,7 @@ import json
 import numpy as np
 
 from pipeline import storage
+from pipeline.secrets import redact
 
 CALIBRATION_VERSION = 1
 METHODS = ("zscore", "quantile")
@@ -113,8 +114,6 @@ def fit_temperature(margins, lo: float = 1e-3, hi: float = 1e3, iters: int = 200
 
 
 def save(calibration: dict, uri: str, storage_options: dict | None = None) -> None:
-    from pipeline.secrets import redact
-
     storage.write_atomic(uri, json.dumps(redact(calibration), indent=2, sort_keys=True).encode(), storage_options)
 
 

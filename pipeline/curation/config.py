@@ -26,10 +26,12 @@ from typing import Any
 
 import yaml
 
+from pipeline import storage
 from pipeline.curation import calibration as cal
 from pipeline.curation.pairs import PairRules
 from pipeline.curation.thresholds import FilterError, parse_filters
 from pipeline.schema import KINDS
+from pipeline.secrets import lift_config_uris, redact, scrub, without_credentials
 
 TASKS = ("sft", "dpo", "rerank", "calibrate")
 
@@ -118,13 +120,9 @@ class CurateConfig:
         return asdict(self)
 
     def __repr__(self) -> str:  # a config may end up in a log line or a traceback
-        from pipeline.secrets import redact
-
         return f"CurateConfig({redact(self.to_dict())})"
 
     def hash(self) -> str:
-        from pipeline.secrets import without_credentials  # a rotated key is the same job
-
         d = without_credentials(self.to_dict())
         d.pop("ray_address", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -139,8 +137,6 @@ def parse_config(data: dict) -> CurateConfig:
             raise ConfigError(f"config: missing required key {key!r}")
     sections = {"sft": SftConfig, "pairs": PairsConfig, "rerank": RerankConfig, "calibrate": CalibrateConfig}
     parsed = {name: _take(cls, data.pop(name, None), name) for name, cls in sections.items()}
-    from pipeline.secrets import lift_config_uris
-
     try:
         data = lift_config_uris(data, ("run", "output", "calibration"))  # s3://KEY:SECRET@... -> storage_options
     except ValueError as e:
@@ -195,7 +191,6 @@ def _validate(cfg: CurateConfig) -> None:
         raise ConfigError(
             f"output: the calibrate task writes one JSON file; expected a path ending in .json, got {cfg.output!r}"
         )
-    from pipeline import storage
 
     so = cfg.storage_options or None
     if not storage.parquet_files(storage.join(cfg.run, "data"), so):
@@ -211,7 +206,5 @@ def load_config(path: str, overrides: dict | None = None) -> CurateConfig:
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e}") from e
     except yaml.YAMLError as e:  # its message quotes the offending line, which may hold a secret
-        from pipeline.secrets import scrub
-
         raise ConfigError(scrub(f"config {path} is not valid YAML: {e}")) from None
     return parse_config({**(data or {}), **(overrides or {})})

@@ -57,6 +57,7 @@ from pipeline.curation.tasks import (
 )
 from pipeline.curation.thresholds import Filter, columns_to_fit, merge_filter_counts, parse_filters, resolve_filters
 from pipeline.runtime import init_ray
+from pipeline.secrets import scrub
 
 MANIFEST = "manifest.json"
 SLICE_PARTITIONS = 8  # a scatter task reads up to this many partitions' worth of units
@@ -75,8 +76,6 @@ IPC_OPTIONS = ipc.IpcWriteOptions(compression=None)
 
 
 def _say(msg: str) -> None:
-    from pipeline.secrets import scrub
-
     print(scrub(f"[curate] {msg}"), flush=True)
 
 

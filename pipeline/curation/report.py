@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from pipeline import metrics, schema, storage
 from pipeline.curation import svg
+from pipeline.secrets import redact, scrub
 
 BASE_COLUMNS = ["unit_id", "prompt_id", "source", "kind", "score", "human_rank"]
 
@@ -335,8 +336,8 @@ def build_report(
     so = storage_options or None
     units, manifest = read_run_columns(run_dir, so)
     stats = report_stats(units, manifest)
-    from pipeline.secrets import redact, scrub  # manifests of older versions held credentials in clear
 
+    # redacted again: manifests of older versions held credentials in clear
     manifests = [redact(json.loads(storage.read_bytes(u, so))) for u in curation_manifests or []]
     storage.write_atomic(out_uri, scrub(render_html(stats, manifests)).encode("utf-8"), so)
     return stats
