@@ -126,3 +126,11 @@ def stream(ds) -> Iterator[pa.Table]:
     # prefetch_batches=0: with Ray's default of 1 the iterator holds each block until the next one
     # arrives, so every commit (and progress line) would wait for one more block.
     yield from ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0)
+
+
+def tolerate_actor_init_deaths(n: int) -> None:
+    """Replace an actor that dies while it starts (its node lost mid-start) up to n times in a row
+    before failing the run (DataContext, this process; Ray Data's default fails on the first)."""
+    import ray.data
+
+    ray.data.DataContext.get_current().max_consecutive_actor_init_deaths = n

@@ -6,12 +6,20 @@ same, and so that files become visible only once complete (atomic commit).
 
 from __future__ import annotations
 
+import copy
+import errno
+import hashlib
 import json
+import logging
 import os
 import platform
 import posixpath
+import threading
 import uuid
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from importlib import metadata
 from typing import IO, Any
 
@@ -24,20 +32,269 @@ from pipeline import secrets
 StorageOptions = dict[str, Any]
 
 
-TMP_PREFIX = ".tmp-"  # write_atomic's temporary names (local files)
+TMP_PREFIX = ".tmp-"  # temporary names of atomic writes (local files)
 
 
 def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
-def filesystem(uri: str, storage_options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem for a URI and the path within it.
+# ---- the store handle: one resolved filesystem per (protocol, options), per process ----------
 
-    storage_options go to s3fs for s3:// (e.g. {"endpoint_url": ..., "profile": ...}). Credentials
-    are best left to botocore's own lookup (AWS_* environment variables, ~/.aws profiles, instance
-    or pod roles; docs/operations.md); given here (key/secret/token) or in the URI
-    (s3://KEY:SECRET@bucket/...), they are remembered so that pipeline.secrets masks them in
+# S3 request policy, chosen for a run that makes thousands of requests a second and must ride
+# out throttling: botocore's "standard" retry mode (exponential backoff with jitter, capped at
+# 20 s) retries 503 SlowDown, 500/502/504, throttling codes, connection resets and read timeouts;
+# 8 attempts span about a minute of backoff. s3fs retries on top of that what botocore cannot see:
+# a body cut off mid-read (IncompleteRead), parser errors from a throttled response. A stalled
+# request is given up after `read_timeout` seconds and retried. Every value is overridable in
+# storage_options (`config_kwargs`, `retries`), which win over these.
+S3_DEFAULTS: dict[str, Any] = {
+    "config_kwargs": {
+        "retries": {"max_attempts": 8, "mode": "standard"},
+        "connect_timeout": 10,
+        "read_timeout": 30,
+    },
+    "retries": 5,  # s3fs's own layer (see above)
+}
+
+
+class FaultCounts:
+    """Retried storage requests seen in this process (the job adds them to its manifest).
+
+    `retries` counts every request re-sent after a failed attempt (botocore's retry loop: a
+    throttled, failed, reset or timed-out request); `reads_retried` the body reads s3fs re-issued.
+    `take()` returns the counts since the previous take and starts again, so that each task can
+    report what happened while it ran (a process runs one task at a time)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: Counter[str] = Counter()
+
+    def add(self, kind: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[kind] += n
+
+    def take(self) -> dict[str, int]:
+        with self._lock:
+            out, self._counts = dict(self._counts), Counter()
+        return out
+
+
+FAULTS = FaultCounts()
+
+
+def _count_retry(request=None, **_kwargs) -> None:
+    """botocore `request-created` hook: a request whose retry context says attempt > 1 is a retry."""
+    ctx = getattr(request, "context", None) or {}
+    if (ctx.get("retries") or {}).get("attempt", 1) > 1:
+        FAULTS.add("retries")
+
+
+class _S3fsRetryFilter(logging.Filter):
+    """s3fs says only in its debug log that it re-issues a request ('Retryable error: ...', a
+    SlowDown it retries itself): count those, and let through only what the logger's own level
+    would have let through, so nobody sees debug lines they did not ask for."""
+
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.msg if isinstance(record.msg, str) else ""
+        if msg.startswith("Retryable error") or (
+            msg.startswith("Client error (maybe retryable)") and "SlowDown" in str(record.args)
+        ):
+            FAULTS.add("reads_retried")
+        return record.levelno >= self.level
+
+
+_S3FS_HOOKED = False
+
+
+def _hook_s3fs_log() -> None:
+    global _S3FS_HOOKED
+    if _S3FS_HOOKED:
+        return
+    logger = logging.getLogger("s3fs")
+    logger.addFilter(_S3fsRetryFilter(logger.getEffectiveLevel()))
+    logger.setLevel(min(logger.getEffectiveLevel(), logging.DEBUG))
+    _S3FS_HOOKED = True
+
+
+def _merge(defaults: dict, given: dict) -> dict:
+    """`given` over `defaults`, one level of nested mappings merged (config_kwargs, client_kwargs)."""
+    out = copy.deepcopy(defaults)
+    for k, v in given.items():
+        out[k] = {**out[k], **v} if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+@dataclass
+class Store:
+    """One resolved store: the fsspec filesystem of a protocol with its options (credentials,
+    retries, timeouts), what it can guarantee, and where its retries are counted.
+
+    Resolved once per process for each distinct (protocol, options) by `store()`; every
+    function below goes through it. Pickles as its inputs (a Ray task resolves its own)."""
+
+    protocol: str
+    options: dict
+    fs: fsspec.AbstractFileSystem = dataclass_field(repr=False, compare=False)
+
+    @property
+    def conditional_writes(self) -> bool:
+        """Create-if-absent and replace-if-unchanged writes (what a lease needs): S3 has them
+        (If-None-Match / If-Match), a local disk has O_EXCL and atomic rename."""
+        return self.protocol in ("s3", "file")
+
+    @property
+    def multipart(self) -> bool:
+        return self.protocol == "s3"
+
+    def __reduce__(self):
+        return (_resolve, (self.protocol, self.options))
+
+    # ---- conditional writes (compare-and-swap on one small object) ----------------------
+
+    def read_versioned(self, path: str) -> tuple[bytes, str] | None:
+        """An object's bytes and the version tag a conditional replace compares against
+        (S3: its ETag; local: a content hash); None when it does not exist."""
+        if self.protocol == "s3":
+            for _ in range(5):  # the tag and the bytes must belong to the same version
+                try:
+                    before = self.fs.info(path, refresh=True)["ETag"]
+                    data = self.fs.cat_file(path)
+                    after = self.fs.info(path, refresh=True)["ETag"]
+                except FileNotFoundError:
+                    return None
+                if before == after:
+                    return data, after
+            raise OSError(f"{path} keeps changing while it is read")
+        if self.protocol == "file":
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except FileNotFoundError:
+                return None
+            return data, hashlib.sha256(data).hexdigest()
+        raise UnsupportedStore(f"{self.protocol}:// has no conditional writes")
+
+    def create_exclusive(self, path: str, data: bytes) -> bool:
+        """Write `path` only if it does not exist; False when it does. An ambiguous outcome (the
+        write was applied but its answer lost, then the retry refused) also reads False: callers
+        read the object back to tell (their content carries a token of their own)."""
+        if self.protocol == "s3":
+            try:
+                self.fs.pipe_file(path, data, mode="create")
+            except FileExistsError:
+                return False
+            except OSError as e:
+                if e.errno == errno.EINVAL:  # s3fs's PreconditionFailed
+                    return False
+                raise
+            return True
+        if self.protocol == "file":
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = os.path.join(os.path.dirname(path), f"{TMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}")
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)  # atomic, and fails when path exists: the whole file or nothing
+            except FileExistsError:
+                return False
+            finally:
+                os.remove(tmp)
+            return True
+        raise UnsupportedStore(f"{self.protocol}:// has no conditional writes")
+
+    def replace_if(self, path: str, data: bytes, tag: str) -> bool:
+        """Replace `path` only if its version tag is still `tag` (see read_versioned)."""
+        if self.protocol == "s3":
+            try:
+                self.fs.pipe_file(path, data, IfMatch=tag)
+            except (FileNotFoundError, FileExistsError):
+                return False
+            except OSError as e:
+                if e.errno == errno.EINVAL:
+                    return False
+                raise
+            return True
+        if self.protocol == "file":
+            # A lock file serialises compare-and-replace among processes (flock; NFSv4 too).
+            import fcntl
+
+            with open(f"{path}.lock", "a+b") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                current = self.read_versioned(path)
+                if current is None or current[1] != tag:
+                    return False
+                write_atomic(path, data)
+            return True
+        raise UnsupportedStore(f"{self.protocol}:// has no conditional writes")
+
+    # ---- what an interrupted writer leaves --------------------------------------------
+
+    def abandoned_uploads(self, prefix: str) -> list[tuple[str, str]]:
+        """(key path, upload id) of multipart uploads begun under `prefix` and never completed
+        or aborted (a writer killed mid-upload): invisible to listings, billed until aborted."""
+        if self.protocol != "s3":
+            return []
+        bucket, key, _ = self.fs.split_path(prefix)
+        out: list[tuple[str, str]] = []
+        marker: dict[str, str] = {}
+        while True:
+            resp = self.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=key.rstrip("/") + "/", **marker)
+            out += [(f"{bucket}/{u['Key']}", u["UploadId"]) for u in resp.get("Uploads", [])]
+            if not resp.get("IsTruncated"):
+                return out
+            marker = {"KeyMarker": resp["NextKeyMarker"], "UploadIdMarker": resp["NextUploadIdMarker"]}
+
+    def abort_upload(self, path: str, upload_id: str) -> None:
+        bucket, key, _ = self.fs.split_path(path)
+        self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
+
+
+class UnsupportedStore(RuntimeError):
+    """The store cannot give a guarantee the job relies on (e.g. conditional writes)."""
+
+
+_STORES: dict[str, Store] = {}
+_STORES_LOCK = threading.Lock()
+
+
+def _protocol(uri: str) -> str:
+    return uri.split("://", 1)[0] if is_remote(uri) else "file"
+
+
+def _resolve(protocol: str, opts: dict) -> Store:
+    key = json.dumps([protocol, opts], sort_keys=True, default=repr)
+    with _STORES_LOCK:
+        found = _STORES.get(key)
+        if found is not None:
+            return found
+        kwargs = copy.deepcopy(opts)  # botocore rewrites its config in place
+        if protocol == "s3":
+            import aiobotocore.session
+
+            _hook_s3fs_log()
+            session = aiobotocore.session.AioSession()
+            session.register("request-created.s3", _count_retry)
+            kwargs["session"] = session
+            kwargs["skip_instance_cache"] = True  # this cache is the one instance cache
+        fs = fsspec.filesystem(protocol, **kwargs)
+        made = _STORES[key] = Store(protocol, opts, fs)
+        return made
+
+
+def store(uri: str, storage_options: StorageOptions | None = None) -> Store:
+    """The store holding `uri`, resolved once per process for these options.
+
+    storage_options go to s3fs for s3:// (e.g. {"endpoint_url": ..., "profile": ...}), over
+    S3_DEFAULTS. Credentials are best left to botocore's own lookup (AWS_* environment variables,
+    ~/.aws profiles, instance or pod roles; docs/operations.md); given here (key/secret/token) or in
+    the URI (s3://KEY:SECRET@bucket/...), they are remembered so that pipeline.secrets masks them in
     anything printed, and a URI's are moved into the options (the path itself never carries them).
     `redact_keys` (names of further credential options) is ours and not passed on.
     """
@@ -46,21 +303,30 @@ def filesystem(uri: str, storage_options: StorageOptions | None = None) -> tuple
     opts.update(creds)
     secrets.remember(storage_options)
     secrets.remember(creds)
-    if uri.startswith("s3://"):
+    protocol = _protocol(uri)
+    if protocol == "s3":
         endpoint = (
             opts.pop("endpoint_url", None)
             or os.environ.get("AWS_ENDPOINT_URL_S3")
             or os.environ.get("AWS_ENDPOINT_URL")
         )
         if endpoint:
-            opts["client_kwargs"] = {
-                **(opts.get("client_kwargs") or {}),
-                "endpoint_url": endpoint,
-            }  # a copy: never the caller's
+            opts["client_kwargs"] = {**(opts.get("client_kwargs") or {}), "endpoint_url": endpoint}
         # Listings must see what other processes just wrote (resume, incremental runs).
         opts.setdefault("use_listings_cache", False)
-    fs, path = fsspec.core.url_to_fs(uri, **opts)
-    return fs, path
+        opts = _merge(S3_DEFAULTS, opts)
+    return _resolve(protocol, opts)
+
+
+def filesystem(uri: str, storage_options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem for a URI (its resolved `store`) and the path within it."""
+    st = store(uri, storage_options)
+    bare, _ = secrets.split_uri_credentials(uri)
+    return st.fs, _strip_protocol(st.fs, bare)
+
+
+def _strip_protocol(fs: fsspec.AbstractFileSystem, uri: str) -> str:
+    return fs._strip_protocol(uri)
 
 
 def join(base: str, *parts: str) -> str:
@@ -94,15 +360,24 @@ def write_atomic(
     """Write a file so that readers see either nothing or the whole file.
 
     Local: write to a hidden temporary name in the same directory, fsync, rename.
-    S3: an object appears only when its upload completes, so the final key is written directly.
+    S3: an object appears only when its upload completes, so the final key is written directly;
+    a writer that fails part-way discards its upload (a plain `with open` would complete it and
+    publish the partial file). One killed outright leaves at most an unfinished multipart upload,
+    which `Store.abandoned_uploads` finds and the labeling job's resume aborts.
     """
     fs, path = filesystem(uri, storage_options)
     parent = posixpath.dirname(path) if is_remote(uri) else os.path.dirname(path)
     if parent:
         fs.makedirs(parent, exist_ok=True)
     if is_remote(uri):
-        with fs.open(path, "wb") as f:
+        f = fs.open(path, "wb")
+        try:
             f.write(write) if isinstance(write, bytes) else write(f)
+        except BaseException:
+            if hasattr(f, "discard"):
+                f.discard()
+            raise
+        f.close()
         return
     tmp = os.path.join(parent, f"{TMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}")
     try:
@@ -133,11 +408,47 @@ def parquet_files(dir_uri: str, storage_options: StorageOptions | None = None) -
     ]
 
 
-def run_data_files(run_dir: str, storage_options: StorageOptions | None = None) -> list[str]:
-    """The Parquet parts of a labeled run (`<run_dir>/data`); FileNotFoundError when there are none."""
-    files = parquet_files(join(run_dir, "data"), storage_options)
+# ---- a labeled run's layout (written by pipeline.labeling; read here by every consumer) -----
+
+SHARDS_DIR = "_shards"  # <run_dir>/_shards/<shard_id>.json: one commit marker per complete shard
+RUN_IDENTITY = "_run.json"  # written when a labeling run starts
+PART_SUFFIX = ".parquet"
+
+
+def part_name(shard_id: str, first: int, last: int) -> str:
+    """A part file holds units first..last of one shard: `<shard_id>-<first>-<last>.parquet`."""
+    return f"{shard_id}-{first:07d}-{last:07d}{PART_SUFFIX}"
+
+
+def shard_of_part(file_name: str) -> str:
+    """Inverse of part_name for the shard id (shard ids themselves contain dashes)."""
+    stem = file_name[: -len(PART_SUFFIX)] if file_name.endswith(PART_SUFFIX) else file_name
+    return stem.rsplit("-", 2)[0]
+
+
+def committed_shards(run_dir: str, storage_options: StorageOptions | None = None) -> set[str]:
+    """Ids of the run's committed shards (those with a marker): one listing, no reads."""
+    return {
+        posixpath.basename(u)[: -len(".json")]
+        for u in list_files(join(run_dir, SHARDS_DIR), storage_options)
+        if u.endswith(".json")
+    }
+
+
+def run_data_files(run_dir: str, storage_options: StorageOptions | None = None, sub: str = "data") -> list[str]:
+    """The committed Parquet parts of a labeled run (`<run_dir>/data`, sorted); FileNotFoundError
+    when there are none.
+
+    Only parts of committed shards count: a part whose shard has no marker was left by an
+    interrupted attempt (the next attempt deletes it), so a reader never sees a partial shard or
+    one written twice, even while a run is crashed, resuming or still going. Directories that no
+    labeling run wrote (no `_run.json`) are read whole."""
+    files = parquet_files(join(run_dir, sub), storage_options)
+    if exists(join(run_dir, RUN_IDENTITY), storage_options):
+        done = committed_shards(run_dir, storage_options)
+        files = [u for u in files if shard_of_part(posixpath.basename(u)) in done]
     if not files:
-        raise FileNotFoundError(f"no Parquet files under {join(run_dir, 'data')}")
+        raise FileNotFoundError(f"no committed Parquet files under {join(run_dir, sub)}")
     return files
 
 

@@ -52,6 +52,7 @@ def _summary(sid, first, last, units_total=10, **over):
         tokens=3,
         computed_tokens=4,
         useful_tokens=2,
+        storage_retries=1,
         reasons={},
         scored_on={"node-a": last - first + 1},
         scored_from=1.0,
@@ -92,8 +93,18 @@ def test_ledger_completes_exactly_once_and_refuses_overlap():
     assert marker["reasons"] == {"too long": 1} and marker["scored_on"] == {"node-a": 10}
     assert marker["record_fields"] == {"present": {"label": 2}, "read": []}
     assert ledger.incomplete() == []
+    assert marker["storage_retries"] == 2  # one per range, summed
     with pytest.raises(ExactlyOnceViolation):
         ledger.add(_summary("a", 2, 2))
+
+
+def test_ledger_refuses_more_units_than_the_shard_holds():
+    """A range reaching past the shard's unit count (a reader and a writer disagreeing on the
+    shard) is an error, never a shard 'complete' with units beyond its end."""
+    ledger = ShardLedger()
+    assert ledger.add(_summary("a", 0, 2, units_total=5)) is None
+    with pytest.raises(ExactlyOnceViolation, match="7 units written, only 5 exist"):
+        ledger.add(_summary("a", 3, 6, units_total=5))
 
 
 def test_manifest_counts_reasons_by_category_and_rows_reconcile():

@@ -4,8 +4,10 @@ Output files are named after the input shard and the range of units they hold
 (`<shard_id>-<first>-<last>.parquet`), so a retried write task rewrites the same file instead
 of adding one. The write stage returns one RangeSummary per written range (as Arrow rows of RANGE_SCHEMA: typed
 columns, counts as maps, no JSON); the driver feeds them to the ShardLedger. A shard is complete when its
-ranges cover 0 .. shard_units-1 exactly once, and only then is its marker written. On resume,
-shards with a marker are skipped and every part file of a shard without one is deleted first.
+ranges cover 0 .. shard_units-1 exactly once, and only then is its marker written (markers follow
+data). Readers take only parts of shards with a marker (pipeline.storage.run_data_files). On
+resume, shards with a marker are skipped, and every part file no marker names, temporary file and
+unfinished multipart upload under the run is removed first (pipeline.labeling.run).
 """
 
 from __future__ import annotations
@@ -18,17 +20,8 @@ import pyarrow as pa
 
 from pipeline.corpus.field_use import FieldUse
 
-PART_SUFFIX = ".parquet"
-
-
-def part_name(shard_id: str, first: int, last: int) -> str:
-    return f"{shard_id}-{first:07d}-{last:07d}{PART_SUFFIX}"
-
-
-def shard_of_part(file_name: str) -> str:
-    """Inverse of part_name for the shard id (shard ids themselves contain dashes)."""
-    stem = file_name[: -len(PART_SUFFIX)] if file_name.endswith(PART_SUFFIX) else file_name
-    return stem.rsplit("-", 2)[0]
+# The part-file naming is the run layout's, which every reader shares (pipeline.storage).
+from pipeline.storage import PART_SUFFIX, part_name, shard_of_part  # noqa: F401 - re-exported
 
 
 def contiguous_runs(indices: np.ndarray) -> list[tuple[int, int, np.ndarray]]:
@@ -70,6 +63,7 @@ class RangeSummary:
     tokens: int  # the labeled units' own token counts
     computed_tokens: int  # scoring-pass accounting (see manifest.token_accounting)
     useful_tokens: int
+    storage_retries: int  # storage requests retried while this range was read and written
     reasons: dict[str, int]  # quarantine reason -> units
     scored_on: dict[str, int]  # node -> units
     scored_from: float | None  # the range's scoring calls: earliest start, latest end (unix s)
@@ -116,6 +110,7 @@ RANGE_SCHEMA = pa.schema(
         ("tokens", pa.int64()),
         ("computed_tokens", pa.int64()),
         ("useful_tokens", pa.int64()),
+        ("storage_retries", pa.int64()),
         ("reasons", _COUNTS),
         ("scored_on", _COUNTS),
         ("scored_from", pa.float64()),
@@ -183,6 +178,7 @@ class ShardLedger:
         "tokens",
         "computed_tokens",
         "useful_tokens",
+        "storage_retries",
     )
 
     def __init__(self) -> None:

@@ -72,6 +72,12 @@ class LabelConfig:
     # Parse every input once before labeling, for an exact unit total and an ETA in the progress
     # lines. Off by default: on a large corpus that pass costs as much reading as the run itself.
     count_units: bool = False
+    # One live driver per run: a lease under the run's prefix, renewed every lease_ttl_s / 4
+    # seconds; a killed driver blocks the run for at most this long (pipeline/labeling/lease.py).
+    # null: no lease (stores without conditional writes); then never start two drivers on a run id.
+    lease_ttl_s: float | None = 120.0
+    # Fail the run (with what it waits for) when nothing was committed for this long; null: never.
+    stall_timeout_s: float | None = 900.0
 
     @property
     def run_dir(self) -> str:
@@ -103,7 +109,7 @@ class LabelConfig:
         """Identity of what the run computes (not where it runs, nor with which credentials): used in
         manifests and submission ids."""
         d = secrets.without_credentials(self.to_dict())
-        for k in ("ray_address", "progress_interval_s", "count_units"):
+        for k in ("ray_address", "progress_interval_s", "count_units", "lease_ttl_s", "stall_timeout_s"):
             d.pop(k, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -177,6 +183,10 @@ def _validate(cfg: LabelConfig) -> None:
             resolve_source(BackboneSpec.from_dict(m.backbone))
         except Exception as e:  # noqa: BLE001
             raise ConfigError(f"model.backbone: {e}") from e
+    for key in ("lease_ttl_s", "stall_timeout_s"):
+        value = getattr(cfg, key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            raise ConfigError(f"{key}: expected a positive number of seconds or null, got {value!r}")
     if not cfg.run_id or any(c in cfg.run_id for c in "/\\ "):
         raise ConfigError(f"run_id: must be a non-empty name without slashes or spaces, got {cfg.run_id!r}")
 

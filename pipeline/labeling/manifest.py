@@ -12,8 +12,8 @@ from pipeline import schema, storage
 from pipeline.corpus.field_use import FieldUse
 
 MANIFEST = "manifest.json"
-SHARDS_DIR = "_shards"
-RUN_IDENTITY = "_run.json"  # what the committed shards were scored with; a resume must match it
+SHARDS_DIR = storage.SHARDS_DIR
+RUN_IDENTITY = storage.RUN_IDENTITY  # what the committed shards were scored with; a resume must match it
 
 
 def marker_uri(run_dir: str, shard_id: str) -> str:

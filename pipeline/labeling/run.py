@@ -5,18 +5,35 @@ writes the manifest. Resumable (same run id) and incremental (new input files on
 from __future__ import annotations
 
 import logging
+import posixpath
+import queue
+import threading
 import time
+from collections.abc import Callable
+
+import pyarrow as pa
 
 from pipeline import storage
 from pipeline.corpus.ray_read import read_corpus
+from pipeline.labeling import lease as run_lease
 from pipeline.labeling import manifest as mf
-from pipeline.labeling.commit import ShardLedger, shard_of_part, summaries_of
+from pipeline.labeling.commit import ShardLedger, summaries_of
 from pipeline.labeling.config import LabelConfig
 from pipeline.labeling.plan import RunPlan, plan_run
-from pipeline.labeling.stages import EmbedScoreStage, ScoringModel, TokenizeStage, WriteStage
+from pipeline.labeling.stages import EmbedScoreStage, ScoringModel, TokenizeStage, WriteStage, count_read_retries
+from pipeline.labeling.watch import PoolWatch, Stalled
 from pipeline.runtime import init_ray
 from pipeline.secrets import scrub
-from pipeline.stage import Resources, apply_stage, count_rows, rebatch, set_max_block_bytes, stage_function, stream
+from pipeline.stage import (
+    Resources,
+    apply_stage,
+    count_rows,
+    rebatch,
+    set_max_block_bytes,
+    stage_function,
+    stream,
+    tolerate_actor_init_deaths,
+)
 
 # Ray Data merges what a task yields into blocks of up to 128 MiB (DataContext default): a file's
 # tokenized shards would travel as one block, and nothing would be scored, written or committed
@@ -31,23 +48,47 @@ def _say(msg: str) -> None:
     print(scrub(f"[label] {msg}"), flush=True)
 
 
-def _remove_uncommitted_parts(run_dir: str, done: dict, storage_options: dict | None) -> int:
-    """Part files of shards without a marker come from an interrupted attempt: delete them so the
-    shard is written again from scratch, never twice."""
+# Scoring actors that die while loading their model (their node lost mid-start) are replaced this
+# many times in a row before the run gives up; Ray Data's default (0) fails the run on the first.
+ACTOR_INIT_DEATHS = 5
+
+
+def committed_names(markers) -> set[str]:
+    """`<sub>/<file name>` of every part file the markers name (data/ and quarantine/)."""
+    out = set()
+    for m in markers:
+        for uri in m.get("files", []):
+            parts = uri.rstrip("/").rsplit("/", 2)
+            out.add(f"{parts[-2]}/{parts[-1]}")
+    return out
+
+
+def clean_run(run_dir: str, markers, storage_options: dict | None) -> dict[str, int]:
+    """Remove what interrupted attempts left: part files no marker names (a shard written but not
+    committed, or written twice by an earlier overlapping attempt), temporary files of atomic
+    writes, and unfinished multipart uploads under the run's prefix (a writer killed mid-upload).
+    Only under the run's lease: another live driver's files would look the same."""
+    keep = committed_names(markers)
     removed = 0
     for sub in ("data", "quarantine"):
         for uri in storage.list_files(storage.join(run_dir, sub), storage_options):
-            name = uri.rstrip("/").rsplit("/", 1)[-1]
-            if name.startswith(storage.TMP_PREFIX) or shard_of_part(name) not in done:
+            name = posixpath.basename(uri.rstrip("/"))
+            if name.startswith(storage.TMP_PREFIX) or f"{sub}/{name}" not in keep:
                 storage.remove(uri, storage_options)
                 removed += 1
-    return removed
+    st = storage.store(run_dir, storage_options)
+    _, prefix = storage.filesystem(run_dir, storage_options)
+    uploads = st.abandoned_uploads(prefix)
+    for path, upload_id in uploads:
+        st.abort_upload(path, upload_id)
+    return {"partial_files_removed": removed, "uploads_aborted": len(uploads)}
 
 
 class Progress:
-    def __init__(self, total_units: int | None, interval_s: float):
+    def __init__(self, total_units: int | None, interval_s: float, status: Callable[[], str | None] | None = None):
         self.total = total_units
         self.interval = interval_s
+        self.status = status  # e.g. PoolWatch.status: what the run waits for, if anything
         self.start = self.last = time.monotonic()
         self.units = self.tokens = 0
         self.window: list[float] = []  # [first scoring call's start, last one's end] (unix seconds)
@@ -94,46 +135,95 @@ class Progress:
             left = max(self.total - self.units, 0)
             eta = f"{left / rate:.0f}s" if rate > 0 else "?"
             msg += f", {100 * self.units / self.total:.1f}% of {self.total}, ETA {eta}"
-        return msg
+        waiting = self.status() if self.status is not None else None
+        return f"{msg}; {waiting}" if waiting else msg
 
 
 def run(cfg: LabelConfig) -> dict:
     """Run (or resume) the labeling job; returns the manifest. Heads named by
-    `model.train_if_missing` must exist already: pipeline.training.ensure_heads trains them."""
-    return execute(plan_run(cfg))
+    `model.train_if_missing` must exist already: pipeline.training.ensure_heads trains them.
+
+    The run's lease is taken first (LeaseHeld when another live driver has the run), so the plan
+    sees what earlier attempts committed and nobody else changes it while this driver runs."""
+    so = cfg.storage_options or None
+    lease = run_lease.take(cfg.run_dir, so, cfg.lease_ttl_s) if cfg.lease_ttl_s else None
+    try:
+        if lease is not None and lease.taken_over:
+            _say(
+                f"took over the lease of a driver that stopped renewing it "
+                f"({run_lease.describe(lease.taken_over, time.time())})"
+            )
+        return execute(plan_run(cfg), lease)
+    finally:
+        if lease is not None:
+            lease.release()
 
 
-def execute(plan: RunPlan) -> dict:
+def execute(plan: RunPlan, lease: run_lease.RunLease | None = None) -> dict:
+    """Carry out a plan. `lease`: the run's lease, held by the caller (run); it is checked before
+    every commit, so a driver that lost it stops rather than racing the one that took over."""
     t0 = time.time()
     cfg = plan.cfg
     so = cfg.storage_options or None
     run_dir = cfg.run_dir
+    storage.FAULTS.take()  # count this run's retries only
     if cfg.incremental:
         _say(f"incremental: {len(plan.skipped)} file(s) done by earlier runs, {len(plan.files)} new")
     mf.check_run_identity(run_dir, plan.identity, so)
-    removed = _remove_uncommitted_parts(run_dir, plan.committed, so)
-    if plan.committed or removed:
+    cleaned = clean_run(run_dir, plan.committed.values(), so)
+    if plan.committed or any(cleaned.values()):
         _say(
             f"resuming run {cfg.run_id}: {len(plan.committed)} shard(s) already committed, "
-            f"{removed} partial file(s) removed"
+            f"{cleaned['partial_files_removed']} partial file(s) removed, "
+            f"{cleaned['uploads_aborted']} unfinished upload(s) aborted"
         )
     new_markers: list[dict] = []
     steady: dict = {}
     if plan.files:
         init_ray(cfg.ray_address)
         set_max_block_bytes(MAX_BLOCK_BYTES)
+        tolerate_actor_init_deaths(ACTOR_INIT_DEATHS)
         total = count_rows(_read(plan)) if cfg.count_units else None
         ds = _pipeline(plan)
         what = f"{total} unit(s) to label" if total is not None else f"{plan.input_bytes} input bytes to label"
         _say(f"run {cfg.run_id}: {len(plan.files)} file(s), {what} -> {run_dir}")
-        progress = Progress(total, cfg.progress_interval_s)
-        new_markers = _drive(ds, run_dir, so, progress)
+        watch = _pool_watch(cfg)
+        progress = Progress(total, cfg.progress_interval_s, watch.status)
+        new_markers = _drive(ds, run_dir, so, progress, lease, watch, cfg.stall_timeout_s)
         steady = progress.steady()
-    man = plan.manifest(new_markers, time.time() - t0, steady, storage.versions())
+    if lease is not None:
+        lease.ensure_held()
+    # A write retried after its first try was cut off, or a task of an earlier overlapping attempt
+    # that finished late, may leave a part no marker names: removed before the run says complete.
+    swept = clean_run(run_dir, [*plan.committed.values(), *new_markers], so)["partial_files_removed"]
+    faults = {
+        "storage_retries": sum(int(m.get("storage_retries") or 0) for m in new_markers)
+        + sum(storage.FAULTS.take().values()),
+        "cleanup": {**cleaned, "orphans_removed_at_end": swept},
+        "lease": _lease_record(lease),
+    }
+    man = plan.manifest(new_markers, time.time() - t0, {**steady, **faults}, storage.versions())
     storage.write_json(storage.join(run_dir, mf.MANIFEST), man, so)
     for warning in mf.unused_label_warnings(man["sources"]):
         _say(warning)
     return man
+
+
+def _lease_record(lease: run_lease.RunLease | None) -> dict | None:
+    if lease is None:
+        return None
+    return {
+        "ttl_s": lease.ttl_s,
+        "renewals": lease.renewals,
+        "took_over_from": (lease.taken_over or {}).get("holder"),
+    }
+
+
+def _pool_watch(cfg: LabelConfig) -> PoolWatch:
+    r = cfg.resources
+    needs = {"CPU": r.num_cpus_per_actor, **({"GPU": r.num_gpus_per_actor} if r.num_gpus_per_actor else {})}
+    needs.update(r.custom_resources_per_actor)
+    return PoolWatch(minimum=r.actors[0] if isinstance(r.actors, list) else r.actors, needs=needs)
 
 
 def _read(plan: RunPlan, transform=None):
@@ -164,7 +254,8 @@ def _pipeline(plan: RunPlan):
     tokenize = TokenizeStage(None if m.armorm_checkpoint else m.backbone, m.template, cpu, m.armorm_checkpoint, so)
     # Blocks of at most units_per_call units reach the actors: each scoring call's results are
     # written and committed while the next is scored (a block is the unit of streaming).
-    ds = rebatch(_read(plan, stage_function(tokenize)), r.units_per_call)
+    tokenize_shard = stage_function(tokenize)
+    ds = rebatch(_read(plan, lambda t: count_read_retries(tokenize_shard(t))), r.units_per_call)
     scoring = Resources(
         num_cpus=r.num_cpus_per_actor,
         num_gpus=r.num_gpus_per_actor,
@@ -186,15 +277,29 @@ def _pipeline(plan: RunPlan):
     return apply_stage(ds, WriteStage(cfg.run_dir, cfg.run_id, plan.objectives, cfg.embeddings, so, cpu))
 
 
-def _drive(ds, run_dir: str, so: dict | None, progress: Progress) -> list[dict]:
-    """Consume the write stage's range summaries; commit each shard the moment it is complete."""
+def _drive(
+    ds,
+    run_dir: str,
+    so: dict | None,
+    progress: Progress,
+    lease: run_lease.RunLease | None = None,
+    watch: PoolWatch | None = None,
+    stall_timeout_s: float | None = None,
+) -> list[dict]:
+    """Consume the write stage's range summaries; commit each shard the moment it is complete.
+
+    The pipeline's output is pulled on a thread of its own, so this loop wakes every progress
+    interval even when nothing arrives: it then says what the run waits for, and fails the run
+    (Stalled, with that diagnosis) once nothing was committed for stall_timeout_s."""
     ledger = ShardLedger()
     markers = []
-    for table in stream(ds):
+    for table in _pull(ds, progress, watch, stall_timeout_s):
         for summary in summaries_of(table):
             progress.add(summary.units, summary.tokens, summary.scored_from, summary.scored_until)
             finished = ledger.add(summary)
             if finished is not None:
+                if lease is not None:
+                    lease.ensure_held()
                 marker = finished.marker()
                 storage.write_json(mf.marker_uri(run_dir, marker["shard_id"]), marker, so)
                 markers.append(marker)
@@ -203,3 +308,40 @@ def _drive(ds, run_dir: str, so: dict | None, progress: Progress) -> list[dict]:
         raise RuntimeError(f"pipeline ended with incomplete shards {incomplete[:5]}: not every unit was written")
     _say(progress.line())
     return markers
+
+
+_END = object()
+
+
+def _pull(ds, progress: Progress, watch: PoolWatch | None, stall_timeout_s: float | None):
+    """The pipeline's output blocks, with a deadline on the wait for each."""
+    out: queue.Queue = queue.Queue(maxsize=4)
+
+    def pump() -> None:
+        try:
+            for table in stream(ds):
+                out.put(table)
+            out.put(_END)
+        except BaseException as e:  # noqa: BLE001 - handed to the driver's thread, raised there
+            out.put(e)
+
+    threading.Thread(target=pump, name="armolabel-pipeline", daemon=True).start()
+    last = time.monotonic()
+    while True:
+        try:
+            item = out.get(timeout=max(min(progress.interval, stall_timeout_s or progress.interval), 0.1))
+        except queue.Empty:
+            idle = time.monotonic() - last
+            if stall_timeout_s and idle >= stall_timeout_s:
+                raise Stalled(
+                    watch.diagnose(idle) if watch else f"no unit committed for {idle:.0f}s (stall_timeout_s)"
+                ) from None
+            _say(f"{progress.line()} (nothing committed for {idle:.0f}s)")
+            continue
+        if item is _END:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        last = time.monotonic()
+        assert isinstance(item, pa.Table)
+        yield item

@@ -34,6 +34,21 @@ SCORED_FROM = "scored_from"  # wall-clock start and end of the scoring call (uni
 SCORED_UNTIL = "scored_until"  # the driver measures pipeline throughput from them
 COMPUTED_TOKENS = "computed_tokens"  # token positions the backbone ran, charged per unit (padding included)
 USEFUL_TOKENS = "useful_tokens"  # tokens that had to run (each distinct prompt of a call once)
+# Storage requests the read task retried while it read a shard (on the shard's first unit; see
+# count_read_retries), summed with the write task's own into each range's storage_retries.
+READ_RETRIES = "read_storage_retries"
+
+
+def count_read_retries(table: pa.Table) -> pa.Table:
+    """Runs in the read task after each shard is read: charges the storage retries this process
+    made since the last shard to this shard's first unit."""
+    n = table.num_rows
+    if n == 0:
+        return table
+    retried = sum(storage.FAULTS.take().values())
+    return _set_column(table, READ_RETRIES, [retried] + [0] * (n - 1), pa.int64())
+
+
 TOKEN_COLUMNS = [name for name, _ in schema.TOKEN_FIELDS]
 DEBIASED_PREFIX = schema.DEBIASED_PREFIX
 
@@ -351,6 +366,7 @@ class WriteStage(Stage):
         bad_mask = pc.is_valid(part.column("quarantine_reason"))
         good, bad = part.filter(pc.invert(bad_mask)), part.filter(bad_mask)
         name = part_name(sid, first, last)
+        read_retries = (pc.sum(part.column(READ_RETRIES)).as_py() or 0) if READ_RETRIES in part.column_names else 0
         files = []
         if good.num_rows:
             uri = storage.join(self.run_dir, "data", name)
@@ -383,6 +399,7 @@ class WriteStage(Stage):
             # Absent when no scoring stage ran (e.g. every unit quarantined by the reader).
             computed_tokens=(pc.sum(part.column(COMPUTED_TOKENS)).as_py() or 0) if COMPUTED_TOKENS in cols else 0,
             useful_tokens=(pc.sum(part.column(USEFUL_TOKENS)).as_py() or 0) if USEFUL_TOKENS in cols else 0,
+            storage_retries=read_retries + sum(storage.FAULTS.take().values()),
             reasons=dict(Counter(bad.column("quarantine_reason").to_pylist())),
             scored_on=dict(Counter(part.column(SCORED_ON).to_pylist())) if SCORED_ON in cols else {},
             scored_from=pc.min(part.column(SCORED_FROM)).as_py() if SCORED_FROM in cols else None,
