@@ -4,7 +4,9 @@
     ray job submit --working-dir . -- python -m jobs.label --config jobs/configs/<name>.yaml
 
 Locally it starts an embedded Ray; under `ray job submit` it joins the cluster. Rerunning with
-the same run id resumes: committed shards are skipped, the rest are redone.
+the same run id resumes: committed shards are skipped, the rest are redone. Exit codes: 0 done,
+2 bad config, 4 another live driver holds the run id, 1 anything else (a stalled run included:
+what was committed stays).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import json
 import sys
 
 from pipeline.labeling.config import ConfigError, load_config
+
+EXIT_RUN_HELD = 4  # another live driver holds the run id (its lease); nothing was done
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,12 +40,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if warning := inline_credentials_warning(cfg.to_dict()):
         print(warning, file=sys.stderr)
+    from pipeline.labeling.lease import LeaseHeld, LeaseLost
     from pipeline.labeling.manifest import score_summary
     from pipeline.labeling.run import run
+    from pipeline.labeling.watch import Stalled
+    from pipeline.storage import UnsupportedStore
     from pipeline.training import ensure_heads
 
     ensure_heads(cfg)  # model.train_if_missing: train the heads first when they do not exist
-    man = run(cfg)
+    try:
+        man = run(cfg)
+    except UnsupportedStore as e:
+        print(scrub(f"config error: {e}"), file=sys.stderr)
+        return 2
+    except LeaseHeld as e:  # another live driver has this run: nothing was touched
+        print(scrub(f"label error: {e}"), file=sys.stderr)
+        return EXIT_RUN_HELD
+    except (Stalled, LeaseLost) as e:  # what was committed stays; a rerun resumes
+        print(scrub(f"label error: {e}"), file=sys.stderr)
+        return 1
     print(
         scrub(
             json.dumps(

@@ -179,20 +179,20 @@ class Store:
             return data, hashlib.sha256(data).hexdigest()
         raise UnsupportedStore(f"{self.protocol}:// has no conditional writes")
 
-    def create_exclusive(self, path: str, data: bytes) -> bool:
-        """Write `path` only if it does not exist; False when it does. An ambiguous outcome (the
-        write was applied but its answer lost, then the retry refused) also reads False: callers
-        read the object back to tell (their content carries a token of their own)."""
+    def create_exclusive(self, path: str, data: bytes) -> str | None:
+        """Write `path` only if it does not exist: the new version tag, or None when it exists. An
+        ambiguous outcome (the write was applied but its answer lost, then the retry refused)
+        also reads None: callers read the object back to tell (their content carries a token)."""
         if self.protocol == "s3":
             try:
-                self.fs.pipe_file(path, data, mode="create")
+                resp = self.fs.pipe_file(path, data, mode="create")
             except FileExistsError:
-                return False
+                return None
             except OSError as e:
                 if e.errno == errno.EINVAL:  # s3fs's PreconditionFailed
-                    return False
+                    return None
                 raise
-            return True
+            return _etag(resp) or self._tag_of(path)
         if self.protocol == "file":
             os.makedirs(os.path.dirname(path), exist_ok=True)
             tmp = os.path.join(os.path.dirname(path), f"{TMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}")
@@ -203,24 +203,25 @@ class Store:
             try:
                 os.link(tmp, path)  # atomic, and fails when path exists: the whole file or nothing
             except FileExistsError:
-                return False
+                return None
             finally:
                 os.remove(tmp)
-            return True
+            return hashlib.sha256(data).hexdigest()
         raise UnsupportedStore(f"{self.protocol}:// has no conditional writes")
 
-    def replace_if(self, path: str, data: bytes, tag: str) -> bool:
-        """Replace `path` only if its version tag is still `tag` (see read_versioned)."""
+    def replace_if(self, path: str, data: bytes, tag: str) -> str | None:
+        """Replace `path` only if its version tag is still `tag` (see read_versioned): the new
+        tag, or None when the object changed (or is gone)."""
         if self.protocol == "s3":
             try:
-                self.fs.pipe_file(path, data, IfMatch=tag)
+                resp = self.fs.pipe_file(path, data, IfMatch=tag)
             except (FileNotFoundError, FileExistsError):
-                return False
+                return None
             except OSError as e:
                 if e.errno == errno.EINVAL:
-                    return False
+                    return None
                 raise
-            return True
+            return _etag(resp) or self._tag_of(path)
         if self.protocol == "file":
             # A lock file serialises compare-and-replace among processes (flock; NFSv4 too).
             import fcntl
@@ -229,10 +230,14 @@ class Store:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 current = self.read_versioned(path)
                 if current is None or current[1] != tag:
-                    return False
+                    return None
                 write_atomic(path, data)
-            return True
+            return hashlib.sha256(data).hexdigest()
         raise UnsupportedStore(f"{self.protocol}:// has no conditional writes")
+
+    def _tag_of(self, path: str) -> str | None:
+        got = self.read_versioned(path)
+        return got[1] if got else None
 
     # ---- what an interrupted writer leaves --------------------------------------------
 
@@ -254,6 +259,10 @@ class Store:
     def abort_upload(self, path: str, upload_id: str) -> None:
         bucket, key, _ = self.fs.split_path(path)
         self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
+
+
+def _etag(resp: Any) -> str | None:
+    return resp.get("ETag") if isinstance(resp, dict) else None
 
 
 class UnsupportedStore(RuntimeError):

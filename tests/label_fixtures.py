@@ -57,11 +57,18 @@ def label_config(tmp: Path, heads: str | None, inputs: list[dict] | None = None,
 @pytest.fixture(scope="session")
 def smollm2_heads(tmp_path_factory) -> str:
     """Heads trained on a small real slice, through jobs.train_heads' own code path."""
-    tmp = tmp_path_factory.mktemp("heads")
-    heads = tmp / "smollm2"
     reuse = os.environ.get("ARMOLABEL_TEST_HEADS")  # a developer's shortcut: heads from an earlier session
     if reuse and (Path(reuse) / "training.json").exists():
         return reuse
+    return train_smollm2_heads(tmp_path_factory.mktemp("heads"))
+
+
+def train_smollm2_heads(tmp: Path) -> str:
+    """The test heads (also used by bench/bench_chaos.py): trained on a small real slice."""
+    heads = tmp / "smollm2"
+    if (heads / "training.json").exists():
+        return str(heads)
+    tmp.mkdir(parents=True, exist_ok=True)
     cfg = {
         "name": "test-smollm2",
         "heads_out": str(heads),

@@ -26,6 +26,7 @@ import json
 import random
 import socket
 import struct
+import sys
 import threading
 import time
 import urllib.parse
@@ -177,6 +178,12 @@ class _ProxyServer(ThreadingHTTPServer):
     def counts(self) -> dict:
         with self.state.lock:
             return {"requests": dict(self.state.requests), "faults": dict(self.state.faults)}
+
+    def handle_error(self, request, client_address) -> None:
+        # A client that gave up on a stalled response closes its end: expected, not an error.
+        exc = sys.exc_info()[1]
+        if not isinstance(exc, (BrokenPipeError, ConnectionResetError, TimeoutError)):
+            super().handle_error(request, client_address)
 
 
 class FaultProxy:

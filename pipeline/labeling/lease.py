@@ -7,8 +7,8 @@ version last seen), so two drivers racing for it cannot both win. A second drive
 while the holder renews is refused (`LeaseHeld`, naming the holder and when the lease expires).
 A holder that stops renewing (SIGKILLed, its machine gone) blocks the run for at most `ttl_s`:
 then the next driver takes the lease over; at once when the holder ran on the same machine and its
-process is gone (drivers of `ray job submit` all run on the head, and so do a laptop's). A driver that ends, well or badly, releases it by
-marking it expired, so a resubmission starts at once.
+process is gone (drivers of `ray job submit` all run on the head, and so do a laptop's). A driver
+that ends, well or badly, releases it by marking it expired, so a resubmission starts at once.
 
 The holder checks that it still holds the lease before each commit (`ensure_held`): a driver that
 could not renew in time (a long network partition) stops committing rather than racing the
@@ -151,10 +151,9 @@ class RunLease:
             current = self._read()
             if current is None:
                 record = self._new_record(now)
-                data = json.dumps(record).encode()
-                if self.store.create_exclusive(self.path, data) or self._ours_now(record):
-                    self.record = record
-                    self.tag = self.tag or self.store.read_versioned(self.path)[1]  # type: ignore[index]
+                tag = self.store.create_exclusive(self.path, json.dumps(record).encode())
+                if tag is not None or self._ours_now(record):
+                    self.record, self.tag = record, tag or self.tag
                     return self
                 continue  # someone created it first: look again
             held, tag = current
@@ -166,9 +165,9 @@ class RunLease:
                     f"most lease_ttl_s = {held.get('ttl_s')}s"
                 )
             record = self._new_record(now)
-            if self.store.replace_if(self.path, json.dumps(record).encode(), tag) or self._ours_now(record):
-                self.record, self.taken_over = record, held
-                self.tag = self.store.read_versioned(self.path)[1]  # type: ignore[index]
+            new_tag = self.store.replace_if(self.path, json.dumps(record).encode(), tag)
+            if new_tag is not None or self._ours_now(record):
+                self.record, self.taken_over, self.tag = record, held, new_tag or self.tag
                 return self
         raise LeaseHeld(f"could not take the lease {self.uri}: other drivers keep changing it")
 
@@ -183,10 +182,9 @@ class RunLease:
             self.renewals += 1
             record = self._new_record(now, self.record["acquired_at"])
             assert self.tag is not None
-            if self.store.replace_if(self.path, json.dumps(record).encode(), self.tag) or self._ours_now(record):
-                self.record = record
-                if not self._ours_now(record):  # refresh the tag of what we wrote
-                    self._lost = "the lease changed right after it was renewed"
+            new_tag = self.store.replace_if(self.path, json.dumps(record).encode(), self.tag)
+            if new_tag is not None or self._ours_now(record):
+                self.record, self.tag = record, new_tag or self.tag
                 return
             got = self._read()
             who = describe(got[0], now) if got else "nobody (it was deleted)"

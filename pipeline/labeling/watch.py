@@ -16,7 +16,11 @@ from collections import Counter
 from dataclasses import dataclass
 
 # Actor states of Ray's GCS actor table that mean "not serving yet / any more".
-WAITING_STATES = ("DEPENDENCIES_UNREADY", "PENDING_CREATION", "RESTARTING")
+WAITING_STATES = {
+    "DEPENDENCIES_UNREADY": "waiting for their arguments",
+    "PENDING_CREATION": "being created (loading the model, or waiting for resources)",
+    "RESTARTING": "restarting (their node was lost or they died)",
+}
 
 
 class Stalled(RuntimeError):
@@ -71,7 +75,7 @@ class PoolWatch:
         except Exception:  # noqa: BLE001
             res = {}
         have = ", ".join(f"{k} {f:g} free of {t:g}" for k, (f, t) in res.items())
-        what = ", ".join(f"{n} {s.lower()}" for s, n in waiting.items())
+        what = ", ".join(f"{n} {WAITING_STATES[s]}" for s, n in waiting.items())
         return f", {what}: each needs {self.needs}" + (f" (cluster: {have})" if have else "")
 
     def diagnose(self, idle_s: float) -> str:
