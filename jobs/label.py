@@ -5,7 +5,7 @@
 
 Locally it starts an embedded Ray; under `ray job submit` it joins the cluster. Rerunning with
 the same run id resumes: committed shards are skipped, the rest are redone. Exit codes: 0 done,
-2 bad config, 4 another live driver holds the run id, 1 anything else (a stalled run included:
+2 bad config, 5 another live driver holds the run id, 1 anything else (a stalled run included:
 what was committed stays).
 """
 
@@ -17,7 +17,7 @@ import sys
 
 from pipeline.labeling.config import ConfigError, load_config
 
-EXIT_RUN_HELD = 4  # another live driver holds the run id (its lease); nothing was done
+EXIT_RUN_HELD = 5  # another live driver holds the run id (its lease); nothing was done
 
 
 def main(argv: list[str] | None = None) -> int:

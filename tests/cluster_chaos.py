@@ -43,14 +43,14 @@ ROWS_PER_SHARD = 4
 
 @dataclass
 class WorkerNode:
-    pgid: int  # `ray start` ran in a session of its own: the node's processes share this group
-    started_at: float
+    sid: int  # `ray start` ran in a session of its own; the node's processes all belong to it
+    started_at: float  # (workers get process groups of their own, but stay in the session)
 
     def processes(self) -> list[psutil.Process]:
         out = []
         for p in psutil.process_iter(["pid"]):
             with contextlib.suppress(psutil.Error, ProcessLookupError):
-                if os.getpgid(p.pid) == self.pgid:
+                if os.getsid(p.pid) == self.sid:
                     out.append(p)
         return out
 
@@ -62,17 +62,24 @@ class WorkerNode:
         return out
 
     def hosts_scoring_actor(self) -> bool:
-        return any("MapWorker" in t and "EmbedScore" in t for t in self.titles())
+        return any(_is_scoring_actor(t) for t in self.titles())
 
     def kill(self) -> list[str]:
         """Lose the node whole: SIGKILL to raylet, object store, workers and agents at once."""
+        procs = self.processes()
         titles = self.titles()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.pgid, signal.SIGKILL)
+        for p in procs:
+            with contextlib.suppress(psutil.Error, ProcessLookupError):
+                os.kill(p.pid, signal.SIGKILL)
         deadline = time.monotonic() + 30
         while self.processes() and time.monotonic() < deadline:
             time.sleep(0.2)
         return titles
+
+
+def _is_scoring_actor(title: str) -> bool:
+    # Ray titles an actor's process after its class: Ray Data's pool of our stage actors.
+    return "MapWorker" in title and ("_StageActor" in title or "EmbedScore" in title)
 
 
 def start_worker_node(head: RayHead, num_cpus: int = 1, object_store_mb: int = 128) -> WorkerNode:
@@ -99,7 +106,7 @@ def start_worker_node(head: RayHead, num_cpus: int = 1, object_store_mb: int = 1
     out, _ = proc.communicate(timeout=180)
     if proc.returncode != 0:
         raise RuntimeError(f"ray start (worker) failed:\n{out[-3000:]}")
-    return WorkerNode(pgid=proc.pid, started_at=time.time())
+    return WorkerNode(sid=proc.pid, started_at=time.time())
 
 
 def alive_nodes(head: RayHead) -> list[dict]:
@@ -336,7 +343,7 @@ def run_chaos(
             kills.append(
                 {
                     "at_committed": committed(),
-                    "scoring_actor_killed": any("EmbedScore" in t for t in hit),
+                    "scoring_actor_killed": any(_is_scoring_actor(t) for t in hit),
                     "processes_killed": len(hit),
                     "at": time.time(),
                 }
@@ -434,6 +441,9 @@ def summary(result: ChaosResult) -> dict:
     return {
         "wall_s": round(result.wall_s, 1),
         "attempts": [a["status"] for a in result.attempts],
+        "failed_attempts_said": [
+            a["message"].strip().splitlines()[-1:] for a in result.attempts if a["status"] != "SUCCEEDED"
+        ],
         "kills": len(result.kills),
         "kills_on_scoring_actor": sum(k["scoring_actor_killed"] for k in result.kills),
         "overlapping_driver": (result.overlap or {}).get("status"),
