@@ -69,7 +69,7 @@ class QuarantineLimits:
     should not pass as a night's labels. null turns a limit off."""
 
     per_source: float | None = 0.5  # rows_quarantined / rows_in of any one source
-    overall: float | None = 0.2  # the same over every source of the run
+    overall: float | None = 0.25  # the same over every source of the run
 
 
 @dataclass
