@@ -38,6 +38,10 @@ class CheckReport:
         return "\n".join([head, *(f"  {line}" for line in self.lines), *(f"  warning: {w}" for w in self.warnings)])
 
 
+def _path_of(backbone: dict | str) -> str:
+    return backbone if isinstance(backbone, str) else str(backbone.get("path"))
+
+
 def input_lines(inputs: list[dict], storage_options: dict | None, rows: int = CHECK_ROWS) -> tuple[list, list, list]:
     """(summary lines, errors, warnings) of each input: its files and what its first `rows`
     records became. An input that cannot be read is an error naming it; one whose rows read were
@@ -80,7 +84,7 @@ def check_label_config(path: str, overrides: dict | None = None, rows: int = CHE
         report.errors = e.errors
         return report
     m, r = cfg.model, cfg.resources
-    model = f"checkpoint {m.armorm_checkpoint}" if m.armorm_checkpoint else f"backbone {m.backbone.get('path')}"
+    model = f"checkpoint {m.armorm_checkpoint}" if m.armorm_checkpoint else f"backbone {_path_of(m.backbone)}"
     heads = f", heads {m.heads}" if m.heads else (", embed-only (no heads)" if not m.armorm_checkpoint else "")
     report.lines.append(f"run {cfg.run_dir}; {model}{heads}")
     report.lines.append(
@@ -110,7 +114,7 @@ def check_train_config(path: str, rows: int = CHECK_ROWS) -> CheckReport:
         report.errors = e.errors
         return report
     report.lines.append(
-        f"heads_out {cfg.heads_out}; backbone {cfg.backbone.get('path')}; embedding run "
+        f"heads_out {cfg.heads_out}; backbone {_path_of(cfg.backbone)}; embedding run "
         f"{cfg.embedding_run().run_dir}; test_fraction {cfg.test_fraction}"
     )
     lines, errors, warnings = input_lines(cfg.input_specs(), cfg.storage_options or None, rows)

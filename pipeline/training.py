@@ -140,7 +140,7 @@ SCHEMA = Schema(
         **MODEL_OVERRIDES,
         **RESOURCES_OVERRIDES,
         (TrainConfig, "inputs"): Annotated[list[InputSpec], Field(min_length=1)],
-        (TrainConfig, "backbone"): BackboneSpec,
+        (TrainConfig, "backbone"): BackboneSpec | str,
         (TrainConfig, "template"): TemplatePolicy,
         (TrainConfig, "test_fraction"): Annotated[float, Field(ge=0, lt=1)],
         (TrainConfig, "limit_rows_per_input"): at_least(1) | None,

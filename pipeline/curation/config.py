@@ -176,12 +176,13 @@ def parse_config(data: dict) -> CurateConfig:
 def _validate(cfg: CurateConfig, bad: list[Loc]) -> list[str]:
     """The checks beyond types, on the best-effort config (keys with type errors at their defaults)."""
     errors = []
-    if not under(bad, "filters"):
-        for i, spec in enumerate(cfg.filters):
-            try:
-                parse_filters([spec])
-            except FilterError as e:
-                errors.append(f"filters[{i}]: {e}")
+    for i, spec in enumerate(cfg.filters if isinstance(cfg.filters, list) else []):
+        if under(bad, "filters", i):
+            continue
+        try:
+            parse_filters([spec])
+        except FilterError as e:
+            errors.append(f"filters[{i}]: {e}")
     if cfg.pairs.reward_margin and not cfg.calibration:
         errors.append(
             "pairs.reward_margin: needs `calibration` (the margin is score_margin / T, T fitted "

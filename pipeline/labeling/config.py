@@ -159,7 +159,7 @@ SCHEMA = Schema(
         **MODEL_OVERRIDES,
         **RESOURCES_OVERRIDES,
         (LabelConfig, "inputs"): Annotated[list[InputSpec], Field(min_length=1)],
-        (ModelConfig, "backbone"): BackboneSpec,
+        (ModelConfig, "backbone"): BackboneSpec | str,  # a path string, or BackboneSpec fields
         (ModelConfig, "template"): TemplatePolicy,
         (LabelConfig, "limit_rows_per_input"): at_least(1) | None,
         (LabelConfig, "progress_interval_s"): Annotated[float, Field(gt=0)],
