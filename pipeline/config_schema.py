@@ -106,10 +106,10 @@ class Schema:
         return [], []
 
     def normalise(self, data: dict) -> dict:
-        """Null sections (a dataclass-typed key with nothing under it) become {} (their defaults)."""
+        """A null section (a dataclass-typed key with nothing under it) takes its default."""
         if not self.sections_may_be_null:
             return data
-        return _null_sections(self.root, data)
+        return _null_sections(self.root, data, self.overrides)
 
     def model(self) -> type[pydantic.BaseModel]:
         return _model(self.root, _freeze(self.overrides))
@@ -209,16 +209,18 @@ def _list_item_dataclass(ann: Any) -> type | None:
     return None
 
 
-def _null_sections(cls: type, data: dict) -> dict:
+def _null_sections(cls: type, data: dict, overrides: Mapping[tuple[type, str], Any]) -> dict:
     out = dict(data)
-    hints = _hints(cls)
     for f in dataclasses.fields(cls):
-        sub = _dataclass_of(hints[f.name]) if type(None) not in typing.get_args(hints[f.name]) else None
+        ann = _field_annotation(cls, f.name, overrides)
+        nullable = type(None) in typing.get_args(ann)
+        sub = None if nullable else _dataclass_of(ann)
         if sub is not None and f.name in out:
-            if out[f.name] is None:
-                out[f.name] = {}
-            if isinstance(out[f.name], dict):
-                out[f.name] = _null_sections(sub, out[f.name])
+            has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+            if out[f.name] is None and has_default:
+                del out[f.name]  # the section's default
+            elif isinstance(out[f.name], dict):
+                out[f.name] = _null_sections(sub, out[f.name], overrides)
     return out
 
 
