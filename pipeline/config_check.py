@@ -42,6 +42,18 @@ def _path_of(backbone: dict | str) -> str:
     return backbone if isinstance(backbone, str) else str(backbone.get("path"))
 
 
+def reachable(key: str, uri: str, storage_options: dict | None) -> list[str]:
+    """An output location that cannot even be listed (unreachable store, refused credentials) is an
+    error naming its key; one that does not exist yet is fine (the job creates it)."""
+    from pipeline import storage
+
+    try:
+        storage.exists(uri, storage_options)
+    except Exception as e:  # noqa: BLE001 - any store error: say which key
+        return [scrub(f"{key}: cannot reach {uri}: {type(e).__name__}: {e}")]
+    return []
+
+
 def input_lines(inputs: list[dict], storage_options: dict | None, rows: int = CHECK_ROWS) -> tuple[list, list, list]:
     """(summary lines, errors, warnings) of each input: its files and what its first `rows`
     records became. An input that cannot be read is an error naming it; one whose rows read were
@@ -93,6 +105,7 @@ def check_label_config(path: str, overrides: dict | None = None, rows: int = CHE
     )
     q = cfg.max_quarantine_fraction
     report.lines.append(f"max_quarantine_fraction: per source {q.per_source}, overall {q.overall}")
+    report.errors += reachable("output", cfg.output, cfg.storage_options or None)
     if m.heads and m.train_if_missing:
         train = check_train_config(m.train_if_missing, rows)
         report.lines.append(f"model.train_if_missing {m.train_if_missing}: " + ("ok" if train.ok else "invalid"))
@@ -117,6 +130,8 @@ def check_train_config(path: str, rows: int = CHECK_ROWS) -> CheckReport:
         f"heads_out {cfg.heads_out}; backbone {_path_of(cfg.backbone)}; embedding run "
         f"{cfg.embedding_run().run_dir}; test_fraction {cfg.test_fraction}"
     )
+    for key in ("heads_out", "embeddings_out"):
+        report.errors += reachable(key, getattr(cfg, key), cfg.storage_options or None)
     lines, errors, warnings = input_lines(cfg.input_specs(), cfg.storage_options or None, rows)
     report.lines += lines
     report.errors += errors
@@ -149,6 +164,7 @@ def check_curate_config(path: str, overrides: dict | None = None) -> CheckReport
             rows += meta.metadata.num_rows
             columns |= set(meta.schema_arrow.names)
     report.lines.append(f"task {cfg.task}: run {cfg.run} ({len(files)} data file(s), {rows} unit(s)) -> {cfg.output}")
+    report.errors += reachable("output", cfg.output, so)
     for i, f in enumerate(parse_filters(cfg.filters)):
         if f.column not in columns:
             report.errors.append(

@@ -367,3 +367,23 @@ def test_parse_config_error_lists_are_the_exception_errors(tmp_path):
         "embeddings: expected true or false, got 'no'",
         "count_units: expected true or false, got 1",
     ]
+
+
+def test_label_check_names_an_unreachable_output(tmp_path, capsys):
+    """An s3:// output whose endpoint nothing listens on: a config error naming `output`, before Ray."""
+    import socket
+
+    with socket.socket() as s:  # a free port: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = _label_cfg(
+        tmp_path,
+        output="s3://bucket/labels",
+        storage_options={
+            "endpoint_url": f"http://127.0.0.1:{port}",
+            "config_kwargs": {"connect_timeout": 1, "retries": {"max_attempts": 1}},
+        },
+    )
+    rc, _, err = _main("jobs.label", ["--config", str(write_yaml(tmp_path / "job.yaml", cfg)), "--check"], capsys)
+    assert rc == 2
+    assert "output: cannot reach s3://bucket/labels:" in err
