@@ -7,6 +7,9 @@ without Ray or a model, and prints per input: the detected file format and adapt
 normalised row per kind, the label every labeled row ended up with (chosen / rejected / tie /
 confidence, ratings, ranks), the quarantine reasons seen, and the record fields that were never
 read (those that look like labels flagged). --json prints the same as one JSON document.
+
+The whole config is type-checked first (every wrong type and unknown key, exit 2); heads need not
+exist yet. Exit 1 when an input cannot be read (the others are still reported).
 """
 
 from __future__ import annotations
