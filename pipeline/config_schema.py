@@ -84,8 +84,8 @@ def at_least(low: float, tp: type = int) -> Any:
 @dataclass(frozen=True)
 class Schema:
     """One config kind. `root` is the dataclass the config becomes; `overrides` maps
-    (dataclass, field name) to the annotation validated instead of the field's own; `extra_keys`
-    are documented key paths with no typed schema (e.g. a free-form mapping's sub-keys)."""
+    (dataclass, field name) to the annotation validated instead of the field's own (a dataclass
+    for a `dict` field that holds its fields, an enum, a range)."""
 
     kind: str
     root: type
