@@ -16,7 +16,6 @@ import json
 import sys
 
 from pipeline.curation.config import ConfigError, load_config
-from pipeline.curation.job import run
 from pipeline.secrets import inline_credentials_warning, install_excepthook, scrub
 
 
@@ -26,9 +25,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run", help="override the labeled run directory to read")
     ap.add_argument("--output", help="override the output directory (calibrate: the JSON file)")
     ap.add_argument("--task", help="override the task (sft | dpo | rerank | calibrate)")
+    ap.add_argument(
+        "--check",
+        action="store_true",
+        help="validate the whole config and the run it reads (files, filter columns), without Ray; exit 0 or 2",
+    )
     args = ap.parse_args(argv)
     install_excepthook()  # a traceback printed at exit shows no credential
     overrides = {k: v for k, v in {"run": args.run, "output": args.output, "task": args.task}.items() if v}
+    if args.check:
+        from pipeline.config_check import check_curate_config, finish
+
+        return finish(check_curate_config(args.config, overrides))
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as e:
@@ -36,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if warning := inline_credentials_warning(cfg.to_dict()):
         print(warning, file=sys.stderr)
+    from pipeline.curation.job import run  # Ray: imported once the config is known to be good
+
     man = run(cfg)
     summary = {
         k: man[k]

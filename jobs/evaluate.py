@@ -25,7 +25,9 @@ import pyarrow as pa
 
 from pipeline import evaluation
 from pipeline.heads.model import ArmoHeads, load_baseline
+from pipeline.labeling.config import ConfigError
 from pipeline.schema import RATING_PREFIX, objective_column
+from pipeline.secrets import scrub
 from pipeline.training import is_test_row, load_train_config, read_run_units
 from pipeline.units import human_ratings
 
@@ -59,7 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         print(evaluation.markdown_tables(reports), end="")
         return 0
     if args.train_config:
-        cfg = load_train_config(args.train_config)
+        try:
+            cfg = load_train_config(args.train_config)
+        except ConfigError as e:
+            print(scrub(f"config error: {e}"), file=sys.stderr)
+            return 2
         units = read_run_units(cfg.embedding_run().run_dir, cfg.storage_options or None)
         if not args.all_rows:
             units = units.filter(pa.array(is_test_row(units.column("row_id").to_pylist(), cfg.test_fraction)))

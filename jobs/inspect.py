@@ -7,6 +7,9 @@ without Ray or a model, and prints per input: the detected file format and adapt
 normalised row per kind, the label every labeled row ended up with (chosen / rejected / tie /
 confidence, ratings, ranks), the quarantine reasons seen, and the record fields that were never
 read (those that look like labels flagged). --json prints the same as one JSON document.
+
+The whole config is type-checked first (every wrong type and unknown key, exit 2); heads need not
+exist yet. Exit 1 when an input cannot be read (the others are still reported).
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ import sys
 
 import yaml
 
+from pipeline.config_schema import ConfigErrors
 from pipeline.corpus import InputSpec
 from pipeline.corpus.inspection import inspect_input
+from pipeline.secrets import scrub
 
 CUT = 100  # characters of a text shown in the human-readable report
 
@@ -31,12 +36,22 @@ def _cut(text) -> str:
 
 
 def load_inputs(path: str) -> tuple[list[dict], dict | None]:
-    """The input specs of a config file and its storage options; nothing else is checked (a
-    config whose heads do not exist yet can still be inspected)."""
+    """The input specs of a config file and its storage options. The whole config is type-checked
+    against its kind's schema (a train_heads config when it has `heads_out`, else a labeling one):
+    every wrong type and unknown key is reported at once (ConfigErrors). Whether heads, checkpoints
+    or input files exist is not (a config whose heads are not trained yet can still be inspected;
+    an input that matches nothing is reported in its own entry)."""
+    from pipeline.labeling.config import SCHEMA as LABEL_SCHEMA
+    from pipeline.training import SCHEMA as TRAIN_SCHEMA
+
     with open(path) as f:
         data = yaml.safe_load(f) or {}
-    if not isinstance(data, dict) or not isinstance(data.get("inputs"), list) or not data["inputs"]:
-        raise ValueError(f"{path}: expected a config with a non-empty 'inputs' list")
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    schema = TRAIN_SCHEMA if "heads_out" in data else LABEL_SCHEMA
+    errors, _ = schema.type_errors(data)
+    if errors:
+        raise ConfigErrors(errors)
     return data["inputs"], data.get("storage_options") or None
 
 
@@ -68,7 +83,7 @@ def _label_line(label: dict) -> str:
 def render(reports: list[dict]) -> str:
     lines: list[str] = []
     for r in reports:
-        path = r["path"] if isinstance(r["path"], str) else ", ".join(r["path"])
+        path = r["path"] if isinstance(r["path"], str) else ", ".join(map(str, r["path"] or []))
         lines.append(f"input {r['input']}: {path}")
         if "error" in r:
             lines += [f"  error: {r['error']}", ""]
@@ -127,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--rows must be >= 1")
     try:
         reports = inspect_config(args.config, args.rows)
-    except (OSError, ValueError, yaml.YAMLError) as e:
-        print(f"config error: {e}", file=sys.stderr)
+    except (OSError, ValueError, yaml.YAMLError) as e:  # ConfigErrors: every problem, each naming its key
+        print(scrub(f"config error: {e}"), file=sys.stderr)
         return 2
     print(json.dumps(reports, indent=2, ensure_ascii=False, default=str) if args.json else render(reports))
     return 1 if any("error" in r for r in reports) else 0

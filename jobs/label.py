@@ -4,9 +4,13 @@
     ray job submit --working-dir . -- python -m jobs.label --config jobs/configs/<name>.yaml
 
 Locally it starts an embedded Ray; under `ray job submit` it joins the cluster. Rerunning with
-the same run id resumes: committed shards are skipped, the rest are redone. Exit codes: 0 done,
-2 bad config, 5 another live driver holds the run id, 1 anything else (a stalled run included:
-what was committed stays).
+the same run id resumes: committed shards are skipped, the rest are redone. `--check` validates
+the config and reads the first rows of each input without starting Ray.
+
+Exit codes: 0 done, 2 bad config (every problem listed, each naming its key), 4 the run went over
+`max_quarantine_fraction` (what it labeled is committed; the manifest's status says
+`failed_quarantine`), 5 another live driver holds the run id (nothing was done), 1 anything else
+(a stalled run included: what was committed stays, a rerun resumes).
 """
 
 from __future__ import annotations
@@ -26,6 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-id", help="override run_id (same id = resume)")
     ap.add_argument("--output", help="override the output root URI")
     ap.add_argument("--incremental", action="store_true", help="only input files no earlier run recorded")
+    ap.add_argument(
+        "--check",
+        action="store_true",
+        help="validate the whole config and read the first rows of each input, without Ray; exit 0 or 2",
+    )
     args = ap.parse_args(argv)
     from pipeline.secrets import inline_credentials_warning, install_excepthook, scrub
 
@@ -33,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {k: v for k, v in {"run_id": args.run_id, "output": args.output}.items() if v}
     if args.incremental:
         overrides["incremental"] = True
+    if args.check:
+        from pipeline.config_check import check_label_config, finish
+
+        return finish(check_label_config(args.config, overrides))
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as e:
@@ -41,18 +54,21 @@ def main(argv: list[str] | None = None) -> int:
     if warning := inline_credentials_warning(cfg.to_dict()):
         print(warning, file=sys.stderr)
     from pipeline.labeling.lease import LeaseHeld, LeaseLost
-    from pipeline.labeling.manifest import score_summary
+    from pipeline.labeling.manifest import EXIT_QUARANTINE, QuarantineLimitExceeded, score_summary
     from pipeline.labeling.run import run
     from pipeline.labeling.watch import Stalled
     from pipeline.storage import UnsupportedStore
     from pipeline.training import ensure_heads
 
-    ensure_heads(cfg)  # model.train_if_missing: train the heads first when they do not exist
     try:
+        ensure_heads(cfg)  # model.train_if_missing: train the heads first when they do not exist
         man = run(cfg)
-    except UnsupportedStore as e:
+    except (ConfigError, UnsupportedStore) as e:  # the train_if_missing config; a store without a lease
         print(scrub(f"config error: {e}"), file=sys.stderr)
         return 2
+    except QuarantineLimitExceeded as e:  # what was labeled is committed; the manifest says why
+        print(scrub(f"run failed: {e}"), file=sys.stderr)
+        return EXIT_QUARANTINE
     except LeaseHeld as e:  # another live driver has this run: nothing was touched
         print(scrub(f"label error: {e}"), file=sys.stderr)
         return EXIT_RUN_HELD

@@ -17,13 +17,16 @@ Before submitting, the scheduler looks for jobs of that id on the cluster:
                               resumes (committed shards are skipped).
 
 The job runs `python -m jobs.label --config <config> --run-id <id>` with the current directory
-as its working dir. Token auth: the token comes from RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (or
+as its working dir. `--dry-run` also runs the job's `--check` on that config (from the working
+dir; no Ray started) and exits 2 when the job would refuse it; any bad flag exits 2 too.
+Token auth: the token comes from RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (or
 ~/.ray/auth_token with RAY_AUTH_MODE=token), as for the `ray` CLI.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -38,6 +41,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.config_schema import Schema
 from pipeline.secrets import scrub, without_credentials
 
 RETRYABLE = {"FAILED", "STOPPED"}
@@ -45,6 +49,78 @@ SCHEDULE_KEY = "armolabel.schedule"  # job metadata naming the schedule slot a j
 EXIT_PREVIOUS_FAILED = 3
 # Not shipped to the cluster with the working dir (on top of what .gitignore excludes).
 WORKING_DIR_EXCLUDES = [".git", ".venv", "runs", "__pycache__", "*.egg-info", ".pytest_cache"]
+
+
+# ---- what the scheduler is given: its schema --------------------------------------------------
+
+
+@dataclass
+class ScheduleRequest:
+    """jobs.schedule's inputs (its command-line flags), checked like every config kind."""
+
+    config: str  # the job's config (YAML), relative to working_dir
+    date: str  # YYYY-MM-DD
+    address: str | None = None  # the Ray dashboard (job API); required unless dry_run
+    job_name: str | None = None  # default: the config file's stem
+    working_dir: str = "."
+    incremental: bool = False
+    resubmit_failed: bool = False
+    dry_run: bool = False
+    entrypoint: str | None = None  # replaces `python -m jobs.label ...`; {config} and {run_id} filled in
+
+
+SCHEMA = Schema(
+    "schedule", ScheduleRequest, {(ScheduleRequest, "date"): str, (ScheduleRequest, "job_name"): str | None}
+)
+ENTRYPOINT_FIELDS = {"config", "run_id"}
+
+
+def request_errors(req: dict[str, Any]) -> list[str]:
+    """Every problem of the scheduler's inputs, each naming its flag's key."""
+    errors, _bad = SCHEMA.type_errors(req)
+    if errors:
+        return errors
+    out = []
+    try:
+        dt.date.fromisoformat(req["date"])
+    except ValueError:
+        out.append(f"date: expected YYYY-MM-DD, got {req['date']!r}")
+    if not req.get("address") and not req.get("dry_run"):
+        out.append("address: required unless dry_run (--address or RAY_API_SERVER_ADDRESS)")
+    wd = Path(req.get("working_dir") or ".")
+    if not wd.is_dir():
+        out.append(f"working_dir: no such directory {str(wd)!r}")
+    elif not (wd / req["config"]).is_file():
+        out.append(f"config: no such file {req['config']!r} under the working dir {str(wd)!r}")
+    if req.get("entrypoint"):
+        import string
+
+        try:
+            names = {f for _, f, _, _ in string.Formatter().parse(req["entrypoint"]) if f is not None}
+        except ValueError as e:
+            out.append(f"entrypoint: not a valid template: {e}")
+        else:
+            if names - ENTRYPOINT_FIELDS:
+                out.append(
+                    f"entrypoint: unknown placeholder(s) {sorted(names - ENTRYPOINT_FIELDS)}; "
+                    f"known: {{config}}, {{run_id}}"
+                )
+    return out
+
+
+def check_submitted_config(config_path: str, working_dir: str, entrypoint: str | None) -> dict[str, Any]:
+    """--dry-run: the check of the job the entrypoint runs (jobs.label unless it names jobs.curate or
+    jobs.train_heads) on the config it would submit, from the working dir as the job sees it."""
+    from pipeline.config_check import check_curate_config, check_label_config, check_train_config
+
+    with contextlib.chdir(working_dir):
+        if entrypoint and "jobs.curate" in entrypoint:
+            report = check_curate_config(config_path)
+        elif entrypoint and "jobs.train_heads" in entrypoint:
+            report = check_train_config(config_path)
+        else:
+            report = check_label_config(config_path)
+    return {"kind": report.kind, "ok": report.ok, "errors": report.errors, "summary": report.lines}
 
 
 # ---- pure parts: identity and the decision -------------------------------------------------
@@ -167,6 +243,8 @@ def schedule(
         "run_id": base_id,
         "entrypoint": command,
     }
+    if dry_run:
+        report["check"] = check_submitted_config(config_path, working_dir, entrypoint)
     if client is None:
         assert dry_run, "a client is needed unless dry_run"
         return {**report, "action": "dry_run", "submission_id": base_id, "status": None}
@@ -227,8 +305,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
-    if not args.address and not args.dry_run:
-        ap.error("--address (or RAY_API_SERVER_ADDRESS) is required unless --dry-run")
+    request = {f: getattr(args, f) for f in ScheduleRequest.__dataclass_fields__}
+    if errors := request_errors(request):
+        print(
+            scrub("schedule error: " + (errors[0] if len(errors) == 1 else "\n  - ".join(["", *errors]))),
+            file=sys.stderr,
+        )
+        return 2
     from ray.exceptions import AuthenticationError
 
     try:
@@ -254,6 +337,10 @@ def main(argv: list[str] | None = None) -> int:
         print(scrub(f"schedule error: {e}"), file=sys.stderr)
         return 2
     print(json.dumps(report, indent=2))
+    if "check" in report and not report["check"]["ok"]:  # --dry-run: the job would refuse this config
+        print(scrub(f"schedule error: the {report['check']['kind']} config would be refused:"), file=sys.stderr)
+        print(scrub("\n".join(f"  - {e}" for e in report["check"]["errors"])), file=sys.stderr)
+        return 2
     return EXIT_PREVIOUS_FAILED if report["action"] == "previous_failed" else 0
 
 

@@ -19,10 +19,20 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jobs.train_heads", description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True, help="YAML training config")
     ap.add_argument("--heads-out", help="override heads_out")
+    ap.add_argument(
+        "--check",
+        action="store_true",
+        help="validate the whole config and read the first rows of each input, without Ray; exit 0 or 2",
+    )
     args = ap.parse_args(argv)
     from pipeline.secrets import install_excepthook, scrub
 
     install_excepthook()  # a traceback printed at exit shows no credential
+    if args.check:
+        from pipeline.config_check import check_train_config, finish
+
+        return finish(check_train_config(args.config))
+    from pipeline.labeling.manifest import EXIT_QUARANTINE, QuarantineLimitExceeded
     from pipeline.training import train_from_config
 
     try:
@@ -30,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(scrub(f"config error: {e}"), file=sys.stderr)
         return 2
+    except QuarantineLimitExceeded as e:  # the embedding run quarantined too much of the corpora
+        print(scrub(f"run failed: {e}"), file=sys.stderr)
+        return EXIT_QUARANTINE
     print(scrub(json.dumps({k: summary[k] for k in ("heads", "heads_fingerprint", "units", "wall_time_s")}, indent=2)))
     print(json.dumps({"mean_pairwise_accuracy": summary["evaluation"]["mean_pairwise_accuracy"]}))
     return 0

@@ -13,17 +13,35 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, make_dataclass
+from typing import Annotated, Any
 
 import numpy as np
 import pyarrow as pa
 import yaml
+from pydantic import Field
 
 from pipeline import ids, objectives, storage
+from pipeline.config_schema import Loc, Schema, at_least, under
+from pipeline.corpus import InputSpec
+from pipeline.embed.backbone import BackboneSpec, resolve_source
+from pipeline.embed.templating import TemplatePolicy
 from pipeline.evaluation import evaluate_methods
-from pipeline.heads.train import train_heads
-from pipeline.labeling.config import ConfigError, LabelConfig, ModelConfig, ResourcesConfig, _take
-from pipeline.labeling.run import run
+from pipeline.heads.train import DEFAULTS as HEADS_DEFAULTS
+from pipeline.heads.train import GATING_DEFAULTS, resolve_options, train_heads
+from pipeline.labeling.config import (
+    INPUT_OVERRIDES,
+    MODEL_OVERRIDES,
+    RESOURCES_OVERRIDES,
+    ConfigError,
+    LabelConfig,
+    ModelConfig,
+    ResourcesConfig,
+    _take,
+    input_errors,
+)
+from pipeline.objectives import Objective
 from pipeline.secrets import lift_config_uris, lift_input_uris, redact, scrub, without_credentials
 
 
@@ -90,27 +108,115 @@ class TrainConfig:
         return {**self.heads, "objectives": list(self.objectives) + list(self.heads.get("objectives") or [])}
 
 
-def load_train_config(path: str) -> TrainConfig:
+def copy_of(value: list) -> Callable[[], list]:
+    return lambda: list(value)
+
+
+def _options_dataclass(name: str, defaults: dict, nested: dict[str, type] | None = None) -> type:
+    """A dataclass of pipeline.heads.train's options, typed by their defaults, for the schema
+    (a key added to those defaults is checked and documented without an edit here)."""
+    kinds: dict[type, Any] = {bool: bool, int: int, float: float, str: str, list: list}
+    specs: list[tuple[str, Any, Any]] = []
+    for key, default in defaults.items():
+        if nested and key in nested:
+            specs.append((key, nested[key], field(default_factory=nested[key])))
+        elif default is None:
+            specs.append((key, int | None, field(default=None)))
+        else:
+            tp = kinds.get(type(default), Any)
+            value: Any = field(default_factory=copy_of(default)) if tp is list else field(default=default)
+            specs.append((key, tp, value))
+    return make_dataclass(name, specs)
+
+
+GatingOptions = _options_dataclass("GatingOptions", GATING_DEFAULTS)
+HeadsOptions = _options_dataclass("HeadsOptions", HEADS_DEFAULTS, {"gating": GatingOptions})
+
+SCHEMA = Schema(
+    "training",
+    TrainConfig,
+    {
+        **INPUT_OVERRIDES,
+        **MODEL_OVERRIDES,
+        **RESOURCES_OVERRIDES,
+        (TrainConfig, "inputs"): Annotated[list[InputSpec], Field(min_length=1)],
+        (TrainConfig, "backbone"): BackboneSpec | str,
+        (TrainConfig, "template"): TemplatePolicy,
+        (TrainConfig, "test_fraction"): Annotated[float, Field(ge=0, lt=1)],
+        (TrainConfig, "limit_rows_per_input"): at_least(1) | None,
+        (TrainConfig, "heads"): HeadsOptions,
+        (TrainConfig, "objectives"): list[Objective],
+        (TrainConfig, "resources"): ResourcesConfig,
+        (HeadsOptions, "objectives"): list[Objective],
+        (HeadsOptions, "val_fraction"): Annotated[float, Field(gt=0, lt=1)],
+        (HeadsOptions, "verbosity"): str,
+        (GatingOptions, "steps"): at_least(1),
+        (GatingOptions, "batch_size"): at_least(1),
+    },
+)
+
+
+def parse_train_config(data: Any, where: str = "train config", check_files: bool = False) -> TrainConfig:
+    """The training config from a mapping; every problem reported at once (ConfigError.errors).
+    `check_files`: also that every input matches files and the backbone resolves (what
+    jobs.train_heads does before it starts; evaluating existing heads needs neither)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping at the top level")
+    errors: list[str] = []
+    try:  # s3://KEY:SECRET@... -> storage_options
+        data = lift_config_uris(data, ("heads_out", "embeddings_out"))
+        if "inputs" in data:
+            options = data.get("storage_options") if isinstance(data.get("storage_options"), dict) else None
+            data["inputs"] = lift_input_uris(data["inputs"], options)
+    except (TypeError, ValueError) as e:
+        errors.append(f"{where}: {e}")
+    type_errors, bad = SCHEMA.type_errors(data)
+    errors += type_errors
+    cfg = SCHEMA.build(data, bad)
+    errors += _validate_train(cfg, data, bad, check_files)
+    if errors:
+        raise ConfigError(errors)
+    return cfg
+
+
+def _validate_train(cfg: TrainConfig | None, data: dict, bad: list[Loc], check_files: bool) -> list[str]:
+    errors = []
+    if not under(bad, "objectives") and isinstance(data.get("objectives"), list):
+        try:
+            objectives.register_all(data["objectives"])
+        except ValueError as e:
+            errors.append(f"objectives: {e}")
+    if check_files:
+        errors += input_errors(data.get("inputs"), data.get("storage_options"), bad)
+    if cfg is None:
+        return errors
+    if check_files and not under(bad, "backbone"):
+        try:
+            resolve_source(BackboneSpec.from_dict(cfg.backbone))
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"backbone: {scrub(str(e))}")
+    if not under(bad, "template"):
+        try:
+            TemplatePolicy.from_dict(cfg.template or {})
+        except (TypeError, ValueError) as e:
+            errors.append(f"template: {e}")
+    if not under(bad, "heads"):
+        try:
+            resolve_options(cfg.heads)
+        except ValueError as e:
+            errors.append(f"heads: {e}")
+    return errors
+
+
+def load_train_config(path: str, check_files: bool = False) -> TrainConfig:
     try:
         with open(path) as f:
             data = yaml.safe_load(f) or {}
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e}") from e
-    try:  # s3://KEY:SECRET@... -> storage_options
-        data = lift_config_uris(data, ("heads_out", "embeddings_out"))
-        data["inputs"] = lift_input_uris(data.get("inputs"), data.get("storage_options"))
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"train config: {e}") from e
-    cfg = _take(TrainConfig, data, "train config")
-    if not cfg.inputs:
-        raise ConfigError("train config: inputs must list at least one corpus")
-    if not 0.0 <= cfg.test_fraction < 1.0:
-        raise ConfigError("train config: test_fraction must be in [0, 1)")
-    try:
-        objectives.register_all(cfg.objectives)
-    except ValueError as e:
-        raise ConfigError(f"train config: objectives: {e}") from None
-    return cfg
+    except yaml.YAMLError as e:  # its message quotes the offending line, which may hold a secret
+        raise ConfigError(scrub(f"config {path} is not valid YAML: {e}")) from None
+    return parse_train_config(data, check_files=check_files)
 
 
 def is_test_row(row_ids, test_fraction: float) -> np.ndarray:
@@ -125,6 +231,8 @@ def read_run_units(run_dir: str, storage_options: dict | None = None, columns: l
 
 
 def embed_training_corpora(cfg: TrainConfig, ray_address: str | None = None) -> str:
+    from pipeline.labeling.run import run  # Ray: imported only when a run starts (jobs.train_heads --check)
+
     label_cfg = cfg.embedding_run(ray_address=ray_address)
     run(label_cfg)
     return label_cfg.run_dir
@@ -134,7 +242,7 @@ def train_from_config(path: str, heads_out: str | None = None, ray_address: str 
     """Embed (or reuse cached embeddings), fit, save and evaluate. Returns a summary dict that is
     also written next to the heads as training.json."""
     t0 = time.time()
-    cfg = load_train_config(path)
+    cfg = load_train_config(path, check_files=True)
     out = heads_out or cfg.heads_out
     run_dir = embed_training_corpora(cfg, ray_address)
     units = read_run_units(run_dir, cfg.storage_options or None)

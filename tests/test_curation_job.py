@@ -281,11 +281,11 @@ def test_s3_in_and_out(ray_session, annotated_run, moto_s3):
 @pytest.mark.parametrize(
     "patch, message",
     [
-        ({"task": "summarise"}, "task: must be one of"),
+        ({"task": "summarise"}, "task: expected one of 'sft', 'dpo', 'rerank' or 'calibrate', got 'summarise'"),
         ({"output_files": 0}, "output_files"),
-        ({"filters": [{"column": "score", "top": 2}]}, "filters: .*fraction"),
-        ({"pairs": {"preference": "maybe"}}, "pairs.preference must be one of"),
-        ({"pairs": {"margin": 1}}, "pairs: unknown key"),
+        ({"filters": [{"column": "score", "top": 2}]}, r"filters\[0\]: .*fraction"),
+        ({"pairs": {"preference": "maybe"}}, "pairs.preference: expected one of"),
+        ({"pairs": {"margin": 1}}, "pairs.margin: unknown key; did you mean 'min_margin'"),
         ({"sft": {"kinds": ["chat"]}}, "sft.kinds"),
         ({"rerank": {"top_k": 0}}, "rerank.top_k"),
         ({"pairs": {"reward_margin": True}}, "reward_margin: needs `calibration`"),
@@ -304,7 +304,7 @@ def test_config_errors_are_clear(annotated_run, tmp_path, patch, message):
 def test_cli_reports_config_errors_with_exit_code_2(tmp_path, capsys):
     (tmp_path / "c.yaml").write_text("task: sft\n")
     assert curate_cli.main(["--config", str(tmp_path / "c.yaml")]) == 2
-    assert "missing required key 'run'" in capsys.readouterr().err
+    assert "run: missing required key" in capsys.readouterr().err
 
 
 def test_stable_hash_is_fnv1a_of_the_utf8_bytes():

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from label_fixtures import SHARED as SHARED_DATA
 
 from jobs import schedule as sched
 from jobs.schedule import Decision, ExistingJob, decide
@@ -126,6 +127,10 @@ def job_dir(tmp_path):
     (wd / "jobs" / "configs").mkdir(parents=True)
     (wd / "jobs" / "configs" / "nightly.yaml").write_text(CONFIG)
     (wd / "fake_label.py").write_text(FAKE_JOB)
+    # The config's input (--dry-run reads its first rows): two real OASST trees.
+    (wd / "data").mkdir()
+    with open(SHARED_DATA / "oasst" / "en_100_message.jsonl") as f:
+        (wd / "data" / "a.jsonl").write_text(f.readline() + f.readline())
     return wd
 
 

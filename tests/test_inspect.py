@@ -153,4 +153,5 @@ def test_config_errors(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("run_id: x\n")
     assert main(["--config", str(bad)]) == 2
-    assert "non-empty 'inputs' list" in capsys.readouterr().err
+    err = capsys.readouterr().err  # the whole config is checked: every missing key named
+    assert "  - inputs: missing required key\n  - output: missing required key" in err

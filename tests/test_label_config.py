@@ -23,16 +23,16 @@ def test_valid_config_parses_and_hash_ignores_where_it_runs(tmp_path):
 @pytest.mark.parametrize(
     "mutate, message",
     [
-        (lambda c: c.update(bogus=1), "unknown key(s) ['bogus']"),
-        (lambda c: c["model"].update(heds="x"), "model: unknown key(s) ['heds']"),
+        (lambda c: c.update(bogus=1), "bogus: unknown key (allowed: count_units, "),
+        (lambda c: c["model"].update(heds="x"), "model.heds: unknown key; did you mean 'heads'?"),
         (lambda c: c["resources"].update(actors=[3, 1]), "resources.actors"),
-        (lambda c: c.pop("output"), "missing required key 'output'"),
+        (lambda c: c.pop("output"), "output: missing required key"),
         (lambda c: c.update(inputs=[{"path": "/nonexistent/*.jsonl", "format": "llmbar"}]), "inputs[0]"),
         (lambda c: c["model"].update(heads="/nonexistent/heads"), "model.heads"),
         (lambda c: c["model"].update(backbone={"path": "/nonexistent/model"}), "model.backbone"),
         (lambda c: c.update(run_id="a/b"), "run_id"),
-        (lambda c: c["model"].update(template={"overflow": "drop"}), "model.template"),
-        (lambda c: c["model"].update(template={"max_tokenz": 5}), "model.template"),
+        (lambda c: c["model"].update(template={"overflow": "drop"}), "model.template.overflow: expected one of"),
+        (lambda c: c["model"].update(template={"max_tokenz": 5}), "model.template.max_tokenz: unknown key"),
     ],
 )
 def test_config_errors_name_the_problem(tmp_path, mutate, message):

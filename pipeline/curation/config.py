@@ -21,38 +21,25 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import asdict, dataclass, field, make_dataclass
+from typing import Annotated, Any
 
 import yaml
+from pydantic import Field
 
 from pipeline import storage
+from pipeline.config_schema import ConfigErrors, Loc, Schema, at_least, list_of, one_of, under
 from pipeline.curation import calibration as cal
-from pipeline.curation.pairs import PairRules
-from pipeline.curation.thresholds import FilterError, parse_filters
+from pipeline.curation.pairs import BEST_OF_N_MODES, HUMAN_TIE_RULES, PREFERENCE_POLICIES, PairRules
+from pipeline.curation.thresholds import OBJECTIVE_FIELDS, RULES, FilterError, parse_filters
 from pipeline.schema import KINDS
 from pipeline.secrets import lift_config_uris, redact, scrub, without_credentials
 
 TASKS = ("sft", "dpo", "rerank", "calibrate")
 
 
-class ConfigError(ValueError):
-    pass
-
-
-def _take(cls, data: Any, where: str):
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(known)}")
-    try:
-        return cls(**data)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{where}: {e}") from e
+class ConfigError(ConfigErrors):
+    """A bad config: `errors` lists every problem, each naming its key path."""
 
 
 @dataclass
@@ -128,75 +115,95 @@ class CurateConfig:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _filter_spec() -> type:
+    """A filter as written (pipeline/curation/thresholds.py): a column or an objective, and one rule."""
+    specs: list[tuple[str, Any, Any]] = [
+        ("column", str | None, field(default=None)),
+        ("objective", str | None, field(default=None)),
+        ("field", one_of(*OBJECTIVE_FIELDS), field(default="rating")),
+    ]
+    specs += [(rule, float | None, field(default=None)) for rule in RULES]
+    return make_dataclass("FilterSpec", specs)
+
+
+FilterSpec = _filter_spec()
+_KINDS = list_of(one_of(*KINDS))
+SCHEMA = Schema(
+    "curation",
+    CurateConfig,
+    {
+        (CurateConfig, "task"): one_of(*TASKS),
+        (CurateConfig, "run"): Annotated[str, Field(min_length=1)],
+        (CurateConfig, "output"): Annotated[str, Field(min_length=1)],
+        (CurateConfig, "filters"): list[FilterSpec],  # type: ignore[valid-type]
+        (CurateConfig, "output_files"): Annotated[int, Field(ge=1, le=100_000)] | None,
+        (CurateConfig, "partition_rows"): at_least(1),
+        (SftConfig, "kinds"): _KINDS | None,
+        (PairsConfig, "best_of_n"): one_of(*BEST_OF_N_MODES),
+        (PairsConfig, "min_margin"): at_least(0, float),
+        (PairsConfig, "group_kinds"): _KINDS,
+        (PairsConfig, "preference"): one_of(*PREFERENCE_POLICIES),
+        (PairsConfig, "tie_epsilon"): at_least(0, float),
+        (PairsConfig, "human_ties"): one_of(*HUMAN_TIE_RULES),
+        (RerankConfig, "top_k"): at_least(1),
+        (RerankConfig, "kinds"): _KINDS | None,
+        (CalibrateConfig, "method"): one_of(*cal.METHODS),
+        (CalibrateConfig, "columns"): list[str] | None,
+        (CalibrateConfig, "n_quantiles"): at_least(2),
+    },
+)
+
+
 def parse_config(data: dict) -> CurateConfig:
+    """Every problem of the config reported at once (ConfigError.errors)."""
     if not isinstance(data, dict):
         raise ConfigError("config: expected a mapping at the top level")
-    data = dict(data)
-    for key in ("task", "run", "output"):
-        if not data.get(key):
-            raise ConfigError(f"config: missing required key {key!r}")
-    sections = {"sft": SftConfig, "pairs": PairsConfig, "rerank": RerankConfig, "calibrate": CalibrateConfig}
-    parsed = {name: _take(cls, data.pop(name, None), name) for name, cls in sections.items()}
+    errors: list[str] = []
     try:
-        data = lift_config_uris(data, ("run", "output", "calibration"))  # s3://KEY:SECRET@... -> storage_options
+        data = lift_config_uris(dict(data), ("run", "output", "calibration"))  # s3://KEY:SECRET@... -> storage_options
     except ValueError as e:
-        raise ConfigError(str(e)) from e
-    cfg = _take(CurateConfig, {**data, **parsed}, "config")
-    _validate(cfg)
+        errors.append(str(e))
+    type_errors, bad = SCHEMA.type_errors(data)
+    errors += type_errors
+    cfg = SCHEMA.build(data, bad)
+    if cfg is not None:
+        errors += _validate(cfg, bad)
+    if errors:
+        raise ConfigError(errors)
     return cfg
 
 
-def _validate(cfg: CurateConfig) -> None:
-    if cfg.task not in TASKS:
-        raise ConfigError(f"task: must be one of {list(TASKS)}, got {cfg.task!r}")
-    if not isinstance(cfg.filters, list):
-        raise ConfigError("filters: expected a list of filter mappings")
-    try:
-        parse_filters(cfg.filters)
-    except FilterError as e:
-        raise ConfigError(f"filters: {e}") from e
-    if cfg.output_files is not None and (
-        not isinstance(cfg.output_files, int)
-        or isinstance(cfg.output_files, bool)
-        or not 1 <= cfg.output_files <= 100_000
-    ):
-        raise ConfigError(f"output_files: expected null or an integer >= 1, got {cfg.output_files!r}")
-    if not isinstance(cfg.partition_rows, int) or isinstance(cfg.partition_rows, bool) or cfg.partition_rows < 1:
-        raise ConfigError(f"partition_rows: expected an integer >= 1, got {cfg.partition_rows!r}")
-    if not isinstance(cfg.pairs.reward_margin, bool):
-        raise ConfigError("pairs.reward_margin: expected true or false")
+def _validate(cfg: CurateConfig, bad: list[Loc]) -> list[str]:
+    """The checks beyond types, on the best-effort config (keys with type errors at their defaults)."""
+    errors = []
+    for i, spec in enumerate(cfg.filters if isinstance(cfg.filters, list) else []):
+        if under(bad, "filters", i):
+            continue
+        try:
+            parse_filters([spec])
+        except FilterError as e:
+            errors.append(f"filters[{i}]: {e}")
     if cfg.pairs.reward_margin and not cfg.calibration:
-        raise ConfigError(
+        errors.append(
             "pairs.reward_margin: needs `calibration` (the margin is score_margin / T, T fitted "
             "by the calibrate task); a raw score gap would set RewardTrainer's loss margin"
         )
-    for where, kinds in (
-        ("sft.kinds", cfg.sft.kinds),
-        ("rerank.kinds", cfg.rerank.kinds),
-        ("pairs.group_kinds", cfg.pairs.group_kinds),
-    ):
-        if kinds is not None and (not isinstance(kinds, list) or not set(kinds) <= set(KINDS)):
-            raise ConfigError(f"{where}: expected a list of kinds from {list(KINDS)}, got {kinds!r}")
-    try:
-        cfg.pairs.rules()
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"pairs: {e}") from e
-    if not isinstance(cfg.rerank.top_k, int) or cfg.rerank.top_k < 1:
-        raise ConfigError(f"rerank.top_k: expected an integer >= 1, got {cfg.rerank.top_k!r}")
-    if cfg.calibrate.method not in cal.METHODS:
-        raise ConfigError(f"calibrate.method: must be one of {list(cal.METHODS)}, got {cfg.calibrate.method!r}")
-    if not isinstance(cfg.calibrate.n_quantiles, int) or cfg.calibrate.n_quantiles < 2:
-        raise ConfigError("calibrate.n_quantiles: expected an integer >= 2")
-    if cfg.task == "calibrate" and not cfg.output.endswith(".json"):
-        raise ConfigError(
+    if not under(bad, "task") and cfg.task == "calibrate" and not cfg.output.endswith(".json"):
+        errors.append(
             f"output: the calibrate task writes one JSON file; expected a path ending in .json, got {cfg.output!r}"
         )
-
     so = cfg.storage_options or None
-    if not storage.parquet_files(storage.join(cfg.run, "data"), so):
-        raise ConfigError(f"run: no Parquet files under {storage.join(cfg.run, 'data')} (is it a labeled run?)")
-    if cfg.calibration and not storage.exists(cfg.calibration, so):
-        raise ConfigError(f"calibration: no such file {cfg.calibration}")
+    try:
+        if not storage.parquet_files(storage.join(cfg.run, "data"), so):
+            errors.append(f"run: no Parquet files under {storage.join(cfg.run, 'data')} (is it a labeled run?)")
+    except Exception as e:  # noqa: BLE001 - an unreachable store: say which key
+        errors.append(scrub(f"run: cannot list {storage.join(cfg.run, 'data')}: {e}"))
+    try:
+        if cfg.calibration and not storage.exists(cfg.calibration, so):
+            errors.append(f"calibration: no such file {cfg.calibration}")
+    except Exception as e:  # noqa: BLE001
+        errors.append(scrub(f"calibration: cannot check {cfg.calibration}: {e}"))
+    return errors
 
 
 def load_config(path: str, overrides: dict | None = None) -> CurateConfig:
@@ -207,4 +214,6 @@ def load_config(path: str, overrides: dict | None = None) -> CurateConfig:
         raise ConfigError(f"cannot read config {path}: {e}") from e
     except yaml.YAMLError as e:  # its message quotes the offending line, which may hold a secret
         raise ConfigError(scrub(f"config {path} is not valid YAML: {e}")) from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"config {path}: expected a mapping at the top level, got {type(data).__name__}")
     return parse_config({**(data or {}), **(overrides or {})})

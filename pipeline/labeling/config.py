@@ -6,22 +6,28 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
+from pydantic import Field
 
 from pipeline import secrets, storage
+from pipeline.config_schema import ConfigErrors, Loc, Schema, at_least, list_of, one_of, under
 from pipeline.corpus import InputSpec, expand_files
-from pipeline.embed.backbone import BackboneSpec, resolve_source
-from pipeline.embed.templating import TemplatePolicy
+from pipeline.corpus.spec import FILE_FORMATS
+from pipeline.embed.backbone import DTYPES, BackboneSpec, resolve_source
+from pipeline.embed.backbone import KINDS as BACKBONE_KINDS
+from pipeline.embed.templating import OVERFLOW_POLICIES, TemplatePolicy
+from pipeline.objectives import KIND_ALIASES, SCALES, Objective
+from pipeline.schema import KINDS as UNIT_KINDS
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(ConfigErrors):
+    """A bad config: `errors` lists every problem, each naming its key path; str() is all of them."""
 
 
 def _take(cls, data: Any, where: str):
-    """Build a dataclass from a mapping, refusing unknown keys."""
+    """Build a dataclass from a mapping, refusing unknown keys (no type checks: see SCHEMA)."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -57,6 +63,16 @@ class ResourcesConfig:
 
 
 @dataclass
+class QuarantineLimits:
+    """A run whose quarantined share of input rows is above a limit fails (after committing what it
+    labeled, its manifest saying `status: failed_quarantine`): a mapping error or a corrupt export
+    should not pass as a night's labels. null turns a limit off."""
+
+    per_source: float | None = 0.5  # rows_quarantined / rows_in of any one source
+    overall: float | None = 0.25  # the same over every source of the run
+
+
+@dataclass
 class LabelConfig:
     inputs: list[dict]
     output: str  # root URI; the run writes under <output>/<run_id>/
@@ -78,6 +94,7 @@ class LabelConfig:
     lease_ttl_s: float | None = 120.0
     # Fail the run (with what it waits for) when nothing was committed for this long; null: never.
     stall_timeout_s: float | None = 900.0
+    max_quarantine_fraction: QuarantineLimits = field(default_factory=QuarantineLimits)
 
     @property
     def run_dir(self) -> str:
@@ -109,27 +126,74 @@ class LabelConfig:
         """Identity of what the run computes (not where it runs, nor with which credentials): used in
         manifests and submission ids."""
         d = secrets.without_credentials(self.to_dict())
-        for k in ("ray_address", "progress_interval_s", "count_units", "lease_ttl_s", "stall_timeout_s"):
+        operational = ("lease_ttl_s", "stall_timeout_s", "max_quarantine_fraction")
+        for k in ("ray_address", "progress_interval_s", "count_units", *operational):
             d.pop(k, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
+# What the schema checks beyond the dataclasses' own annotations (pipeline/config_schema.py).
+# An input spec, as in the labeling and the training config.
+INPUT_OVERRIDES: dict[tuple[type, str], Any] = {
+    (InputSpec, "file_format"): one_of(*FILE_FORMATS),
+    (InputSpec, "kind"): one_of(*UNIT_KINDS) | None,
+    (InputSpec, "objectives"): list[Objective] | None,
+    (Objective, "kind"): one_of(*KIND_ALIASES),
+    (Objective, "scale"): one_of(*SCALES),
+}
+MODEL_OVERRIDES: dict[tuple[type, str], Any] = {
+    (BackboneSpec, "kind"): one_of(*BACKBONE_KINDS),
+    (BackboneSpec, "dtype"): one_of(*DTYPES),
+    (TemplatePolicy, "overflow"): one_of(*OVERFLOW_POLICIES),
+    (TemplatePolicy, "max_tokens"): at_least(2),
+}
+RESOURCES_OVERRIDES: dict[tuple[type, str], Any] = {
+    (ResourcesConfig, "actors"): at_least(1) | list_of(at_least(1)),
+    (ResourcesConfig, "num_gpus_per_actor"): at_least(0, float),
+    (ResourcesConfig, "num_cpus_per_actor"): at_least(0, float),
+    (ResourcesConfig, "threads_per_actor"): at_least(1) | None,
+    (ResourcesConfig, "token_budget"): at_least(16) | None,
+    (ResourcesConfig, "units_per_call"): at_least(1),
+    (ResourcesConfig, "share_prompts"): one_of("auto", "never", "always"),
+    (ResourcesConfig, "rows_per_shard"): at_least(1),
+    (ResourcesConfig, "cpus_per_cpu_task"): Annotated[float, Field(gt=0)],
+}
+SCHEMA = Schema(
+    "labeling",
+    LabelConfig,
+    {
+        **INPUT_OVERRIDES,
+        **MODEL_OVERRIDES,
+        **RESOURCES_OVERRIDES,
+        (LabelConfig, "inputs"): Annotated[list[InputSpec], Field(min_length=1)],
+        (ModelConfig, "backbone"): BackboneSpec | str,  # a path string, or BackboneSpec fields
+        (ModelConfig, "template"): TemplatePolicy,
+        (LabelConfig, "limit_rows_per_input"): at_least(1) | None,
+        (LabelConfig, "progress_interval_s"): Annotated[float, Field(gt=0)],
+        (LabelConfig, "lease_ttl_s"): Annotated[float, Field(gt=0)] | None,
+        (LabelConfig, "stall_timeout_s"): Annotated[float, Field(gt=0)] | None,
+        (QuarantineLimits, "per_source"): Annotated[float, Field(ge=0, le=1)] | None,
+        (QuarantineLimits, "overall"): Annotated[float, Field(ge=0, le=1)] | None,
+    },
+)
+
+
 def parse_config(data: dict) -> LabelConfig:
     """Relative local paths are relative to the working directory (the repo root, also under
-    `ray job submit --working-dir .`)."""
+    `ray job submit --working-dir .`). Every problem is reported at once (ConfigError.errors)."""
     if not isinstance(data, dict):
         raise ConfigError("config: expected a mapping at the top level")
-    data = dict(data)
-    for key in ("inputs", "output"):
-        if key not in data:
-            raise ConfigError(f"config: missing required key {key!r}")
-    data = _lift_uri_credentials(data)
-    model = _take(ModelConfig, data.pop("model", None), "model")
-    resources = _take(ResourcesConfig, data.pop("resources", None), "resources")
-    cfg = _take(LabelConfig, {**data, "model": model, "resources": resources}, "config")
-    if not isinstance(cfg.inputs, list) or not cfg.inputs:
-        raise ConfigError("inputs: expected a non-empty list of input specs")
-    _validate(cfg)
+    errors: list[str] = []
+    try:
+        data = _lift_uri_credentials(dict(data))
+    except ConfigError as e:
+        errors += e.errors
+    type_errors, bad = SCHEMA.type_errors(data)
+    errors += type_errors
+    cfg = SCHEMA.build(data, bad)
+    errors += _validate(cfg, data, bad)
+    if errors:
+        raise ConfigError(errors)
     return cfg
 
 
@@ -144,51 +208,80 @@ def _lift_uri_credentials(data: dict) -> dict:
         uris = {k: data.pop(k) for k in lifted}
         if model is not None:
             data["model"] = {**model, **uris}
-        data["inputs"] = secrets.lift_input_uris(data["inputs"], data.get("storage_options"))
+        if "inputs" in data:
+            options = data.get("storage_options") if isinstance(data.get("storage_options"), dict) else None
+            data["inputs"] = secrets.lift_input_uris(data["inputs"], options)
     except ValueError as e:
         raise ConfigError(str(e)) from e
     return data
 
 
-def _validate(cfg: LabelConfig) -> None:
-    for i, spec in enumerate(cfg.inputs):
+def input_errors(inputs: Any, storage_options: Any, bad: list[Loc], where: str = "inputs") -> list[str]:
+    """Each input spec that passed the type checks: its own checks (adapter, columns) and whether
+    its paths match files. One message per bad input, naming it."""
+    if not isinstance(inputs, list):
+        return []
+    top = storage_options if isinstance(storage_options, dict) else {}
+    out = []
+    for i, spec in enumerate(inputs):
+        if under(bad, where, i) or not isinstance(spec, dict):
+            continue
         try:
-            parsed = InputSpec.from_dict({"storage_options": cfg.storage_options, **spec})
-            expand_files(parsed)
-        except Exception as e:  # noqa: BLE001 - re-raised with the input's position
-            raise ConfigError(f"inputs[{i}] ({spec.get('path')}): {e}") from e
+            expand_files(InputSpec.from_dict({"storage_options": top, **spec}))
+        except Exception as e:  # noqa: BLE001 - reported with the input's position
+            out.append(_at(f"{where}[{i}]", secrets.scrub(str(e)), InputSpec))
+    return out
+
+
+def _at(where: str, message: str, cls: type) -> str:
+    """`inputs[0]` + `format: unknown adapter ...` -> `inputs[0].format: unknown adapter ...`."""
+    head, sep, rest = message.partition(": ")
+    if sep and head in {f.name for f in fields(cls)}:
+        return f"{where}.{head}: {rest}"
+    return f"{where}: {message}"
+
+
+def _validate(cfg: LabelConfig | None, data: dict, bad: list[Loc]) -> list[str]:
+    """The checks beyond types: files exist, the backbone resolves, exclusive settings. `cfg` is
+    the best-effort config (keys with type errors at their defaults); None when a required key is
+    missing, and then only the inputs are checked."""
+    errors = input_errors(data.get("inputs"), data.get("storage_options"), bad)
+    if cfg is None:
+        return errors
     r = cfg.resources
-    actors = r.actors if isinstance(r.actors, list) else [r.actors, r.actors]
-    if len(actors) != 2 or not all(isinstance(a, int) and a >= 1 for a in actors) or actors[0] > actors[1]:
-        raise ConfigError(f"resources.actors: expected a positive number or [min, max], got {r.actors!r}")
-    if (r.token_budget is not None and r.token_budget < 16) or r.rows_per_shard < 1 or r.units_per_call < 1:
-        raise ConfigError("resources: token_budget must be >= 16, rows_per_shard and units_per_call >= 1")
-    if r.share_prompts not in ("auto", "never", "always"):
-        raise ConfigError(f"resources.share_prompts: expected auto, never or always, got {r.share_prompts!r}")
+    if isinstance(r.actors, list) and not under(bad, "resources", "actors"):
+        if len(r.actors) != 2 or not all(a >= 1 for a in r.actors) or r.actors[0] > r.actors[1]:
+            errors.append(f"resources.actors: expected a positive number or [min, max], got {r.actors!r}")
+    elif isinstance(r.actors, int) and r.actors < 1:
+        errors.append(f"resources.actors: expected a positive number or [min, max], got {r.actors!r}")
     m, so = cfg.model, cfg.storage_options or None
     if m.heads and m.armorm_checkpoint:
-        raise ConfigError("model: give either heads or armorm_checkpoint, not both")
-    if m.armorm_checkpoint and not _exists(storage.join(m.armorm_checkpoint, "config.json"), so):
-        raise ConfigError(f"model.armorm_checkpoint: no config.json in {m.armorm_checkpoint}")
-    if m.heads and not m.train_if_missing and not _exists(m.heads, so):
-        raise ConfigError(f"model.heads: {m.heads} does not exist (set model.train_if_missing to train it first)")
-    if m.train_if_missing and not os.path.exists(m.train_if_missing):
-        raise ConfigError(f"model.train_if_missing: no such config file {m.train_if_missing}")
+        errors.append("model: give either heads or armorm_checkpoint, not both")
     try:
-        TemplatePolicy.from_dict(m.template or {})
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"model.template: {e}") from e
-    if not m.armorm_checkpoint:
+        if m.armorm_checkpoint and not _exists(storage.join(m.armorm_checkpoint, "config.json"), so):
+            errors.append(f"model.armorm_checkpoint: no config.json in {m.armorm_checkpoint}")
+    except ConfigError as e:
+        errors.append(f"model.armorm_checkpoint: {e}")
+    try:
+        if m.heads and not m.train_if_missing and not _exists(m.heads, so):
+            errors.append(f"model.heads: {m.heads} does not exist (set model.train_if_missing to train it first)")
+    except ConfigError as e:
+        errors.append(f"model.heads: {e}")
+    if m.train_if_missing and not os.path.exists(m.train_if_missing):
+        errors.append(f"model.train_if_missing: no such config file {m.train_if_missing}")
+    if not under(bad, "model", "template"):
+        try:
+            TemplatePolicy.from_dict(m.template or {})
+        except (TypeError, ValueError) as e:
+            errors.append(f"model.template: {e}")
+    if not m.armorm_checkpoint and not under(bad, "model", "backbone"):
         try:
             resolve_source(BackboneSpec.from_dict(m.backbone))
         except Exception as e:  # noqa: BLE001
-            raise ConfigError(f"model.backbone: {e}") from e
-    for key in ("lease_ttl_s", "stall_timeout_s"):
-        value = getattr(cfg, key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
-            raise ConfigError(f"{key}: expected a positive number of seconds or null, got {value!r}")
-    if not cfg.run_id or any(c in cfg.run_id for c in "/\\ "):
-        raise ConfigError(f"run_id: must be a non-empty name without slashes or spaces, got {cfg.run_id!r}")
+            errors.append(f"model.backbone: {secrets.scrub(str(e))}")
+    if not under(bad, "run_id") and (not cfg.run_id or any(c in cfg.run_id for c in "/\\ ")):
+        errors.append(f"run_id: must be a non-empty name without slashes or spaces, got {cfg.run_id!r}")
+    return errors
 
 
 def _exists(uri: str, storage_options: dict | None) -> bool:
@@ -207,5 +300,6 @@ def load_config(path: str, overrides: dict | None = None) -> LabelConfig:
         raise ConfigError(f"cannot read config {path}: {e}") from e
     except yaml.YAMLError as e:  # its message quotes the offending line, which may hold a secret
         raise ConfigError(secrets.scrub(f"config {path} is not valid YAML: {e}")) from None
-    data = {**(data or {}), **(overrides or {})}
-    return parse_config(data)
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"config {path}: expected a mapping at the top level, got {type(data).__name__}")
+    return parse_config({**(data or {}), **(overrides or {})})

@@ -155,3 +155,58 @@ def score_summary(run_dir: str, objectives: list[str], storage_options: dict | N
             entry["top_gate"] = max(means, key=means.__getitem__)
         out[source] = entry
     return out
+
+
+# ---- runs that fail loudly: max_quarantine_fraction ------------------------------------------
+
+EXIT_QUARANTINE = 4  # jobs.label / jobs.train_heads exit code of a run over the quarantine limit
+FAILED_QUARANTINE = "failed_quarantine"  # the manifest's status of such a run
+
+
+class QuarantineLimitExceeded(RuntimeError):
+    """The run quarantined more input rows than `max_quarantine_fraction` allows. What it labeled
+    is committed (a rerun with the same run id resumes); the manifest says why."""
+
+
+def quarantine_verdict(sources: dict[str, dict], per_source: float | None, overall: float | None) -> dict | None:
+    """None when the run is within its limits; else why not: the sources over `per_source`
+    (rows_quarantined / rows_in, each), and the whole run's fraction when it is over `overall`.
+    Sources without input rows are left out; a limit of None is off; a fraction equal to its limit
+    passes."""
+    names = sorted(s for s in sources if sources[s]["rows_in"])
+    fractions = {s: sources[s]["rows_quarantined"] / sources[s]["rows_in"] for s in names}
+    over = {s: round(f, 4) for s, f in fractions.items() if per_source is not None and f > per_source}
+    rows_in = sum(sources[s]["rows_in"] for s in names)
+    total = sum(sources[s]["rows_quarantined"] for s in names) / rows_in if rows_in else 0.0
+    overall_over = overall is not None and total > overall
+    if not over and not overall_over:
+        return None
+    parts = [
+        f"source {s!r}: {sources[s]['rows_quarantined']} of {sources[s]['rows_in']} rows quarantined "
+        f"({fractions[s]:.1%} > per_source {per_source})"
+        for s in over
+    ]
+    if overall_over:
+        parts.append(f"the run: {total:.1%} of {rows_in} rows quarantined (> overall {overall})")
+    return {
+        "reason": "max_quarantine_fraction",
+        "limits": {"per_source": per_source, "overall": overall},
+        "sources_over": over,
+        "overall_fraction": round(total, 4),
+        "message": "quarantined too much input (max_quarantine_fraction): "
+        + "; ".join(parts)
+        + "; see the quarantine/ files and manifest quarantine_reasons, fix the inputs (or raise the limit)",
+    }
+
+
+def enforce_quarantine_limit(man: dict, limits, manifest_uri: str, storage_options: dict | None) -> None:
+    """At the end of a run: when it is over `limits` (a QuarantineLimits), rewrite its manifest
+    with `status: failed_quarantine` and the verdict under `failure`, then raise
+    QuarantineLimitExceeded. The committed shards stay (a resume keeps them)."""
+    verdict = quarantine_verdict(man["sources"], limits.per_source, limits.overall)
+    if verdict is None:
+        return
+    man["status"] = FAILED_QUARANTINE
+    man["failure"] = verdict
+    storage.write_json(manifest_uri, man, storage_options)
+    raise QuarantineLimitExceeded(verdict["message"])

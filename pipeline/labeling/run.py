@@ -206,6 +206,7 @@ def execute(plan: RunPlan, lease: run_lease.RunLease | None = None) -> dict:
     storage.write_json(storage.join(run_dir, mf.MANIFEST), man, so)
     for warning in mf.unused_label_warnings(man["sources"]):
         _say(warning)
+    mf.enforce_quarantine_limit(man, cfg.max_quarantine_fraction, storage.join(run_dir, mf.MANIFEST), so)
     return man
 
 
