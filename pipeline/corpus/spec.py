@@ -7,7 +7,7 @@ import os
 import posixpath
 from dataclasses import dataclass, field
 
-from pipeline import objectives, storage
+from pipeline import ids, objectives, storage
 from pipeline.corpus.adapters import ADAPTERS, ALIASES, PRESETS, check_columns
 from pipeline.schema import KINDS
 
@@ -92,6 +92,9 @@ class InputSpec:
         if not isinstance(self.options, dict):
             raise InputSpecError(f"options: expected a mapping, got {type(self.options).__name__}")
         self.storage_options = self.storage_options or None
+        # Files this spec shares with other specs of its run -> the source name that tells its
+        # reading apart in shard ids (set by assign_readings; not a key of the spec, not hashed).
+        self.readings: dict[str, str] = {}
 
     def __setstate__(self, state: dict) -> None:
         # Unpickling (a Ray read task receiving the spec) skips __post_init__: register the
@@ -119,6 +122,89 @@ class InputSpec:
 
     def paths(self) -> list[str]:
         return [self.path] if isinstance(self.path, str) else list(self.path)
+
+    def identity(self) -> dict:
+        """What decides how this spec reads a file: every key but where the files are (`path`)
+        and how to reach them (`storage_options`), after presets are expanded."""
+        d = self.to_dict()
+        for key in ("path", "storage_options", "readings"):
+            d.pop(key, None)
+        return d
+
+    def key(self) -> str:
+        """Short id of identity(): one file under two specs is two inputs (manifests, incremental skip)."""
+        return ids.spec_key(self.identity())
+
+    def source_for(self, uri: str) -> str | None:
+        """The source name this spec gives the rows of `uri`; None for format 'auto' without a
+        `source` (each record's detected adapter names it)."""
+        if self.source:
+            return self.source
+        if self.format == "auto":
+            return None
+        return ADAPTERS[self.format].default_source or file_stem(uri)
+
+
+def file_stem(uri: str) -> str:
+    name = posixpath.basename(uri.rstrip("/").replace("\\", "/"))
+    for ext in (".gz", ".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet", ".pq", ".arrow"):
+        if name.lower().endswith(ext) and len(name) > len(ext):
+            name = name[: -len(ext)]
+    return name
+
+
+def assign_readings(specs: list[InputSpec], files: list[list[str]]) -> None:
+    """Check and record how the specs of one run share files (`files[i]`: spec i's expansion).
+
+    One file under several different specs is several sources of units: each reading must name a
+    source of its own (row and unit ids hash the source with the content, so equal sources could
+    give two readings of one row one id), and its shard ids carry that source (ids.shard_id).
+    Two specs with the same identity() naming one file are a config error, as is a shared file
+    read by a format 'auto' spec without `source` (its sources are known only per record).
+    A file read by one spec gets no qualifier: its ids are those it always had.
+    """
+    readers: dict[str, list[int]] = {}
+    for i, uris in enumerate(files):
+        for uri in dict.fromkeys(uris):
+            readers.setdefault(uri, []).append(i)
+    for spec in specs:
+        spec.readings = {}
+    for uri, which in readers.items():
+        if len(which) < 2:
+            continue
+        by_key: dict[str, int] = {}
+        by_source: dict[str, int] = {}
+        for i in which:
+            other = next(j for j in which if j != i)
+            key = specs[i].key()
+            if key in by_key:
+                raise InputSpecError(
+                    f"inputs[{by_key[key]}] and inputs[{i}] read {uri} with the same spec: remove one "
+                    f"(within one spec a file is read once, however many of its paths match it)"
+                )
+            by_key[key] = i
+            source = specs[i].source_for(uri)
+            if source is None:
+                raise InputSpecError(
+                    f"inputs[{i}]: {uri} is also read by inputs[{other}]; format 'auto' names sources "
+                    f"per record, so give inputs[{i}] a `source:` of its own"
+                )
+            if source in by_source:
+                raise InputSpecError(
+                    f"inputs[{by_source[source]}] and inputs[{i}] read {uri} as one source {source!r}: "
+                    f"a source is part of each unit's id, so give them distinct `source:` names"
+                )
+            by_source[source] = i
+        for source, i in by_source.items():
+            specs[i].readings[uri] = source
+
+
+def expand_all(specs: list[InputSpec]) -> list[list[str]]:
+    """Every spec's files (expand_files), with the sharing between specs checked and recorded
+    (assign_readings): the one expansion a run or a pure read should use."""
+    files = [expand_files(spec) for spec in specs]
+    assign_readings(specs, files)
+    return files
 
 
 def file_format_of(uri: str, spec: InputSpec | None = None, is_dir: bool = False) -> str | None:
