@@ -35,7 +35,7 @@ from pipeline import ids, schema, storage
 from pipeline.corpus import formats
 from pipeline.corpus.adapters import ADAPTERS, QuarantineError, Row, adapt_mapping, detect
 from pipeline.corpus.field_use import FIELD_USE_TYPE, FieldUse, TrackedRecord
-from pipeline.corpus.spec import InputSpec, expand_all, file_format_of, file_stem
+from pipeline.corpus.spec import InputSpec, dataset_source, expand_all, file_format_of
 
 PROMPT_ROLES = ("system", "user", "assistant")
 _DETECT_LOOKAHEAD = 1000  # records buffered while looking for one whose fields name the format
@@ -204,7 +204,7 @@ class FileReader:
         if self.spec.source:
             return self.spec.source
         adapter = ADAPTERS.get(self.adapter) if self.adapter else None
-        return (adapter.default_source if adapter else None) or file_stem(self.uri)
+        return (adapter.default_source if adapter else None) or dataset_source(self.uri)
 
     def records(self, limit_rows: int | None) -> Iterator[formats.Record]:
         file_format = self.file_format = file_format_of(self.uri, self.spec, is_dir=self._is_dir())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import posixpath
+import re
 from dataclasses import dataclass, field
 
 from pipeline import ids, objectives, storage
@@ -40,7 +41,7 @@ class InputSpecError(ValueError):
 class InputSpec:
     path: str | list[str]  # file, directory, glob or s3:// URI of any of those (or a list)
     format: str = "auto"  # adapter name, see pipeline.corpus.adapters.ADAPTERS
-    source: str | None = None  # corpus name; default from the adapter, else the file name
+    source: str | None = None  # corpus name; default from the adapter, else dataset_source(file)
     columns: dict | None = None  # column mapping for the "mapping" adapter (or changes to a hub preset's)
     kind: str | None = None  # expected kind of every row (checked), e.g. "preference"
     file_format: str = "auto"  # jsonl | json | csv | tsv | parquet | hf_dataset; auto from the name
@@ -142,7 +143,49 @@ class InputSpec:
             return self.source
         if self.format == "auto":
             return None
-        return ADAPTERS[self.format].default_source or file_stem(uri)
+        return ADAPTERS[self.format].default_source or dataset_source(uri)
+
+
+# `train-00000-of-00002`: one shard file of a split, as `datasets` / `push_to_hub` name them.
+_SHARD_FILE = re.compile(r"^(?P<split>.+?)-\d+-of-\d+$")
+# `<config>/<split>/0000.parquet` (the Hub's parquet conversion): numbered files in a split folder.
+_NUMBERED_FILE = re.compile(r"^\d+$")
+_SPLIT_FOLDER = re.compile(r"^(train|test|validation|valid|dev|eval)([_-].*)?$")
+
+
+def dataset_source(uri: str) -> str:
+    """The default source name of a file no spec or adapter names: its dataset and split when
+    the file is one shard of a split, else the file's name (its stem).
+
+    - `<dataset>/<split>-NNNNN-of-NNNNN.<ext>` and `<dataset>/data/<split>-NNNNN-of-NNNNN.<ext>`
+      (push_to_hub and hub downloads) -> `<dataset>/<split>`;
+    - `<dataset>/<config>/<split>/NNNN.<ext>` (the Hub's parquet conversion) -> `<dataset>/<split>`
+      for the `default` config, else `<dataset>/<config>/<split>`;
+    - the dataset folder is the one above: a revision suffix (`name@main`, as in hf:// paths) is
+      dropped, and in a huggingface_hub cache (`datasets--<org>--<name>/snapshots/<hash>/`) it is
+      `<name>`.
+    So every shard file of one split is one source (one set of per-source counts and heads).
+    """
+    path = uri.split("://", 1)[-1].rstrip("/").replace("\\", "/")
+    dirs = [p for p in path.split("/")[:-1] if p]
+    stem = file_stem(uri)
+    config = None
+    if m := _SHARD_FILE.match(stem):
+        split = m.group("split")
+    elif _NUMBERED_FILE.match(stem) and dirs and _SPLIT_FOLDER.match(dirs[-1]):
+        split = dirs.pop()
+        if len(dirs) >= 2:
+            config = dirs.pop()
+    else:
+        return stem
+    if dirs and dirs[-1] == "data":
+        dirs.pop()
+    if len(dirs) >= 3 and dirs[-2] == "snapshots" and dirs[-3].startswith("datasets--"):
+        dataset = dirs[-3].split("--")[-1]
+    else:
+        dataset = dirs[-1].split("@", 1)[0] if dirs else ""
+    parts = [dataset, config if config not in (None, "default") else None, split]
+    return "/".join(p for p in parts if p)
 
 
 def file_stem(uri: str) -> str:
