@@ -7,6 +7,7 @@ import os
 import posixpath
 import re
 from dataclasses import dataclass, field
+from urllib.parse import quote, unquote
 
 from pipeline import ids, objectives, storage
 from pipeline.corpus.adapters import ADAPTERS, ALIASES, PRESETS, check_columns
@@ -48,6 +49,7 @@ class InputSpec:
     storage_options: dict | None = None  # passed to pipeline.storage.filesystem
     options: dict = field(default_factory=dict)  # adapter options
     objectives: list | None = None  # objectives this input's ratings use (pipeline.objectives.Objective fields)
+    revision: str | None = None  # hf:// paths: the branch, tag or commit to read (default: the path's, else main)
 
     def __post_init__(self):
         # Declared objectives first: the columns check below looks their names up. Registering
@@ -93,6 +95,14 @@ class InputSpec:
         if not isinstance(self.options, dict):
             raise InputSpecError(f"options: expected a mapping, got {type(self.options).__name__}")
         self.storage_options = self.storage_options or None
+        if self.revision is not None:
+            if not isinstance(self.revision, str) or not self.revision:
+                raise InputSpecError(f"revision: expected a branch, tag or commit name, got {self.revision!r}")
+            if not all(p.startswith("hf://") for p in self.paths()):
+                raise InputSpecError("revision: only for hf:// paths (a Hub dataset's branch, tag or commit)")
+        for p in self.paths():
+            if isinstance(p, str) and p.startswith("hf://"):
+                hub_path(p, self.revision)  # a malformed Hub path is a spec error
         # Files this spec shares with other specs of its run -> the source name that tells its
         # reading apart in shard ids (set by assign_readings; not a key of the spec, not hashed).
         self.readings: dict[str, str] = {}
@@ -128,7 +138,7 @@ class InputSpec:
         """What decides how this spec reads a file: every key but where the files are (`path`)
         and how to reach them (`storage_options`), after presets are expanded."""
         d = self.to_dict()
-        for key in ("path", "storage_options", "readings"):
+        for key in ("path", "storage_options", "readings", "revision"):
             d.pop(key, None)
         return d
 
@@ -273,6 +283,54 @@ def _is_hf_dir(fs, path: str) -> bool:
     return any(fs.exists(posixpath.join(path, m)) for m in HF_MARKERS)
 
 
+_HF_PATH = re.compile(
+    r"^hf://(?P<type>datasets|models|spaces)/(?P<repo>[^/@]+/[^/@]+)(?:@(?P<rev>[^/]+))?(?P<rest>/.*)?$"
+)
+
+
+def hub_path(pattern: str, revision: str | None = None) -> str:
+    """An hf:// path with the spec's `revision` in it (`hf://datasets/<org>/<name>@<rev>/<files>`;
+    a revision holding '/', e.g. refs/convert/parquet, is URL-quoted as HfFileSystem expects)."""
+    m = _HF_PATH.match(pattern)
+    if m is None:
+        raise InputSpecError(
+            f"path: {pattern!r} is not a Hub path; expected hf://datasets/<org>/<name>[@<revision>]/<files>"
+        )
+    in_path = unquote(m.group("rev")) if m.group("rev") else None
+    if revision and in_path and in_path != revision:
+        raise InputSpecError(f"revision: {revision!r} differs from the revision in the path {pattern!r}")
+    rev = revision or in_path
+    at = f"@{quote(rev, safe='')}" if rev else ""
+    return f"hf://{m.group('type')}/{m.group('repo')}{at}{m.group('rest') or ''}"
+
+
+def _offline_hub_path(pattern: str) -> str:
+    """Offline (HF_HUB_OFFLINE): the hf:// path inside huggingface_hub's local cache, where an
+    earlier `hf download` / snapshot_download of the repository put it."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    m = _HF_PATH.match(pattern)
+    assert m is not None  # hub_path checked it
+    rev = unquote(m.group("rev")) if m.group("rev") else None
+    repo_type = m.group("type")[:-1]
+    try:
+        folder = snapshot_download(m.group("repo"), repo_type=repo_type, revision=rev, local_files_only=True)
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError) as e:
+        name = m.group("repo") + (f"@{rev}" if rev else "")
+        raise InputSpecError(
+            f"path: {pattern!r}: offline (HF_HUB_OFFLINE is set) and {name} is not in the huggingface_hub "
+            f"cache; download it first (hf download --repo-type {repo_type} {m.group('repo')}) ({e})"
+        ) from None
+    return folder.rstrip("/") + (m.group("rest") or "")
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.is_offline_mode())
+
+
 def expand_files(spec: InputSpec) -> list[str]:
     """Sorted concrete inputs named by the spec: files, plus `save_to_disk` directories (each one input).
 
@@ -280,16 +338,28 @@ def expand_files(spec: InputSpec) -> list[str]:
     spec names a file_format); hidden files are skipped.
     """
     found: set[str] = set()
-    for pattern in spec.paths():
+    for named in spec.paths():
+        pattern = named
+        if named.startswith("hf://"):
+            pattern = hub_path(named, spec.revision)
+            if _hub_offline():
+                pattern = _offline_hub_path(pattern)
         fs, path = storage.filesystem(pattern, spec.storage_options)
         remote = storage.is_remote(pattern)
-        if any(c in pattern for c in "*?["):
-            # As in a shell, a wildcard does not match hidden names (".tmp-..." files of atomic writes).
-            matches = sorted(m for m in fs.glob(path) if not posixpath.basename(m.rstrip("/")).startswith("."))
-        else:
-            matches = [path] if fs.exists(path) else []
+        try:
+            if pattern.startswith("hf://"):
+                fs.resolve_path(path)  # no such repository or revision, or no access: say which
+            if any(c in pattern for c in "*?["):
+                # As in a shell, a wildcard does not match hidden names (".tmp-..." files of atomic writes).
+                matches = sorted(m for m in fs.glob(path) if not posixpath.basename(m.rstrip("/")).startswith("."))
+            else:
+                matches = [path] if fs.exists(path) else []
+        except Exception as e:  # noqa: BLE001 - the Hub's answers (no such repo or revision, no access) name the path
+            if not pattern.startswith("hf://"):
+                raise
+            raise InputSpecError(f"path: {named!r}: {type(e).__name__}: {e}") from None
         if not matches:
-            raise InputSpecError(f"no input matches {pattern!r}")
+            raise InputSpecError(f"no input matches {named!r}")
         inputs: set[str] = set()
         for m in matches:
             if fs.isdir(m):
