@@ -1,7 +1,8 @@
 """The curation job's configuration: parsed from YAML and validated up front, with clear errors.
 
 task: sft | dpo | rerank | calibrate
-run: runs/labels/demo              # a labeled run: <run>/data/*.parquet (+ manifest.json)
+run: runs/labels/demo              # a labeled run: <run>/data/*.parquet (+ manifest.json); or
+                                   # <labels root>/latest, or a glob of runs (pipeline.curation.inputs)
 output: runs/curated/demo-sft      # a directory (calibrate: the JSON file to write)
 storage_options: {}                # for s3:// (endpoint_url, key, secret, ...)
 filters: [...]                     # unit filters, see pipeline/curation/thresholds.py
@@ -28,6 +29,7 @@ import yaml
 
 from pipeline import storage
 from pipeline.curation import calibration as cal
+from pipeline.curation.inputs import resolve_runs
 from pipeline.curation.pairs import PairRules
 from pipeline.curation.thresholds import FilterError, parse_filters
 from pipeline.schema import KINDS
@@ -193,8 +195,10 @@ def _validate(cfg: CurateConfig) -> None:
         )
 
     so = cfg.storage_options or None
-    if not storage.parquet_files(storage.join(cfg.run, "data"), so):
-        raise ConfigError(f"run: no Parquet files under {storage.join(cfg.run, 'data')} (is it a labeled run?)")
+    try:
+        resolve_runs(cfg.run, so)  # a run dir, <root>/latest or a glob of runs (pipeline.curation.inputs)
+    except FileNotFoundError as e:
+        raise ConfigError(f"run: {e}") from None
     if cfg.calibration and not storage.exists(cfg.calibration, so):
         raise ConfigError(f"calibration: no such file {cfg.calibration}")
 
