@@ -218,3 +218,17 @@ def test_label_job_labels_both_readings_exactly_once_then_skips_them(tmp_path, p
     proc = run_module("jobs.label", "--config", str(write_yaml(tmp_path / "job2.yaml", cfg)))
     assert "incremental: 2 file(s) done by earlier runs, 0 new" in proc.stdout + proc.stderr
     assert manifest(tmp_path / "labels" / "night2")["shards"] == 0
+
+
+def test_the_labeling_job_refuses_identical_specs_with_exit_2(tmp_path, pku, capsys):
+    import yaml
+
+    from jobs import label
+
+    inputs = [{"path": str(pku.parent), "format": "pku_saferlhf"}, {"path": str(pku), "format": "pku_saferlhf"}]
+    cfg = {"output": str(tmp_path / "out"), "inputs": inputs}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg))
+    assert label.main(["--config", str(tmp_path / "job.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "config error: inputs: inputs[0] and inputs[1] read" in err and "with the same spec" in err
+    assert not (tmp_path / "out").exists()  # nothing started

@@ -12,6 +12,7 @@ import yaml
 
 from pipeline import secrets, storage
 from pipeline.corpus import InputSpec, expand_files
+from pipeline.corpus.spec import InputSpecError, assign_readings
 from pipeline.embed.backbone import BackboneSpec, resolve_source
 from pipeline.embed.templating import TemplatePolicy
 
@@ -145,12 +146,18 @@ def _lift_uri_credentials(data: dict) -> dict:
 
 
 def _validate(cfg: LabelConfig) -> None:
+    specs, files = [], []
     for i, spec in enumerate(cfg.inputs):
         try:
             parsed = InputSpec.from_dict({"storage_options": cfg.storage_options, **spec})
-            expand_files(parsed)
+            files.append(expand_files(parsed))
+            specs.append(parsed)
         except Exception as e:  # noqa: BLE001 - re-raised with the input's position
             raise ConfigError(f"inputs[{i}] ({spec.get('path')}): {e}") from e
+    try:
+        assign_readings(specs, files)  # one file under two specs: distinct sources, not the same spec twice
+    except InputSpecError as e:
+        raise ConfigError(f"inputs: {e}") from e
     r = cfg.resources
     actors = r.actors if isinstance(r.actors, list) else [r.actors, r.actors]
     if len(actors) != 2 or not all(isinstance(a, int) and a >= 1 for a in actors) or actors[0] > actors[1]:
