@@ -120,3 +120,21 @@ def test_dpo_over_several_nights_keeps_each_unit_once_from_the_newest_night(nigh
     n1_score = dict(zip(n1["unit_id"], n1["score"]))
     moved = [u for u in pairs["chosen_unit_id"][in_both] if u in n1_score]
     assert moved and all(abs(score[u] - n1_score[u] - 1.0) < 1e-5 for u in moved)
+
+
+def test_latest_and_globs_on_s3(nights, s3_server):
+    import time
+
+    bucket = s3_server.make_bucket("runs")
+    so = s3_server.storage_options
+    # Uploaded oldest first: S3's LastModified orders them (to the second).
+    for name in ("nightly-2026-11-01-aaaa", "nightly-2026-11-02-bbbb", "nightly-2026-11-03-cccc"):
+        s3_server.upload(nights / name, f"{bucket}/labels/{name}")
+        time.sleep(1.1)
+    assert [r.run_id for r in resolve_runs(f"{bucket}/labels/latest", so)] == ["nightly-2026-11-02-bbbb"]
+    runs = resolve_runs(f"{bucket}/labels/nightly-*", so)
+    assert [r.run_id for r in runs] == ["nightly-2026-11-02-bbbb", "nightly-2026-11-01-aaaa"]
+    assert all(
+        f.startswith(f"{bucket}/labels/nightly-2026-11-0") and f.endswith(".parquet") for r in runs for f in r.files
+    )
+    assert len(run_files(f"{bucket}/labels/nightly-*", so)) == sum(len(r.files) for r in runs) == 8
