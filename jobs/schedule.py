@@ -3,6 +3,7 @@
     python -m jobs.schedule --address http://127.0.0.1:8265 --config jobs/configs/x.yaml \
         [--date 2026-11-23] [--job-name x] [--incremental] [--resubmit-failed] [--dry-run]
         [--working-dir .] [--entrypoint "python -m jobs.label --config {config} --run-id {run_id}"]
+        [--curate jobs/configs/curate_dpo_nightly.yaml ...]
 
 The submission id is `<job_name>-<date>-<config_hash8>`, where config_hash8 is the first 8 hex
 digits of the sha256 of the canonical config (parsed YAML as sorted, compact JSON: comments,
@@ -19,6 +20,13 @@ Before submitting, the scheduler looks for jobs of that id on the cluster:
 The job runs `python -m jobs.label --config <config> --run-id <id>` with the current directory
 as its working dir. `--dry-run` also runs the job's `--check` on that config (from the working
 dir; no Ray started) and exits 2 when the job would refuse it; any bad flag exits 2 too.
+With `--curate CONFIG` (repeatable), the same job then runs
+`python -m jobs.curate --config CONFIG` for each, once labeling succeeded: label -> curate as one
+schedule slot. A curation config of a schedule reads the labeling output by its manifests
+(`run: <output>/latest` for tonight's run, `run: <output>/<job>-*` for every night; see
+pipeline/curation/inputs.py), so it never needs the run id; the curation configs' content is part
+of the submission id's hash (without them the hash is the labeling config's alone, as before).
+
 Token auth: the token comes from RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (or
 ~/.ray/auth_token with RAY_AUTH_MODE=token), as for the `ray` CLI.
 """
@@ -207,6 +215,36 @@ def label_entrypoint(config_path: str, run_id: str, incremental: bool = False, p
     return shlex.join(args)
 
 
+def schedule_hash(label_text: str, curate_texts: Iterable[str] = ()) -> str:
+    """The slot's config hash: the labeling config's (config_hash) alone, or with the curation
+    configs' canonical content after it, in order."""
+    curate_texts = list(curate_texts)
+    if not curate_texts:
+        return config_hash(label_text)
+    h = hashlib.sha256(canonical_config(label_text).encode())
+    for text in curate_texts:
+        h.update(b"\x1e" + canonical_config(text).encode())
+    return h.hexdigest()
+
+
+def check_curation_reads_labels(label_text: str, curate: Mapping[str, str]) -> None:
+    """Each curation config of a schedule must read the labeling output (`run:` under its `output`),
+    or it would curate something else than what the slot labeled. ValueError naming the file."""
+    output = str((yaml.safe_load(label_text) or {}).get("output", "")).rstrip("/")
+    for path, text in curate.items():
+        run = str((yaml.safe_load(text) or {}).get("run", ""))
+        parent = run.rstrip("/").rsplit("/", 1)[0]
+        if not output or parent != output:
+            raise ValueError(
+                f"{path}: run: {run!r} does not read the labeling output {output!r}; use "
+                f"{output}/latest (tonight's run) or {output}/<job>-* (every night)"
+            )
+
+
+def curate_entrypoint(config_path: str, python: str = "python") -> str:
+    return shlex.join([python, "-m", "jobs.curate", "--config", config_path])
+
+
 def schedule(
     client,
     config_path: str,
@@ -219,15 +257,19 @@ def schedule(
     dry_run: bool = False,
     entrypoint: str | None = None,
     runtime_env: dict[str, Any] | None = None,
+    curate: list[str] | None = None,
 ) -> dict[str, Any]:
     """Submit the job for this slot unless it already exists; returns a report (see main).
 
     `entrypoint` overrides the labeling command (its `{config}` and `{run_id}` are filled in).
+    `curate`: curation configs (relative to the working dir) run after labeling, in this order.
     `client` is a ray.job_submission.JobSubmissionClient (None only with dry_run).
     """
     # The job reads the config from its working dir, so hash the copy that will be shipped.
     text = (Path(working_dir) / config_path).read_text()
-    digest = config_hash(text)
+    curate_texts = {c: (Path(working_dir) / c).read_text() for c in curate or []}
+    check_curation_reads_labels(text, curate_texts)
+    digest = schedule_hash(text, curate_texts.values())
     base_id = submission_id(job_name or Path(config_path).stem, date, digest)
     # The run id stays the base id across retries, so a retry resumes the same output.
     command = (
@@ -235,8 +277,11 @@ def schedule(
         if entrypoint
         else label_entrypoint(config_path, base_id, incremental)
     )
+    # Curation only after labeling succeeded (`&&`); a retry relabels nothing committed, then curates.
+    command = " && ".join([command, *(curate_entrypoint(c) for c in curate or [])])
     report: dict[str, Any] = {
         "config": config_path,
+        "curate": list(curate or []),
         "config_sha256": digest,
         "date": date,
         "base_submission_id": base_id,
@@ -296,6 +341,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--dry-run", action="store_true", help="report what would happen, submit nothing")
     ap.add_argument(
+        "--curate",
+        action="append",
+        default=[],
+        metavar="CONFIG",
+        help="curation config run after labeling in the same job (repeatable; relative to the working dir)",
+    )
+    ap.add_argument(
         "--entrypoint",
         help="command template replacing `python -m jobs.label ...`; {config} and {run_id} are filled in",
     )
@@ -330,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
             resubmit_failed=args.resubmit_failed,
             dry_run=args.dry_run,
             entrypoint=args.entrypoint,
+            curate=args.curate,
         )
     except (OSError, yaml.YAMLError, ValueError, AuthenticationError) as e:
         # A bad config, an unreachable cluster or a refused token: nothing was submitted. Scrubbed:

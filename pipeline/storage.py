@@ -1,4 +1,4 @@
-"""Where bytes live: local paths and s3:// URIs behind one fsspec interface.
+"""Where bytes live: local paths, s3:// and hf:// (Hub, read-only) URIs behind one fsspec interface.
 
 Every read and write in the project goes through here, so that local disk and S3 behave the
 same, and so that files become visible only once complete (atomic commit).
@@ -33,6 +33,8 @@ StorageOptions = dict[str, Any]
 
 
 TMP_PREFIX = ".tmp-"  # temporary names of atomic writes (local files)
+_HF_OPTION_NAMES = frozenset({"endpoint", "token", "block_size", "expand_info", "max_workers"})
+_S3_OPTION_NAMES = frozenset({"key", "secret", "endpoint_url", "client_kwargs", "config_kwargs", "profile", "anon"})
 
 
 def is_remote(uri: str) -> bool:
@@ -324,6 +326,16 @@ def store(uri: str, storage_options: StorageOptions | None = None) -> Store:
         # Listings must see what other processes just wrote (resume, incremental runs).
         opts.setdefault("use_listings_cache", False)
         opts = _merge(S3_DEFAULTS, opts)
+    elif protocol == "hf":
+        # The Hub (huggingface_hub.HfFileSystem): the endpoint from the options or HF_ENDPOINT as
+        # set now, a token from the options ({token: ...}) or HF_TOKEN / `hf auth login`, masked.
+        # Only HfFileSystem's own options are passed: top-level options meant for S3 reach every
+        # input, and their `token` (an AWS session token) must never be sent to the Hub.
+        s3_like = any(k in opts for k in _S3_OPTION_NAMES)
+        opts = {k: v for k, v in opts.items() if k in _HF_OPTION_NAMES and not (k == "token" and s3_like)}
+        if os.environ.get("HF_ENDPOINT"):
+            opts.setdefault("endpoint", os.environ["HF_ENDPOINT"].rstrip("/"))
+        secrets.remember({"token": os.environ.get("HF_TOKEN")})
     return _resolve(protocol, opts)
 
 

@@ -9,7 +9,7 @@ import ray
 
 from pipeline import schema
 from pipeline.corpus.reader import as_specs, iter_shards, summarize, units_table  # noqa: F401 - re-exported
-from pipeline.corpus.spec import InputSpec, expand_files
+from pipeline.corpus.spec import InputSpec, expand_all
 
 # Read tasks are light (parsing, hashing); scoring actors hold whole CPUs on small machines.
 READ_TASK_CPUS = 0.5
@@ -19,8 +19,8 @@ def plan_files(specs: list[InputSpec], files: list[str] | None = None) -> list[t
     """(spec index, file) for every input file of the specs, optionally only those in `files`."""
     wanted = set(files) if files is not None else None
     tasks = []
-    for i, spec in enumerate(specs):
-        for uri in expand_files(spec):
+    for i, uris in enumerate(expand_all(specs)):
+        for uri in uris:
             if wanted is None or uri in wanted:
                 tasks.append((i, uri))
     return tasks

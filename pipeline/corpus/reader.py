@@ -23,7 +23,6 @@ labeling job sums per source to report record fields that were never read.
 
 from __future__ import annotations
 
-import posixpath
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from itertools import chain
@@ -36,19 +35,11 @@ from pipeline import ids, schema, storage
 from pipeline.corpus import formats
 from pipeline.corpus.adapters import ADAPTERS, QuarantineError, Row, adapt_mapping, detect
 from pipeline.corpus.field_use import FIELD_USE_TYPE, FieldUse, TrackedRecord
-from pipeline.corpus.spec import InputSpec, expand_files, file_format_of
+from pipeline.corpus.spec import InputSpec, dataset_source, expand_all, file_format_of
 
 PROMPT_ROLES = ("system", "user", "assistant")
 _DETECT_LOOKAHEAD = 1000  # records buffered while looking for one whose fields name the format
 FIELD_USE = "record_fields"  # per-shard FieldUse on the shard's first unit (see module docstring)
-
-
-def file_stem(uri: str) -> str:
-    name = posixpath.basename(uri.rstrip("/").replace("\\", "/"))
-    for ext in (".gz", ".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet", ".pq", ".arrow"):
-        if name.lower().endswith(ext) and len(name) > len(ext):
-            name = name[: -len(ext)]
-    return name
 
 
 def validate_row(row: Row, allow_empty_response: bool = False, expected_kind: str | None = None) -> None:
@@ -213,7 +204,7 @@ class FileReader:
         if self.spec.source:
             return self.spec.source
         adapter = ADAPTERS.get(self.adapter) if self.adapter else None
-        return (adapter.default_source if adapter else None) or file_stem(self.uri)
+        return (adapter.default_source if adapter else None) or dataset_source(self.uri)
 
     def records(self, limit_rows: int | None) -> Iterator[formats.Record]:
         file_format = self.file_format = file_format_of(self.uri, self.spec, is_dir=self._is_dir())
@@ -332,11 +323,12 @@ def iter_shards(
     if rows_per_shard < 1:
         raise ValueError("rows_per_shard must be >= 1")
     reader = FileReader(spec, file_uri)
+    reading = getattr(spec, "readings", {}).get(file_uri)  # set when other specs read this file too
     chunk, shard_records = 0, []
 
     def finish(records: list[list[list[dict]]], chunk_index: int) -> list[dict]:
         units = [u for rows in records for row in rows for u in row]
-        sid = ids.shard_id(file_uri, chunk_index)
+        sid = ids.shard_id(file_uri, chunk_index, reading)
         n_rows = sum(len(rows) for rows in records)
         for i, u in enumerate(units):
             u.update(shard_id=sid, shard_unit=i, shard_units=len(units), shard_rows=n_rows)
@@ -370,10 +362,11 @@ def read_units(
     specs: InputSpec | dict | Iterable[InputSpec | dict], rows_per_shard: int = 1024, limit_rows: int | None = None
 ) -> pa.Table:
     """All units of small inputs as one table, in spec, file and row order (no Ray)."""
+    resolved = as_specs(specs)
     tables = [
         units_table(units)
-        for spec in as_specs(specs)
-        for uri in expand_files(spec)
+        for spec, uris in zip(resolved, expand_all(resolved))
+        for uri in uris
         for units in iter_shards(spec, uri, rows_per_shard, limit_rows)
     ]
     if not tables:

@@ -1,7 +1,8 @@
 """The curation job's configuration: parsed from YAML and validated up front, with clear errors.
 
 task: sft | dpo | rerank | calibrate
-run: runs/labels/demo              # a labeled run: <run>/data/*.parquet (+ manifest.json)
+run: runs/labels/demo              # a labeled run: <run>/data/*.parquet (+ manifest.json); or
+                                   # <labels root>/latest, or a glob of runs (pipeline.curation.inputs)
 output: runs/curated/demo-sft      # a directory (calibrate: the JSON file to write)
 storage_options: {}                # for s3:// (endpoint_url, key, secret, ...)
 filters: [...]                     # unit filters, see pipeline/curation/thresholds.py
@@ -30,6 +31,7 @@ from pydantic import Field
 from pipeline import storage
 from pipeline.config_schema import ConfigErrors, Loc, Schema, at_least, list_of, one_of, under
 from pipeline.curation import calibration as cal
+from pipeline.curation.inputs import resolve_runs
 from pipeline.curation.pairs import BEST_OF_N_MODES, HUMAN_TIE_RULES, PREFERENCE_POLICIES, PairRules
 from pipeline.curation.thresholds import OBJECTIVE_FIELDS, RULES, FilterError, parse_filters
 from pipeline.schema import KINDS
@@ -194,10 +196,11 @@ def _validate(cfg: CurateConfig, bad: list[Loc]) -> list[str]:
         )
     so = cfg.storage_options or None
     try:
-        if not storage.parquet_files(storage.join(cfg.run, "data"), so):
-            errors.append(f"run: no Parquet files under {storage.join(cfg.run, 'data')} (is it a labeled run?)")
+        resolve_runs(cfg.run, so)  # a run dir, <root>/latest or a glob of runs (pipeline.curation.inputs)
+    except FileNotFoundError as e:
+        errors.append(f"run: {e}")
     except Exception as e:  # noqa: BLE001 - an unreachable store: say which key
-        errors.append(scrub(f"run: cannot list {storage.join(cfg.run, 'data')}: {e}"))
+        errors.append(scrub(f"run: cannot list {cfg.run}: {e}"))
     try:
         if cfg.calibration and not storage.exists(cfg.calibration, so):
             errors.append(f"calibration: no such file {cfg.calibration}")

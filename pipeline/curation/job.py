@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 from pipeline import schema, storage
 from pipeline.curation import calibration as cal
 from pipeline.curation.config import CurateConfig
+from pipeline.curation.inputs import resolve_runs, run_files
 from pipeline.curation.pairs import human_pair_margins, merge_counts
 from pipeline.curation.rerank import Agreement
 from pipeline.curation.tasks import (
@@ -587,17 +588,15 @@ def merge_bucket_counts(counts: list[dict]) -> dict:
 
 def _base_manifest(cfg: CurateConfig, files: list[str], t0: float) -> dict:
     so = cfg.storage_options or None
-    run_manifest_uri = storage.join(cfg.run, "manifest.json")
-    run_id = None
-    if storage.exists(run_manifest_uri, so):
-        run_id = storage.read_json(run_manifest_uri, so).get("run_id")
+    runs = resolve_runs(cfg.run, so)
     return {
         "task": cfg.task,
         "status": "complete",
         "config": cfg.to_dict(),
         "config_hash": cfg.hash(),
         "run": cfg.run,
-        "run_id": run_id,
+        "run_id": runs[0].run_id,  # the newest run read (the only one for a run directory)
+        "runs": [{"run_dir": r.run_dir, "run_id": r.run_id, "files": len(r.files)} for r in runs],
         "input_files": files,
         "versions": storage.versions(),
         "wall_time_s": round(time.time() - t0, 3),
@@ -660,7 +659,7 @@ def run(cfg: CurateConfig) -> dict:
     init_ray(cfg.ray_address, worker_env=WORKER_ENV)
     _say(f"ray ready in {time.time() - t0:.1f} s")
     so = cfg.storage_options or None
-    files = storage.run_data_files(cfg.run, so)
+    files = run_files(cfg.run, so)  # one run, tonight's (<root>/latest) or several nights, newest first
     if cfg.task == "calibrate":
         return run_calibrate(cfg, files, t0)
 

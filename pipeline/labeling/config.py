@@ -14,7 +14,7 @@ from pydantic import Field
 from pipeline import secrets, storage
 from pipeline.config_schema import ConfigErrors, Loc, Schema, at_least, list_of, one_of, under
 from pipeline.corpus import InputSpec, expand_files
-from pipeline.corpus.spec import FILE_FORMATS
+from pipeline.corpus.spec import FILE_FORMATS, InputSpecError, assign_readings
 from pipeline.embed.backbone import DTYPES, BackboneSpec, resolve_source
 from pipeline.embed.backbone import KINDS as BACKBONE_KINDS
 from pipeline.embed.templating import OVERFLOW_POLICIES, TemplatePolicy
@@ -223,13 +223,21 @@ def input_errors(inputs: Any, storage_options: Any, bad: list[Loc], where: str =
         return []
     top = storage_options if isinstance(storage_options, dict) else {}
     out = []
+    specs, files = [], []
     for i, spec in enumerate(inputs):
         if under(bad, where, i) or not isinstance(spec, dict):
             continue
         try:
-            expand_files(InputSpec.from_dict({"storage_options": top, **spec}))
+            parsed = InputSpec.from_dict({"storage_options": top, **spec})
+            files.append(expand_files(parsed))
+            specs.append(parsed)
         except Exception as e:  # noqa: BLE001 - reported with the input's position
             out.append(_at(f"{where}[{i}]", secrets.scrub(str(e)), InputSpec))
+    if not out and len(specs) == len(inputs):
+        try:
+            assign_readings(specs, files)  # one file under two specs: distinct sources, not one spec twice
+        except InputSpecError as e:
+            out.append(f"{where}: {e}")
     return out
 
 

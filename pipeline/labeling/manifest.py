@@ -30,9 +30,13 @@ def completed_shards(run_dir: str, storage_options: dict | None) -> dict[str, di
     return out
 
 
-def earlier_input_files(output_root: str, run_id: str, storage_options: dict | None) -> dict[str, dict]:
-    """Input files (uri -> {size}) recorded by earlier completed runs under the same output root."""
-    seen: dict[str, dict] = {}
+def earlier_input_files(
+    output_root: str, run_id: str, storage_options: dict | None
+) -> dict[tuple[str, str | None], dict]:
+    """Input files recorded by earlier completed runs under the same output root, keyed by
+    (uri, spec key): one file read under two specs is two inputs (None: a manifest from before
+    spec keys were recorded)."""
+    seen: dict[tuple[str, str | None], dict] = {}
     for uri in storage.list_files(output_root, storage_options):
         parts = uri.rstrip("/").split("/")
         if parts[-1] != MANIFEST or parts[-2] == run_id:
@@ -43,7 +47,7 @@ def earlier_input_files(output_root: str, run_id: str, storage_options: dict | N
             continue
         if m.get("status") == "complete":
             for f in m.get("input_files", []):
-                seen[f["uri"]] = f
+                seen[(f["uri"], f.get("spec"))] = f
     return seen
 
 

@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from pipeline import storage
-from pipeline.corpus.spec import InputSpec, expand_files
+from pipeline.corpus.spec import InputSpec, assign_readings, expand_files
 from pipeline.embed.checkpoint import read_objective_names
 from pipeline.heads.model import ArmoHeads
 from pipeline.labeling import manifest as mf
@@ -26,10 +26,11 @@ class InputFile:
     size: int | None  # bytes; None for a directory input (a datasets.save_to_disk folder)
     source: str | None  # the spec's source (None: named by the adapter, per row)
     spec: int  # index into RunPlan.specs
+    spec_key: str | None = None  # InputSpec.key(): one file under two specs is two inputs
 
     def record(self) -> dict:
         """The manifest's entry (input_files, skipped_input_files)."""
-        return {"uri": self.uri, "size": self.size, "source": self.source}
+        return {"uri": self.uri, "size": self.size, "source": self.source, "spec": self.spec_key}
 
 
 @dataclass
@@ -96,12 +97,32 @@ def job_objectives(cfg: LabelConfig) -> list[str]:
 
 def input_files(specs: list[InputSpec], storage_options: dict | None) -> list[InputFile]:
     """Every input file of the specs, with its size: the one expansion of the run."""
+    expanded = [expand_files(spec) for spec in specs]
+    assign_readings(specs, expanded)  # one file under two specs: two sources, told apart in shard ids
     out = []
-    for i, spec in enumerate(specs):
-        for uri in expand_files(spec):
+    for i, (spec, uris) in enumerate(zip(specs, expanded)):
+        key = spec.key()
+        for uri in uris:
             fs, path = storage.filesystem(uri, storage_options)
-            out.append(InputFile(uri, fs.size(path) if fs.isfile(path) else None, spec.source, i))
+            out.append(InputFile(uri, fs.size(path) if fs.isfile(path) else None, spec.source, i, key))
     return out
+
+
+def incremental_skip(files: list[InputFile], earlier: dict[tuple[str, str | None], dict]) -> list[InputFile]:
+    """The files an earlier completed run recorded with the same size under the same spec.
+
+    `earlier` is keyed by (uri, spec key) (manifest.earlier_input_files). Manifests written before
+    spec keys were recorded have (uri, None): such an entry stands for the file only where one spec
+    of this run reads it, as then (two specs of one file could not run together before)."""
+    readers = Counter(f.uri for f in files)
+    skipped = []
+    for f in files:
+        done = earlier.get((f.uri, f.spec_key))
+        if done is None and readers[f.uri] == 1:
+            done = earlier.get((f.uri, None))
+        if done is not None and done.get("size") == f.size:
+            skipped.append(f)
+    return skipped
 
 
 def plan_run(cfg: LabelConfig) -> RunPlan:
@@ -111,7 +132,7 @@ def plan_run(cfg: LabelConfig) -> RunPlan:
     skipped: list[InputFile] = []
     if cfg.incremental:
         earlier = mf.earlier_input_files(cfg.output, cfg.run_id, so)
-        skipped = [f for f in files if f.uri in earlier and earlier[f.uri]["size"] == f.size]
+        skipped = incremental_skip(files, earlier)
         files = [f for f in files if f not in skipped]
     return RunPlan(
         cfg=cfg,
