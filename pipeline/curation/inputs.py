@@ -57,7 +57,11 @@ def _run(run_dir: str, so: dict | None, require_complete: bool) -> LabeledRun | 
         run_id, written = m.get("run_id"), _mtime(fs.info(path))
     elif require_complete:
         return None
-    return LabeledRun(run_dir, run_id, storage.parquet_files(storage.join(run_dir, "data"), so), written)
+    try:  # committed parts only: a run resuming or crashed mid-shard is read as far as it committed
+        files = storage.run_data_files(run_dir, so)
+    except FileNotFoundError:
+        files = []
+    return LabeledRun(run_dir, run_id, files, written)
 
 
 def complete_runs(root: str, so: dict | None, pattern: str = "*") -> list[LabeledRun]:
