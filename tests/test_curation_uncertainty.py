@@ -161,3 +161,46 @@ def test_config_keys_are_checked(annotated_run, tmp_path):
         )
     with pytest.raises(ConfigError, match="pairs: pairs.min_margin_uncertainty"):
         parse_config({**base, "task": "dpo", "pairs": {"min_margin_uncertainty": "x"}})
+
+
+def test_report_draws_accuracy_against_coverage():
+    import re
+
+    from pipeline.curation.report import COVERAGE_STEPS, render_html, report_stats
+
+    df = with_ensemble(5)
+    for s in (6, 7):  # more preference rows
+        more = with_ensemble(s)
+        more["unit_id"] = more["unit_id"] + f"-{s}"
+        more["row_id"] = more["row_id"] + f"-{s}"
+        df = pd.concat([df, more], ignore_index=True)
+    df["run_id"] = "r"
+    stats = report_stats(df)
+    html = render_html(stats)
+    # brute force: whole, untied human pairs with scores and spreads, most confident first
+    rows: dict[str, list] = {}
+    seen = set()
+    for r in df.to_dict("records"):
+        if r["kind"] == "preference" and r["unit_id"] not in seen:
+            seen.add(r["unit_id"])
+            rows.setdefault(r["row_id"], []).append(r)
+    pairs = []
+    for units in rows.values():
+        labels = sorted(str(u["preference"]) for u in units)
+        if labels != ["chosen", "rejected"] or any(bool(u["tie"]) for u in units):
+            continue
+        c = next(u for u in units if u["preference"] == "chosen")
+        j = next(u for u in units if u["preference"] == "rejected")
+        vals = [float(c["score"]), float(j["score"]), float(c["score_std"]), float(j["score_std"])]
+        if any(math.isnan(v) for v in vals):
+            continue
+        pairs.append((vals[0] - vals[1], math.sqrt(vals[2] ** 2 + vals[3] ** 2)))
+    assert len(pairs) >= 10
+    conf = [abs(m) / u if u > 0 else (math.inf if m else 0.0) for m, u in pairs]
+    order = sorted(range(len(pairs)), key=lambda i: (-conf[i], i))
+    points = re.findall(r'data-series="by margin / uncertainty" data-x="([0-9.]+)" data-y="([0-9.]+)"', html)
+    assert len(points) == len(COVERAGE_STEPS)
+    for x, y in points:
+        k = max(1, math.ceil(len(pairs) * float(x) / 100))
+        right = [1.0 if pairs[i][0] > 0 else 0.5 if pairs[i][0] == 0 else 0.0 for i in order[:k]]
+        assert float(y) == pytest.approx(sum(right) / k, abs=1e-5)
