@@ -381,10 +381,19 @@ def train_ensemble(prep: _Prepared, opts: dict, primary: ArmoHeads, units: pa.Ta
     ]
     check_distinct_resamples(draws)
     members, records = [], []
+    primary_objectives = primary.metadata.get("training", {}).get("objectives", {})
+    fitted = {n for n, o in primary_objectives.items() if o["kind"] == "rating" and np.isfinite(o["lambda"])}
     for i, mult in enumerate(draws):
         gating_seed = int(opts["gating"]["seed"]) + 1 + i
         try:
-            member, _, _, _ = _fit(prep, opts, mult, gating_seed)
+            member, member_summary, _, _ = _fit(prep, opts, mult, gating_seed)
+            empty = [
+                n
+                for n, o in member_summary["objectives"].items()
+                if o["kind"] == "rating" and not np.isfinite(o["lambda"]) and n in fitted
+            ]
+            if empty:
+                raise ValueError(f"its resample has no training rows for {empty}")
         except Exception as e:  # noqa: BLE001 - every failure is reported, never a smaller ensemble
             seed = member_seed(opts["ensemble_seed"], i)
             raise EnsembleError(f"ensemble member {i} of {K} (bootstrap seed {seed}) failed to train: {e}") from e
