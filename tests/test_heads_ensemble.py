@@ -153,3 +153,14 @@ def test_ensemble_errors_are_clear(monkeypatch):
     monkeypatch.setattr(train_mod, "_fit", failing)
     with pytest.raises(ens.EnsembleError, match=r"member 1 of 3 .* failed to train: boom"):
         train_heads(_units(n_rated=40, n_pairs=40, n_groups=0), {**OPTS, "ensemble": 3})
+
+
+def test_a_member_without_rows_for_a_rated_objective_is_an_error():
+    # one rated row among many prompts: a resample that misses it cannot fit that objective
+    units = _units(n_rated=1, n_pairs=60, n_groups=0, seed=4)
+    opts = OPTS
+    assert np.isfinite(train_heads(units, opts).summary["objectives"]["sfres.overall"]["lambda"])
+    with pytest.raises(
+        ens.EnsembleError, match=r"failed to train: its resample has no training rows for \['sfres.overall'\]"
+    ):
+        train_heads(units, {**opts, "ensemble": 6})
