@@ -11,6 +11,9 @@
 
 Metrics: pairwise accuracy per source (equal scores count half), Pearson/Spearman per rated
 objective, best-of-N top-1 and Kendall tau against human ranks; always beside the length baseline.
+With an ensemble (saved beside the heads by `heads.ensemble: K`, or the score_std column of a scored
+run): selective accuracy, its area, ECE and mean_score_std per source, and the conservative orders
+(mean − λ·std, `--lambda`, default 1) against the plain one (see pipeline/evaluation.py).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import evaluation
+from pipeline.heads.ensemble import load_beside
 from pipeline.heads.model import ArmoHeads, load_baseline
 from pipeline.labeling.config import ConfigError
 from pipeline.schema import RATING_PREFIX, objective_column
@@ -40,6 +44,26 @@ def _load_heads(path: str):
     return heads, baseline
 
 
+def _ensemble_for(path: str, heads, units: pa.Table):
+    """The ensemble beside the heads, checked against them and the run's backbone (None: none)."""
+    ensemble = load_beside(path)
+    if ensemble is not None:
+        fps = sorted(set(units.column("backbone_fingerprint").to_pylist()) - {None})
+        if len(fps) > 1:
+            raise SystemExit(f"the run's units come from {len(fps)} backbones; evaluate one at a time")
+        ensemble.check(heads.fingerprint, fps[0] if fps else None, f"{path}/ensemble")
+    return ensemble
+
+
+def _scored_uncertainty(units: pa.Table, lam: float):
+    """The uncertainty of a scored run from its score_std / score_mean / score_min columns, when any unit has one."""
+    if "score_std" not in units.column_names or units.column("score_std").null_count == units.num_rows:
+        return None
+    col = lambda n: units.column(n).to_numpy(zero_copy_only=False).astype(np.float64)  # noqa: E731
+    std, mean = col("score_std"), col("score_mean")
+    return evaluation.Uncertainty(std, "score", mean - lam * std, col("score_min"), lam)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.splitlines()[0])
     mode = ap.add_mutually_exclusive_group(required=True)
@@ -50,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run", help="run directory holding embeddings (with --heads)")
     ap.add_argument("--all-rows", action="store_true", help="with --train-config: every row, not only the test split")
     ap.add_argument("--out", help="write the JSON report here (default: print it)")
+    ap.add_argument("--lambda", dest="lam", type=float, default=1.0, help="conservative score: mean − λ·std")
     args = ap.parse_args(argv)
 
     if args.table:
@@ -70,12 +95,15 @@ def main(argv: list[str] | None = None) -> int:
         if not args.all_rows:
             units = units.filter(pa.array(is_test_row(units.column("row_id").to_pylist(), cfg.test_fraction)))
         heads, baseline = _load_heads(cfg.heads_out)
-        report = evaluation.evaluate_methods(units, heads, baseline)
+        ensemble = _ensemble_for(cfg.heads_out, heads, units)
+        report = evaluation.evaluate_methods(units, heads, baseline, ensemble, args.lam)
     elif args.heads:
         if not args.run:
             ap.error("--heads needs --run")
         heads, baseline = _load_heads(args.heads)
-        report = evaluation.evaluate_methods(read_run_units(args.run), heads, baseline)
+        units = read_run_units(args.run)
+        ensemble = _ensemble_for(args.heads, heads, units)
+        report = evaluation.evaluate_methods(units, heads, baseline, ensemble, args.lam)
     else:
         units = read_run_units(args.scored_run)
         scores = {
@@ -87,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in human_ratings(units)
             if objective_column(RATING_PREFIX, name) in units.column_names
         }
-        report = evaluation.evaluate(units, scores, predicted)
+        report = evaluation.evaluate(units, scores, predicted, _scored_uncertainty(units, args.lam))
     text = json.dumps(report, indent=2, default=float)
     if args.out:
         with open(args.out, "w") as f:

@@ -233,3 +233,80 @@ def ranking_summary(groups, scores, human_rank, n_groups: int | None = None) -> 
         "kendall_tau_b": float(taus.mean()) if len(taus) else None,
         "taus": taus.tolist(),
     }
+
+
+# --- uncertainty: selective accuracy and calibration ---------------------------------------------
+COVERAGES = (25, 50, 75, 100)  # percent of pairs kept, most confident first
+ECE_BINS = 10
+
+
+def pair_uncertainty(std_a, std_b) -> np.ndarray:
+    """The combined ensemble spread of a pair's two scores: sqrt(std_a² + std_b²)."""
+    a, b = _as_1d(std_a), _as_1d(std_b)
+    return np.sqrt(a * a + b * b)
+
+
+def pair_confidence(margin, uncertainty=None) -> np.ndarray:
+    """|margin| / uncertainty (|margin| alone when uncertainty is None). A zero uncertainty gives
+    +inf for a non-zero margin and 0 for a zero margin."""
+    m = np.abs(_as_1d(margin))
+    if uncertainty is None:
+        return m
+    u = _as_1d(uncertainty)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        c = m / u
+    return np.where(u > 0, c, np.where(m > 0, np.inf, 0.0))
+
+
+def _selective_order(confidence: np.ndarray) -> np.ndarray:
+    """Pairs by confidence, highest first; equal confidences keep their input order."""
+    return np.argsort(-confidence, kind="stable")
+
+
+def selective_accuracy(margin, confidence, coverages=COVERAGES) -> dict[str, float | None]:
+    """Pairwise accuracy (a margin > 0 is right, = 0 counts half) of the most confident
+    ceil(X/100 · n) pairs, for each coverage X in percent; keys are str(X). None without pairs."""
+    m = _as_1d(margin)
+    c = _as_1d(confidence)
+    if len(m) != len(c):
+        raise ValueError("selective_accuracy: length mismatch")
+    if len(m) == 0:
+        return {str(x): None for x in coverages}
+    right = ((m > 0) + 0.5 * (m == 0))[_selective_order(c)]
+    cum = np.cumsum(right)
+    out: dict[str, float | None] = {}
+    for x in coverages:
+        k = max(1, int(np.ceil(len(m) * x / 100.0 - 1e-9)))
+        out[str(x)] = float(cum[k - 1] / k)
+    return out
+
+
+def selective_auc(margin, confidence) -> float | None:
+    """Area under the accuracy-coverage curve: the mean over k = 1..n of the accuracy of the k most
+    confident pairs (1 for a perfect ordering of right before wrong, the accuracy for a useless one
+    on average). None without pairs."""
+    m, c = _as_1d(margin), _as_1d(confidence)
+    if len(m) == 0:
+        return None
+    right = ((m > 0) + 0.5 * (m == 0))[_selective_order(c)]
+    return float((np.cumsum(right) / np.arange(1, len(m) + 1)).mean())
+
+
+def expected_calibration_error(margin, temperature: float = 1.0, bins: int = ECE_BINS) -> float | None:
+    """ECE of the Bradley-Terry probability p = sigmoid(margin / T) that the human-chosen response
+    wins: each pair predicts the side p favours with confidence max(p, 1 − p) and is right when the
+    margin is positive (a zero margin: confidence ½, half right). Pairs are binned by confidence
+    in `bins` equal-width bins over [½, 1] (the last one closed); ECE = Σ_b (n_b / n) |acc_b − conf_b|.
+    None without pairs."""
+    m = _as_1d(margin)
+    if len(m) == 0:
+        return None
+    p = 1.0 / (1.0 + np.exp(-m / float(temperature)))
+    conf = np.maximum(p, 1.0 - p)
+    right = (m > 0) + 0.5 * (m == 0)
+    b = np.minimum(((conf - 0.5) * 2.0 * bins).astype(np.int64), bins - 1)
+    n = np.bincount(b, minlength=bins)
+    acc = np.bincount(b, weights=right, minlength=bins)
+    cf = np.bincount(b, weights=conf, minlength=bins)
+    used = n > 0
+    return float((np.abs(acc[used] - cf[used])).sum() / len(m))

@@ -83,10 +83,16 @@ OUTPUT_FIXED_FIELDS = [
     ("tokens_before_truncation", pa.int32()),
     ("truncated", pa.bool_()),
     ("score", pa.float32()),
+    # With an ensemble of heads beside the heads (heads.ensemble: K): the mean, sample standard
+    # deviation and minimum of the K members' scores, from the same embeddings; null without one.
+    ("score_mean", pa.float32()),
+    ("score_std", pa.float32()),
+    ("score_min", pa.float32()),
     ("backbone_fingerprint", pa.string()),
     ("heads_fingerprint", pa.string()),
     ("run_id", pa.string()),
 ]
+ENSEMBLE_COLUMNS = ("score_mean", "score_std", "score_min")
 RATING_PREFIX = "rating_"  # per-objective absolute rating from the regression head (r)
 DEBIASED_PREFIX = "debiased_"  # the same after verbosity debiasing (r · T): what the score combines
 GATE_PREFIX = "gate_"  # per-objective gate weight (sums to the learned scale beta)

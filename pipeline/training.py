@@ -28,6 +28,7 @@ from pipeline.corpus import InputSpec
 from pipeline.embed.backbone import BackboneSpec, resolve_source
 from pipeline.embed.templating import TemplatePolicy
 from pipeline.evaluation import evaluate_methods
+from pipeline.heads.ensemble import DIRECTORY as ENSEMBLE_DIRECTORY
 from pipeline.heads.train import DEFAULTS as HEADS_DEFAULTS
 from pipeline.heads.train import GATING_DEFAULTS, resolve_options, train_heads
 from pipeline.labeling.config import (
@@ -253,13 +254,16 @@ def train_from_config(path: str, heads_out: str | None = None, ray_address: str 
     result.heads.save(out)
     if result.baseline is not None:
         result.baseline.save(os.path.join(out, "baseline"))
-    report = evaluate_methods(test_units, result.heads, result.baseline)
+    if result.ensemble is not None:
+        result.ensemble.save(os.path.join(out, ENSEMBLE_DIRECTORY))
+    report = evaluate_methods(test_units, result.heads, result.baseline, ensemble=result.ensemble)
     summary = {
         "name": cfg.name,
         "config": redact(asdict(cfg)),
         "config_hash": cfg.hash(),
         "heads": out,
         "heads_fingerprint": result.heads.fingerprint,
+        "ensemble_fingerprint": result.ensemble.fingerprint if result.ensemble is not None else None,
         "embedding_run": run_dir,
         "units": {"train": train_units.num_rows, "test": test_units.num_rows},
         "training": result.summary,

@@ -82,7 +82,8 @@ def train_smollm2_heads(tmp: Path) -> str:
             {"path": str(SHARED / "hh-rlhf" / "harmless-base-test.jsonl.gz"), "format": "hh_rlhf"},
             {"path": str(SHARED / "pandalm" / "testset-v1.json"), "format": "pandalm"},
         ],
-        "heads": {"gating": {"steps": 150, "batch_size": 64}},
+        # ensemble: the labeled runs built on these heads carry score_mean / score_std / score_min
+        "heads": {"gating": {"steps": 150, "batch_size": 64}, "ensemble": 3},
         "resources": {"actors": 1, "num_cpus_per_actor": 1, "token_budget": 4096, "rows_per_shard": 16},
     }
     path = write_yaml(tmp / "train.yaml", cfg)

@@ -49,6 +49,7 @@ class SftConfig:
     one_per_prompt: bool = False  # keep only the best-scored surviving response per prompt
     kinds: list | None = None  # unit kinds to select from (None: all)
     exclude_human_rejected: bool = True  # never train on a response humans labelled "rejected"
+    order: str = "score"  # one_per_prompt keeps the best by: score | conservative | ensemble_min
 
 
 @dataclass
@@ -62,6 +63,8 @@ class PairsConfig:
     # Add TRL's `margin` column (RewardTrainer subtracts it inside its loss): score_margin / T with T
     # from `calibration`, which is then required. Off by default so no trainer picks up a raw gap.
     reward_margin: bool = False
+    # k: keep a pair only when its margin >= k * its ensemble uncertainty (0: off; needs score_std)
+    min_margin_uncertainty: float = 0.0
 
     def rules(self) -> PairRules:
         return PairRules(
@@ -71,6 +74,7 @@ class PairsConfig:
             self.preference,
             float(self.tie_epsilon),
             self.human_ties,
+            self.min_margin_uncertainty,
         )
 
 
@@ -78,6 +82,7 @@ class PairsConfig:
 class RerankConfig:
     top_k: int = 1
     kinds: list | None = None
+    order: str = "score"  # rank by: score | conservative (score_mean - λ·score_std) | ensemble_min (score_min)
 
 
 @dataclass
@@ -104,6 +109,9 @@ class CurateConfig:
     calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
     calibration: str | None = None
     ray_address: str | None = None
+    # λ of the conservative score `score_conservative` = score_mean - λ·score_std (runs labeled with
+    # an ensemble): a column for filters and the `conservative` orders
+    conservative_lambda: float = 1.0
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 
 from pipeline import schema, storage
 from pipeline.curation import calibration as cal
+from pipeline.curation import uncertainty
 from pipeline.curation.config import CurateConfig
 from pipeline.curation.inputs import resolve_runs, run_files
 from pipeline.curation.pairs import human_pair_margins, merge_counts
@@ -57,6 +58,7 @@ from pipeline.curation.tasks import (
     sft_selection,
 )
 from pipeline.curation.thresholds import Filter, columns_to_fit, merge_filter_counts, parse_filters, resolve_filters
+from pipeline.curation.uncertainty import CONSERVATIVE, read_columns, with_conservative
 from pipeline.runtime import init_ray
 from pipeline.secrets import scrub
 
@@ -185,6 +187,7 @@ class Scatter:
     fit_columns: list[str]  # whole-run values returned for the quantile filters
     storage_options: dict | None
     positions: bool = False  # add each unit's slice and row in its slice (POS_SLICE, POS_ROW)
+    conservative_lambda: float = 1.0  # λ of score_conservative, when a quantile filter needs its values
 
 
 def scatter_slice(uri: str, row_groups: list[int], slice_id: int, spec: Scatter) -> dict:
@@ -208,6 +211,9 @@ def scatter_slice(uri: str, row_groups: list[int], slice_id: int, spec: Scatter)
                 table = table.append_column(POS_ROW, pa.array(np.arange(rows, rows + table.num_rows)))
             rows += table.num_rows
             for c in spec.fit_columns:
+                if c == CONSERVATIVE:  # derived: score_mean − λ·score_std (the tasks derive it the same way)
+                    values[c].append(with_conservative(table, spec.conservative_lambda).column(c).to_numpy(False))
+                    continue
                 values[c].append(pc.cast(table.column(c), pa.float64()).to_numpy(zero_copy_only=False))
             for p, part in _split_by(table, partition_of(table.column(spec.key), spec.partitions)):
                 out.write(p, part)
@@ -246,7 +252,8 @@ def task_fn(cfg: CurateConfig, filters: list[Filter], calibration: dict | None):
     """The pairs task's pure function of one partition: table -> (output table, counts)."""
     if cfg.task == "dpo":
         temperature = calibration["temperature"] if calibration else 1.0
-        return lambda units: build_dpo(units, filters, cfg.pairs.rules(), temperature, cfg.pairs.reward_margin)
+        lam = float(cfg.conservative_lambda)
+        return lambda units: build_dpo(units, filters, cfg.pairs.rules(), temperature, cfg.pairs.reward_margin, lam)
     raise ValueError(f"task {cfg.task!r} has no per-partition step")
 
 
@@ -320,7 +327,17 @@ def shuffle(
     partitions, n_files = partition_layout(total, cfg.partition_rows, output_files)
     storage.remove(scratch, so)
     t0 = time.time()
-    spec = Scatter(columns, key, partitions, scratch, min(cfg.partition_rows, BATCH_ROWS), fit_columns, so, positions)
+    spec = Scatter(
+        columns,
+        key,
+        partitions,
+        scratch,
+        min(cfg.partition_rows, BATCH_ROWS),
+        fit_columns,
+        so,
+        positions,
+        float(cfg.conservative_lambda),
+    )
     task = ray.remote(num_cpus=1)(scatter_slice)
     refs = [task.remote(uri, groups, i, spec) for i, (uri, groups) in enumerate(slices)]
     results = ray.get(refs)
@@ -348,6 +365,7 @@ DPO_COLUMNS = [
     "tie",
     "human_rank",
     "score",
+    "score_std",  # pairs.min_margin_uncertainty (read when the run has it)
 ]
 UNIT_TASKS = {
     # task: (selection columns, output columns, output rows builder)
@@ -366,7 +384,7 @@ def _present(names: list[str], wanted) -> list[str]:
 def task_columns(task: str, names: list[str], filters: list[Filter]) -> tuple[list[str], list[str]]:
     """(the columns the shuffle carries, the columns read back for the output; [] for dpo): a task's
     own, every filtered column, and the per-objective ratings that sft and rerank carry."""
-    filtered = {f.column for f in filters}
+    filtered = read_columns({f.column for f in filters})  # score_conservative: its score_mean, score_std
     if task == "dpo":
         return _present(names, set(DPO_COLUMNS) | filtered), []
     select, output, _ = UNIT_TASKS[task]
@@ -377,9 +395,13 @@ def unit_selection_fn(cfg: CurateConfig, filters: list[Filter]):
     """The unit task's selection over one partition of light columns: table -> UnitSelection."""
     if cfg.task == "sft":
         s = cfg.sft
-        return lambda units: sft_selection(units, filters, s.one_per_prompt, s.kinds, s.exclude_human_rejected)
+        lam = float(cfg.conservative_lambda)
+        return lambda units: sft_selection(
+            units, filters, s.one_per_prompt, s.kinds, s.exclude_human_rejected, s.order, lam
+        )
     if cfg.task == "rerank":
-        return lambda units: rerank_selection(units, filters, cfg.rerank.top_k, cfg.rerank.kinds)
+        r, lam = cfg.rerank, float(cfg.conservative_lambda)
+        return lambda units: rerank_selection(units, filters, r.top_k, r.kinds, r.order, lam)
     raise ValueError(f"task {cfg.task!r} is not a unit task")
 
 
@@ -583,6 +605,13 @@ def merge_bucket_counts(counts: list[dict]) -> dict:
             total.add(Agreement.from_dict(c["agreement"]))
         out["agreement"] = total.to_dict()
         out["prompts"] = sum(c["prompts"] for c in counts)
+    if any("agreement_by_order" in c for c in counts):  # rerank.order other than score
+        by_order = Agreement()
+        for c in counts:
+            by_order.add(Agreement.from_dict(c["agreement_by_order"]))
+        out["order"] = next(c["order"] for c in counts if "order" in c)
+        out["agreement_by_order"] = by_order.to_dict()
+        out["top1_changed"] = sum(c.get("top1_changed", 0) for c in counts)
     return out
 
 
@@ -664,6 +693,7 @@ def run(cfg: CurateConfig) -> dict:
         return run_calibrate(cfg, files, t0)
 
     filters = parse_filters(cfg.filters)
+    uncertainty.check(cfg, run_schema(files, so).names)  # the ensemble keys against the run's columns
     calibration = cal.load(cfg.calibration, so) if cfg.calibration else None
 
     # A manifest left by an earlier run would describe files this run is about to replace.

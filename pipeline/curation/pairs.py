@@ -9,6 +9,8 @@ Two origins:
     - the two responses have identical text             -> "identical_response"
     - the scores are equal (no direction)               -> "score_tie"
     - the margin is below `min_margin`                  -> "below_min_margin"
+    - with `min_margin_uncertainty: k` > 0: a unit without score_std -> "missing_uncertainty";
+      margin < k * sqrt(std_chosen² + std_rejected²)   -> "uncertain_margin"
 * preference rows (the two units sharing a row_id, labelled chosen/rejected by humans): the
   reward margin m = score(human chosen) - score(human rejected) decides, in this order:
     - not two units, one chosen and one rejected (a tie: two units flagged `tie`, in file order)
@@ -19,6 +21,9 @@ Two origins:
                  `human_ties: use_reward`               -> oriented by the reward (equal scores:
                                                            dropped "score_tie"), after the near-tie rule
     - |m| < `tie_epsilon` (near tie; 0 disables)        -> dropped "near_tie"
+    - with `min_margin_uncertainty: k` > 0: no score_std on a unit -> dropped "missing_uncertainty";
+      |m| < k * sqrt(std_chosen² + std_rejected²) (the reward's order is within its ensemble's
+      spread)                                           -> dropped "uncertain_margin"
     - m < 0 (the reward disagrees with the human label):
         policy `keep` -> kept as labelled, `drop` -> dropped "reward_disagrees", `flip` -> flipped
     - otherwise                                         -> kept
@@ -61,6 +66,9 @@ class PairRules:
     preference: str = "flip"
     tie_epsilon: float = 0.0  # preference: |margin| below this is a near tie -> dropped
     human_ties: str = "drop"
+    # k: keep a pair only when |margin| >= k * sqrt(std_a² + std_b²), the two units' ensemble spread
+    # (score_std) combined; 0 disables. Both origins; a unit without score_std -> "missing_uncertainty".
+    min_margin_uncertainty: float = 0.0
 
     def __post_init__(self):
         if self.best_of_n not in BEST_OF_N_MODES:
@@ -71,6 +79,9 @@ class PairRules:
             raise ValueError(f"pairs.human_ties must be one of {HUMAN_TIE_RULES}, got {self.human_ties!r}")
         if self.min_margin < 0 or self.tie_epsilon < 0:
             raise ValueError("pairs.min_margin and pairs.tie_epsilon must be >= 0")
+        k = self.min_margin_uncertainty
+        if isinstance(k, bool) or not isinstance(k, (int, float)) or not np.isfinite(k) or k < 0:
+            raise ValueError(f"pairs.min_margin_uncertainty must be a finite number >= 0, got {k!r}")
 
 
 @dataclass
@@ -165,6 +176,14 @@ def same_text(table: pa.Table, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return pc.fill_null(pc.equal(resp.take(a), resp.take(b)), False).to_numpy(zero_copy_only=False)
 
 
+def pair_spread(table: pa.Table, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """sqrt(score_std[a]² + score_std[b]²): a pair's combined ensemble spread (NaN where either is missing)."""
+    if "score_std" not in table.column_names:
+        raise ValueError("pairs.min_margin_uncertainty: the units have no score_std column (label with an ensemble)")
+    std = float_column(table, "score_std")
+    return np.sqrt(std[a] ** 2 + std[b] ** 2)
+
+
 @dataclass
 class Candidates:
     """Pairs as row indices into the units table: `better` becomes chosen, `worse` rejected."""
@@ -220,10 +239,18 @@ def best_of_n_candidates(table: pa.Table, rows: np.ndarray, rules: PairRules) ->
     small = ~identical & ~tie & (margin < rules.min_margin)
     keep = ~identical & ~tie & ~small
     counts.pairs_in = len(better)
-    counts.kept = int(keep.sum())
     counts.drop("identical_response", identical.sum())
     counts.drop("score_tie", tie.sum())
     counts.drop("below_min_margin", small.sum())
+    if rules.min_margin_uncertainty > 0:
+        u = pair_spread(table, better, worse)
+        missing = keep & np.isnan(u)
+        with np.errstate(invalid="ignore"):
+            uncertain = keep & ~missing & (margin < rules.min_margin_uncertainty * u)
+        counts.drop("missing_uncertainty", missing.sum())
+        counts.drop("uncertain_margin", uncertain.sum())
+        keep &= ~missing & ~uncertain
+    counts.kept = int(keep.sum())
     hr = float_column(table, "human_rank")
     hb, hw = hr[better[keep]], hr[worse[keep]]
     agrees = np.where(np.isnan(hb) | np.isnan(hw) | (hb == hw), np.nan, (hb < hw).astype(np.float64))
@@ -270,6 +297,11 @@ def preference_candidates(table: pa.Table, rows: np.ndarray, rules: PairRules) -
     with np.errstate(invalid="ignore"):
         rule(np.abs(margin) < rules.tie_epsilon, "near_tie")
     rule(tie & (margin == 0.0), "score_tie")
+    if rules.min_margin_uncertainty > 0:
+        u = pair_spread(table, c, r)
+        rule(np.isnan(u), "missing_uncertainty")
+        with np.errstate(invalid="ignore"):
+            rule(np.abs(margin) < rules.min_margin_uncertainty * u, "uncertain_margin")
     agree = margin >= 0
     if rules.preference == "drop":
         rule(~tie & ~agree, "reward_disagrees")

@@ -23,6 +23,9 @@ from pipeline.curation import svg
 from pipeline.secrets import redact, scrub
 
 BASE_COLUMNS = ["unit_id", "prompt_id", "source", "kind", "score", "human_rank"]
+# Read when the run has them: the selective-accuracy curves of a run labeled with an ensemble.
+UNCERTAINTY_COLUMNS = ["row_id", "preference", "tie", "score_std"]
+COVERAGE_STEPS = tuple(range(5, 101, 5))  # percent of pairs, most confident first
 
 
 def read_run_columns(run_dir: str, storage_options: dict | None = None) -> tuple[pd.DataFrame, dict]:
@@ -34,7 +37,13 @@ def read_run_columns(run_dir: str, storage_options: dict | None = None) -> tuple
         with fs.open(path, "rb") as f:
             pf = pq.ParquetFile(f)
             names = pf.schema_arrow.names
-            cols = [c for c in names if c in BASE_COLUMNS or c.startswith((schema.RATING_PREFIX, schema.GATE_PREFIX))]
+            cols = [
+                c
+                for c in names
+                if c in BASE_COLUMNS
+                or c in UNCERTAINTY_COLUMNS
+                or c.startswith((schema.RATING_PREFIX, schema.GATE_PREFIX))
+            ]
             frames.append(pf.read(columns=cols).to_pandas())
     manifest_uri = storage.join(run_dir, "manifest.json")
     manifest = json.loads(storage.read_bytes(manifest_uri, so)) if storage.exists(manifest_uri, so) else {}
@@ -88,7 +97,39 @@ def report_stats(units: pd.DataFrame, manifest: dict | None = None) -> dict:
         "per_source": per_source,
         "correlation": corr,
         "agreement": best_of_n_agreement(units),
+        "selective": selective_curves(units),
     }
+
+
+def selective_curves(units: pd.DataFrame) -> dict[str, dict]:
+    """Per preference source of a run labeled with an ensemble: pairwise accuracy of the most
+    confident X % of human pairs (X in COVERAGE_STEPS), confidence |margin| / sqrt(std_c² + std_r²)
+    and |margin| alone (pipeline.metrics, the definitions jobs.evaluate reports). {} without score_std."""
+    need = {"row_id", "preference", "tie", "score_std"}
+    if not need <= set(units.columns) or units["score_std"].notna().sum() == 0:
+        return {}
+    u = units[units["kind"] == "preference"].drop_duplicates("unit_id")
+    u = u[u["preference"].isin(["chosen", "rejected"]) & ~u["tie"].fillna(False).astype(bool)]
+    # whole pairs only: exactly one chosen and one rejected unit in the row
+    per_row = u.groupby("row_id")["preference"].agg(lambda p: tuple(sorted(p)))
+    u = u[u["row_id"].map(per_row) == ("chosen", "rejected")]
+    wide = u.pivot_table(
+        index=["source", "row_id"], columns="preference", values=["score", "score_std"], aggfunc="first"
+    ).dropna()
+    out = {}
+    for src in sorted(set(wide.index.get_level_values(0))):
+        w = wide.loc[src]
+        margin = (w[("score", "chosen")] - w[("score", "rejected")]).to_numpy(np.float64)
+        unc = metrics.pair_uncertainty(w[("score_std", "chosen")], w[("score_std", "rejected")])
+        curves = {}
+        for name, conf in (
+            ("by margin / uncertainty", metrics.pair_confidence(margin, unc)),
+            ("by margin", metrics.pair_confidence(margin)),
+        ):
+            acc = metrics.selective_accuracy(margin, conf, COVERAGE_STEPS)
+            curves[name] = [(float(x), acc[str(x)]) for x in COVERAGE_STEPS]
+        out[src] = {"pairs": int(len(margin)), "curves": curves}
+    return out
 
 
 def best_of_n_agreement(units: pd.DataFrame) -> dict[str, dict]:
@@ -321,6 +362,26 @@ def render_html(stats: dict, curation_manifests: list[dict] | None = None, title
     else:
         body.append('<p class="note">No human ranks in this run.</p>')
     body.append("</section>")
+    if stats.get("selective"):
+        body.append('<section id="selective"><h2>Selective accuracy: human pairs, most confident first</h2>')
+        body.append(
+            '<p class="note">Pairwise accuracy of the most confident share of human preference pairs; confidence '
+            "= |margin| / sqrt(std_chosen² + std_rejected²) (ensemble spread) against |margin| alone.</p>"
+        )
+        body.append('<div class="grid">')
+        for src, entry in stats["selective"].items():
+            body.append(
+                svg.lines(
+                    entry["curves"],
+                    title=f"{src}: accuracy vs coverage ({entry['pairs']} pairs)",
+                    x_label="coverage (% of pairs, most confident first)",
+                    y_label="pairwise accuracy",
+                    x_range=(0.0, 100.0),
+                    y_range=(0.0, 1.0),
+                    attrs={"class": "chart lines selective", "data-source": src},
+                )
+            )
+        body.append("</div></section>")
     for cm in curation_manifests or []:
         body.append(_curation_section(cm))
     return (

@@ -288,3 +288,60 @@ def bars(
     out.append(_axis_label(left + pw / 2, axis_y + 26, x_label, "x-label"))
     out.append("</svg>")
     return "\n".join(out)
+
+
+def lines(
+    series: dict[str, list[tuple[float, float]]],
+    *,
+    title: str,
+    x_label: str,
+    y_label: str,
+    x_range: tuple[float, float],
+    y_range: tuple[float, float],
+    attrs: dict | None = None,
+    width: int = 420,
+    height: int = 260,
+) -> str:
+    """Line chart: one polyline per series of (x, y) points, each point a circle carrying its numbers
+    (data-series, data-x, data-y), with a legend."""
+    left, right, top, bottom = 52, 16, 28, 62
+    pw, ph = width - left - right, height - top - bottom
+    (x0, x1), (y0, y1) = x_range, y_range
+
+    def px(x: float) -> float:
+        return left + pw * (x - x0) / ((x1 - x0) or 1.0)
+
+    def py(y: float) -> float:
+        return top + ph * (1.0 - (y - y0) / ((y1 - y0) or 1.0))
+
+    out = _open(width, height, {"class": "chart lines", **(attrs or {})}, title)
+    out.append(f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="#333"/>')
+    out.append(f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}" stroke="#333"/>')
+    for v in (y0, (y0 + y1) / 2, y1):
+        out.append(
+            f'<text x="{left - 4}" y="{py(v) + 4:.1f}" text-anchor="end" font-size="10" {FONT}>{esc(fmt(v))}</text>'
+        )
+    for v in (x0, (x0 + x1) / 2, x1):
+        out.append(
+            f'<text x="{px(v):.1f}" y="{top + ph + 14}" text-anchor="middle" font-size="10" {FONT}>{esc(fmt(v))}</text>'
+        )
+    for i, (name, points) in enumerate(series.items()):
+        color = PALETTE[i % len(PALETTE)]
+        pts = [(x, y) for x, y in points if y is not None and np.isfinite(y)]
+        path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
+        out.append(f'<g class="series" data-series="{esc(name)}">')
+        out.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="1.5"/>')
+        for x, y in pts:
+            out.append(
+                f'<circle class="point" data-series="{esc(name)}" data-x="{x:.6g}" data-y="{y:.6g}" '
+                f'cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5" fill="{color}"><title>{esc(name)}: {esc(fmt(x))}, '
+                f"{esc(fmt(y))}</title></circle>"
+            )
+        out.append("</g>")
+        ly = top + ph + 30 + 12 * i
+        out.append(f'<rect x="{left}" y="{ly - 8}" width="10" height="8" fill="{color}"/>')
+        out.append(f'<text x="{left + 14}" y="{ly}" font-size="10" {FONT}>{esc(name)}</text>')
+    out.append(_axis_label(left + pw / 2, height - 4, x_label, "x-label"))
+    out.append(_axis_label(12, top + ph / 2, y_label, "y-label", rotate=True))
+    out.append("</svg>")
+    return "\n".join(out)

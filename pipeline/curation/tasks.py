@@ -29,6 +29,7 @@ from pipeline.curation.pairs import (
 )
 from pipeline.curation.rerank import Agreement, agreement_over_prompts, arrow_group_codes, float_column, rank_order
 from pipeline.curation.thresholds import Filter, apply_filters
+from pipeline.curation.uncertainty import order_column, with_conservative
 
 ASSISTANT = "assistant"
 
@@ -134,10 +135,21 @@ class UnitSelection:
 
 # Columns each selection reads (besides the filter columns) and each output is built from (besides
 # the per-objective ratings it carries).
-SFT_SELECT_COLUMNS = ["unit_id", "prompt_id", "kind", "preference", "score"]
+ENSEMBLE_SELECT = ["score_mean", "score_std", "score_min"]  # read when the run has them
+SFT_SELECT_COLUMNS = ["unit_id", "prompt_id", "kind", "preference", "score", *ENSEMBLE_SELECT]
 SFT_OUTPUT_COLUMNS = ["prompt", "response", "prompt_id", "unit_id", "row_id", "source", "kind", "score"]
-RERANK_SELECT_COLUMNS = ["unit_id", "prompt_id", "kind", "score", "human_rank"]
+RERANK_SELECT_COLUMNS = ["unit_id", "prompt_id", "kind", "score", "human_rank", *ENSEMBLE_SELECT]
 RERANK_OUTPUT_COLUMNS = [*SFT_OUTPUT_COLUMNS, "human_rank"]
+
+
+def _by(light: pa.Table, column: str) -> pa.Table:
+    """The light table with `score` replaced by the order column (rank_order ranks by `score`)."""
+    if column == "score":
+        return light
+    if column not in light.column_names:
+        raise ValueError(f"order by {column}: the units have no {column} column (label with an ensemble)")
+    values = pc.cast(light.column(column), pa.float32())
+    return light.set_column(light.column_names.index("score"), "score", values)
 
 
 def sft_selection(
@@ -146,18 +158,22 @@ def sft_selection(
     one_per_prompt: bool,
     kinds: list | None = None,
     exclude_human_rejected: bool = True,
+    order: str = "score",
+    lam: float = 1.0,
 ) -> UnitSelection:
-    units = as_table(units)
+    units = with_conservative(as_table(units), lam)
+    column = order_column(order)
     rows_in = units.num_rows
     rows, steps = _pre_filter(units, kinds, exclude_human_rejected)
     keep, filter_counts = apply_filters(_light(units, rows, [f.column for f in filters] + ["unit_id"]), filters)
     rows = rows[keep]
     removed_by_one_per_prompt = 0
-    light = _light(units, rows, ["prompt_id", "unit_id", "score"])
+    light = _light(units, rows, ["prompt_id", "unit_id", "score", column])
     if one_per_prompt:
-        # The highest score per prompt; ties go to the smallest unit_id; unscored units never chosen.
-        order, rank, _ = rank_order(light)
-        best = order[rank == 0]
+        # The highest score (or the order's value) per prompt; ties go to the smallest unit_id;
+        # units without that value never chosen.
+        order_rows, rank, _ = rank_order(_by(light, column))
+        best = order_rows[rank == 0]
         removed_by_one_per_prompt = len(rows) - len(best)
         rows, light = rows[best], light.take(pa.array(best))
     rows = rows[
@@ -195,9 +211,11 @@ def select_sft(
     kinds: list | None = None,
     exclude_human_rejected: bool = True,
     calibration: dict | None = None,
+    order: str = "score",
+    lam: float = 1.0,
 ) -> tuple[pa.Table, dict]:
     units = as_table(units)
-    sel = sft_selection(units, filters, one_per_prompt, kinds, exclude_human_rejected)
+    sel = sft_selection(units, filters, one_per_prompt, kinds, exclude_human_rejected, order, lam)
     return sft_rows(units.take(pa.array(sel.rows)), sel.computed, calibration), sel.counts
 
 
@@ -216,9 +234,14 @@ DPO_SCHEMA = dpo_schema()
 
 
 def build_dpo(
-    units, filters: list[Filter], rules: PairRules, temperature: float = 1.0, reward_margin: bool = False
+    units,
+    filters: list[Filter],
+    rules: PairRules,
+    temperature: float = 1.0,
+    reward_margin: bool = False,
+    lam: float = 1.0,
 ) -> tuple[pa.Table, dict]:
-    units = as_table(units)
+    units = with_conservative(as_table(units), lam)
     rows_in = units.num_rows
     keep, filter_counts = apply_filters(
         _light(units, np.arange(units.num_rows), [f.column for f in filters] + ["unit_id"]), filters
@@ -263,32 +286,60 @@ def rerank_schema(ratings: list[str], calibrated: bool) -> pa.Schema:
     return pa.schema(fields)
 
 
-def rerank_selection(units, filters: list[Filter], top_k: int, kinds: list | None = None) -> UnitSelection:
-    """Per prompt, the top_k surviving units by score with their rank (0 = best; top_k 1 keeps rank 0
-    only); agreement with human ranks is measured on every scored unit of the selected kinds, before
-    the filters."""
-    units = as_table(units)
+def rerank_selection(
+    units, filters: list[Filter], top_k: int, kinds: list | None = None, order: str = "score", lam: float = 1.0
+) -> UnitSelection:
+    """Per prompt, the top_k surviving units by score (or by `order`: conservative = score_mean −
+    λ·score_std, ensemble_min = score_min) with their rank (0 = best; top_k 1 keeps rank 0 only);
+    agreement with human ranks is measured on every scored unit of the selected kinds, before the
+    filters: `agreement` by score, and with another order also `agreement_by_order` by it, and
+    `top1_changed`: the prompts whose best surviving unit differs between the two orders."""
+    units = with_conservative(as_table(units), lam)
+    column = order_column(order)
     rows_in = units.num_rows
     rows, steps = _pre_filter(units, kinds, exclude_rejected=False)
-    light = _light(units, rows, ["prompt_id", "unit_id", "score", "human_rank"] + [f.column for f in filters])
+    light = _light(units, rows, ["prompt_id", "unit_id", "score", "human_rank", column] + [f.column for f in filters])
     agreement = agreement_over_prompts(light) if len(rows) else Agreement()
+    light_all = light
     keep, filter_counts = apply_filters(light, filters)
     rows, light = rows[keep], light.filter(pa.array(keep))
     codes, n_prompts = arrow_group_codes(light.column("prompt_id"))
     candidates = np.bincount(codes, minlength=n_prompts)  # surviving units per prompt, scored or not
-    order, rank, _ = rank_order(light)
-    top = rank < top_k
-    order, rank = order[top], rank[top]
-    computed = {"rank": rank.astype(np.int32), "n_candidates": candidates[codes[order]].astype(np.int32)}
+    ranked = _by(light, column)
+    order_rows, order_rank, _ = rank_order(ranked)
+    top = order_rank < top_k
+    chosen, rank = order_rows[top], order_rank[top]
+    computed = {"rank": rank.astype(np.int32), "n_candidates": candidates[codes[chosen]].astype(np.int32)}
     counts = {
         "rows_in": rows_in,
-        "rows_out": len(order),
+        "rows_out": len(chosen),
         "selection": steps,
         "filters": filter_counts,
         "prompts": int(n_prompts),
         "agreement": agreement.to_dict(),
     }
-    return UnitSelection(rows[order], computed, counts)
+    if column != "score":
+        counts["order"] = order
+        counts["agreement_by_order"] = (
+            agreement_over_prompts(_by(light_all, column)) if len(light_all) else Agreement()
+        ).to_dict()
+        counts["top1_changed"] = top1_changed(codes, n_prompts, rank_order(light), (order_rows, order_rank))
+        computed["order_score"] = pc.cast(ranked.column("score").take(pa.array(chosen)), pa.float64()).to_numpy(
+            zero_copy_only=False
+        )
+    return UnitSelection(rows[chosen], computed, counts)
+
+
+def top1_changed(codes: np.ndarray, n_prompts: int, plain, other) -> int:
+    """Prompts whose best unit (rank 0) differs between two rankings (rows, rank) of the same units;
+    a prompt ranked by only one of them counts as changed."""
+    best = []
+    for rows, rank in (plain[:2], other):
+        b = np.full(n_prompts, -1, dtype=np.int64)
+        top = rows[rank == 0]
+        b[codes[top]] = top
+        best.append(b)
+    return int(np.sum(best[0] != best[1]))
 
 
 def rerank_rows(selected: pa.Table, computed: dict, calibration: dict | None = None) -> pa.Table:
@@ -304,12 +355,21 @@ def rerank_rows(selected: pa.Table, computed: dict, calibration: dict | None = N
         **_unit_columns(selected, ["score", "human_rank", *ratings], out_schema),
     }
     data.update(_calibrated(selected, calibration))
+    if "order_score" in computed:  # ranked by another order than score: its value, beside score
+        out_schema = out_schema.append(pa.field("order_score", pa.float64()))
+        data["order_score"] = pa.array(computed["order_score"], pa.float64())
     return pa.table(data, schema=out_schema)
 
 
 def rerank(
-    units, filters: list[Filter], top_k: int, kinds: list | None = None, calibration: dict | None = None
+    units,
+    filters: list[Filter],
+    top_k: int,
+    kinds: list | None = None,
+    calibration: dict | None = None,
+    order: str = "score",
+    lam: float = 1.0,
 ) -> tuple[pa.Table, dict]:
     units = as_table(units)
-    sel = rerank_selection(units, filters, top_k, kinds)
+    sel = rerank_selection(units, filters, top_k, kinds, order, lam)
     return rerank_rows(units.take(pa.array(sel.rows)), sel.computed, calibration), sel.counts

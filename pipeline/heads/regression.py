@@ -35,8 +35,12 @@ class RidgeStats:
         self.yty = np.zeros(k, dtype=np.float64)
         self.count = np.zeros(k, dtype=np.int64)
 
-    def add(self, X, Y) -> RidgeStats:
-        """Accumulate rows: X [N×H] embeddings, Y [N×K] targets with NaN for missing labels."""
+    def add(self, X, Y, weight=None) -> RidgeStats:
+        """Accumulate rows: X [N×H] embeddings, Y [N×K] targets with NaN for missing labels.
+
+        `weight` [N] (non-negative integers): how many times each row counts, e.g. a bootstrap
+        resample's multiplicities. The statistics then equal those of the rows repeated that many
+        times (a weight of 0 drops the row), without materialising the repeated rows."""
         X = np.asarray(X, dtype=np.float64)
         Y = np.asarray(Y, dtype=np.float64).reshape(len(X), -1)
         if X.ndim != 2 or X.shape[1] != self.hidden_size or Y.shape[1] != self.num_objectives:
@@ -46,16 +50,25 @@ class RidgeStats:
             )
         labelled = ~np.isnan(Y)
         Y0 = np.where(labelled, Y, 0.0)
-        self.xty += Y0.T @ X
-        self.yty += (Y0 * Y0).sum(axis=0)
-        self.count += labelled.sum(axis=0)
+        if weight is None:
+            w = None
+            Xw = X
+        else:
+            w = np.asarray(weight)
+            if w.shape != (len(X),) or not np.issubdtype(w.dtype, np.integer) or (w < 0).any():
+                raise ValueError(f"RidgeStats.add: weight must be {len(X)} non-negative integers")
+            Xw = X * w[:, None]
+        self.xty += Y0.T @ Xw
+        self.yty += ((Y0 * Y0) * (1 if w is None else w[:, None])).sum(axis=0)
+        self.count += (labelled * (1 if w is None else w[:, None])).sum(axis=0).astype(np.int64)
         patterns, inverse = np.unique(labelled, axis=0, return_inverse=True)
         for p_idx, pattern in enumerate(patterns):
             if not pattern.any():
                 continue  # a row with no labels teaches nothing
-            rows = X[inverse.reshape(-1) == p_idx]
+            sel = inverse.reshape(-1) == p_idx
+            rows = X[sel]
             key = tuple(bool(b) for b in pattern)
-            gram = rows.T @ rows
+            gram = rows.T @ rows if w is None else rows.T @ Xw[sel]
             if key in self.gram_by_pattern:
                 self.gram_by_pattern[key] += gram
             else:

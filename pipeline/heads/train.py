@@ -10,6 +10,9 @@
 4. Stage 2: the gating network on every non-tie preference pair and every pair of differently
    ranked best-of-N responses, with r·T computed by ArmoHeads.score itself (what inference does).
 5. Baseline: one Bradley-Terry head on the response embedding, trained on exactly those pairs.
+6. Ensemble (`ensemble: K`, off by default): steps 2-4 again for each of K members, on a bootstrap
+   resample of the training prompts (multiplicities weight the ridge statistics and repeat the pairs);
+   the primary heads above are untouched by it.
 
 Fit/validation split: by row id (`ids.in_fraction`), so a pair or a best-of-N group never straddles it.
 """
@@ -36,6 +39,15 @@ from pipeline.units import (
 
 from .bradley_terry import DEFAULT_L2_GRID, BradleyTerryHead, fit_bradley_terry, fit_bradley_terry_cv
 from .debias import DEFAULT_DEBIAS_GRID, LENGTH_OBJECTIVE, fit_verbosity_debias, length_target
+from .ensemble import (
+    EnsembleError,
+    HeadsEnsemble,
+    backbone_fingerprint_of,
+    bootstrap_multiplicities,
+    check_distinct_resamples,
+    check_ensemble_size,
+    member_seed,
+)
 from .gating import (
     RELEASE_DROPOUT,
     RELEASE_HIDDEN_DIM,
@@ -69,6 +81,10 @@ DEFAULTS = {
     "baseline": True,
     "threads": None,  # torch threads for gating training (None: torch's default)
     "gating": {},
+    # K heads on bootstrap resamples of the training prompts, saved beside the primary heads for
+    # the uncertainty columns (0: off, the primary heads alone; 1 is refused: one member has no spread)
+    "ensemble": 0,
+    "ensemble_seed": 0,  # member i resamples with seed (ensemble_seed, i); its gate trains with gating.seed + 1 + i
 }
 
 
@@ -77,6 +93,7 @@ class TrainResult:
     heads: ArmoHeads
     baseline: BradleyTerryHead | None
     summary: dict
+    ensemble: HeadsEnsemble | None = None  # heads.ensemble: K members on bootstrap resamples (None: off)
 
 
 def resolve_options(options: dict | None) -> dict:
@@ -88,7 +105,13 @@ def resolve_options(options: dict | None) -> dict:
     unknown = set(gating) - set(GATING_DEFAULTS)
     if unknown:
         raise ValueError(f"heads.gating options: unknown keys {sorted(unknown)}; known: {sorted(GATING_DEFAULTS)}")
-    return {**DEFAULTS, **options, "gating": {**GATING_DEFAULTS, **gating}}
+    out = {**DEFAULTS, **options, "gating": {**GATING_DEFAULTS, **gating}}
+    k = out["ensemble"]
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0 or k == 1:
+        raise ValueError(f"heads.ensemble: expected 0 (off) or an integer >= 2 members, got {k!r}")
+    if isinstance(out["ensemble_seed"], bool) or not isinstance(out["ensemble_seed"], int):
+        raise ValueError(f"heads.ensemble_seed: expected an integer, got {out['ensemble_seed']!r}")
+    return out
 
 
 def choose_objectives(units: pa.Table, extra: list[dict]) -> tuple[list[str], list[registry.Objective]]:
@@ -121,9 +144,12 @@ def _fit_bt(X: np.ndarray, fit: Pairs, held: Pairs, grid) -> tuple[np.ndarray, f
     return fit_bradley_terry(X[fit.better], X[fit.worse], fit.tie, l2=l2), l2, None
 
 
-def _fit_pairwise(X: np.ndarray, pairs: Pairs, val: np.ndarray, grid) -> tuple[np.ndarray, dict]:
-    """A pairwise objective's BT head, with its validation accuracy on the held-out non-tie pairs."""
-    fit, held = pairs.select(~val), pairs.select(val)
+def _fit_pairwise(
+    X: np.ndarray, pairs: Pairs, val: np.ndarray, grid, mult: np.ndarray | None = None
+) -> tuple[np.ndarray, dict]:
+    """A pairwise objective's BT head, with its validation accuracy on the held-out non-tie pairs.
+    `mult`: per-unit resample multiplicities of the fit pairs (None: each pair once)."""
+    fit, held = _repeat(pairs.select(~val), mult), pairs.select(val)
     if len(fit) == 0:
         raise ValueError("a pairwise objective has no training pairs")
     w, l2, val_loss = _fit_bt(X, fit, held, grid)
@@ -132,30 +158,23 @@ def _fit_pairwise(X: np.ndarray, pairs: Pairs, val: np.ndarray, grid) -> tuple[n
     return w, {"pairs": len(pairs), "ties": int(pairs.tie.sum()), "l2": l2, "val_loss": val_loss, "val_accuracy": acc}
 
 
-def train_heads(units: pa.Table, options: dict | None = None) -> TrainResult:
-    opts = resolve_options(options)
-    X, P = embeddings_of(units)
-    if not len(X):
-        raise ValueError("train_heads: no units")
-    row_ids = np.array(units.column("row_id").to_pylist(), dtype=object)
-    val_unit = _val_mask(row_ids, opts["val_fraction"])
-    rated, pairwise = choose_objectives(units, opts["objectives"])
+def _fit(
+    prep: _Prepared, opts: dict, mult: np.ndarray | None = None, gating_seed: int | None = None
+) -> tuple[ArmoHeads, dict, Pairs, Pairs]:
+    """Stage 1, debiasing and stage 2 on the prepared data. `mult` [units] (integers): a resample's
+    multiplicity of each unit (None: every unit once, the primary heads). Fit rows and pairs count
+    that many times; the validation rows and pairs that choose λ, L2 and the gating checkpoint are
+    used as they are. Returns (heads, summary, the gating fit pairs, the held-out pairs)."""
+    X, P, val_unit, rated, pairwise = prep.X, prep.P, prep.val_unit, prep.rated, prep.pairwise
+    ridge_names, Y, verbosity = prep.ridge_names, prep.Y, opts["verbosity"]
 
     # --- stage 1: ridge (rated objectives + length pseudo-objective) ---------------------------
-    verbosity = opts["verbosity"]
-    ridge_names = rated + ([LENGTH_OBJECTIVE] if verbosity == "length" else [])
-    truth = human_ratings(units)
-    Y = (
-        np.column_stack(
-            [truth[n] for n in rated] + ([length_target(response_tokens(units))] if verbosity == "length" else [])
-        )
-        if ridge_names
-        else np.zeros((len(X), 0))
-    )
     summary_objectives: dict[str, dict] = {}
     ridge_rows = np.zeros((0, X.shape[1]))
     if ridge_names:
-        fit_stats = RidgeStats(X.shape[1], len(ridge_names)).add(X[~val_unit], Y[~val_unit])
+        fit_stats = RidgeStats(X.shape[1], len(ridge_names)).add(
+            X[~val_unit], Y[~val_unit], None if mult is None else mult[~val_unit]
+        )
         val_stats = RidgeStats(X.shape[1], len(ridge_names)).add(X[val_unit], Y[val_unit])
         ridge = fit_ridge(fit_stats, val_stats, opts["ridge_grid"])
         ridge_rows = ridge.weight
@@ -168,12 +187,11 @@ def train_heads(units: pa.Table, options: dict | None = None) -> TrainResult:
             }
 
     # --- stage 1: Bradley-Terry heads for pairwise-only objectives ------------------------------
-    all_pref = preference_pairs(units, include_ties=True)
-    val_pair = _val_mask(all_pref.row_id, opts["val_fraction"])
+    all_pref, val_pair = prep.all_pref, prep.val_pair
     bt_rows = []
     for obj in pairwise:
         sel = all_pref.source == obj.source
-        w, info = _fit_pairwise(X, all_pref.select(sel), val_pair[sel], opts["bt_l2_grid"])
+        w, info = _fit_pairwise(X, all_pref.select(sel), val_pair[sel], opts["bt_l2_grid"], mult)
         bt_rows.append(w)
         summary_objectives[obj.name] = {"kind": "pairwise", **info}
     names = rated + [o.name for o in pairwise] + ([LENGTH_OBJECTIVE] if verbosity == "length" else [])
@@ -196,14 +214,15 @@ def train_heads(units: pa.Table, options: dict | None = None) -> TrainResult:
     gating_net = GatingNetwork(X.shape[1], len(names), g["hidden_dim"], g["n_hidden"], g["temperature"], g["dropout"])
     heads = ArmoHeads(names, W, np.eye(len(names)), gating_net, verbosity_index=v)
     rewards = heads.score(X, P).rewards
+    reference = rewards[~val_unit] if mult is None else np.repeat(rewards[~val_unit], mult[~val_unit], axis=0)
     T, debias_lambdas = fit_verbosity_debias(
-        rewards[~val_unit], verbosity_index=v, grid=opts["debias_grid"], threshold=opts["debias_threshold"]
+        reference, verbosity_index=v, grid=opts["debias_grid"], threshold=opts["debias_threshold"]
     )
     heads = ArmoHeads(names, W, T, gating_net, verbosity_index=v)
     debiased = heads.score(X, P).debiased  # exactly what inference computes
 
     # --- stage 2: gating on every strict preference pair and ranked best-of-N pair -------------
-    pairs = concat_pairs(preference_pairs(units), ranked_pairs(units))
+    pairs, pv = prep.pairs, prep.pv
     summary: dict = {
         "objectives": summary_objectives,
         "objective_names": names,
@@ -212,8 +231,9 @@ def train_heads(units: pa.Table, options: dict | None = None) -> TrainResult:
     }
     if len(pairs) == 0:
         raise ValueError("train_heads: the gating network needs preference pairs or ranked best-of-N rows")
-    pv = _val_mask(pairs.row_id, opts["val_fraction"])
-    fit, held = pairs.select(~pv), pairs.select(pv)
+    fit, held = _repeat(pairs.select(~pv), mult), pairs.select(pv)
+    if len(fit) == 0:
+        raise ValueError("train_heads: no gating pairs outside the validation split")
     trained = train_gating(
         P[fit.better],
         debiased[fit.better],
@@ -222,13 +242,13 @@ def train_heads(units: pa.Table, options: dict | None = None) -> TrainResult:
         val_debiased_chosen=debiased[held.better],
         val_debiased_rejected=debiased[held.worse],
         threads=opts["threads"],
+        seed=g["seed"] if gating_seed is None else gating_seed,
         **{
             k: g[k]
             for k in (
                 "steps",
                 "batch_size",
                 "lr",
-                "seed",
                 "eval_every",
                 "hidden_dim",
                 "n_hidden",
@@ -248,7 +268,74 @@ def train_heads(units: pa.Table, options: dict | None = None) -> TrainResult:
         "val_accuracy": trained.best_val_accuracy,
         "options": g,
     }
+    return heads, summary, fit, held
 
+
+@dataclass
+class _Prepared:
+    """What every fit (the primary heads and each ensemble member) reads from the units, once."""
+
+    X: np.ndarray
+    P: np.ndarray
+    val_unit: np.ndarray
+    rated: list[str]
+    pairwise: list[registry.Objective]
+    ridge_names: list[str]
+    Y: np.ndarray
+    all_pref: Pairs
+    val_pair: np.ndarray
+    pairs: Pairs
+    pv: np.ndarray
+
+
+def _prepare(units: pa.Table, opts: dict) -> _Prepared:
+    X, P = embeddings_of(units)
+    if not len(X):
+        raise ValueError("train_heads: no units")
+    row_ids = np.array(units.column("row_id").to_pylist(), dtype=object)
+    val_unit = _val_mask(row_ids, opts["val_fraction"])
+    rated, pairwise = choose_objectives(units, opts["objectives"])
+    verbosity = opts["verbosity"]
+    ridge_names = rated + ([LENGTH_OBJECTIVE] if verbosity == "length" else [])
+    truth = human_ratings(units)
+    Y = (
+        np.column_stack(
+            [truth[n] for n in rated] + ([length_target(response_tokens(units))] if verbosity == "length" else [])
+        )
+        if ridge_names
+        else np.zeros((len(X), 0))
+    )
+    all_pref = preference_pairs(units, include_ties=True)
+    pairs = concat_pairs(preference_pairs(units), ranked_pairs(units))
+    return _Prepared(
+        X,
+        P,
+        val_unit,
+        rated,
+        pairwise,
+        ridge_names,
+        Y,
+        all_pref,
+        _val_mask(all_pref.row_id, opts["val_fraction"]),
+        pairs,
+        _val_mask(pairs.row_id, opts["val_fraction"]),
+    )
+
+
+def _repeat(pairs: Pairs, mult: np.ndarray | None) -> Pairs:
+    """The pairs, each repeated by the multiplicity of its (better) unit: a resample of the pairs."""
+    if mult is None:
+        return pairs
+    return pairs.select(np.repeat(np.arange(len(pairs)), mult[pairs.better]))
+
+
+def train_heads(units: pa.Table, options: dict | None = None) -> TrainResult:
+    opts = resolve_options(options)
+    prep = _prepare(units, opts)
+    if opts["ensemble"]:  # before any fit: a too-small training set fails fast
+        check_ensemble_size(int(opts["ensemble"]), _prompt_ids(units)[~prep.val_unit])
+    heads, summary, fit, held = _fit(prep, opts)
+    X, rated, pairwise = prep.X, prep.rated, prep.pairwise
     # --- the single-head baseline on the same pairs --------------------------------------------
     baseline = None
     if opts["baseline"]:
@@ -270,4 +357,62 @@ def train_heads(units: pa.Table, options: dict | None = None) -> TrainResult:
             **{o.name: o.to_dict() for o in pairwise},
         },
     }
-    return TrainResult(heads=heads, baseline=baseline, summary=summary)
+    ensemble = None
+    if opts["ensemble"]:
+        ensemble = train_ensemble(prep, opts, heads, units)
+        summary["ensemble"] = ensemble.summary()
+    return TrainResult(heads=heads, baseline=baseline, summary=summary, ensemble=ensemble)
+
+
+def _prompt_ids(units: pa.Table) -> np.ndarray:
+    if "prompt_id" not in units.column_names:
+        raise EnsembleError("heads.ensemble: the units have no prompt_id column to resample prompts by")
+    return np.array(units.column("prompt_id").to_pylist(), dtype=object)
+
+
+def train_ensemble(prep: _Prepared, opts: dict, primary: ArmoHeads, units: pa.Table) -> HeadsEnsemble:
+    """K members, each the whole fit (ridge, BT heads, T, gate) on a bootstrap resample of the
+    training prompts (pipeline.heads.ensemble.bootstrap_multiplicities), one at a time: memory is one
+    member's fit (its weighted sufficient statistics and repeated pair indices) plus the members."""
+    K = int(opts["ensemble"])
+    prompt_ids = _prompt_ids(units)
+    draws = [
+        bootstrap_multiplicities(prompt_ids, ~prep.val_unit, member_seed(opts["ensemble_seed"], i)) for i in range(K)
+    ]
+    check_distinct_resamples(draws)
+    members, records = [], []
+    primary_objectives = primary.metadata.get("training", {}).get("objectives", {})
+    fitted = {n for n, o in primary_objectives.items() if o["kind"] == "rating" and np.isfinite(o["lambda"])}
+    for i, mult in enumerate(draws):
+        gating_seed = int(opts["gating"]["seed"]) + 1 + i
+        try:
+            member, member_summary, _, _ = _fit(prep, opts, mult, gating_seed)
+            empty = [
+                n
+                for n, o in member_summary["objectives"].items()
+                if o["kind"] == "rating" and not np.isfinite(o["lambda"]) and n in fitted
+            ]
+            if empty:
+                raise ValueError(f"its resample has no training rows for {empty}")
+        except Exception as e:  # noqa: BLE001 - every failure is reported, never a smaller ensemble
+            seed = member_seed(opts["ensemble_seed"], i)
+            raise EnsembleError(f"ensemble member {i} of {K} (bootstrap seed {seed}) failed to train: {e}") from e
+        if not np.isfinite(member.regression_weight).all():
+            raise EnsembleError(f"ensemble member {i} of {K}: non-finite regression weights")
+        members.append(member)
+        drawn = mult[~prep.val_unit]
+        records.append(
+            {
+                "bootstrap_seed": member_seed(opts["ensemble_seed"], i),
+                "gating_seed": gating_seed,
+                "distinct_prompts": int(len(set(prompt_ids[~prep.val_unit][drawn > 0]))),
+                "units_drawn": int(drawn.sum()),
+            }
+        )
+    return HeadsEnsemble(
+        members=members,
+        records=records,
+        primary_fingerprint=primary.fingerprint,
+        backbone_fingerprint=backbone_fingerprint_of(units),
+        ensemble_seed=int(opts["ensemble_seed"]),
+    )

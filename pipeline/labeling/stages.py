@@ -23,6 +23,7 @@ from pipeline.embed.backbone import BackboneSpec, load_backbone, load_tokenizer,
 from pipeline.embed.checkpoint import checkpoint_backbone, checkpoint_tokenizer, local_checkpoint
 from pipeline.embed.engine import EmbeddingEngine
 from pipeline.embed.templating import TemplateError, TemplatePolicy, tokenize_many
+from pipeline.heads.ensemble import EnsembleError, HeadsEnsemble, load_beside
 from pipeline.heads.model import ArmoHeads
 from pipeline.labeling.commit import RANGE_SCHEMA, RangeSummary, contiguous_runs, part_name, summaries_table
 from pipeline.stage import Resources, Stage, StageError
@@ -180,6 +181,7 @@ class EmbedScoreStage(Stage):
     reads = ("input_ids", "prompt_end", "prompt_input_ids", "quarantine_reason")
     heads: ArmoHeads | None
     heads_fingerprint: str | None
+    ensemble: HeadsEnsemble | None
 
     def __init__(self, model: ScoringModel, objectives: list[str], resources: Resources):
         self.model = model
@@ -197,6 +199,7 @@ class EmbedScoreStage(Stage):
         return (
             *per_objective,
             "score",
+            *schema.ENSEMBLE_COLUMNS,
             *(("embedding", "prompt_embedding") if embeddings else ()),
             "backbone_fingerprint",
             "heads_fingerprint",
@@ -212,6 +215,7 @@ class EmbedScoreStage(Stage):
     def setup(self) -> None:
         self.node = _node_name()
 
+        self.ensemble = None
         if self.model.armorm_checkpoint:
             settings = {k: v for k, v in (self.model.backbone or {}).items() if k in ("device", "dtype")}
             backbone, self.heads = checkpoint_backbone(
@@ -222,9 +226,19 @@ class EmbedScoreStage(Stage):
             backbone = load_backbone(BackboneSpec.from_dict(self.model.backbone or {}))
             self.heads = None
             self.heads_fingerprint = None
+            self.ensemble = None
             if self.model.heads:
                 self.heads = ArmoHeads.load(self.model.heads, self.model.storage_options)
                 self.heads_fingerprint = self.heads.fingerprint
+                # An ensemble saved beside the heads adds score_mean / score_std / score_min.
+                try:
+                    self.ensemble = load_beside(self.model.heads, self.model.storage_options)
+                    if self.ensemble is not None:
+                        self.ensemble.check(
+                            self.heads_fingerprint, backbone.fingerprint, f"{self.model.heads}/ensemble"
+                        )
+                except EnsembleError as e:
+                    raise StageError(str(e)) from e
         self.engine = EmbeddingEngine(
             backbone,
             token_budget=self.model.token_budget,
@@ -246,6 +260,7 @@ class EmbedScoreStage(Stage):
         debiased = np.full((n, k), np.nan, np.float32)
         gates = np.full((n, k), np.nan, np.float32)
         score = np.full(n, np.nan, np.float32)
+        spread = np.full((n, len(schema.ENSEMBLE_COLUMNS)), np.nan, np.float32)
         emb = pemb = None
         computed = np.zeros(n, np.int64)
         useful = np.zeros(n, np.int64)
@@ -264,6 +279,11 @@ class EmbedScoreStage(Stage):
                 out = self.heads.score(e.response, e.prompt)
                 ratings[good], debiased[good] = out.rewards, out.debiased
                 gates[good], score[good] = out.gate, out.score
+                if self.ensemble is not None:  # the same embeddings: no extra backbone pass
+                    s = self.ensemble.score(e.response, e.prompt)
+                    spread[good] = np.column_stack([s.mean, s.std, s.min])
+                    for i in good[~np.isfinite(spread[good]).all(axis=1)]:
+                        reasons[i], stages[i] = "non-finite ensemble score", "score"
                 for i in good[~np.isfinite(score[good])]:
                     reasons[i], stages[i] = "non-finite score", "score"
         out_t = batch
@@ -272,6 +292,8 @@ class EmbedScoreStage(Stage):
             out_t = _set_column(out_t, schema.objective_column(DEBIASED_PREFIX, obj), _masked(debiased[:, j]))
             out_t = _set_column(out_t, schema.objective_column(schema.GATE_PREFIX, obj), _masked(gates[:, j]))
         out_t = _set_column(out_t, "score", _masked(score))
+        for j, name in enumerate(schema.ENSEMBLE_COLUMNS):
+            out_t = _set_column(out_t, name, _masked(spread[:, j]))
         if self.model.embeddings:
             h_resp = [None] * n
             h_prompt = [None] * n
