@@ -127,7 +127,7 @@ def test_shipped_configs_validate():
 
     kinds = {"curate": CURATION, "train": TRAINING}
     configs = sorted((REPO / "jobs" / "configs").glob("*.yaml"))
-    assert len(configs) == 9
+    assert len(configs) == 10  # curate_dpo_nightly.yaml included
     for path in configs:
         schema = kinds.get(path.stem.split("_")[0], SCHEMA)
         assert schema.type_errors(yaml.safe_load(path.read_text())) == ([], []), path.name
@@ -151,7 +151,8 @@ def test_training_config_errors_exit_2_with_every_key(tmp_path, capsys):
         "  - test_fraction: expected a number, got '0.2'",
         "  - heads.gating.steps: expected an integer, got 'many'",
         "  - heads.baselin: unknown key; did you mean 'baseline'? (allowed: baseline, bt_l2_grid, debias_grid, "
-        "debias_threshold, gating, objectives, ridge_grid, threads, val_fraction, verbosity)",
+        "debias_threshold, ensemble, ensemble_seed, gating, objectives, ridge_grid, threads, val_fraction, "
+        "verbosity)",
         "  - resources.rows_per_shard: expected an integer, got 'lots'",
     ]
     rc, _, err = _main("jobs.evaluate", ["--train-config", str(path)], capsys)
@@ -178,7 +179,8 @@ def test_curation_config_errors_exit_2_with_every_key(tmp_path, capsys):
         "  - pairs.min_margin: expected a number, got '0.1'",
         "  - pairs.preference: expected one of 'keep', 'drop', 'flip' or 'none', got 'maybe'",
         "  - filters[1]: filter on score: top is a fraction in (0, 1], got 2.0",
-        f"  - run: no Parquet files under {tmp_path / 'no-run' / 'data'} (is it a labeled run?)",
+        f"  - run: no Parquet files under {tmp_path / 'no-run' / 'data'} (is it a labeled run? "
+        "<root>/latest and <root>/<glob> name runs by their manifests)",
     ]
 
 
