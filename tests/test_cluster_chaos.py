@@ -28,6 +28,7 @@ def test_node_kills_s3_faults_and_an_overlapping_driver_leave_every_unit_once(sm
         stop_ray_head(head)
         shutil.rmtree(base, ignore_errors=True)
     report = summary(result)
+    print(report)  # what happened, in the test log (`-s`, or the failure's captured output)
     assert verify(result) == [], report
     # Every unit once, against the pure reader's units (counted with duplicates in verify); the
     # reader is pinned by hand in test_label_job.py. LLMBar: 32 pairs, 64 units.
