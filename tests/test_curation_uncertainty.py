@@ -159,7 +159,7 @@ def test_config_keys_are_checked(annotated_run, tmp_path):
         check(
             parse_config({**base, "task": "sft", "filters": [{"column": "score_conservative", "top": 0.5}]}), ["score"]
         )
-    with pytest.raises(ConfigError, match="pairs: pairs.min_margin_uncertainty"):
+    with pytest.raises(ConfigError, match="pairs.min_margin_uncertainty: expected a number, got .x."):
         parse_config({**base, "task": "dpo", "pairs": {"min_margin_uncertainty": "x"}})
 
 
