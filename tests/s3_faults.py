@@ -1,7 +1,8 @@
 """A fault-injecting HTTP proxy in front of a real S3 server (moto's standalone server).
 
 Clients are pointed at the proxy's URL instead of the server's; the proxy forwards each request
-and, for a stated share of them (seeded, so a run is repeatable), fails it the way S3 fails:
+and, for a stated share of them (exactly that share, spread evenly, the kinds in turn, so a run
+is repeatable), fails it the way S3 fails:
 
 - `slowdown`: 503 SlowDown (S3's throttling answer), the request never reaches the server;
 - `internal`: 500 InternalError, never reaches the server;
@@ -23,7 +24,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import random
 import socket
 import struct
 import sys
@@ -47,25 +47,32 @@ class FaultPlan:
     rate: float = 0.0  # share of requests that fail
     kinds: tuple[str, ...] = KINDS  # drawn uniformly among these
     stall_s: float = 2.0
-    seed: int = 0
+    seed: int = 0  # which kind comes first
     classes: tuple[str, ...] = ("read", "list", "write")  # which request classes may fail
 
 
 @dataclass
 class _State:
     plan: FaultPlan
-    rng: random.Random
     lock: threading.Lock = field(default_factory=threading.Lock)
     requests: Counter = field(default_factory=Counter)  # class -> requests seen
     faults: Counter = field(default_factory=Counter)  # "kind:class" -> faults injected
+    eligible: int = 0  # requests of the classes that may fail, seen so far
 
     def draw(self, cls: str) -> str | None:
+        """Exactly `rate` of the eligible requests fail, spread evenly (request n fails when
+        floor(n * rate) steps up), so a short run gets its share too; the kinds take turns
+        (starting at `seed`), so every kind lands once four faults have."""
         with self.lock:
             self.requests[cls] += 1
             plan = self.plan
-            if cls not in plan.classes or plan.rate <= 0 or self.rng.random() >= plan.rate:
+            if cls not in plan.classes or plan.rate <= 0:
                 return None
-            kind = self.rng.choice(plan.kinds)
+            self.eligible += 1
+            n = self.eligible
+            if int(n * plan.rate) == int((n - 1) * plan.rate):
+                return None
+            kind = plan.kinds[(plan.seed + sum(self.faults.values())) % len(plan.kinds)]  # each kind in turn
             self.faults[f"{kind}:{cls}"] += 1
             return kind
 
@@ -173,7 +180,7 @@ class _ProxyServer(ThreadingHTTPServer):
     def __init__(self, addr, upstream: str, plan: FaultPlan):
         super().__init__(addr, _Handler)
         self.upstream = urllib.parse.urlsplit(upstream)
-        self.state = _State(plan, random.Random(plan.seed))
+        self.state = _State(plan)
 
     def counts(self) -> dict:
         with self.state.lock:
@@ -198,7 +205,7 @@ class FaultProxy:
     def set_plan(self, plan: FaultPlan) -> None:
         with self.server.state.lock:
             self.server.state.plan = plan
-            self.server.state.rng = random.Random(plan.seed)
+            self.server.state.eligible = 0
 
     def counts(self) -> dict:
         return self.server.counts()

@@ -37,7 +37,8 @@ def test_node_kills_s3_faults_and_an_overlapping_driver_leave_every_unit_once(sm
     # The faults landed: three kills, each on a node running a scoring call, a share of the S3
     # requests failed in every kind, and the retries are in the markers.
     assert report["kills"] == 3 and report["kills_on_scoring_actor"] == 3, report
-    assert report["fault_share"] >= 0.03 and set(report["faults_by_kind"]) == {"slowdown", "internal", "reset", "stall"}
+    kinds = {"slowdown", "internal", "reset", "stall"}
+    assert report["fault_share"] >= 0.045 and set(report["faults_by_kind"]) == kinds, report
     assert report["storage_retries_manifest"] > 0
     # The second driver was turned away, saying why.
     assert result.overlap is not None and result.overlap["status"] == "FAILED"

@@ -268,4 +268,4 @@ def test_report_screenshot_is_a_drawn_page(annotated_run, tmp_path):
 
 def test_report_cli_errors_on_a_directory_without_data(tmp_path, capsys):
     assert report_cli.main(["--run", str(tmp_path), "--out", str(tmp_path / "r.html")]) == 2
-    assert "no Parquet files" in capsys.readouterr().err
+    assert "no committed Parquet files" in capsys.readouterr().err

@@ -169,7 +169,7 @@ SCHEMA = Schema(
         (ModelConfig, "backbone"): BackboneSpec | str,  # a path string, or BackboneSpec fields
         (ModelConfig, "template"): TemplatePolicy,
         (LabelConfig, "limit_rows_per_input"): at_least(1) | None,
-        (LabelConfig, "progress_interval_s"): Annotated[float, Field(gt=0)],
+        (LabelConfig, "progress_interval_s"): Annotated[float, Field(ge=0)],
         (LabelConfig, "lease_ttl_s"): Annotated[float, Field(gt=0)] | None,
         (LabelConfig, "stall_timeout_s"): Annotated[float, Field(gt=0)] | None,
         (QuarantineLimits, "per_source"): Annotated[float, Field(ge=0, le=1)] | None,
