@@ -45,6 +45,7 @@ ROWS_PER_SHARD = 4
 class WorkerNode:
     sid: int  # `ray start` ran in a session of its own; the node's processes all belong to it
     started_at: float  # (workers get process groups of their own, but stay in the session)
+    node_id: str  # as Ray names it (what the markers' scored_on counts units by)
 
     def processes(self) -> list[psutil.Process]:
         out = []
@@ -100,13 +101,20 @@ def start_worker_node(head: RayHead, num_cpus: int = 1, object_store_mb: int = 1
         "0",
         "--disable-usage-stats",
     ]
+    before = {n["node_id"] for n in alive_nodes(head)}
     proc = subprocess.Popen(
         cmd, env=head.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
     out, _ = proc.communicate(timeout=180)
     if proc.returncode != 0:
         raise RuntimeError(f"ray start (worker) failed:\n{out[-3000:]}")
-    return WorkerNode(sid=proc.pid, started_at=time.time())
+    # Nodes are started one at a time, so the node that joined is this one.
+    deadline = time.monotonic() + 60
+    while not (new := {n["node_id"] for n in alive_nodes(head)} - before):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the worker node started but never joined the cluster")
+        time.sleep(0.5)
+    return WorkerNode(sid=proc.pid, started_at=time.time(), node_id=new.pop())
 
 
 def alive_nodes(head: RayHead) -> list[dict]:
@@ -146,6 +154,7 @@ class ChaosResult:
     expected: dict  # unit counts by the pure reader
     found: dict  # unit counts in the output
     markers: list[dict] = field(default_factory=list)
+    first_nodes: list[str] = field(default_factory=list)  # node ids of the two nodes at submission
 
 
 def s3_options(endpoint: str) -> dict:
@@ -310,6 +319,7 @@ def run_chaos(
         inputs.append({**spec, "path": f"s3://{key}"})
     good, bad, shards = expected_units(inputs, direct, limit)
     nodes = [start_worker_node(head), start_worker_node(head)]
+    first_nodes = [n.node_id for n in nodes]
     proxy = FaultProxy(moto_url, FaultPlan(0.0))
     try:
         config = write_config(work, bucket, inputs, heads, proxy.url, limit)
@@ -382,6 +392,7 @@ def run_chaos(
             expected={"good": good, "bad": bad, "shards": len(shards)},
             found=out,
             markers=out["markers"],
+            first_nodes=first_nodes,
         )
     finally:
         proxy.close()
@@ -438,6 +449,8 @@ def summary(result: ChaosResult) -> dict:
     req = sum(result.faults["requests"].values())
     landed = sum(result.faults["faults"].values())
     retries = sum(int(m.get("storage_retries") or 0) for m in result.markers)
+    scored: Counter = sum((Counter(m.get("scored_on", {})) for m in result.markers), Counter())
+    first = set(result.first_nodes)
     return {
         "wall_s": round(result.wall_s, 1),
         "attempts": [a["status"] for a in result.attempts],
@@ -450,9 +463,13 @@ def summary(result: ChaosResult) -> dict:
         "s3_requests": req,
         "s3_faults": landed,
         "fault_share": round(landed / req, 4) if req else 0.0,
+        "s3_eligible": result.faults.get("eligible", 0),  # requests the plan could fail
         "faults_by_kind": _by_kind(result.faults["faults"]),
         "storage_retries_in_markers": retries,  # by read and write tasks
         "storage_retries_manifest": result.manifest.get("storage_retries"),  # tasks and driver
+        # units by who scored them: the two nodes there at submission, the nodes started after a kill
+        "units_scored_on_first_nodes": sum(n for node, n in scored.items() if node in first),
+        "units_scored_on_replacements": sum(n for node, n in scored.items() if node not in first),
         "units_expected": sum(result.expected["good"].values()) + sum(result.expected["bad"].values()),
         "units_written": sum(result.found["labeled"].values()) + sum(result.found["quarantined"].values()),
         "problems": verify(result),

@@ -184,7 +184,12 @@ class _ProxyServer(ThreadingHTTPServer):
 
     def counts(self) -> dict:
         with self.state.lock:
-            return {"requests": dict(self.state.requests), "faults": dict(self.state.faults)}
+            # `eligible`: requests the current plan could fail; exactly floor(eligible * rate) did.
+            return {
+                "requests": dict(self.state.requests),
+                "faults": dict(self.state.faults),
+                "eligible": self.state.eligible,
+            }
 
     def handle_error(self, request, client_address) -> None:
         # A client that gave up on a stalled response closes its end: expected, not an error.

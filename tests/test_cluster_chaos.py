@@ -38,12 +38,17 @@ def test_node_kills_s3_faults_and_an_overlapping_driver_leave_every_unit_once(sm
     # requests failed in every kind, and the retries are in the markers.
     assert report["kills"] == 3 and report["kills_on_scoring_actor"] == 3, report
     kinds = {"slowdown", "internal", "reset", "stall"}
-    assert report["fault_share"] >= 0.045 and set(report["faults_by_kind"]) == kinds, report
+    # The proxy fails exactly floor(5 % of the requests it may fail), the kinds in turn.
+    assert report["s3_faults"] == int(report["s3_eligible"] * 0.05) >= 4, report
+    assert set(report["faults_by_kind"]) == kinds, report
     assert report["storage_retries_manifest"] > 0
     # The second driver was turned away, saying why.
     assert result.overlap is not None and result.overlap["status"] == "FAILED"
     assert "being labeled by another driver" in result.overlap["logs"]
-    # Replacement nodes scored: scoring happened on more nodes than the two first ones.
-    nodes = {n for m in result.markers for n in m.get("scored_on", {})}
-    assert len(nodes) >= 3, nodes
+    # Nodes that joined after a kill took up scoring (the pool is not pinned to the first nodes),
+    # and every unit written was scored somewhere the markers name.
+    assert report["units_scored_on_replacements"] > 0, report
+    assert report["units_scored_on_first_nodes"] + report["units_scored_on_replacements"] == 64 - sum(
+        result.expected["bad"].values()
+    ), report
     assert result.manifest["sources"]["llmbar"]["rows_in"] == ROWS
