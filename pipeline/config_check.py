@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline import storage
 from pipeline.config_schema import ConfigErrors, format_errors
 from pipeline.secrets import scrub
 
@@ -45,7 +46,6 @@ def _path_of(backbone: dict | str) -> str:
 def reachable(key: str, uri: str, storage_options: dict | None) -> list[str]:
     """An output location that cannot even be listed (unreachable store, refused credentials) is an
     error naming its key; one that does not exist yet is fine (the job creates it)."""
-    from pipeline import storage
 
     try:
         storage.exists(uri, storage_options)
@@ -86,6 +86,7 @@ def input_lines(inputs: list[dict], storage_options: dict | None, rows: int = CH
     return lines, errors, warnings
 
 
+@storage.probing()
 def check_label_config(path: str, overrides: dict | None = None, rows: int = CHECK_ROWS) -> CheckReport:
     from pipeline.labeling.config import load_config
 
@@ -117,6 +118,7 @@ def check_label_config(path: str, overrides: dict | None = None, rows: int = CHE
     return report
 
 
+@storage.probing()
 def check_train_config(path: str, rows: int = CHECK_ROWS) -> CheckReport:
     from pipeline.training import load_train_config
 
@@ -139,12 +141,12 @@ def check_train_config(path: str, rows: int = CHECK_ROWS) -> CheckReport:
     return report
 
 
+@storage.probing()
 def check_curate_config(path: str, overrides: dict | None = None) -> CheckReport:
     """The curation config, and the labeled run it reads: its data files, rows, and the columns
     the filters need."""
     import pyarrow.parquet as pq
 
-    from pipeline import storage
     from pipeline.curation.config import load_config
     from pipeline.curation.thresholds import parse_filters
 

@@ -6,6 +6,7 @@ same, and so that files become visible only once complete (atomic commit).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
 import hashlib
@@ -17,7 +18,7 @@ import posixpath
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from importlib import metadata
@@ -58,6 +59,26 @@ S3_DEFAULTS: dict[str, Any] = {
     },
     "retries": 5,  # s3fs's own layer (see above)
 }
+
+# A config check (`--check`, `jobs.schedule --dry-run`) probes each store once: one that cannot be
+# reached (no route, no credentials the endpoint takes) is reported in seconds, where the job's
+# policy above would back off for minutes. Options given in storage_options still win.
+S3_PROBE_DEFAULTS: dict[str, Any] = {
+    "config_kwargs": {"retries": {"max_attempts": 2, "mode": "standard"}, "connect_timeout": 5, "read_timeout": 30},
+    "retries": 1,
+}
+_probing = 0  # > 0 while a check runs in this process (see `probing`)
+
+
+@contextlib.contextmanager
+def probing() -> Iterator[None]:
+    """Stores resolved inside use S3_PROBE_DEFAULTS (a decorator too: `@storage.probing()`)."""
+    global _probing
+    _probing += 1
+    try:
+        yield
+    finally:
+        _probing -= 1
 
 
 class FaultCounts:
@@ -325,7 +346,7 @@ def store(uri: str, storage_options: StorageOptions | None = None) -> Store:
             opts["client_kwargs"] = {**(opts.get("client_kwargs") or {}), "endpoint_url": endpoint}
         # Listings must see what other processes just wrote (resume, incremental runs).
         opts.setdefault("use_listings_cache", False)
-        opts = _merge(S3_DEFAULTS, opts)
+        opts = _merge(S3_PROBE_DEFAULTS if _probing else S3_DEFAULTS, opts)
     elif protocol == "hf":
         # The Hub (huggingface_hub.HfFileSystem): the endpoint from the options or HF_ENDPOINT as
         # set now, a token from the options ({token: ...}) or HF_TOKEN / `hf auth login`, masked.
