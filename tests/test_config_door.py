@@ -349,17 +349,16 @@ def test_quarantine_verdict_per_source_and_overall():
     assert mf.quarantine_verdict(_sources(empty=(0, 0)), per_source=0.0, overall=0.0) is None
 
 
-def test_enforce_rewrites_the_manifest_and_raises(tmp_path):
-    uri = str(tmp_path / "manifest.json")
+def test_the_verdict_marks_the_manifest_before_it_is_written():
+    within = {"status": "complete", "sources": _sources(a=(4, 1))}
+    assert mf.judge_quarantine(within, mf_limits(0.5, 0.5)) is None
+    assert within == {"status": "complete", "sources": _sources(a=(4, 1))}  # untouched
     man = {"status": "complete", "sources": _sources(a=(4, 4))}
-    mf.enforce_quarantine_limit({**man, "sources": _sources(a=(4, 1))}, mf_limits(0.5, 0.5), uri, None)
-    assert not (tmp_path / "manifest.json").exists()  # within the limits: nothing rewritten
-    with pytest.raises(mf.QuarantineLimitExceeded, match="source 'a': 4 of 4 rows quarantined"):
-        mf.enforce_quarantine_limit(man, mf_limits(0.5, 0.5), uri, None)
-    written = json.loads((tmp_path / "manifest.json").read_text())
-    assert written["status"] == "failed_quarantine" == man["status"]
-    assert written["failure"]["sources_over"] == {"a": 1.0} and written["failure"]["overall_fraction"] == 1.0
-    assert written["failure"]["limits"] == {"per_source": 0.5, "overall": 0.5}
+    verdict = mf.judge_quarantine(man, mf_limits(0.5, 0.5))
+    assert "source 'a': 4 of 4 rows quarantined" in verdict["message"]
+    assert man["status"] == "failed_quarantine" and man["failure"] is verdict
+    assert verdict["sources_over"] == {"a": 1.0} and verdict["overall_fraction"] == 1.0
+    assert verdict["limits"] == {"per_source": 0.5, "overall": 0.5}
 
 
 def test_parse_config_error_lists_are_the_exception_errors(tmp_path):

@@ -203,14 +203,14 @@ def quarantine_verdict(sources: dict[str, dict], per_source: float | None, overa
     }
 
 
-def enforce_quarantine_limit(man: dict, limits, manifest_uri: str, storage_options: dict | None) -> None:
-    """At the end of a run: when it is over `limits` (a QuarantineLimits), rewrite its manifest
-    with `status: failed_quarantine` and the verdict under `failure`, then raise
-    QuarantineLimitExceeded. The committed shards stay (a resume keeps them)."""
+def judge_quarantine(man: dict, limits) -> dict | None:
+    """At the end of a run, before its manifest is written: when it is over `limits` (a
+    QuarantineLimits), mark it `status: failed_quarantine` with the verdict under `failure`;
+    returns the verdict (None: within the limits). The caller writes the manifest once, then
+    raises QuarantineLimitExceeded, so a reader never sees such a run `complete`. The committed
+    shards stay (a resume keeps them)."""
     verdict = quarantine_verdict(man["sources"], limits.per_source, limits.overall)
-    if verdict is None:
-        return
-    man["status"] = FAILED_QUARANTINE
-    man["failure"] = verdict
-    storage.write_json(manifest_uri, man, storage_options)
-    raise QuarantineLimitExceeded(verdict["message"])
+    if verdict is not None:
+        man["status"] = FAILED_QUARANTINE
+        man["failure"] = verdict
+    return verdict

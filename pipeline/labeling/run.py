@@ -203,10 +203,12 @@ def execute(plan: RunPlan, lease: run_lease.RunLease | None = None) -> dict:
         "lease": _lease_record(lease),
     }
     man = plan.manifest(new_markers, time.time() - t0, {**steady, **faults}, storage.versions())
+    verdict = mf.judge_quarantine(man, cfg.max_quarantine_fraction)  # before the one write
     storage.write_json(storage.join(run_dir, mf.MANIFEST), man, so)
     for warning in mf.unused_label_warnings(man["sources"]):
         _say(warning)
-    mf.enforce_quarantine_limit(man, cfg.max_quarantine_fraction, storage.join(run_dir, mf.MANIFEST), so)
+    if verdict is not None:
+        raise mf.QuarantineLimitExceeded(verdict["message"])
     return man
 
 
