@@ -46,7 +46,6 @@ def _path_of(backbone: dict | str) -> str:
 def reachable(key: str, uri: str, storage_options: dict | None) -> list[str]:
     """An output location that cannot even be listed (unreachable store, refused credentials) is an
     error naming its key; one that does not exist yet is fine (the job creates it)."""
-
     try:
         storage.exists(uri, storage_options)
     except Exception as e:  # noqa: BLE001 - any store error: say which key

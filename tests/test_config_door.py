@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from label_fixtures import REPO, SHARED, label_config, write_yaml
+from s3_faults import FaultPlan, FaultProxy, fault_total
 
 from pipeline.labeling import manifest as mf
 from pipeline.labeling.config import SCHEMA, ConfigError, LabelConfig, parse_config
@@ -390,48 +391,22 @@ def test_label_check_names_an_unreachable_output(tmp_path, capsys):
     assert "output: cannot reach s3://bucket/labels:" in err
 
 
-def test_the_check_probes_a_store_briefly_and_the_job_keeps_its_retries(tmp_path, capsys):
+def test_the_check_probes_a_store_briefly_and_the_job_keeps_its_retries(tmp_path, capsys, s3_server):
     """A check gives an unreachable S3 endpoint two attempts a call (storage.S3_PROBE_DEFAULTS), not
-    the job's eight with backoff: an endpoint that accepts and hangs up counts the connections."""
-    import socket
-    import threading
-
+    the job's eight with backoff: behind the fault proxy every request is reset, and counted."""
     from pipeline import storage
 
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(16)
-    srv.settimeout(0.2)
-    accepted = []
-    stop = threading.Event()
-
-    def serve():
-        while not stop.is_set():
-            try:
-                conn, _ = srv.accept()
-            except TimeoutError:
-                continue
-            accepted.append(1)
-            conn.close()  # hang up before any response: botocore retries this
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    endpoint = f"http://127.0.0.1:{srv.getsockname()[1]}"
-    try:
-        so = {"endpoint_url": endpoint, "key": "k", "secret": "s"}
-        cfg = _label_cfg(tmp_path, output="s3://bucket/labels", storage_options=so)
+    with FaultProxy(s3_server.endpoint_url, FaultPlan(rate=1.0, kinds=("reset",))) as proxy:
+        so = {**s3_server.storage_options, "endpoint_url": proxy.url}
+        cfg = _label_cfg(tmp_path, output=f"{s3_server.make_bucket('probe')}/labels", storage_options=so)
         rc, _, err = _main("jobs.label", ["--config", str(write_yaml(tmp_path / "job.yaml", cfg)), "--check"], capsys)
-    finally:
-        stop.set()
-        t.join()
-        srv.close()
-    assert rc == 2 and "output: cannot reach s3://bucket/labels:" in err
-    # The fault landed, and was retried within the probe's policy: s3fs's exists() makes a few
-    # calls of two attempts each here (18-30 connections seen); the job's eight attempts per call
-    # made 90 connections over four minutes of backoff.
-    assert 2 <= len(accepted) <= 45, len(accepted)
+        resets = fault_total(proxy.counts(), "reset")
+    assert rc == 2 and "output: cannot reach s3://probe-" in err
+    # The fault landed, and was retried within the probe's policy: the check's few S3 calls got
+    # two attempts each (6 resets seen). The job's policy gives each call eight, with backoff (an
+    # endpoint that hangs up took 90 connections over four minutes in one exists()).
+    assert 2 <= resets <= 8, resets
     # The policies as resolved: the probe's inside a check, the job's outside, given options win.
-    so = {"endpoint_url": endpoint}
     with storage.probing():
         assert storage.store("s3://b/x", so).options["config_kwargs"]["retries"]["max_attempts"] == 2
         given = {**so, "config_kwargs": {"retries": {"max_attempts": 4}}}
