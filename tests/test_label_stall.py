@@ -43,3 +43,55 @@ def test_run_that_cannot_start_its_pool_fails_with_the_missing_resource(tmp_path
     assert "scoring pool short of its minimum: 0 of 1 actor(s) alive" in proc.stdout
     assert time.monotonic() - t0 < 300
     assert not (tmp_path / "labels" / "t1" / "manifest.json").exists()
+
+
+def test_a_pool_that_finished_is_not_reported_short_but_one_that_cannot_start_is():
+    """Ray Data releases its pool's actors once scoring has no more input while the writes downstream
+    still commit; the progress line said "0 of 1 alive" then (seen in `make demo`). A real pipeline:
+    the scoring pool finishes early, a slow write stage keeps going, and the watch is read from it."""
+    import threading
+
+    import ray
+
+    from pipeline.labeling.watch import PoolWatch
+
+    class Scorer:
+        def __call__(self, batch):
+            return batch
+
+    def slow_write(batch):
+        time.sleep(0.5)
+        return batch
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        watch = PoolWatch(minimum=1, needs={"CPU": 1})
+        ds = ray.data.range(24, override_num_blocks=12).map_batches(Scorer, compute=ray.data.ActorPoolStrategy(size=1))
+        seen_during = []
+        for _batch in ds.map_batches(slow_write, batch_size=2).iter_batches(batch_size=2):
+            seen_during.append((watch.actor_states(), watch.status()))
+        states, line = watch.actor_states(), watch.status()
+        assert states["RELEASED"] == 1 and not states.get("ALIVE"), states
+        assert line is None
+        # read while writes were still coming out, after the pool let its actor go: no line then either
+        assert sum(s.get("RELEASED") == 1 and ln is None for s, ln in seen_during[:-1]) >= 1, seen_during
+
+        # A pool in the same job whose actor cannot start is still short, beside the released one.
+        class Stuck:
+            def __init__(self):
+                time.sleep(600)  # never becomes ALIVE: the pool waits
+
+            def __call__(self, batch):
+                return batch
+
+        stuck = ray.data.range(4).map_batches(Stuck, compute=ray.data.ActorPoolStrategy(size=1))
+        it = iter(stuck.iter_batches())
+        threading.Thread(target=lambda: next(it, None), daemon=True).start()
+        deadline = time.monotonic() + 60
+        while not watch.actor_states().get("PENDING_CREATION") and time.monotonic() < deadline:
+            time.sleep(0.5)
+        now = watch.actor_states()
+        assert now["PENDING_CREATION"] == 1 and now["RELEASED"] == 1, now
+        assert watch.status().startswith("scoring pool short of its minimum: 0 of 1 actor(s) alive, 1 being created")
+    finally:
+        ray.shutdown()

@@ -23,6 +23,11 @@ WAITING_STATES = {
 }
 
 
+# Why a dead actor died, in the GCS table's DeathCause text: Ray Data drops (or kills) its pool's
+# actors once the scoring operator has no more input, so these mean "done", not "lost".
+RELEASED_REASONS = ("reason: REF_DELETED", "reason: RAY_KILL")
+
+
 class Stalled(RuntimeError):
     """The run made no progress for stall_timeout_s."""
 
@@ -33,19 +38,19 @@ class PoolWatch:
     needs: dict[str, float]  # what one scoring actor asks for (CPU, GPU, custom resources)
 
     def actor_states(self) -> Counter:
-        """State -> count of this job's Ray Data actors (the scoring pool's; the job has no others)."""
+        """State -> count of this job's Ray Data actors (the scoring pool's; the job has no others).
+        Dead ones count as RELEASED when the pool let them go, and are left out otherwise."""
         import ray
         from ray._private import state
 
         job = ray.get_runtime_context().get_job_id()
         states: Counter = Counter()
         for info in state.actors().values():
-            if (
-                info.get("JobID") == job
-                and info.get("State") != "DEAD"
-                and "MapWorker" in info.get("ActorClassName", "")
-            ):
-                states[info["State"]] += 1
+            if info.get("JobID") == job and "MapWorker" in info.get("ActorClassName", ""):
+                if info.get("State") != "DEAD":
+                    states[info["State"]] += 1
+                elif any(r in str(info.get("DeathCause", "")) for r in RELEASED_REASONS):
+                    states["RELEASED"] += 1
         return states
 
     def resources(self) -> dict[str, tuple[float, float]]:
@@ -62,7 +67,7 @@ class PoolWatch:
         except Exception as e:  # noqa: BLE001 - diagnosis only
             return f"scoring pool state unknown ({type(e).__name__})"
         alive = states.get("ALIVE", 0)
-        if alive >= self.minimum:
+        if alive >= self.minimum or pool_finished(states):
             return None
         return f"scoring pool short of its minimum: {alive} of {self.minimum} actor(s) alive{self._waiting(states)}"
 
@@ -86,7 +91,9 @@ class PoolWatch:
             return f"no unit committed for {idle_s:.0f}s (the cluster's actor table could not be read: {e})"
         alive = states.get("ALIVE", 0)
         msg = f"no unit committed for {idle_s:.0f}s (stall_timeout_s): scoring actors {dict(states) or 'none'}"
-        if alive < self.minimum:
+        if pool_finished(states):
+            msg += "; the scoring pool has finished, so a write or commit downstream is stuck or very slow"
+        elif alive < self.minimum:
             msg += (
                 f"; the pool waits for its minimum of {self.minimum} (resources.actors){self._waiting(states)}. "
                 f"Free the resources (another job may hold them), add nodes, or give resources.actors as "
@@ -99,3 +106,9 @@ class PoolWatch:
                 "single calls legitimately take this long"
             )
         return msg
+
+
+def pool_finished(states: Counter) -> bool:
+    """The pool has done its share: every actor it had was released, none is starting or restarting
+    (the writes downstream may still be committing). A pool that lost actors has some waiting."""
+    return states.get("RELEASED", 0) > 0 and not any(states.get(s) for s in ("ALIVE", *WAITING_STATES))
