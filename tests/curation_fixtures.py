@@ -235,6 +235,9 @@ def load_units(run_dir: Path):
     return pq.read_table(run_dir / "data").to_pandas()
 
 
+OASST_TREES = 20
+
+
 @pytest.fixture(scope="session")
 def labeled_run(smollm2_heads, tmp_path_factory) -> Path:
     """A run written by the real labeling job (SmolLM2 + heads trained on real data) over real
@@ -242,13 +245,18 @@ def labeled_run(smollm2_heads, tmp_path_factory) -> Path:
     from label_fixtures import SHARED, label_config, run_module, write_yaml
 
     tmp = tmp_path_factory.mktemp("labeled_for_curation")
+    # The first OASST trees as they are in the shared file: its long replies are most of a CPU run's
+    # cost, and a limit on rows does not cut a file of 43 trees; 20 trees still give 119 best-of-N units.
+    oasst = tmp / "oasst_first_trees.jsonl"
+    with open(SHARED / "oasst" / "en_100_message.jsonl") as f:
+        oasst.write_text("".join(line for _, line in zip(range(OASST_TREES), f)))
     inputs = [
         {"path": str(SHARED / "hh-rlhf" / "harmless-base-test.jsonl.gz"), "format": "hh_rlhf"},
         {"path": str(SHARED / "pandalm" / "testset-v1.json"), "format": "pandalm"},
-        {"path": str(SHARED / "oasst" / "en_100_message.jsonl"), "format": "oasst_best_of_n"},
+        {"path": str(oasst), "format": "oasst_best_of_n", "source": "oasst"},
     ]
     cfg = label_config(
-        tmp, smollm2_heads, inputs, run_id="real", limit_rows_per_input=90, resources={"rows_per_shard": 16}
+        tmp, smollm2_heads, inputs, run_id="real", limit_rows_per_input=60, resources={"rows_per_shard": 16}
     )
     run_module("jobs.label", "--config", str(write_yaml(tmp / "job.yaml", cfg)))
     return tmp / "labels" / "real"

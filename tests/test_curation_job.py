@@ -171,7 +171,7 @@ def test_rerank_top_k_order_and_agreement(ray_session, any_run, tmp_path):
         assert g["unit_id"].tolist() == expected["unit_id"].tolist()
         assert g["rank"].tolist() == list(range(len(g)))
         assert (g["n_candidates"] == sizes[pid]).all()
-    assert man["agreement"]["groups_ranked"] == agreement_over_prompts(bon).groups_ranked > 50
+    assert man["agreement"]["groups_ranked"] == agreement_over_prompts(bon).groups_ranked > 30  # not a trivial few
     assert man["agreement"]["top1_hits"] == agreement_over_prompts(bon).top1_hits
     assert man["agreement"]["mean_kendall_tau_b"] == pytest.approx(
         agreement_over_prompts(bon).to_dict()["mean_kendall_tau_b"]
