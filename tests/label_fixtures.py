@@ -31,6 +31,21 @@ def small_inputs() -> list[dict]:
     ]
 
 
+def first_lines(src: Path, n: int, out: Path) -> Path:
+    """The first n records of a JSON-lines file, as they are (a real file, cut short): a row limit
+    cannot shorten a few long OASST trees, whose replies are most of a CPU run's cost."""
+    with open(src) as f:
+        out.write_text("".join(line for _, line in zip(range(n), f)))
+    return out
+
+
+def kill_test_inputs(tmp: Path) -> list[dict]:
+    """More shards of short LLMBar rows and four OASST trees: runs long enough to be killed mid-way."""
+    oasst = first_lines(SHARED / "oasst" / "en_100_message.jsonl", 4, tmp / "oasst_first_trees.jsonl")
+    llmbar, _ = small_inputs()
+    return [llmbar, {"path": str(oasst), "format": "oasst_best_of_n", "source": "oasst"}]
+
+
 def write_yaml(path: Path, data: dict) -> Path:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path

@@ -20,7 +20,17 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from label_fixtures import REPO, SHARED, label_config, manifest, read_output, run_module, small_inputs, write_yaml
+from label_fixtures import (
+    REPO,
+    SHARED,
+    kill_test_inputs,
+    label_config,
+    manifest,
+    read_output,
+    run_module,
+    small_inputs,
+    write_yaml,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -234,7 +244,7 @@ def _markers(run_dir: Path) -> list[Path]:
 
 
 def test_killed_driver_then_rerun_completes_without_duplicates(tmp_path, smollm2_heads):
-    cfg = label_config(tmp_path, smollm2_heads, limit_rows_per_input=24)
+    cfg = label_config(tmp_path, smollm2_heads, kill_test_inputs(tmp_path), limit_rows_per_input=40)
     path = write_yaml(tmp_path / "job.yaml", cfg)
     run_dir = tmp_path / "labels" / "t1"
     proc = _start_job(path)
@@ -248,14 +258,14 @@ def test_killed_driver_then_rerun_completes_without_duplicates(tmp_path, smollm2
     assert 0 < man["shards_this_attempt"] < man["shards"]
     assert man["shards"] - man["shards_this_attempt"] >= committed
     ids, _, q_later = outcome(run_dir)
-    good, _ = expected_units(cfg["inputs"], 24)
+    good, _ = expected_units(cfg["inputs"], 40)
     assert len(ids) == len(set(ids)) and set(ids) | q_later == good
 
 
 def test_killed_scoring_actor_is_replaced_and_rows_appear_once(tmp_path, smollm2_heads):
     import psutil
 
-    cfg = label_config(tmp_path, smollm2_heads, limit_rows_per_input=24)
+    cfg = label_config(tmp_path, smollm2_heads, kill_test_inputs(tmp_path), limit_rows_per_input=40)
     path = write_yaml(tmp_path / "job.yaml", cfg)
     run_dir = tmp_path / "labels" / "t1"
     proc = _start_job(path)
@@ -299,7 +309,7 @@ def test_killed_scoring_actor_is_replaced_and_rows_appear_once(tmp_path, smollm2
     assert proc.returncode == 0, out[-5000:]
     man = manifest(run_dir)
     ids, _, q_later = outcome(run_dir)
-    good, _ = expected_units(cfg["inputs"], 24)
+    good, _ = expected_units(cfg["inputs"], 40)
     # The kill hit a scoring call in progress, and with one actor in the pool every shard committed
     # after it was scored by the replacement.
     assert victims and replacements and len(_markers(run_dir)) > committed_at_kill
