@@ -4,7 +4,8 @@
 
 The result (config.json with the ArmoRM keys, sharded safetensors, the tokenizer with a dedicated
 pad token) loads wherever the released checkpoint loads, and a labeling job scores with it through
-`model.armorm_checkpoint`. Only Llama-architecture backbones fit that layout. `--out` may be an
+`model.armorm_checkpoint`. An ensemble trained beside the heads (`heads.ensemble: K`) travels in
+`<out>/ensemble/`. Only Llama-architecture backbones fit that layout. `--out` may be an
 s3:// URI (credentials and endpoint from the usual AWS environment variables).
 """
 
@@ -18,8 +19,10 @@ import torch
 
 from pipeline import storage
 from pipeline.embed.backbone import BackboneSpec, load_backbone
-from pipeline.embed.checkpoint import export_armorm_checkpoint
+from pipeline.embed.checkpoint import checkpoint_fingerprint, export_armorm_checkpoint, load_armorm_checkpoint
 from pipeline.heads.checkpoint import CheckpointError
+from pipeline.heads.ensemble import DIRECTORY as ENSEMBLE_DIRECTORY
+from pipeline.heads.ensemble import EnsembleError, load_beside
 from pipeline.heads.model import ArmoHeads
 
 
@@ -43,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
             shard_size=args.shard_size_mb * 1024**2,
             dtype=getattr(torch, args.dtype) if args.dtype else None,
         )
-    except CheckpointError as e:
+        carried = carry_ensemble(args.heads, heads, backbone.fingerprint, out)
+    except (CheckpointError, EnsembleError) as e:
         print(f"cannot export: {e}", file=sys.stderr)
         return 2
     config = json.loads(storage.read_bytes(storage.join(out, "config.json")))
@@ -55,10 +59,27 @@ def main(argv: list[str] | None = None) -> int:
                 "heads_fingerprint": heads.fingerprint,
                 "pad_token_id": config["pad_token_id"],
                 "vocab_size": config["vocab_size"],
+                "ensemble": carried,
             }
         )
     )
     return 0
+
+
+def carry_ensemble(heads_dir: str, heads: ArmoHeads, backbone_fingerprint: str, out: str) -> dict | None:
+    """An ensemble trained beside the heads goes into `<out>/ensemble/`, bound to the checkpoint's
+    ids (its heads' fingerprint and the checkpoint fingerprint a labeling run reports), so a run on
+    `model.armorm_checkpoint` writes score_mean / score_std / score_min as the heads' run did."""
+    ensemble = load_beside(heads_dir)
+    if ensemble is None:
+        return None
+    # trained beside these heads, on this backbone's embeddings (else the spread means nothing here)
+    ensemble.check(heads.fingerprint, backbone_fingerprint, f"{heads_dir}/{ENSEMBLE_DIRECTORY}")
+    _, weights, exported = load_armorm_checkpoint(out)
+    bound = ensemble.bound_to(
+        exported.fingerprint, checkpoint_fingerprint(weights.directory, exported), why="jobs.export_armorm"
+    )
+    return {"size": bound.size, "fingerprint": bound.save(storage.join(out, ENSEMBLE_DIRECTORY))}
 
 
 if __name__ == "__main__":

@@ -96,6 +96,17 @@ ENSEMBLE_COLUMNS = ("score_mean", "score_std", "score_min")
 RATING_PREFIX = "rating_"  # per-objective absolute rating from the regression head (r)
 DEBIASED_PREFIX = "debiased_"  # the same after verbosity debiasing (r · T): what the score combines
 GATE_PREFIX = "gate_"  # per-objective gate weight (sums to the learned scale beta)
+# With an ensemble: per objective, the members' mean and sample standard deviation of the rating r
+# (null without one). Not under "rating_": readers that take every rating_* column get ratings only.
+ENSEMBLE_RATING_MEAN_PREFIX = "ensemble_rating_mean_"
+ENSEMBLE_RATING_STD_PREFIX = "ensemble_rating_std_"
+PER_OBJECTIVE_PREFIXES = (
+    RATING_PREFIX,
+    DEBIASED_PREFIX,
+    GATE_PREFIX,
+    ENSEMBLE_RATING_MEAN_PREFIX,
+    ENSEMBLE_RATING_STD_PREFIX,
+)
 EMBEDDING_FIELDS = [("embedding", pa.list_(pa.float32())), ("prompt_embedding", pa.list_(pa.float32()))]
 
 QUARANTINE_FIELDS = [
@@ -119,9 +130,7 @@ def objective_column(prefix: str, objective: str) -> str:
 
 def output_schema(objectives: list[str], with_embeddings: bool = False) -> pa.Schema:
     fields = list(OUTPUT_FIXED_FIELDS)
-    fields += [(objective_column(RATING_PREFIX, o), pa.float32()) for o in objectives]
-    fields += [(objective_column(DEBIASED_PREFIX, o), pa.float32()) for o in objectives]
-    fields += [(objective_column(GATE_PREFIX, o), pa.float32()) for o in objectives]
+    fields += [(objective_column(prefix, o), pa.float32()) for prefix in PER_OBJECTIVE_PREFIXES for o in objectives]
     if with_embeddings:
         fields += EMBEDDING_FIELDS
     return pa.schema(fields)

@@ -132,6 +132,33 @@ def test_dpo_uncertainty_rule_matches_the_brute_force(ray_session, labeled_run, 
     assert uncertain > 0 and len(expect) > 0  # the rule bites on real scores, and leaves pairs
 
 
+def test_sft_on_an_objectives_ensemble_spread_matches_the_brute_force(ray_session, labeled_run, tmp_path):
+    """Keep the units whose members agree on harmlessness (its rating spread at most the run's
+    median spread), the per-objective ensemble columns a filter reaches with `field: rating_std`."""
+    units = _units(labeled_run)
+    col = "ensemble_rating_std_hh_rlhf_harmlessness"
+    stds = sorted(_f(u[col]) for u in units.values() if not math.isnan(_f(u[col])))
+    assert len(stds) == len(units) and len(set(stds)) > len(stds) // 2  # real, distinct spreads
+    cut = stds[len(stds) // 2]
+    out = tmp_path / "sft"
+    man = run(
+        parse_config(
+            {
+                "task": "sft",
+                "run": str(labeled_run),
+                "output": str(out),
+                "output_files": 2,
+                "filters": [{"objective": "hh_rlhf.harmlessness", "field": "rating_std", "max": cut}],
+            }
+        )
+    )
+    got = pq.read_table(out / "data").column("unit_id").to_pylist()
+    expect = [uid for uid, u in units.items() if u["preference"] != "rejected" and _f(u[col]) <= cut]
+    assert len(got) == len(set(got)) and sorted(got) == sorted(expect)
+    dropped = sum(1 for u in units.values() if u["preference"] != "rejected" and _f(u[col]) > cut)
+    assert man["filters"][0]["removed"] == dropped > 0
+
+
 def test_conservative_rerank_matches_the_brute_force(ray_session, labeled_run, tmp_path):
     units = _units(labeled_run)
     out = tmp_path / "rerank"

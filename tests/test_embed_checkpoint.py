@@ -10,6 +10,7 @@ SmolLM2 weights are exported and checked in test_embed_checkpoint_smollm2.py."""
 import json
 import pathlib
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -499,3 +500,35 @@ def test_a_checkpoint_without_tokenizer_files_is_refused(exported, tmp_path):
     load_armorm_checkpoint(str(copy))  # heads and weights alone read fine
     with pytest.raises(CheckpointError, match="no tokenizer files"):
         checkpoint_backbone(str(copy), device="cpu")
+
+
+def test_an_export_carries_the_heads_ensemble_bound_to_the_checkpoint(exported, heads, tmp_path):
+    """jobs.export_armorm's carry step on a written checkpoint: the ensemble trained beside the heads
+    lands in <ckpt>/ensemble/ and passes the check a labeling run on the checkpoint makes; one
+    trained beside other heads, or on another backbone, is refused."""
+    from jobs.export_armorm import carry_ensemble
+    from pipeline.heads.ensemble import EnsembleError, HeadsEnsemble, load_beside
+
+    ckpt = tmp_path / "armo"
+    shutil.copytree(exported, ckpt)
+    heads_dir = tmp_path / "heads"
+    heads.save(str(heads_dir))
+    members = [make_heads(seed=s) for s in (1, 2, 3)]
+    records = [{"bootstrap_seed": s, "gating_seed": s} for s in (1, 2, 3)]
+    HeadsEnsemble(members, records, heads.fingerprint, "bb-1").save(str(heads_dir / "ensemble"))
+
+    with pytest.raises(EnsembleError, match="backbone"):
+        carry_ensemble(str(heads_dir), heads, "bb-2", str(ckpt))
+    other = make_heads(seed=9)
+    with pytest.raises(EnsembleError, match="beside heads"):
+        carry_ensemble(str(heads_dir), other, "bb-1", str(ckpt))
+    assert not (ckpt / "ensemble").exists()
+
+    carried = carry_ensemble(str(heads_dir), heads, "bb-1", str(ckpt))
+    backbone, ckpt_heads = checkpoint_backbone(str(ckpt), device="cpu")
+    bound = load_beside(str(ckpt))
+    assert carried == {"size": 3, "fingerprint": bound.fingerprint}
+    bound.check(ckpt_heads.fingerprint, backbone.fingerprint)  # what EmbedScoreStage checks
+    assert backbone.fingerprint == checkpoint_fingerprint(str(exported), ckpt_heads)  # the ensemble left it alone
+    x = np.random.default_rng(0).normal(size=(4, H)).astype(np.float32)
+    np.testing.assert_array_equal(bound.member_scores(x, x), np.column_stack([m.score(x, x).score for m in members]))

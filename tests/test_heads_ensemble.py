@@ -127,6 +127,24 @@ def test_ensemble_checks_heads_and_backbone(trained):
         e.check("f" * 64, "bb-1")
 
 
+def test_an_ensemble_bound_to_an_export_keeps_its_members_and_says_where_it_came_from(trained, tmp_path):
+    e = trained.ensemble
+    b = e.bound_to("c" * 64, "ckpt-1", why="jobs.export_armorm")
+    assert [m.fingerprint for m in b.members] == [m.fingerprint for m in e.members] and b.records == e.records
+    assert b.fingerprint != e.fingerprint
+    b.check("c" * 64, "ckpt-1")
+    with pytest.raises(ens.EnsembleError, match="beside heads"):
+        b.check(trained.heads.fingerprint, "ckpt-1")  # no longer the trained heads' ids
+    b.save(str(tmp_path / "bound"))
+    back = ens.HeadsEnsemble.load(str(tmp_path / "bound"))
+    assert back.fingerprint == b.fingerprint
+    assert back.metadata["bound_from"] == {
+        "primary_fingerprint": trained.heads.fingerprint,
+        "backbone_fingerprint": "bb-1",
+        "why": "jobs.export_armorm",
+    }
+
+
 def test_ensemble_errors_are_clear(monkeypatch):
     small = _units(n_rated=4, n_pairs=4, n_groups=0)
     with pytest.raises(ens.EnsembleError, match="need at least 10 distinct training prompts"):

@@ -188,8 +188,9 @@ def test_scores_equal_a_direct_computation(small_run, smollm2_heads):
 
 
 def test_exported_armorm_checkpoint_scores_like_backbone_plus_heads(small_run, smollm2_heads):
-    """Heads + SmolLM2 exported to the released layout (jobs.export_armorm), then the same job with
-    `model.armorm_checkpoint`: the same scores, through the same embedding engine."""
+    """Heads + SmolLM2 (+ the heads' 3-member ensemble) exported to the released layout
+    (jobs.export_armorm), then the same job with `model.armorm_checkpoint`: the same scores and
+    ensemble spreads, through the same embedding engine."""
     tmp = small_run["tmp"]
     ckpt = tmp / "armorm"
     run_module("jobs.export_armorm", "--heads", smollm2_heads, "--backbone", "smollm2", "--out", str(ckpt))
@@ -205,6 +206,11 @@ def test_exported_armorm_checkpoint_scores_like_backbone_plus_heads(small_run, s
     ours = ours[ours["source"] == "llmbar"]
     assert list(theirs.index) == list(ours.index) and len(ours) > 0
     np.testing.assert_allclose(theirs["score"], ours["score"], rtol=1e-4, atol=1e-5)
+    # the heads' ensemble travelled with the export (<ckpt>/ensemble/): the same spread columns
+    assert (ckpt / "ensemble" / "ensemble.json").exists()
+    for col in ("score_mean", "score_std", "score_min", "ensemble_rating_std_hh_rlhf_harmlessness"):
+        assert theirs[col].notna().all() and ours[col].notna().all(), col
+        np.testing.assert_allclose(theirs[col], ours[col], rtol=1e-3, atol=1e-5, err_msg=col)
     assert (
         theirs["heads_fingerprint"].nunique() == 1
         and theirs["heads_fingerprint"].iloc[0] != ours["heads_fingerprint"].iloc[0]

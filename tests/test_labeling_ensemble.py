@@ -1,6 +1,7 @@
-"""The score stage with an ensemble saved beside the heads: score_mean / score_std / score_min from
-the same embeddings in the same backbone pass, declared like every other column; an ensemble of
-other heads or another backbone is refused."""
+"""The score stage with an ensemble saved beside the heads: score_mean / score_std / score_min and the
+per-objective ensemble_rating_mean_* / ensemble_rating_std_* from the same embeddings in the same
+backbone pass, declared like every other column; an ensemble of other heads or another backbone is
+refused."""
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -60,6 +61,17 @@ def test_ensemble_columns_come_from_the_same_pass(shard, tmp_path, monkeypatch):
         assert scored.column("score_mean")[i].as_py() == pytest.approx(mean, rel=1e-5, abs=1e-6)
         assert scored.column("score_std")[i].as_py() == pytest.approx(std, rel=1e-4, abs=1e-6)
         assert scored.column("score_min")[i].as_py() == pytest.approx(min(vals), rel=1e-5, abs=1e-6)
+    # per objective, the members' ratings r (x · w_j of each member), by loops here
+    for j, obj in enumerate(objectives):
+        w = [np.asarray(m.regression_weight[j], np.float64) for m in ens.members]
+        for row, i in enumerate(good):
+            vals = [float(X[row].astype(np.float64) @ wm) for wm in w]
+            mean = sum(vals) / len(vals)
+            std = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
+            got_mean = scored.column(schema.objective_column(schema.ENSEMBLE_RATING_MEAN_PREFIX, obj))[i].as_py()
+            got_std = scored.column(schema.objective_column(schema.ENSEMBLE_RATING_STD_PREFIX, obj))[i].as_py()
+            assert got_mean == pytest.approx(mean, rel=1e-4, abs=1e-5)
+            assert got_std == pytest.approx(std, rel=1e-3, abs=1e-5) and std > 0
     # the primary score is the primary heads' own, not the ensemble's
     primary = ArmoHeads.load(heads_dir).score(X, P).score
     np.testing.assert_allclose([scored.column("score")[i].as_py() for i in good], primary, rtol=1e-6)
@@ -72,7 +84,9 @@ def test_heads_without_ensemble_write_null_uncertainty(shard, tmp_path):  # noqa
     heads = _heads(0)
     heads.save(str(tmp_path / "h"))
     _, scored, _ = _label(shard, tmp_path / "out", backbone=SMOL, heads=str(tmp_path / "h"))
-    for c in schema.ENSEMBLE_COLUMNS:
+    ensemble_ratings = [c for c in scored.column_names if c.startswith("ensemble_rating_")]
+    assert len(ensemble_ratings) == 2 * K
+    for c in (*schema.ENSEMBLE_COLUMNS, *ensemble_ratings):
         assert scored.column(c).null_count == scored.num_rows
 
 

@@ -1,6 +1,7 @@
 """Row filters over annotated units: absolute cut-offs and quantile cut-offs fitted on the whole run.
 
-A filter names one column (or an objective with `field: rating | debiased | gate`, default rating,
+A filter names one column (or an objective with `field: rating | debiased | gate | rating_mean |
+rating_std`, default rating,
 resolved to that column) and exactly one rule:
 
     min: v             keep value >= v
@@ -38,7 +39,13 @@ from pipeline import schema
 
 RULES = ("min", "max", "above_quantile", "below_quantile", "top", "bottom")
 QUANTILE_RULES = ("above_quantile", "below_quantile", "top", "bottom")
-OBJECTIVE_FIELDS = {"rating": schema.RATING_PREFIX, "debiased": schema.DEBIASED_PREFIX, "gate": schema.GATE_PREFIX}
+OBJECTIVE_FIELDS = {
+    "rating": schema.RATING_PREFIX,
+    "debiased": schema.DEBIASED_PREFIX,
+    "gate": schema.GATE_PREFIX,
+    "rating_mean": schema.ENSEMBLE_RATING_MEAN_PREFIX,  # with an ensemble: the members' mean rating
+    "rating_std": schema.ENSEMBLE_RATING_STD_PREFIX,  # ... and their spread (e.g. `max:` keeps the sure ones)
+}
 
 
 class FilterError(ValueError):

@@ -4,7 +4,8 @@ resamples of the training prompts, whose disagreement says how far to trust a sc
 The backbone is frozen and its embeddings are cached, so a member costs one heads fit and scoring
 it costs no backbone pass. The primary heads (fitted on all the data) stay the model that gives
 `score`; the ensemble adds, per unit, the mean, the standard deviation and the minimum of its
-members' scores (`score_mean`, `score_std`, `score_min` in the labeling output).
+members' scores (`score_mean`, `score_std`, `score_min` in the labeling output), and per objective
+the mean and standard deviation of their ratings (`ensemble_rating_mean_*`, `ensemble_rating_std_*`).
 
 Resampling is by prompt: a resample draws as many prompts as the training split holds, with
 replacement; every unit of a drawn prompt counts once per draw (its multiplicity). Units of one
@@ -112,6 +113,13 @@ def spread(member_scores) -> Spread:
 
 
 @dataclass
+class EnsembleOutputs:
+    score: Spread
+    rating_mean: np.ndarray  # N×O, per objective (the heads' order)
+    rating_std: np.ndarray  # N×O, sample standard deviation (ddof 1) over the members
+
+
+@dataclass
 class HeadsEnsemble:
     members: list[ArmoHeads]
     records: list[dict]  # per member: bootstrap_seed, gating_seed, distinct_prompts, units_drawn
@@ -145,6 +153,15 @@ class HeadsEnsemble:
     def score(self, response_emb, prompt_emb) -> Spread:
         return spread(self.member_scores(response_emb, prompt_emb))
 
+    def outputs(self, response_emb, prompt_emb) -> EnsembleOutputs:
+        """The score's spread and, per objective, the mean and sample standard deviation of the
+        members' ratings (the regression heads' r), from one run of each member."""
+        outs = [m.score(response_emb, prompt_emb) for m in self.members]
+        ratings = np.stack([np.asarray(o.rewards, np.float64) for o in outs], axis=1)  # N×K×O
+        return EnsembleOutputs(
+            spread(np.column_stack([o.score for o in outs])), ratings.mean(axis=1), ratings.std(axis=1, ddof=1)
+        )
+
     def check(self, heads_fingerprint: str | None, backbone_fingerprint: str | None, where: str = "ensemble") -> None:
         """Refuse an ensemble trained beside other heads or on another backbone's embeddings."""
         if heads_fingerprint is not None and heads_fingerprint != self.primary_fingerprint:
@@ -157,6 +174,16 @@ class HeadsEnsemble:
                 f"{where}: fitted on embeddings of backbone {self.backbone_fingerprint[:12]}, but this run's "
                 f"backbone is {str(backbone_fingerprint)[:12]}"
             )
+
+    def bound_to(self, primary_fingerprint: str, backbone_fingerprint: str | None, why: str) -> HeadsEnsemble:
+        """The same members, bound to other ids of the same heads and embeddings: an ArmoRM export
+        of the heads it was trained beside (the checkpoint's heads and weights get new fingerprints).
+        The ids it was trained under are kept in its metadata."""
+        was = {"primary_fingerprint": self.primary_fingerprint, "backbone_fingerprint": self.backbone_fingerprint}
+        metadata = dict(self.metadata, bound_from=dict(was, why=why))
+        return HeadsEnsemble(
+            self.members, self.records, primary_fingerprint, backbone_fingerprint, self.ensemble_seed, metadata
+        )
 
     # --- persistence -----------------------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:

@@ -192,9 +192,7 @@ class EmbedScoreStage(Stage):
     @staticmethod
     def columns_written(objectives: list[str], embeddings: bool) -> tuple[str, ...]:
         per_objective = [
-            schema.objective_column(prefix, obj)
-            for obj in objectives
-            for prefix in (schema.RATING_PREFIX, DEBIASED_PREFIX, schema.GATE_PREFIX)
+            schema.objective_column(prefix, obj) for obj in objectives for prefix in schema.PER_OBJECTIVE_PREFIXES
         ]
         return (
             *per_objective,
@@ -222,6 +220,14 @@ class EmbedScoreStage(Stage):
                 self.model.armorm_checkpoint, storage_options=self.model.storage_options, **settings
             )
             self.heads_fingerprint = backbone.fingerprint  # one id for the checkpoint: weights + heads
+            # An export of heads trained with an ensemble carries it (jobs.export_armorm).
+            try:
+                self.ensemble = load_beside(self.model.armorm_checkpoint, self.model.storage_options)
+                if self.ensemble is not None:
+                    where = f"{self.model.armorm_checkpoint}/ensemble"
+                    self.ensemble.check(self.heads.fingerprint, backbone.fingerprint, where)
+            except EnsembleError as e:
+                raise StageError(str(e)) from e
         else:
             backbone = load_backbone(BackboneSpec.from_dict(self.model.backbone or {}))
             self.heads = None
@@ -230,7 +236,8 @@ class EmbedScoreStage(Stage):
             if self.model.heads:
                 self.heads = ArmoHeads.load(self.model.heads, self.model.storage_options)
                 self.heads_fingerprint = self.heads.fingerprint
-                # An ensemble saved beside the heads adds score_mean / score_std / score_min.
+                # An ensemble saved beside the heads adds score_mean / score_std / score_min and the
+                # per-objective ensemble_rating_mean_* / ensemble_rating_std_*.
                 try:
                     self.ensemble = load_beside(self.model.heads, self.model.storage_options)
                     if self.ensemble is not None:
@@ -261,6 +268,8 @@ class EmbedScoreStage(Stage):
         gates = np.full((n, k), np.nan, np.float32)
         score = np.full(n, np.nan, np.float32)
         spread = np.full((n, len(schema.ENSEMBLE_COLUMNS)), np.nan, np.float32)
+        rating_mean = np.full((n, k), np.nan, np.float32)
+        rating_std = np.full((n, k), np.nan, np.float32)
         emb = pemb = None
         computed = np.zeros(n, np.int64)
         useful = np.zeros(n, np.int64)
@@ -280,8 +289,9 @@ class EmbedScoreStage(Stage):
                 ratings[good], debiased[good] = out.rewards, out.debiased
                 gates[good], score[good] = out.gate, out.score
                 if self.ensemble is not None:  # the same embeddings: no extra backbone pass
-                    s = self.ensemble.score(e.response, e.prompt)
-                    spread[good] = np.column_stack([s.mean, s.std, s.min])
+                    ens = self.ensemble.outputs(e.response, e.prompt)
+                    spread[good] = np.column_stack([ens.score.mean, ens.score.std, ens.score.min])
+                    rating_mean[good], rating_std[good] = ens.rating_mean, ens.rating_std
                     for i in good[~np.isfinite(spread[good]).all(axis=1)]:
                         reasons[i], stages[i] = "non-finite ensemble score", "score"
                 for i in good[~np.isfinite(score[good])]:
@@ -291,6 +301,11 @@ class EmbedScoreStage(Stage):
             out_t = _set_column(out_t, schema.objective_column(schema.RATING_PREFIX, obj), _masked(ratings[:, j]))
             out_t = _set_column(out_t, schema.objective_column(DEBIASED_PREFIX, obj), _masked(debiased[:, j]))
             out_t = _set_column(out_t, schema.objective_column(schema.GATE_PREFIX, obj), _masked(gates[:, j]))
+            for prefix, values in (
+                (schema.ENSEMBLE_RATING_MEAN_PREFIX, rating_mean),
+                (schema.ENSEMBLE_RATING_STD_PREFIX, rating_std),
+            ):
+                out_t = _set_column(out_t, schema.objective_column(prefix, obj), _masked(values[:, j]))
         out_t = _set_column(out_t, "score", _masked(score))
         for j, name in enumerate(schema.ENSEMBLE_COLUMNS):
             out_t = _set_column(out_t, name, _masked(spread[:, j]))
