@@ -29,6 +29,14 @@ def ray_session():
     ray.shutdown()
 
 
+def curate(run_dir, out, task: str, output_files: int | None = 2, **cfg) -> dict:
+    """The curation job on the labeled run (None: the job's default number of output files)."""
+    cfg = {"task": task, "run": str(run_dir), "output": str(out), **cfg}
+    if output_files is not None:
+        cfg["output_files"] = output_files
+    return run(parse_config(cfg))
+
+
 def _units(run_dir) -> dict:
     """unit_id -> row (repeated unit_ids are identical content: one kept, and counted)."""
     out = {}
@@ -112,16 +120,8 @@ def test_dpo_uncertainty_rule_matches_the_brute_force(ray_session, labeled_run, 
     units = _units(labeled_run)
     assert all(not math.isnan(_f(u["score_std"])) and _f(u["score_std"]) > 0 for u in units.values())
     out = tmp_path / "dpo"
-    man = run(
-        parse_config(
-            {
-                "task": "dpo",
-                "run": str(labeled_run),
-                "output": str(out),
-                "output_files": 2,
-                "pairs": {"best_of_n": "best_worst", "preference": "flip", "min_margin_uncertainty": K},
-            }
-        )
+    man = curate(
+        labeled_run, out, "dpo", pairs={"best_of_n": "best_worst", "preference": "flip", "min_margin_uncertainty": K}
     )
     got = pq.read_table(out / "data").to_pylist()
     expect, dropped = reference_dpo(units)
@@ -141,16 +141,8 @@ def test_sft_on_an_objectives_ensemble_spread_matches_the_brute_force(ray_sessio
     assert len(stds) == len(units) and len(set(stds)) > len(stds) // 2  # real, distinct spreads
     cut = stds[len(stds) // 2]
     out = tmp_path / "sft"
-    man = run(
-        parse_config(
-            {
-                "task": "sft",
-                "run": str(labeled_run),
-                "output": str(out),
-                "output_files": 2,
-                "filters": [{"objective": "hh_rlhf.harmlessness", "field": "rating_std", "max": cut}],
-            }
-        )
+    man = curate(
+        labeled_run, out, "sft", filters=[{"objective": "hh_rlhf.harmlessness", "field": "rating_std", "max": cut}]
     )
     got = pq.read_table(out / "data").column("unit_id").to_pylist()
     expect = [uid for uid, u in units.items() if u["preference"] != "rejected" and _f(u[col]) <= cut]
@@ -162,16 +154,13 @@ def test_sft_on_an_objectives_ensemble_spread_matches_the_brute_force(ray_sessio
 def test_conservative_rerank_matches_the_brute_force(ray_session, labeled_run, tmp_path):
     units = _units(labeled_run)
     out = tmp_path / "rerank"
-    man = run(
-        parse_config(
-            {
-                "task": "rerank",
-                "run": str(labeled_run),
-                "output": str(out),
-                "rerank": {"top_k": 2, "kinds": ["best_of_n"], "order": "conservative"},
-                "conservative_lambda": LAM,
-            }
-        )
+    man = curate(
+        labeled_run,
+        out,
+        "rerank",
+        output_files=None,
+        rerank={"top_k": 2, "kinds": ["best_of_n"], "order": "conservative"},
+        conservative_lambda=LAM,
     )
     got = pq.read_table(out / "data").to_pylist()
     by_prompt: dict[str, list] = {}
