@@ -5,6 +5,7 @@
 rows of the --train sources only, and score the held-out rows of every source with the primary heads
 and the members. Reports, per source (trained on or not): pairs / units, mean_score_std, pairwise
 accuracy of all pairs and of the most confident half (by margin / uncertainty and by margin alone),
+mean_rating_std (the members' per-objective rating spread, averaged over objectives),
 and how different the members are (distinct fingerprints, the mean pairwise Pearson correlation of
 the members' scores, the mean std). The same numbers jobs.evaluate reports (pipeline.evaluation).
 
@@ -78,7 +79,9 @@ def proof(args) -> dict:
     X, P = embeddings_of(held)
     primary = result.heads.score(X, P).score.astype(np.float64)
     members = ens.member_scores(X, P).astype(np.float64)
-    spread = ens.score(X, P)
+    outs = ens.outputs(X, P)
+    spread = outs.score
+    rating_std = outs.rating_std.mean(axis=1)  # per unit, the members' rating spread averaged over objectives
     corr = np.corrcoef(members.T)
     iu = np.triu_indices(members.shape[1], 1)
     held_src = np.array(held.column("source").to_pylist(), dtype=object)
@@ -89,6 +92,7 @@ def proof(args) -> dict:
             "trained_on": s in args.train,
             "units": int((held_src == s).sum()),
             "mean_score_std": float(spread.std[held_src == s].mean()),
+            "mean_rating_std": float(rating_std[held_src == s].mean()),
         }
         sel = pairs.select(pairs.source == s)
         if len(sel):
