@@ -221,13 +221,7 @@ class EmbedScoreStage(Stage):
             )
             self.heads_fingerprint = backbone.fingerprint  # one id for the checkpoint: weights + heads
             # An export of heads trained with an ensemble carries it (jobs.export_armorm).
-            try:
-                self.ensemble = load_beside(self.model.armorm_checkpoint, self.model.storage_options)
-                if self.ensemble is not None:
-                    where = f"{self.model.armorm_checkpoint}/ensemble"
-                    self.ensemble.check(self.heads.fingerprint, backbone.fingerprint, where)
-            except EnsembleError as e:
-                raise StageError(str(e)) from e
+            self.ensemble = self._ensemble_beside(self.model.armorm_checkpoint, self.heads.fingerprint, backbone)
         else:
             backbone = load_backbone(BackboneSpec.from_dict(self.model.backbone or {}))
             self.heads = None
@@ -238,14 +232,7 @@ class EmbedScoreStage(Stage):
                 self.heads_fingerprint = self.heads.fingerprint
                 # An ensemble saved beside the heads adds score_mean / score_std / score_min and the
                 # per-objective ensemble_rating_mean_* / ensemble_rating_std_*.
-                try:
-                    self.ensemble = load_beside(self.model.heads, self.model.storage_options)
-                    if self.ensemble is not None:
-                        self.ensemble.check(
-                            self.heads_fingerprint, backbone.fingerprint, f"{self.model.heads}/ensemble"
-                        )
-                except EnsembleError as e:
-                    raise StageError(str(e)) from e
+                self.ensemble = self._ensemble_beside(self.model.heads, self.heads_fingerprint, backbone)
         self.engine = EmbeddingEngine(
             backbone,
             token_budget=self.model.token_budget,
@@ -255,6 +242,16 @@ class EmbedScoreStage(Stage):
         self.backbone_fingerprint = backbone.fingerprint
         if self.heads is not None and list(self.heads.objectives) != list(self.objectives):
             raise StageError(f"heads objectives {self.heads.objectives} != job objectives {self.objectives}")
+
+    def _ensemble_beside(self, directory: str, heads_fingerprint: str, backbone) -> HeadsEnsemble | None:
+        """The ensemble saved in `<directory>/ensemble/`, checked against these heads and backbone."""
+        try:
+            ensemble = load_beside(directory, self.model.storage_options)
+            if ensemble is not None:
+                ensemble.check(heads_fingerprint, backbone.fingerprint, f"{directory}/ensemble")
+            return ensemble
+        except EnsembleError as e:
+            raise StageError(str(e)) from e
 
     def process(self, batch: pa.Table) -> pa.Table:
         started = time.time()
@@ -297,14 +294,9 @@ class EmbedScoreStage(Stage):
                 for i in good[~np.isfinite(score[good])]:
                     reasons[i], stages[i] = "non-finite score", "score"
         out_t = batch
+        per_objective = dict(zip(schema.PER_OBJECTIVE_PREFIXES, (ratings, debiased, gates, rating_mean, rating_std)))
         for j, obj in enumerate(self.objectives):
-            out_t = _set_column(out_t, schema.objective_column(schema.RATING_PREFIX, obj), _masked(ratings[:, j]))
-            out_t = _set_column(out_t, schema.objective_column(DEBIASED_PREFIX, obj), _masked(debiased[:, j]))
-            out_t = _set_column(out_t, schema.objective_column(schema.GATE_PREFIX, obj), _masked(gates[:, j]))
-            for prefix, values in (
-                (schema.ENSEMBLE_RATING_MEAN_PREFIX, rating_mean),
-                (schema.ENSEMBLE_RATING_STD_PREFIX, rating_std),
-            ):
+            for prefix, values in per_objective.items():
                 out_t = _set_column(out_t, schema.objective_column(prefix, obj), _masked(values[:, j]))
         out_t = _set_column(out_t, "score", _masked(score))
         for j, name in enumerate(schema.ENSEMBLE_COLUMNS):
