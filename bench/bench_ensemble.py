@@ -3,7 +3,9 @@
 --proof (default): embed every labeled shared set once (an embed-only labeling run, cached under
 --embeddings), hold out 20 % of rows by row-id hash, train heads with `ensemble: K` on the training
 rows of the --train sources only, and score the held-out rows of every source with the primary heads
-and the members. Reports, per source (trained on or not): pairs / units, mean_score_std, pairwise
+and the members. Reports, per source (trained on or not): pairs / units, mean_score_std (relative
+to the prompt, as labeling writes it), mean_raw_score_std (the members' raw score spread, prompt
+level included), mean_margin_std (the members' spread of each pair's margin), pairwise
 accuracy of all pairs and of the most confident half (by margin / uncertainty and by margin alone),
 mean_rating_std (the members' per-objective rating spread, averaged over objectives),
 and how different the members are (distinct fingerprints, the mean pairwise Pearson correlation of
@@ -82,6 +84,7 @@ def proof(args) -> dict:
     outs = ens.outputs(X, P)
     spread = outs.score
     rating_std = outs.rating_std.mean(axis=1)  # per unit, the members' rating spread averaged over objectives
+    raw_std = members.std(axis=1, ddof=1)  # the members' raw score spread, the prompt level included
     corr = np.corrcoef(members.T)
     iu = np.triu_indices(members.shape[1], 1)
     held_src = np.array(held.column("source").to_pylist(), dtype=object)
@@ -93,6 +96,7 @@ def proof(args) -> dict:
             "units": int((held_src == s).sum()),
             "mean_score_std": float(spread.std[held_src == s].mean()),
             "mean_rating_std": float(rating_std[held_src == s].mean()),
+            "mean_raw_score_std": float(raw_std[held_src == s].mean()),
         }
         sel = pairs.select(pairs.source == s)
         if len(sel):
@@ -101,6 +105,8 @@ def proof(args) -> dict:
             entry.update(
                 {
                     "pairs": len(sel),
+                    # the exact spread of a pair's margin over the members, beside the combined unit stds
+                    "mean_margin_std": float((members[sel.better] - members[sel.worse]).std(axis=1, ddof=1).mean()),
                     **evaluation.pair_uncertainty_metrics(m, u),
                 }
             )

@@ -89,6 +89,52 @@ def test_spread_against_loops():
         assert got.min[i] == min(row)
     with pytest.raises(ValueError, match="K >= 2"):
         ens.spread(s[:, :1])
+    # with each member's score of the bare prompt, the std is that of the advantages; mean and min stay
+    at_prompt = np.random.default_rng(6).normal(size=(9, 4))
+    rel = ens.spread(s, at_prompt)
+    for i in range(9):
+        adv = [s[i, j] - at_prompt[i, j] for j in range(4)]
+        mean = sum(adv) / 4
+        assert rel.std[i] == pytest.approx((sum((v - mean) ** 2 for v in adv) / 3) ** 0.5)
+    np.testing.assert_array_equal(rel.mean, got.mean)
+    np.testing.assert_array_equal(rel.min, got.min)
+    with pytest.raises(ValueError, match="do not match"):
+        ens.spread(s, at_prompt[:, :3])
+
+
+def _member(W, seed=0):
+    import torch
+
+    from pipeline.heads.gating import GatingNetwork
+    from pipeline.heads.model import ArmoHeads
+
+    torch.manual_seed(seed)
+    return ArmoHeads([f"o{k}" for k in range(len(W))], W, np.eye(len(W)), GatingNetwork(W.shape[1], len(W), 8))
+
+
+def test_score_std_ignores_a_prompt_level_the_members_disagree_on():
+    """Members that differ only along a direction u on which every response and its prompt agree
+    (x·u = p·u) put each prompt at their own level and rank its responses identically: score_std 0,
+    though the raw scores differ. Members that differ along the responses' own direction get a spread."""
+    rng = np.random.default_rng(7)
+    u = np.zeros(H)
+    u[0] = 1.0
+    P = rng.normal(size=(30, H))
+    P[:, 0] = 1.0 + np.abs(P[:, 0])  # every prompt (and so its responses) away from 0 along u
+    X = P + rng.normal(size=(30, H)) * np.r_[0.0, np.ones(H - 1)]  # the response moves off the prompt, never along u
+    W = rng.normal(size=(3, H))
+    shifted = [_member(W + np.outer(rng.normal(size=3), u)) for _ in range(4)]
+    e = ens.HeadsEnsemble(shifted, [{}] * 4, "p", None)
+    raw = e.member_scores(X, P)
+    assert raw.std(axis=1).min() > 0.1  # the levels differ …
+    np.testing.assert_allclose(e.score(X, P).std, 0.0, atol=1e-5)  # … the advantages do not
+    # a margin within a prompt is the same for every member
+    X2 = P + rng.normal(size=(30, H)) * np.r_[0.0, np.ones(H - 1)]
+    margins = raw - e.member_scores(X2, P)
+    np.testing.assert_allclose(margins.std(axis=1), 0.0, atol=1e-4)
+    v = np.r_[0.0, rng.normal(size=H - 1)]
+    apart = [_member(W + np.outer(rng.normal(size=3), v)) for _ in range(4)]
+    assert (ens.HeadsEnsemble(apart, [{}] * 4, "p", None).score(X, P).std > 1e-3).all()
 
 
 def test_members_differ_primary_unchanged_and_round_trip(trained, tmp_path):

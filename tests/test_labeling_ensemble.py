@@ -54,10 +54,14 @@ def test_ensemble_columns_come_from_the_same_pass(shard, tmp_path, monkeypatch):
     P = np.array([scored.column("prompt_embedding")[i].as_py() for i in good], np.float32)
     ens = HeadsEnsemble.load(f"{heads_dir}/{DIRECTORY}")
     member = np.column_stack([m.score(X, P).score for m in ens.members]).astype(np.float64)
+    # each member's score of the bare prompt (the prompt embedding as the response, the same gate)
+    at_prompt = np.column_stack([m.score(P, P).score for m in ens.members]).astype(np.float64)
     for row, i in enumerate(good):
         vals = list(member[row])
         mean = sum(vals) / len(vals)
-        std = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
+        adv = [v - p for v, p in zip(vals, at_prompt[row])]
+        adv_mean = sum(adv) / len(adv)
+        std = (sum((v - adv_mean) ** 2 for v in adv) / (len(adv) - 1)) ** 0.5
         assert scored.column("score_mean")[i].as_py() == pytest.approx(mean, rel=1e-5, abs=1e-6)
         assert scored.column("score_std")[i].as_py() == pytest.approx(std, rel=1e-4, abs=1e-6)
         assert scored.column("score_min")[i].as_py() == pytest.approx(min(vals), rel=1e-5, abs=1e-6)

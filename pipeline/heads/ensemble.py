@@ -3,9 +3,18 @@ resamples of the training prompts, whose disagreement says how far to trust a sc
 
 The backbone is frozen and its embeddings are cached, so a member costs one heads fit and scoring
 it costs no backbone pass. The primary heads (fitted on all the data) stay the model that gives
-`score`; the ensemble adds, per unit, the mean, the standard deviation and the minimum of its
-members' scores (`score_mean`, `score_std`, `score_min` in the labeling output), and per objective
-the mean and standard deviation of their ratings (`ensemble_rating_mean_*`, `ensemble_rating_std_*`).
+`score`; the ensemble adds, per unit, the mean and the minimum of its members' scores and the spread
+of their scores relative to the unit's prompt (`score_mean`, `score_min`, `score_std` in the labeling
+output), and per objective the mean and standard deviation of their ratings (`ensemble_rating_mean_*`,
+`ensemble_rating_std_*`).
+
+Why `score_std` is taken relative to the prompt: the score is learned from comparisons only (the
+Bradley-Terry heads and the gate see differences within a prompt), so each member is free to put a
+prompt's responses at its own level. Member i's score of a response is its score of the bare
+prompt embedding (same gate) plus an advantage a_i; every pair margin and best-of-N order within
+the prompt depends on the a_i alone. So `score_std` is the members' spread of a_i. On the shared
+sets the spread of the prompt level is most of the raw spread, is about the same on every source,
+and hid the disagreement that matters (EVALUATION.md, "Does the ensemble know when it does not know?").
 
 Resampling is by prompt: a resample draws as many prompts as the training split holds, with
 replacement; every unit of a drawn prompt counts once per draw (its multiplicity). Units of one
@@ -103,13 +112,22 @@ class Spread:
     min: np.ndarray  # N
 
 
-def spread(member_scores) -> Spread:
-    """Mean, sample standard deviation (ddof = 1) and minimum over the members (axis 1) of an N×K
-    matrix of scores; NaN where a member's score is NaN."""
+def spread(member_scores, member_prompt_scores=None) -> Spread:
+    """Mean and minimum over the members (axis 1) of an N×K matrix of scores, and the sample standard
+    deviation (ddof = 1) of the scores, or, given each member's score of the unit's bare prompt
+    (N×K), of each member's score minus that (its advantage over the prompt). NaN where a member's
+    score is NaN."""
     s = np.asarray(member_scores, dtype=np.float64)
     if s.ndim != 2 or s.shape[1] < 2:
         raise ValueError(f"spread: expected N×K member scores with K >= 2, got {s.shape}")
-    return Spread(s.mean(axis=1), s.std(axis=1, ddof=1), s.min(axis=1))
+    if member_prompt_scores is None:
+        relative = s
+    else:
+        at_prompt = np.asarray(member_prompt_scores, dtype=np.float64)
+        if at_prompt.shape != s.shape:
+            raise ValueError(f"spread: prompt scores {at_prompt.shape} do not match member scores {s.shape}")
+        relative = s - at_prompt
+    return Spread(s.mean(axis=1), relative.std(axis=1, ddof=1), s.min(axis=1))
 
 
 @dataclass
@@ -151,15 +169,22 @@ class HeadsEnsemble:
         return np.column_stack([m.score(response_emb, prompt_emb).score for m in self.members])
 
     def score(self, response_emb, prompt_emb) -> Spread:
-        return spread(self.member_scores(response_emb, prompt_emb))
+        return self.outputs(response_emb, prompt_emb).score
 
     def outputs(self, response_emb, prompt_emb) -> EnsembleOutputs:
-        """The score's spread and, per objective, the mean and sample standard deviation of the
-        members' ratings (the regression heads' r), from one run of each member."""
+        """The score's spread (its std relative to the prompt, module docstring) and, per objective,
+        the mean and sample standard deviation of the members' ratings (the regression heads' r),
+        from one run of each member: the prompt's score reuses the member's gate."""
         outs = [m.score(response_emb, prompt_emb) for m in self.members]
+        prompt = np.asarray(prompt_emb, dtype=np.float32)
+        at_prompt = np.column_stack(
+            [(m.debias(prompt @ m.regression_weight.T) * o.gate).sum(axis=1) for m, o in zip(self.members, outs)]
+        )
         ratings = np.stack([np.asarray(o.rewards, np.float64) for o in outs], axis=1)  # N×K×O
         return EnsembleOutputs(
-            spread(np.column_stack([o.score for o in outs])), ratings.mean(axis=1), ratings.std(axis=1, ddof=1)
+            spread(np.column_stack([o.score for o in outs]), at_prompt),
+            ratings.mean(axis=1),
+            ratings.std(axis=1, ddof=1),
         )
 
     def check(self, heads_fingerprint: str | None, backbone_fingerprint: str | None, where: str = "ensemble") -> None:
