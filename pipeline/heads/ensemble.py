@@ -176,10 +176,7 @@ class HeadsEnsemble:
         the mean and sample standard deviation of the members' ratings (the regression heads' r),
         from one run of each member: the prompt's score reuses the member's gate."""
         outs = [m.score(response_emb, prompt_emb) for m in self.members]
-        prompt = np.asarray(prompt_emb, dtype=np.float32)
-        at_prompt = np.column_stack(
-            [(m.debias(prompt @ m.regression_weight.T) * o.gate).sum(axis=1) for m, o in zip(self.members, outs)]
-        )
+        at_prompt = np.column_stack([m.score_under_gate(prompt_emb, o.gate) for m, o in zip(self.members, outs)])
         ratings = np.stack([np.asarray(o.rewards, np.float64) for o in outs], axis=1)  # N×K×O
         return EnsembleOutputs(
             spread(np.column_stack([o.score for o in outs]), at_prompt),

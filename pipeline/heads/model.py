@@ -74,11 +74,22 @@ class ArmoHeads:
             raise ValueError(f"score: expected two N×{self.hidden_size} arrays, got {tuple(x.shape)}, {tuple(p.shape)}")
         self.gating.eval()
         with torch.no_grad():
-            rewards = x @ torch.from_numpy(self.regression_weight).T
-            debiased = rewards @ torch.from_numpy(self.transform)
             gate = self.gating(p)
-            score = gated_score(gate, debiased)
+            rewards, debiased, score = self._under_gate(x, gate)
         return HeadOutputs(rewards.numpy(), debiased.numpy(), gate.numpy(), score.numpy())
+
+    def score_under_gate(self, embeddings, gate) -> np.ndarray:
+        """Σ gate·(r·T) of embeddings [N×H] under gate weights [N×K] already computed (the ensemble
+        scores a unit's bare prompt under the gate its response was scored with)."""
+        x = torch.as_tensor(np.asarray(embeddings, dtype=np.float32))
+        with torch.no_grad():
+            _, _, score = self._under_gate(x, torch.as_tensor(gate))
+        return score.numpy()
+
+    def _under_gate(self, x: torch.Tensor, gate: torch.Tensor):
+        rewards = x @ torch.from_numpy(self.regression_weight).T
+        debiased = rewards @ torch.from_numpy(self.transform)
+        return rewards, debiased, gated_score(gate, debiased)
 
     def debias(self, rewards) -> np.ndarray:
         """r·T for ratings computed elsewhere (training uses this, so it equals inference)."""
