@@ -25,6 +25,7 @@ import time
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from s3_faults import FaultPlan, FaultProxy
 REPO = Path(__file__).resolve().parents[1]
 SCORER = "scorer"
 ROWS_PER_SHARD = 4
+UNITS_PER_CALL = 8
 
 
 # ---- worker nodes of separate processes ----------------------------------------------------
@@ -128,13 +130,39 @@ def alive_nodes(head: RayHead) -> list[dict]:
     return [n for n in nodes if n.get("state") == "ALIVE"]
 
 
+SCORING_CALL = "MapWorker(MapBatches(_StageActor)).submit"  # Ray Data's task name for a call to our actors
+
+
+def scoring_calls(head: RayHead) -> list[dict]:
+    """Every attempt of every scoring call the cluster knows of (task id, attempt, state, node),
+    from the head's state API: what the kills are timed and aimed by."""
+    req = urllib.request.Request(
+        f"{head.dashboard_url}/api/v0/tasks?limit=10000&detail=true",
+        headers={"Authorization": f"Bearer {head.token}"},
+    )
+    with urllib.request.urlopen(req, timeout=30) as r:
+        tasks = json.loads(r.read())["data"]["result"]["result"]
+    return [t for t in tasks if t.get("name") == SCORING_CALL]
+
+
+def calls_finished(calls: list[dict]) -> int:
+    return len({t["task_id"] for t in calls if t.get("state") == "FINISHED"})
+
+
+def nodes_scoring(calls: list[dict]) -> set[str]:
+    return {t["node_id"] for t in calls if t.get("state") == "RUNNING" and t.get("node_id")}
+
+
 # ---- the run -------------------------------------------------------------------------------
 
 
 @dataclass
 class ChaosPlan:
     kills: int = 3  # worker nodes lost (each replaced after replace_after_s)
-    kill_at: tuple[float, ...] = (0.15, 0.45, 0.7)  # share of shards committed before each kill
+    # Share of the run's scoring calls finished before each kill. Progress is counted in scoring
+    # calls, not committed shards: scoring runs ahead of the writes, and a kill timed by commits
+    # can land after the last call, on idle actors, with nothing left for a replacement to score.
+    kill_at: tuple[float, ...] = (0.15, 0.45, 0.7)
     replace_after_s: float = 3.0
     fault_rate: float = 0.05  # share of S3 requests failed (slowdown, internal, reset, stall)
     stall_s: float = 6.0  # longer than the read timeout below: a stalled request times out
@@ -183,7 +211,7 @@ def write_config(work: Path, bucket: str, inputs: list[dict], heads: str, endpoi
             "custom_resources_per_actor": {SCORER: 1},
             "token_budget": 4096,
             "rows_per_shard": ROWS_PER_SHARD,
-            "units_per_call": 8,
+            "units_per_call": UNITS_PER_CALL,
             "cpus_per_cpu_task": 0.25,
         },
         "storage_options": s3_options(endpoint),
@@ -331,8 +359,13 @@ def run_chaos(
         n_units = sum(good.values()) + sum(bad.values())
         say(f"submitted {report['submission_id']} ({len(shards)} shards, {n_units} units expected)")
         kills: list[dict] = []
-        overlap: dict | None = None
         pending = list(plan.kill_at[: plan.kills])
+        calls_expected = -(-n_units // UNITS_PER_CALL)  # at least this many scoring calls
+        # Side work runs on threads, so the loop below keeps aiming kills while a second driver
+        # is turned away and a replacement node starts: blocked, it let one node score all the rest.
+        side = ThreadPoolExecutor(max_workers=4)
+        overlap_future: Future | None = None
+        joining: list[Future] = []
 
         def committed() -> int:
             try:
@@ -340,43 +373,91 @@ def run_chaos(
             except OSError:
                 return 0
 
+        def replace_later() -> WorkerNode:
+            time.sleep(plan.replace_after_s)
+            return start_worker_node(head)
+
+        def take_joined() -> None:
+            for f in [f for f in joining if f.done()]:
+                joining.remove(f)
+                nodes.append(f.result())
+
+        due_since: list[float] = []  # when the pending kill fell due
+
+        def victim_of(calls: list[dict]) -> WorkerNode | None:
+            # The kill lands on a scoring call in progress, on the nodes the run started on while
+            # one of them still hosts a scoring actor: once both are gone, what is left to score
+            # can only be scored on nodes that joined later. (After 20 s due with no first node
+            # scoring, any node scoring will do.)
+            busy = nodes_scoring(calls)
+            firsts = [n for n in nodes if n.node_id in first_nodes and n.hosts_scoring_actor()]
+            if firsts and time.time() - due_since[0] > 20:
+                firsts = []
+            for n in firsts or nodes:
+                if n.node_id in busy and n.hosts_scoring_actor():
+                    return n
+            return None
+
         def tick() -> None:
-            nonlocal overlap
-            if not pending or committed() < pending[0] * len(shards):
+            nonlocal overlap_future
+            take_joined()
+            if not pending:
                 return
-            victim = next((n for n in nodes if n.hosts_scoring_actor()), None)
+            try:
+                calls = scoring_calls(head)
+            except OSError:
+                return
+            done = calls_finished(calls)
+            if done < pending[0] * calls_expected:
+                return
+            due_since[:] = due_since or [time.time()]
+            victim = victim_of(calls)
             if victim is None:
                 return  # wait until a node is scoring: the kill must land on work in progress
             pending.pop(0)
+            due_since.clear()
             hit = victim.kill()
             nodes.remove(victim)
             kills.append(
                 {
+                    "at_calls_finished": done,
                     "at_committed": committed(),
+                    "victim": "first" if victim.node_id in first_nodes else "replacement",
                     "scoring_actor_killed": any(_is_scoring_actor(t) for t in hit),
                     "processes_killed": len(hit),
                     "at": time.time(),
                 }
             )
-            say(f"killed a worker node ({len(hit)} processes, scoring actor among them) at {committed()} shards")
-            if plan.overlapping_driver and overlap is None:
-                overlap = _overlapping_driver(head, config, run_id)
-                say(f"second driver on {run_id}: {overlap['status']}")
-            time.sleep(plan.replace_after_s)
-            nodes.append(start_worker_node(head))
+            say(
+                f"killed a {kills[-1]['victim']} worker node ({len(hit)} processes, scoring a call) "
+                f"at {done} scoring calls finished, {kills[-1]['at_committed']} shards committed"
+            )
+            if plan.overlapping_driver and overlap_future is None:
+                overlap_future = side.submit(_overlapping_driver, head, config, run_id)
+            joining.append(side.submit(replace_later))
 
         attempts = []
         sub = report["submission_id"]
-        for _ in range(3):
-            status, message = wait_job(head, sub, on_tick=tick)
-            attempts.append({"submission_id": sub, "status": status, "message": message[-2000:]})
-            say(f"{sub}: {status}")
-            if status == "SUCCEEDED":
-                break
-            while len(nodes) < 2:
-                nodes.append(start_worker_node(head))
-            again = schedule(head, config, job_name, "--resubmit-failed")
-            sub = again["submission_id"]
+        try:
+            for _ in range(3):
+                status, message = wait_job(head, sub, on_tick=tick)
+                attempts.append({"submission_id": sub, "status": status, "message": message[-2000:]})
+                say(f"{sub}: {status}")
+                if status == "SUCCEEDED":
+                    break
+                for f in joining:
+                    f.result()
+                take_joined()
+                while len(nodes) < 2:
+                    nodes.append(start_worker_node(head))
+                again = schedule(head, config, job_name, "--resubmit-failed")
+                sub = again["submission_id"]
+            overlap = overlap_future.result() if overlap_future is not None else None
+            if overlap is not None:
+                say(f"second driver on {run_id}: {overlap['status']}")
+        finally:
+            side.shutdown(wait=True)  # every node started is in `nodes`, for the kill below
+            take_joined()
         wall = time.time() - t0
         faults = proxy.counts()
         proxy.set_plan(FaultPlan(0.0))
@@ -459,6 +540,7 @@ def summary(result: ChaosResult) -> dict:
         ],
         "kills": len(result.kills),
         "kills_on_scoring_actor": sum(k["scoring_actor_killed"] for k in result.kills),
+        "kills_on_first_nodes": sum(k["victim"] == "first" for k in result.kills),
         "overlapping_driver": (result.overlap or {}).get("status"),
         "s3_requests": req,
         "s3_faults": landed,

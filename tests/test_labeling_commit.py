@@ -86,12 +86,25 @@ def test_ledger_completes_exactly_once_and_refuses_overlap():
     assert ledger.add(_summary("a", 0, 3)) is None
     assert ledger.add(_summary("b", 0, 9)) is not None
     assert ledger.incomplete() == ["a"]
-    done = ledger.add(_summary("a", 4, 9, reasons={"too long": 1}, fields_present={"label": 2}, fields_read=[]))
+    done = ledger.add(
+        _summary(
+            "a",
+            4,
+            9,
+            reasons={"too long": 1},
+            fields_present={"label": 2},
+            fields_read=[],
+            scored_from=0.5,
+            scored_until=1.5,
+        )
+    )
     assert done is not None and done.totals["units"] == 10 and done.totals["files"] == ["0", "4"]
     marker = done.marker()
     assert marker["computed_tokens"] == 8 and marker["useful_tokens"] == 4 and marker["tokens"] == 6
     assert marker["reasons"] == {"too long": 1} and marker["scored_on"] == {"node-a": 10}
     assert marker["record_fields"] == {"present": {"label": 2}, "read": []}
+    # the shard's scoring window spans its ranges' calls: (1.0, 2.0) and (0.5, 1.5)
+    assert (marker["scored_from"], marker["scored_until"]) == (0.5, 2.0)
     assert ledger.incomplete() == []
     assert marker["storage_retries"] == 2  # one per range, summed
     with pytest.raises(ExactlyOnceViolation):

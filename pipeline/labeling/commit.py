@@ -142,6 +142,8 @@ class ShardProgress:
     totals: dict = field(default_factory=dict)
     reasons: Counter = field(default_factory=Counter)
     scored_on: Counter = field(default_factory=Counter)
+    scored_from: float | None = None  # the shard's scoring calls: earliest start, latest end
+    scored_until: float | None = None
     fields: FieldUse = field(default_factory=FieldUse)
 
     def add(self, first: int, last: int) -> None:
@@ -162,6 +164,8 @@ class ShardProgress:
             **self.totals,
             "reasons": dict(self.reasons),
             "scored_on": dict(self.scored_on),
+            "scored_from": self.scored_from,
+            "scored_until": self.scored_until,
             "record_fields": self.fields.to_dict(),
         }
 
@@ -205,6 +209,10 @@ class ShardLedger:
         prog.totals["files"].extend(summary.files)
         prog.reasons.update(summary.reasons)
         prog.scored_on.update(summary.scored_on)
+        if summary.scored_from is not None:
+            prog.scored_from = min(summary.scored_from, prog.scored_from or summary.scored_from)
+        if summary.scored_until is not None:
+            prog.scored_until = max(summary.scored_until, prog.scored_until or summary.scored_until)
         prog.fields.merge(summary.field_use())
         if prog.covered > prog.shard_units:
             raise ExactlyOnceViolation(f"shard {sid}: {prog.covered} units written, only {prog.shard_units} exist")
