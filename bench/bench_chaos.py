@@ -41,7 +41,8 @@ def main() -> int:
     ap.add_argument("--heads", help="trained heads (default: train the test heads under .cache/)")
     ap.add_argument("--skip-clean", action="store_true", help="only the faulty run")
     args = ap.parse_args()
-    heads = args.heads or train_smollm2_heads(ROOT / ".cache" / "bench-heads")
+    # absolute: the job runs in Ray's copy of the working directory, not in this one
+    heads = str(Path(args.heads).resolve()) if args.heads else train_smollm2_heads(ROOT / ".cache" / "bench-heads")
     base = short_temp_dir("chaos-")
     head = start_ray_head(base, num_cpus=2)
     report: dict = {"limit_rows_per_input": args.limit, "inputs": [i["source"] for i in INPUTS]}
@@ -56,6 +57,10 @@ def main() -> int:
             plan = ChaosPlan(kills=args.kills, fault_rate=args.fault_rate)
             faulty = run_chaos(head, moto, base, heads, INPUTS, args.limit, plan, "chaos")
             report["chaos"] = summary(faulty)
+            for a in faulty.attempts:  # what a failed attempt's driver printed last, for the record
+                if a["status"] != "SUCCEEDED":
+                    said = f"--- {a['submission_id']} ({a['status']}), last lines:\n{a['logs'][-3000:]}"
+                    print(said, file=sys.stderr)
             report["chaos"]["overlap_said"] = next(
                 (ln for ln in (faulty.overlap or {}).get("logs", "").splitlines() if "another driver" in ln), None
             )

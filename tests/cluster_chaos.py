@@ -361,6 +361,7 @@ def run_chaos(
         kills: list[dict] = []
         pending = list(plan.kill_at[: plan.kills])
         calls_expected = -(-n_units // UNITS_PER_CALL)  # at least this many scoring calls
+        calls_before = {t["task_id"] for t in scoring_calls(head)}  # earlier runs' calls on this head
         # Side work runs on threads, so the loop below keeps aiming kills while a second driver
         # is turned away and a replacement node starts: blocked, it let one node score all the rest.
         side = ThreadPoolExecutor(max_workers=4)
@@ -404,7 +405,7 @@ def run_chaos(
             if not pending:
                 return
             try:
-                calls = scoring_calls(head)
+                calls = [t for t in scoring_calls(head) if t["task_id"] not in calls_before]
             except OSError:
                 return
             done = calls_finished(calls)
@@ -441,8 +442,10 @@ def run_chaos(
         try:
             for _ in range(3):
                 status, message = wait_job(head, sub, on_tick=tick)
-                attempts.append({"submission_id": sub, "status": status, "message": message[-2000:]})
-                say(f"{sub}: {status}")
+                logs = "" if status == "SUCCEEDED" else head.job_client().get_job_logs(sub)[-6000:]
+                attempts.append({"submission_id": sub, "status": status, "message": message[-2000:], "logs": logs})
+                said = message.strip().splitlines()[-1:] if status != "SUCCEEDED" else []
+                say(f"{sub}: {status}" + (f" ({said[0][:300]})" if said else ""))
                 if status == "SUCCEEDED":
                     break
                 for f in joining:
