@@ -21,6 +21,8 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import urllib.request
 from collections import Counter
@@ -85,12 +87,26 @@ def _is_scoring_actor(title: str) -> bool:
     return "MapWorker" in title and ("_StageActor" in title or "EmbedScore" in title)
 
 
+_NODE_START = threading.Lock()  # one node joins at a time: the node that joined is the one started
+
+
 def start_worker_node(head: RayHead, num_cpus: int = 1, object_store_mb: int = 128) -> WorkerNode:
+    with _NODE_START:
+        return _start_worker_node(head, num_cpus, object_store_mb)
+
+
+def _start_worker_node(head: RayHead, num_cpus: int, object_store_mb: int) -> WorkerNode:
+    # A temp dir of its own, as on a machine of its own: the node's sockets, logs, spilled objects
+    # and runtime-env files (the job's working_dir unpacked) are not shared with the other nodes
+    # on this host (by default a worker node uses the head's).
+    temp_dir = Path(tempfile.mkdtemp(prefix="n", dir=head.temp_dir.parent))
     cmd = [
         RAY_CLI,
         "start",
         "--address",
         head.gcs_address,
+        "--temp-dir",
+        str(temp_dir),
         "--num-cpus",
         str(num_cpus),
         "--resources",
@@ -110,7 +126,9 @@ def start_worker_node(head: RayHead, num_cpus: int = 1, object_store_mb: int = 1
     out, _ = proc.communicate(timeout=180)
     if proc.returncode != 0:
         raise RuntimeError(f"ray start (worker) failed:\n{out[-3000:]}")
-    # Nodes are started one at a time, so the node that joined is this one.
+    if not any(temp_dir.glob("session_*")):
+        raise RuntimeError(f"the worker node did not use its own temp dir {temp_dir}")
+    # Nodes are started one at a time (the lock above), so the node that joined is this one.
     deadline = time.monotonic() + 60
     while not (new := {n["node_id"] for n in alive_nodes(head)} - before):
         if time.monotonic() > deadline:
