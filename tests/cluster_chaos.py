@@ -137,15 +137,19 @@ def _start_worker_node(head: RayHead, num_cpus: int, object_store_mb: int) -> Wo
     return WorkerNode(sid=proc.pid, started_at=time.time(), node_id=new.pop())
 
 
-def alive_nodes(head: RayHead) -> list[dict]:
-    """The cluster's live nodes, from the head's state API (token sent as a bearer header)."""
+def _state_api(head: RayHead, resource: str, limit: int) -> list[dict]:
+    """One listing of the head's state API (`nodes`, `tasks`, ...), the token sent as a bearer header."""
     req = urllib.request.Request(
-        f"{head.dashboard_url}/api/v0/nodes?limit=100&detail=true",
+        f"{head.dashboard_url}/api/v0/{resource}?limit={limit}&detail=true",
         headers={"Authorization": f"Bearer {head.token}"},
     )
     with urllib.request.urlopen(req, timeout=30) as r:
-        nodes = json.loads(r.read())["data"]["result"]["result"]
-    return [n for n in nodes if n.get("state") == "ALIVE"]
+        return json.loads(r.read())["data"]["result"]["result"]
+
+
+def alive_nodes(head: RayHead) -> list[dict]:
+    """The cluster's live nodes."""
+    return [n for n in _state_api(head, "nodes", 100) if n.get("state") == "ALIVE"]
 
 
 SCORING_CALL = "MapWorker(MapBatches(_StageActor)).submit"  # Ray Data's task name for a call to our actors
@@ -154,13 +158,7 @@ SCORING_CALL = "MapWorker(MapBatches(_StageActor)).submit"  # Ray Data's task na
 def scoring_calls(head: RayHead) -> list[dict]:
     """Every attempt of every scoring call the cluster knows of (task id, attempt, state, node),
     from the head's state API: what the kills are timed and aimed by."""
-    req = urllib.request.Request(
-        f"{head.dashboard_url}/api/v0/tasks?limit=10000&detail=true",
-        headers={"Authorization": f"Bearer {head.token}"},
-    )
-    with urllib.request.urlopen(req, timeout=30) as r:
-        tasks = json.loads(r.read())["data"]["result"]["result"]
-    return [t for t in tasks if t.get("name") == SCORING_CALL]
+    return [t for t in _state_api(head, "tasks", 10000) if t.get("name") == SCORING_CALL]
 
 
 def calls_finished(calls: list[dict]) -> int:
@@ -401,24 +399,22 @@ def run_chaos(
                 joining.remove(f)
                 nodes.append(f.result())
 
-        due_since: list[float] = []  # when the pending kill fell due
+        due_since: float | None = None  # when the pending kill fell due
 
-        def victim_of(calls: list[dict]) -> WorkerNode | None:
+        def victim_of(calls: list[dict], due_for_s: float) -> WorkerNode | None:
             # The kill lands on a scoring call in progress, on the nodes the run started on while
             # one of them still hosts a scoring actor: once both are gone, what is left to score
             # can only be scored on nodes that joined later. (After 20 s due with no first node
             # scoring, any node scoring will do.)
             busy = nodes_scoring(calls)
-            firsts = [n for n in nodes if n.node_id in first_nodes and n.hosts_scoring_actor()]
-            if firsts and time.time() - due_since[0] > 20:
+            hosting = [n for n in nodes if n.hosts_scoring_actor()]
+            firsts = [n for n in hosting if n.node_id in first_nodes]
+            if due_for_s > 20:
                 firsts = []
-            for n in firsts or nodes:
-                if n.node_id in busy and n.hosts_scoring_actor():
-                    return n
-            return None
+            return next((n for n in firsts or hosting if n.node_id in busy), None)
 
         def tick() -> None:
-            nonlocal overlap_future
+            nonlocal overlap_future, due_since
             take_joined()
             if not pending:
                 return
@@ -429,12 +425,12 @@ def run_chaos(
             done = calls_finished(calls)
             if done < pending[0] * calls_expected:
                 return
-            due_since[:] = due_since or [time.time()]
-            victim = victim_of(calls)
+            due_since = due_since or time.time()
+            victim = victim_of(calls, time.time() - due_since)
             if victim is None:
                 return  # wait until a node is scoring: the kill must land on work in progress
             pending.pop(0)
-            due_since.clear()
+            due_since = None
             hit = victim.kill()
             nodes.remove(victim)
             kills.append(

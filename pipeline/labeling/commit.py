@@ -134,6 +134,14 @@ class ExactlyOnceViolation(RuntimeError):
     pass
 
 
+def widen_window(window: list[float], start: float | None, end: float | None) -> list[float]:
+    """[earliest start, latest end] of scoring calls, widened by one more call's (a range without
+    scored units, start and end None, leaves it as it is); [] is no call yet."""
+    if start is None or end is None:
+        return window
+    return [min(window[0], start), max(window[1], end)] if window else [start, end]
+
+
 @dataclass
 class ShardProgress:
     shard_units: int
@@ -142,8 +150,7 @@ class ShardProgress:
     totals: dict = field(default_factory=dict)
     reasons: Counter = field(default_factory=Counter)
     scored_on: Counter = field(default_factory=Counter)
-    scored_from: float | None = None  # the shard's scoring calls: earliest start, latest end
-    scored_until: float | None = None
+    window: list[float] = field(default_factory=list)  # its scoring calls (widen_window)
     fields: FieldUse = field(default_factory=FieldUse)
 
     def add(self, first: int, last: int) -> None:
@@ -164,8 +171,8 @@ class ShardProgress:
             **self.totals,
             "reasons": dict(self.reasons),
             "scored_on": dict(self.scored_on),
-            "scored_from": self.scored_from,
-            "scored_until": self.scored_until,
+            "scored_from": self.window[0] if self.window else None,
+            "scored_until": self.window[1] if self.window else None,
             "record_fields": self.fields.to_dict(),
         }
 
@@ -209,10 +216,7 @@ class ShardLedger:
         prog.totals["files"].extend(summary.files)
         prog.reasons.update(summary.reasons)
         prog.scored_on.update(summary.scored_on)
-        if summary.scored_from is not None:
-            prog.scored_from = min(summary.scored_from, prog.scored_from or summary.scored_from)
-        if summary.scored_until is not None:
-            prog.scored_until = max(summary.scored_until, prog.scored_until or summary.scored_until)
+        prog.window = widen_window(prog.window, summary.scored_from, summary.scored_until)
         prog.fields.merge(summary.field_use())
         if prog.covered > prog.shard_units:
             raise ExactlyOnceViolation(f"shard {sid}: {prog.covered} units written, only {prog.shard_units} exist")

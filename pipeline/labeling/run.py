@@ -17,7 +17,7 @@ from pipeline import storage
 from pipeline.corpus.ray_read import read_corpus
 from pipeline.labeling import lease as run_lease
 from pipeline.labeling import manifest as mf
-from pipeline.labeling.commit import ShardLedger, summaries_of
+from pipeline.labeling.commit import ShardLedger, summaries_of, widen_window
 from pipeline.labeling.config import LabelConfig
 from pipeline.labeling.plan import RunPlan, plan_run
 from pipeline.labeling.stages import EmbedScoreStage, ScoringModel, TokenizeStage, WriteStage, count_read_retries
@@ -96,12 +96,7 @@ class Progress:
     def add(self, units: int, tokens: int, scored_from: float | None = None, scored_until: float | None = None) -> None:
         self.units += units
         self.tokens += tokens
-        if scored_from is not None and scored_until is not None:
-            self.window = (
-                [min(self.window[0], scored_from), max(self.window[1], scored_until)]
-                if self.window
-                else [scored_from, scored_until]
-            )
+        self.window = widen_window(self.window, scored_from, scored_until)
         now = time.monotonic()
         if now - self.last >= self.interval:
             self.last = now
