@@ -128,9 +128,16 @@ def objective_column(prefix: str, objective: str) -> str:
     return prefix + safe
 
 
-def output_schema(objectives: list[str], with_embeddings: bool = False) -> pa.Schema:
+# With reward models (model.reward_models): one float32 column per model, what its own class returns.
+REWARD_MODEL_PREFIX = "rm_"
+
+
+def output_schema(
+    objectives: list[str], with_embeddings: bool = False, reward_models: list[str] | tuple[str, ...] = ()
+) -> pa.Schema:
     fields = list(OUTPUT_FIXED_FIELDS)
     fields += [(objective_column(prefix, o), pa.float32()) for prefix in PER_OBJECTIVE_PREFIXES for o in objectives]
+    fields += [(REWARD_MODEL_PREFIX + name, pa.float32()) for name in reward_models]
     if with_embeddings:
         fields += EMBEDDING_FIELDS
     return pa.schema(fields)

@@ -19,6 +19,14 @@ from pipeline.embed.backbone import DTYPES, BackboneSpec, resolve_source
 from pipeline.embed.backbone import KINDS as BACKBONE_KINDS
 from pipeline.embed.templating import OVERFLOW_POLICIES, TemplatePolicy
 from pipeline.objectives import KIND_ALIASES, SCALES, Objective
+from pipeline.reward_models.spec import (
+    NAME_PATTERN,
+    RewardModelError,
+    RewardModelResources,
+    RewardModelSpec,
+    inspect_reward_model,
+)
+from pipeline.reward_models.spec import fingerprint as reward_model_fingerprint
 from pipeline.schema import KINDS as UNIT_KINDS
 
 
@@ -46,6 +54,13 @@ class ModelConfig:
     armorm_checkpoint: str | None = None  # a released-format ArmoRM checkpoint (brings its own backbone)
     train_if_missing: str | None = None  # a train_heads config to run first when `heads` does not exist
     template: dict = field(default_factory=dict)  # TemplatePolicy fields
+    # Sequence-classifier reward models scored in the same run, each its own actor pool: column rm_<name>
+    reward_models: list[dict] = field(default_factory=list)  # RewardModelSpec fields
+
+    def scores_with_backbone(self) -> bool:
+        """Whether the backbone pass runs: for heads, a checkpoint or embeddings, or when no reward
+        model is named (an embed-only run)."""
+        return bool(self.heads or self.armorm_checkpoint or not self.reward_models)
 
 
 @dataclass
@@ -113,7 +128,7 @@ class LabelConfig:
         heads_fp = None
         if m.heads and storage.exists(heads_json := storage.join(m.heads, "heads.json"), so):
             heads_fp = json.loads(storage.read_bytes(heads_json, so)).get("fingerprint")
-        return {
+        identity = {
             "backbone": m.backbone if not m.armorm_checkpoint else None,
             "armorm_checkpoint": m.armorm_checkpoint,
             "heads": m.heads,
@@ -121,6 +136,10 @@ class LabelConfig:
             "template": m.template,
             "embeddings": self.embeddings,
         }
+        if m.reward_models:  # absent otherwise, so runs recorded before reward models resume as they were
+            specs = [RewardModelSpec.from_dict(r) for r in m.reward_models]
+            identity["reward_models"] = [reward_model_identity(spec, so) for spec in specs]
+        return identity
 
     def hash(self) -> str:
         """Identity of what the run computes (not where it runs, nor with which credentials): used in
@@ -147,6 +166,21 @@ MODEL_OVERRIDES: dict[tuple[type, str], Any] = {
     (TemplatePolicy, "overflow"): one_of(*OVERFLOW_POLICIES),
     (TemplatePolicy, "max_tokens"): at_least(2),
 }
+REWARD_MODEL_OVERRIDES: dict[tuple[type, str], Any] = {
+    (ModelConfig, "reward_models"): list[RewardModelSpec],
+    (RewardModelSpec, "logit_index"): at_least(0) | None,
+    (RewardModelSpec, "template"): TemplatePolicy,
+    (RewardModelSpec, "dtype"): one_of(*DTYPES),
+    (RewardModelSpec, "share_prompts"): one_of("auto", "never"),
+    (RewardModelSpec, "resources"): RewardModelResources,
+    (RewardModelResources, "actors"): at_least(1) | list_of(at_least(1)) | None,
+    (RewardModelResources, "num_gpus_per_actor"): at_least(0, float) | None,
+    (RewardModelResources, "num_cpus_per_actor"): at_least(0, float) | None,
+    (RewardModelResources, "threads_per_actor"): at_least(1) | None,
+    (RewardModelResources, "custom_resources_per_actor"): dict[str, float] | None,
+    (RewardModelResources, "token_budget"): at_least(16) | None,
+    (RewardModelResources, "units_per_call"): at_least(1) | None,
+}
 RESOURCES_OVERRIDES: dict[tuple[type, str], Any] = {
     (ResourcesConfig, "actors"): at_least(1) | list_of(at_least(1)),
     (ResourcesConfig, "num_gpus_per_actor"): at_least(0, float),
@@ -164,6 +198,7 @@ SCHEMA = Schema(
     {
         **INPUT_OVERRIDES,
         **MODEL_OVERRIDES,
+        **REWARD_MODEL_OVERRIDES,
         **RESOURCES_OVERRIDES,
         (LabelConfig, "inputs"): Annotated[list[InputSpec], Field(min_length=1)],
         (ModelConfig, "backbone"): BackboneSpec | str,  # a path string, or BackboneSpec fields
@@ -287,9 +322,56 @@ def _validate(cfg: LabelConfig | None, data: dict, bad: list[Loc]) -> list[str]:
             resolve_source(BackboneSpec.from_dict(m.backbone))
         except Exception as e:  # noqa: BLE001
             errors.append(f"model.backbone: {secrets.scrub(str(e))}")
+    if not under(bad, "model", "reward_models"):
+        errors += reward_model_errors(m.reward_models, so)
     if not under(bad, "run_id") and (not cfg.run_id or any(c in cfg.run_id for c in "/\\ ")):
         errors.append(f"run_id: must be a non-empty name without slashes or spaces, got {cfg.run_id!r}")
     return errors
+
+
+def reward_model_errors(models: list[dict], storage_options: dict | None) -> list[str]:
+    """Names (a column each, rm_<name>, none twice) and each checkpoint's inspection, one message per
+    model naming it and the file (pipeline.reward_models.spec.inspect_reward_model)."""
+    from pipeline.schema import OUTPUT_FIXED_FIELDS
+
+    errors: list[str] = []
+    taken = {name for name, _ in OUTPUT_FIXED_FIELDS}
+    seen: set[str] = set()
+    for i, raw in enumerate(models):
+        where = f"model.reward_models[{i}]"
+        try:
+            spec = RewardModelSpec.from_dict(raw)
+        except (RewardModelError, TypeError) as e:
+            errors.append(f"{where}: {e}")
+            continue
+        if not NAME_PATTERN.match(spec.name):
+            errors.append(f"{where}.name: {spec.name!r}: use lower-case letters, digits and _ (column rm_<name>)")
+            continue
+        if spec.name in seen:
+            errors.append(f"{where}.name: {spec.name!r} is used twice (each model writes its own column rm_<name>)")
+            continue
+        seen.add(spec.name)
+        if spec.column in taken:
+            errors.append(f"{where}.name: column {spec.column!r} collides with an output column")
+        try:
+            TemplatePolicy.from_dict(spec.template or {})
+            inspect_reward_model(spec, storage_options)
+        except (RewardModelError, TypeError, ValueError) as e:
+            errors.append(f"{where}: {secrets.scrub(str(e))}")
+        except Exception as e:  # noqa: BLE001 - an unreachable store or unreadable file: say which model
+            errors.append(f"{where}: reward model {spec.name!r} ({spec.path}): cannot read: {secrets.scrub(str(e))}")
+    return errors
+
+
+def reward_model_identity(spec: RewardModelSpec, storage_options: dict | None) -> dict:
+    """What decides a reward model's column: its weights and config (fingerprint), the logit read
+    and the template. Its path and resources are not part of it."""
+    return {
+        "name": spec.name,
+        "fingerprint": reward_model_fingerprint(spec, storage_options),
+        "logit_index": spec.logit_index,
+        "template": spec.template,
+    }
 
 
 def _exists(uri: str, storage_options: dict | None) -> bool:

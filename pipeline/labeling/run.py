@@ -4,6 +4,7 @@ writes the manifest. Resumable (same run id) and incremental (new input files on
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import posixpath
 import queue
@@ -18,14 +19,18 @@ from pipeline.corpus.ray_read import read_corpus
 from pipeline.labeling import lease as run_lease
 from pipeline.labeling import manifest as mf
 from pipeline.labeling.commit import ShardLedger, summaries_of, widen_window
-from pipeline.labeling.config import LabelConfig
+from pipeline.labeling.config import LabelConfig, ResourcesConfig
 from pipeline.labeling.plan import RunPlan, plan_run
+from pipeline.labeling.reward_stages import RewardModelStage, RewardModelTokenizeStage
 from pipeline.labeling.stages import EmbedScoreStage, ScoringModel, TokenizeStage, WriteStage, count_read_retries
 from pipeline.labeling.watch import PoolWatch, Stalled
+from pipeline.reward_models.spec import RewardModelSpec
 from pipeline.runtime import init_ray
+from pipeline.schema import OUTPUT_FIXED_FIELDS
 from pipeline.secrets import scrub
 from pipeline.stage import (
     Resources,
+    Stage,
     apply_stage,
     count_rows,
     rebatch,
@@ -42,6 +47,7 @@ from pipeline.stage import (
 MAX_BLOCK_BYTES = 4 * 1024**2
 
 log = logging.getLogger("armolabel.label")
+OUTPUT_FIXED_NAMES = {name for name, _ in OUTPUT_FIXED_FIELDS}
 
 
 def _say(msg: str) -> None:
@@ -241,38 +247,80 @@ def _read(plan: RunPlan, transform=None):
 
 
 def _pipeline(plan: RunPlan):
-    """read + tokenize -> embed + score -> write: a Dataset of the write stage's range summaries."""
+    """read + tokenize -> [embed + score] -> [each reward model] -> write: a Dataset of the write
+    stage's range summaries."""
     cfg, r, m = plan.cfg, plan.cfg.resources, plan.cfg.model
     so = cfg.storage_options or None
     cpu = Resources(num_cpus=r.cpus_per_cpu_task)
+    backbone = m.scores_with_backbone()
+    reward_models = [RewardModelSpec.from_dict(d) for d in m.reward_models]
     # Tokenization quarantines a row (a pair, a best-of-N group) whole when one of its units fails,
     # so it must see whole rows. Only the read task sees a shard whole: between operators Ray Data
     # may split a block at any row (target_max_block_size) or merge blocks. So it runs there, on
-    # each shard, rather than as an operator of its own (TokenizeStage checks rows are whole).
-    tokenize = TokenizeStage(None if m.armorm_checkpoint else m.backbone, m.template, cpu, m.armorm_checkpoint, so)
+    # each shard, rather than as an operator of its own (TokenizeStage checks rows are whole): the
+    # backbone's tokenization, then each reward model's.
+    tokenizers: list[Stage] = []
+    if backbone:
+        tokenizers.append(
+            TokenizeStage(None if m.armorm_checkpoint else m.backbone, m.template, cpu, m.armorm_checkpoint, so)
+        )
+    tokenizers += [RewardModelTokenizeStage(spec, not backbone and j == 0, so) for j, spec in enumerate(reward_models)]
+    steps = [stage_function(t) for t in tokenizers]
+
+    def tokenize_shard(table: pa.Table) -> pa.Table:
+        for step in steps:
+            table = step(table)
+        return count_read_retries(table)
+
     # Blocks of at most units_per_call units reach the actors: each scoring call's results are
     # written and committed while the next is scored (a block is the unit of streaming).
-    tokenize_shard = stage_function(tokenize)
-    ds = rebatch(_read(plan, lambda t: count_read_retries(tokenize_shard(t))), r.units_per_call)
-    scoring = Resources(
+    ds = rebatch(_read(plan, tokenize_shard), r.units_per_call)
+    if backbone:
+        model = ScoringModel(
+            m.backbone,
+            m.heads,
+            m.armorm_checkpoint,
+            r.token_budget,
+            cfg.embeddings,
+            r.threads_per_actor,
+            r.share_prompts,
+            so,
+        )
+        ds = apply_stage(ds, EmbedScoreStage(model, plan.objectives, _scoring_resources(r)))
+    for spec in reward_models:
+        own = _reward_model_resources(spec, r)
+        stage = RewardModelStage(spec, _scoring_resources(own), own.token_budget, own.threads_per_actor, so)
+        ds = apply_stage(ds, stage)
+    absent = () if backbone else tuple(c for c in EmbedScoreStage.columns_written([], False) if c in OUTPUT_FIXED_NAMES)
+    return apply_stage(
+        ds,
+        WriteStage(
+            cfg.run_dir,
+            cfg.run_id,
+            plan.objectives,
+            cfg.embeddings,
+            so,
+            cpu,
+            reward_models=[spec.name for spec in reward_models],
+            null_columns=absent,
+        ),
+    )
+
+
+def _scoring_resources(r: ResourcesConfig) -> Resources:
+    return Resources(
         num_cpus=r.num_cpus_per_actor,
         num_gpus=r.num_gpus_per_actor,
         custom=r.custom_resources_per_actor,
         actors=(r.actors[0], r.actors[1]) if isinstance(r.actors, list) else r.actors,
         batch_size=r.units_per_call,
     )
-    model = ScoringModel(
-        m.backbone,
-        m.heads,
-        m.armorm_checkpoint,
-        r.token_budget,
-        cfg.embeddings,
-        r.threads_per_actor,
-        r.share_prompts,
-        so,
-    )
-    ds = apply_stage(ds, EmbedScoreStage(model, plan.objectives, scoring))
-    return apply_stage(ds, WriteStage(cfg.run_dir, cfg.run_id, plan.objectives, cfg.embeddings, so, cpu))
+
+
+def _reward_model_resources(spec: RewardModelSpec, run: ResourcesConfig) -> ResourcesConfig:
+    """A reward model's pool: its own `resources` keys, the run's for every key it leaves out."""
+    own = {k: v for k, v in (spec.resources or {}).items() if v is not None}
+    return dataclasses.replace(run, **own)
 
 
 def _drive(

@@ -103,36 +103,40 @@ class TokenizeStage(Stage):
         self.policy = TemplatePolicy(**self.template)
 
     def process(self, batch: pa.Table) -> pa.Table:
-        n = batch.num_rows
-        reasons = batch.column("quarantine_reason").to_pylist()
-        stages = _quarantine_stage_column(batch)
-        row_ids = batch.column("row_id").to_pylist()
-        good = [i for i in range(n) if reasons[i] is None]
-        _check_rows_whole(batch, good, row_ids)
-        prompts = batch.column("prompt").to_pylist()
-        responses = batch.column("response").to_pylist()
-        results = tokenize_many(
-            self.tokenizer, [prompts[i] for i in good], [responses[i] for i in good], self.policy, self.kind
-        )
-        cols = {c: [None] * n for c in TOKEN_COLUMNS}
-        failed_rows: dict[str, str] = {}
-        for i, res in zip(good, results):
-            if isinstance(res, TemplateError):
-                failed_rows.setdefault(row_ids[i], res.reason)
-                continue
-            for c in TOKEN_COLUMNS:
-                cols[c][i] = getattr(res, c)
-        for i in good:
-            if row_ids[i] in failed_rows:
-                reasons[i] = failed_rows[row_ids[i]]
-                stages[i] = "template"
-                for c in TOKEN_COLUMNS:
-                    cols[c][i] = None
+        def tokenize(prompts, responses):
+            return tokenize_many(self.tokenizer, prompts, responses, self.policy, self.kind)
+
+        results, reasons, stages = tokenize_rows_whole(batch, tokenize)
         out = batch
         for name, type_ in schema.TOKEN_FIELDS:
-            out = _set_column(out, name, cols[name], type_)
+            out = _set_column(out, name, [getattr(r, name) if r is not None else None for r in results], type_)
         out = _set_column(out, "quarantine_reason", reasons, pa.string())
         return _set_column(out, QUARANTINE_STAGE, stages, pa.string())
+
+
+def tokenize_rows_whole(batch: pa.Table, tokenize, label: str = "") -> tuple[list, list, list]:
+    """(result per unit or None, quarantine reasons, quarantine stages) of `tokenize(prompts,
+    responses)` over the batch's good units. A unit that fails quarantines its whole row (every
+    unit of it), so preference pairs and best-of-N groups stay intact; `label` prefixes its reason."""
+    n = batch.num_rows
+    reasons = batch.column("quarantine_reason").to_pylist()
+    stages = _quarantine_stage_column(batch)
+    row_ids = batch.column("row_id").to_pylist()
+    good = [i for i in range(n) if reasons[i] is None]
+    _check_rows_whole(batch, good, row_ids)
+    prompts = batch.column("prompt").to_pylist()
+    responses = batch.column("response").to_pylist()
+    results: list = [None] * n
+    failed_rows: dict[str, str] = {}
+    for i, res in zip(good, tokenize([prompts[i] for i in good], [responses[i] for i in good])):
+        if isinstance(res, TemplateError):
+            failed_rows.setdefault(row_ids[i], label + res.reason)
+        else:
+            results[i] = res
+    for i in good:
+        if row_ids[i] in failed_rows:
+            reasons[i], stages[i], results[i] = failed_rows[row_ids[i]], "template", None
+    return results, reasons, stages
 
 
 _CHECKPOINT_TOKENIZERS: dict[str, object] = {}  # per process: Ray reuses workers across read tasks
@@ -338,8 +342,8 @@ def _masked(values: np.ndarray) -> pa.Array:
     return pa.array(values, type=pa.float32(), mask=np.isnan(values))
 
 
-def output_columns(objectives: list[str], embeddings: bool) -> pa.Schema:
-    return schema.output_schema(objectives, with_embeddings=embeddings)
+def output_columns(objectives: list[str], embeddings: bool, reward_models: list[str] | tuple = ()) -> pa.Schema:
+    return schema.output_schema(objectives, with_embeddings=embeddings, reward_models=reward_models)
 
 
 class WriteStage(Stage):
@@ -369,16 +373,23 @@ class WriteStage(Stage):
         embeddings: bool,
         storage_options: dict | None,
         resources: Resources | None = None,
+        reward_models: list[str] | tuple[str, ...] = (),
+        null_columns: tuple[str, ...] = (),
     ):
         self.run_dir = run_dir
         self.run_id = run_id
-        self.out_schema = output_columns(objectives, embeddings)
+        self.out_schema = output_columns(objectives, embeddings, reward_models)
+        # Output columns no stage of this run computes (the backbone pass's, in a run of reward
+        # models only): written as nulls, so every run has the same columns.
+        self.null_columns = null_columns
         self.storage_options = storage_options
         self.resources = resources or Resources(num_cpus=0.25)
 
     def process(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
         batch = _set_column(batch, "run_id", [self.run_id] * n, pa.string())
+        for name in self.null_columns:
+            batch = _set_column(batch, name, pa.nulls(n, self.out_schema.field(name).type))
         if QUARANTINE_STAGE not in batch.column_names:
             batch = _set_column(batch, QUARANTINE_STAGE, _quarantine_stage_column(batch), pa.string())
         shard_ids = batch.column("shard_id").to_numpy(zero_copy_only=False)
