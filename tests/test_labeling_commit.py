@@ -55,6 +55,7 @@ def _summary(sid, first, last, units_total=10, **over):
         storage_retries=1,
         reasons={},
         scored_on={"node-a": last - first + 1},
+        scored_by_stage={"embed_score@node-a": last - first + 1, "rm_x@node-b": last - first + 1},
         scored_from=1.0,
         scored_until=2.0,
         fields_present=None,

@@ -30,6 +30,8 @@ MANIFEST_FIELDS = {
     "shards",
     "shards_this_attempt",
     "scored_on",
+    "scored_by_stage",
+    "reward_models",
     "units_labeled_this_attempt",
     "wall_time_s",
     "units_per_s",

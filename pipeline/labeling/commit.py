@@ -65,7 +65,10 @@ class RangeSummary:
     useful_tokens: int
     storage_retries: int  # storage requests retried while this range was read and written
     reasons: dict[str, int]  # quarantine reason -> units
-    scored_on: dict[str, int]  # node -> units
+    scored_on: dict[str, int]  # node -> units (the run's first scoring stage)
+    # "<stage>@<node>" -> units, for every scoring stage (the backbone's `embed_score`, each reward
+    # model's `rm_<name>`): which model scored where, when several pools run on different nodes
+    scored_by_stage: dict[str, int]
     scored_from: float | None  # the range's scoring calls: earliest start, latest end (unix s)
     scored_until: float | None
     fields_present: dict[str, int] | None  # the reader's field use of the shard (on its first range)
@@ -92,7 +95,7 @@ class RangeSummary:
 
 
 _COUNTS = pa.map_(pa.string(), pa.int64())
-MAP_FIELDS = ("reasons", "scored_on", "fields_present")
+MAP_FIELDS = ("reasons", "scored_on", "scored_by_stage", "fields_present")
 RANGE_SCHEMA = pa.schema(
     [
         ("shard_id", pa.string()),
@@ -113,6 +116,7 @@ RANGE_SCHEMA = pa.schema(
         ("storage_retries", pa.int64()),
         ("reasons", _COUNTS),
         ("scored_on", _COUNTS),
+        ("scored_by_stage", _COUNTS),
         ("scored_from", pa.float64()),
         ("scored_until", pa.float64()),
         ("fields_present", _COUNTS),
@@ -150,6 +154,7 @@ class ShardProgress:
     totals: dict = field(default_factory=dict)
     reasons: Counter = field(default_factory=Counter)
     scored_on: Counter = field(default_factory=Counter)
+    scored_by_stage: Counter = field(default_factory=Counter)
     window: list[float] = field(default_factory=list)  # its scoring calls (widen_window)
     fields: FieldUse = field(default_factory=FieldUse)
 
@@ -171,6 +176,7 @@ class ShardProgress:
             **self.totals,
             "reasons": dict(self.reasons),
             "scored_on": dict(self.scored_on),
+            "scored_by_stage": dict(self.scored_by_stage),
             "scored_from": self.window[0] if self.window else None,
             "scored_until": self.window[1] if self.window else None,
             "record_fields": self.fields.to_dict(),
@@ -216,6 +222,7 @@ class ShardLedger:
         prog.totals["files"].extend(summary.files)
         prog.reasons.update(summary.reasons)
         prog.scored_on.update(summary.scored_on)
+        prog.scored_by_stage.update(summary.scored_by_stage)
         prog.window = widen_window(prog.window, summary.scored_from, summary.scored_until)
         prog.fields.merge(summary.field_use())
         if prog.covered > prog.shard_units:

@@ -24,6 +24,7 @@ from pipeline.labeling.stages import (
     SCORED_FROM,
     SCORED_ON,
     SCORED_UNTIL,
+    STAGE_NODE_PREFIX,
     USEFUL_TOKENS,
     _masked,
     _node_name,
@@ -117,6 +118,7 @@ class RewardModelStage(Stage):
             "quarantine_reason",
             QUARANTINE_STAGE,
             SCORED_ON,
+            STAGE_NODE_PREFIX + spec.column,
             SCORED_FROM,
             SCORED_UNTIL,
             COMPUTED_TOKENS,
@@ -155,6 +157,9 @@ class RewardModelStage(Stage):
         out = _add(out, USEFUL_TOKENS, useful)
         if SCORED_ON not in out.column_names:  # the first scoring stage of the run names the node
             out = _set_column(out, SCORED_ON, [self.node] * n, pa.string())
+        out = _set_column(
+            out, STAGE_NODE_PREFIX + self.spec.column, [f"{self.spec.column}@{self.node}"] * n, pa.string()
+        )
         out = _widen(out, SCORED_FROM, started, pc.min_element_wise)
         return _widen(out, SCORED_UNTIL, time.time(), pc.max_element_wise)
 

@@ -30,7 +30,9 @@ from pipeline.stage import Resources, Stage, StageError
 
 QUARANTINE_STAGE = "quarantine_stage"
 # Internal columns (reported in markers and the manifest, not written to the output):
-SCORED_ON = "scored_on"  # the node that scored the unit
+SCORED_ON = "scored_on"  # the node that scored the unit (the run's first scoring stage)
+# "<stage>@<node>" of every scoring stage that scored the unit, one column per stage
+STAGE_NODE_PREFIX = "scored_on:"
 SCORED_FROM = "scored_from"  # wall-clock start and end of the scoring call (unix seconds):
 SCORED_UNTIL = "scored_until"  # the driver measures pipeline throughput from them
 COMPUTED_TOKENS = "computed_tokens"  # token positions the backbone ran, charged per unit (padding included)
@@ -207,6 +209,7 @@ class EmbedScoreStage(Stage):
             "heads_fingerprint",
             "quarantine_reason",
             SCORED_ON,
+            STAGE_NODE_PREFIX + EmbedScoreStage.name,
             SCORED_FROM,
             SCORED_UNTIL,
             COMPUTED_TOKENS,
@@ -317,6 +320,7 @@ class EmbedScoreStage(Stage):
         out_t = _set_column(out_t, "heads_fingerprint", [self.heads_fingerprint] * n, pa.string())
         out_t = _set_column(out_t, "quarantine_reason", reasons, pa.string())
         out_t = _set_column(out_t, SCORED_ON, [self.node] * n, pa.string())
+        out_t = _set_column(out_t, STAGE_NODE_PREFIX + self.name, [f"{self.name}@{self.node}"] * n, pa.string())
         out_t = _set_column(out_t, SCORED_FROM, [started] * n, pa.float64())
         out_t = _set_column(out_t, SCORED_UNTIL, [time.time()] * n, pa.float64())
         out_t = _set_column(out_t, COMPUTED_TOKENS, computed, pa.int64())
@@ -442,6 +446,9 @@ class WriteStage(Stage):
             storage_retries=read_retries + sum(storage.FAULTS.take().values()),
             reasons=dict(Counter(bad.column("quarantine_reason").to_pylist())),
             scored_on=dict(Counter(part.column(SCORED_ON).to_pylist())) if SCORED_ON in cols else {},
+            scored_by_stage=dict(
+                sum((Counter(part.column(c).to_pylist()) for c in cols if c.startswith(STAGE_NODE_PREFIX)), Counter())
+            ),
             scored_from=pc.min(part.column(SCORED_FROM)).as_py() if SCORED_FROM in cols else None,
             scored_until=pc.max(part.column(SCORED_UNTIL)).as_py() if SCORED_UNTIL in cols else None,
             fields_present=dict(use.present) if use is not None else None,
