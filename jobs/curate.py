@@ -46,12 +46,13 @@ def main(argv: list[str] | None = None) -> int:
         print(warning, file=sys.stderr)
     from pipeline.curation.job import run  # Ray: imported once the config is known to be good
 
-    man = run(cfg)
-    summary = {
-        k: man[k]
-        for k in ("task", "rows_in", "rows_out", "filters", "pairs", "agreement", "temperature", "output")
-        if k in man
-    }
+    try:
+        man = run(cfg)
+    except ConfigError as e:  # a key checked against the run's columns at start (pipeline.curation.uncertainty)
+        print(scrub(f"config error: {e}"), file=sys.stderr)
+        return 2
+    keys = ("task", "score_column", "rows_in", "rows_out", "filters", "pairs", "agreement", "temperature", "output")
+    summary = {k: man[k] for k in keys if k in man}
     print(scrub(json.dumps(summary, indent=2)))
     return 0
 

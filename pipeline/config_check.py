@@ -146,25 +146,29 @@ def check_curate_config(path: str, overrides: dict | None = None) -> CheckReport
     the filters need."""
     import pyarrow.parquet as pq
 
+    from pipeline.curation import score_column
     from pipeline.curation.config import load_config
+    from pipeline.curation.inputs import run_files
     from pipeline.curation.thresholds import parse_filters
 
     report = CheckReport("curation", path)
     try:
-        cfg = load_config(path, overrides)
+        cfg = load_config(path, overrides)  # score_column against the run's files (type, values) included
     except ConfigErrors as e:
         report.errors = e.errors
         return report
     so = cfg.storage_options or None
-    files = storage.parquet_files(storage.join(cfg.run, "data"), so)
+    files = run_files(cfg.run, so)  # the files the job reads: one run, <root>/latest or a glob of runs
     rows, columns = 0, set()
     for uri in files:
         fs, p = storage.filesystem(uri, so)
         with fs.open(p, "rb") as fh:
             meta = pq.ParquetFile(fh)
             rows += meta.metadata.num_rows
-            columns |= set(meta.schema_arrow.names)
+            columns |= set(score_column.presented_schema(meta.schema_arrow, cfg.score_column).names)
     report.lines.append(f"task {cfg.task}: run {cfg.run} ({len(files)} data file(s), {rows} unit(s)) -> {cfg.output}")
+    if cfg.score_column != score_column.SCORE:
+        report.lines.append(f"score_column: {cfg.score_column} (read as `score` by every rule and output)")
     report.errors += reachable("output", cfg.output, so)
     for i, f in enumerate(parse_filters(cfg.filters)):
         if f.column not in columns:

@@ -4,6 +4,8 @@ task: sft | dpo | rerank | calibrate
 run: runs/labels/demo              # a labeled run: <run>/data/*.parquet (+ manifest.json); or
                                    # <labels root>/latest, or a glob of runs (pipeline.curation.inputs)
 output: runs/curated/demo-sft      # a directory (calibrate: the JSON file to write)
+score_column: score                # the run's column to rank by (rm_<name>: a reward model's), shown
+                                   # to the tasks as `score` (pipeline.curation.score_column)
 storage_options: {}                # for s3:// (endpoint_url, key, secret, ...)
 filters: [...]                     # unit filters, see pipeline/curation/thresholds.py
 output_files: null                 # output Parquet files (null: one per partition)
@@ -31,6 +33,7 @@ from pydantic import Field
 from pipeline import storage
 from pipeline.config_schema import ConfigErrors, Loc, Schema, at_least, list_of, one_of, under
 from pipeline.curation import calibration as cal
+from pipeline.curation import score_column as sc
 from pipeline.curation.inputs import resolve_runs
 from pipeline.curation.pairs import BEST_OF_N_MODES, HUMAN_TIE_RULES, PREFERENCE_POLICIES, PairRules
 from pipeline.curation.thresholds import OBJECTIVE_FIELDS, RULES, FilterError, parse_filters
@@ -98,6 +101,8 @@ class CurateConfig:
     task: str
     run: str
     output: str
+    # The run's column every task ranks by, read under the name `score` (pipeline.curation.score_column)
+    score_column: str = sc.DEFAULT
     storage_options: dict = field(default_factory=dict)
     filters: list = field(default_factory=list)
     output_files: int | None = None
@@ -122,6 +127,8 @@ class CurateConfig:
     def hash(self) -> str:
         d = without_credentials(self.to_dict())
         d.pop("ray_address", None)
+        if d.get("score_column") == sc.DEFAULT:  # configs written before the key hash as they did
+            d.pop("score_column")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -145,6 +152,7 @@ SCHEMA = Schema(
         (CurateConfig, "task"): one_of(*TASKS),
         (CurateConfig, "run"): Annotated[str, Field(min_length=1)],
         (CurateConfig, "output"): Annotated[str, Field(min_length=1)],
+        (CurateConfig, "score_column"): Annotated[str, Field(min_length=1)],
         (CurateConfig, "filters"): list[FilterSpec],  # type: ignore[valid-type]
         (CurateConfig, "output_files"): Annotated[int, Field(ge=1, le=100_000)] | None,
         (CurateConfig, "partition_rows"): at_least(1),
@@ -202,18 +210,35 @@ def _validate(cfg: CurateConfig, bad: list[Loc]) -> list[str]:
         errors.append(
             f"output: the calibrate task writes one JSON file; expected a path ending in .json, got {cfg.output!r}"
         )
+    score_ok = not under(bad, "score_column") and not under(bad, "task")
+    if score_ok:
+        errors += sc.key_errors(cfg)
     so = cfg.storage_options or None
     try:
-        resolve_runs(cfg.run, so)  # a run dir, <root>/latest or a glob of runs (pipeline.curation.inputs)
+        runs = resolve_runs(cfg.run, so)  # a run dir, <root>/latest or a glob of runs (pipeline.curation.inputs)
     except FileNotFoundError as e:
         errors.append(f"run: {e}")
     except Exception as e:  # noqa: BLE001 - an unreachable store: say which key
         errors.append(scrub(f"run: cannot list {cfg.run}: {e}"))
+    else:
+        if score_ok:
+            try:
+                errors += sc.run_errors(cfg, runs, so)
+            except Exception as e:  # noqa: BLE001 - a file that cannot be read: say which key
+                errors.append(scrub(f"score_column: cannot read the run {cfg.run}: {type(e).__name__}: {e}"))
+    found = None  # the calibration file, once it is known to exist
     try:
         if cfg.calibration and not storage.exists(cfg.calibration, so):
             errors.append(f"calibration: no such file {cfg.calibration}")
+        else:
+            found = cfg.calibration
     except Exception as e:  # noqa: BLE001
         errors.append(scrub(f"calibration: cannot check {cfg.calibration}: {e}"))
+    if found and score_ok and cfg.task != "calibrate":
+        try:
+            errors += sc.calibration_errors(cfg, cal.load(found, so))
+        except Exception as e:  # noqa: BLE001
+            errors.append(scrub(f"calibration: cannot read {cfg.calibration}: {e}"))
     return errors
 
 

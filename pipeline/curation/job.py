@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 
 from pipeline import schema, storage
 from pipeline.curation import calibration as cal
+from pipeline.curation import score_column as sc
 from pipeline.curation import uncertainty
 from pipeline.curation.config import CurateConfig
 from pipeline.curation.inputs import resolve_runs, run_files
@@ -118,6 +119,12 @@ def run_schema(files: list[str], storage_options: dict | None) -> pa.Schema:
         return pq.read_schema(f)
 
 
+def task_schema(cfg: CurateConfig, files: list[str]) -> pa.Schema:
+    """The run's schema as the tasks see it: cfg.score_column under the name `score`
+    (pipeline.curation.score_column)."""
+    return sc.presented_schema(run_schema(files, cfg.storage_options or None), cfg.score_column)
+
+
 def plan_slices(files: list[str], storage_options: dict | None, rows_per_slice: int) -> tuple[list[tuple], int]:
     """Slices of the run for the scatter tasks: (file, [row groups]) of about rows_per_slice units,
     from the Parquet footers (no data read). Returns the slices and the run's number of units."""
@@ -188,6 +195,7 @@ class Scatter:
     storage_options: dict | None
     positions: bool = False  # add each unit's slice and row in its slice (POS_SLICE, POS_ROW)
     conservative_lambda: float = 1.0  # λ of score_conservative, when a quantile filter needs its values
+    score_column: str = sc.DEFAULT  # the run's column read as `score` (pipeline.curation.score_column)
 
 
 def scatter_slice(uri: str, row_groups: list[int], slice_id: int, spec: Scatter) -> dict:
@@ -202,10 +210,9 @@ def scatter_slice(uri: str, row_groups: list[int], slice_id: int, spec: Scatter)
         fs.open(path, "rb") as f,
         Fragments(lambda p: _fragment_uri(spec.scratch, p, slice_id), spec.storage_options) as out,
     ):
-        for batch in pq.ParquetFile(f).iter_batches(
-            batch_size=spec.batch_rows, row_groups=row_groups, columns=spec.columns
-        ):
-            table = pa.Table.from_batches([batch])
+        read = sc.source_columns(spec.columns, spec.score_column)  # score_column for `score`
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=spec.batch_rows, row_groups=row_groups, columns=read):
+            table = sc.present(pa.Table.from_batches([batch]), spec.columns, spec.score_column)
             if spec.positions:
                 table = table.append_column(POS_SLICE, pa.array(np.full(table.num_rows, slice_id, np.int32)))
                 table = table.append_column(POS_ROW, pa.array(np.arange(rows, rows + table.num_rows)))
@@ -337,6 +344,7 @@ def shuffle(
         so,
         positions,
         float(cfg.conservative_lambda),
+        cfg.score_column,
     )
     task = ray.remote(num_cpus=1)(scatter_slice)
     refs = [task.remote(uri, groups, i, spec) for i, (uri, groups) in enumerate(slices)]
@@ -475,14 +483,16 @@ def read_back_slice(
             if np.searchsorted(want, start) == np.searchsorted(want, end):
                 continue  # no selected unit in this row group: not read
             lo = start
-            for batch in pf.iter_batches(batch_size=BATCH_ROWS, row_groups=[g], columns=output_columns):
+            read = sc.source_columns(output_columns, cfg.score_column)
+            for batch in pf.iter_batches(batch_size=BATCH_ROWS, row_groups=[g], columns=read):
                 hi = lo + batch.num_rows
                 a, b = np.searchsorted(want, [lo, hi])
                 # The batch's selected units grouped by partition, so that one take builds them all.
                 by_part = np.argsort(plan_part[a:b], kind="stable")
                 sub = plan.slice(a, b - a).take(pa.array(by_part))
+                table = sc.present(pa.Table.from_batches([batch]), output_columns, cfg.score_column)
                 rows = build(
-                    pa.Table.from_batches([batch]).take(pa.array(want[a:b][by_part] - lo)),
+                    table.take(pa.array(want[a:b][by_part] - lo)),
                     {c: sub.column(c).to_numpy() for c in computed},
                     calibration,
                 ).append_column(POS_OUT, sub.column(POS_OUT))
@@ -548,7 +558,7 @@ def run_unit_task(
 
     so = cfg.storage_options or None
     select_cols, output_cols = task_columns(cfg.task, names, filters)
-    in_schema = run_schema(files, so)
+    in_schema = task_schema(cfg, files)
     light_schema = pa.schema(
         [in_schema.field(c) for c in select_cols] + [pa.field(POS_SLICE, pa.int32()), pa.field(POS_ROW, pa.int64())]
     )
@@ -623,6 +633,7 @@ def _base_manifest(cfg: CurateConfig, files: list[str], t0: float) -> dict:
         "status": "complete",
         "config": cfg.to_dict(),
         "config_hash": cfg.hash(),
+        "score_column": cfg.score_column,  # the run's column the tasks read as `score`
         "run": cfg.run,
         "run_id": runs[0].run_id,  # the newest run read (the only one for a run directory)
         "runs": [{"run_dir": r.run_dir, "run_id": r.run_id, "files": len(r.files)} for r in runs],
@@ -650,9 +661,8 @@ def run_pairs_task(
     gather task per output file. Returns (per-partition counts, written file names, layout)."""
     import ray
 
-    so = cfg.storage_options or None
     columns, _ = task_columns(cfg.task, names, filters)
-    in_schema = run_schema(files, so)
+    in_schema = task_schema(cfg, files)
     in_schema = pa.schema([in_schema.field(c) for c in columns])
     layout = shuffle(cfg, files, columns, "prompt_id", columns_to_fit(filters), scratch, cfg.output_files)
     if layout["values"]:
@@ -700,7 +710,7 @@ def run(cfg: CurateConfig) -> dict:
     storage.remove(storage.join(cfg.output, MANIFEST), so)
     out_dir = storage.join(cfg.output, "data")
     scratch = _scratch(cfg)
-    names = run_schema(files, so).names
+    names = task_schema(cfg, files).names  # score_column shown as `score`
     run_task = run_unit_task if cfg.task in UNIT_TASKS else run_pairs_task
     try:
         counts_per_partition, written, layout = run_task(cfg, files, names, filters, calibration, scratch, out_dir)
@@ -731,7 +741,7 @@ def run_calibrate(cfg: CurateConfig, files: list[str], t0: float) -> dict:
     import ray
 
     so = cfg.storage_options or None
-    names = run_schema(files, so).names
+    names = task_schema(cfg, files).names  # score_column shown as `score`
     columns = cfg.calibrate.columns or ["score"] + sorted(
         n for n in names if n.startswith((schema.RATING_PREFIX, schema.DEBIASED_PREFIX))
     )
@@ -742,7 +752,7 @@ def run_calibrate(cfg: CurateConfig, files: list[str], t0: float) -> dict:
     # row_id is the shuffle key even when no temperature is fitted
     read = sorted(set(columns) | {"row_id"} | (set(pair_cols) if cfg.calibrate.fit_temperature else set()))
     scratch = _scratch(cfg)
-    in_schema = run_schema(files, so)
+    in_schema = task_schema(cfg, files)
     in_schema = pa.schema([in_schema.field(c) for c in read])
     try:
         # Human pairs are whole within a partition by row_id; one pass also gathers the columns to fit.
@@ -761,6 +771,7 @@ def run_calibrate(cfg: CurateConfig, files: list[str], t0: float) -> dict:
         storage.remove(scratch, so)
     calibration = cal.fit_calibration(values, cfg.calibrate.method, cfg.calibrate.n_quantiles, temperature, cfg.run)
     calibration["temperature_pairs"] = n_pairs
+    calibration["score_column"] = cfg.score_column  # what its `score` map and T describe
     cal.save(calibration, cfg.output, so)
     man = {
         **_base_manifest(cfg, files, t0),

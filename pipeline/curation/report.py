@@ -185,6 +185,8 @@ def _curation_section(cm: dict) -> str:
         f'<p class="note">Manifest of <code>{svg.esc(cm.get("config", {}).get("output", ""))}</code>: '
         f"{cm.get('rows_in', '?')} units in, {cm.get('rows_out', '?')} rows out.</p>",
     ]
+    if cm.get("score_column", "score") != "score":  # every score of this section is that column's
+        parts.append(f'<p class="note">Scored by <code>{svg.esc(cm["score_column"])}</code> (read as score).</p>')
     steps = [(s["label"], s) for s in cm.get("selection", [])] + [(f["label"], f) for f in cm.get("filters", [])]
     removed = {label: float(s["removed"]) for label, s in steps}
     if "one_per_prompt_removed" in cm:

@@ -322,16 +322,21 @@ def _validate(cfg: LabelConfig | None, data: dict, bad: list[Loc]) -> list[str]:
             resolve_source(BackboneSpec.from_dict(m.backbone))
         except Exception as e:  # noqa: BLE001
             errors.append(f"model.backbone: {secrets.scrub(str(e))}")
-    if not under(bad, "model", "reward_models"):
-        errors += reward_model_errors(m.reward_models, so)
+    if isinstance(m.reward_models, list):
+        errors += reward_model_errors(
+            m.reward_models,
+            so,
+            tuple(i for i in range(len(m.reward_models)) if under(bad, "model", "reward_models", i)),
+        )
     if not under(bad, "run_id") and (not cfg.run_id or any(c in cfg.run_id for c in "/\\ ")):
         errors.append(f"run_id: must be a non-empty name without slashes or spaces, got {cfg.run_id!r}")
     return errors
 
 
-def reward_model_errors(models: list[dict], storage_options: dict | None) -> list[str]:
+def reward_model_errors(models: list[dict], storage_options: dict | None, skip: tuple[int, ...] = ()) -> list[str]:
     """Names (a column each, rm_<name>, none twice) and each checkpoint's inspection, one message per
-    model naming it and the file (pipeline.reward_models.spec.inspect_reward_model)."""
+    model naming it and the file (pipeline.reward_models.spec.inspect_reward_model). `skip`: models
+    whose settings had type errors (reported already); their names still count as taken."""
     from pipeline.schema import OUTPUT_FIXED_FIELDS
 
     errors: list[str] = []
@@ -351,6 +356,8 @@ def reward_model_errors(models: list[dict], storage_options: dict | None) -> lis
             errors.append(f"{where}.name: {spec.name!r} is used twice (each model writes its own column rm_<name>)")
             continue
         seen.add(spec.name)
+        if i in skip:
+            continue
         if spec.column in taken:
             errors.append(f"{where}.name: column {spec.column!r} collides with an output column")
         try:

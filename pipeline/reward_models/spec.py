@@ -149,12 +149,15 @@ def inspect_reward_model(spec: RewardModelSpec, storage_options: dict | None = N
     try:
         names = _listing(spec.path, storage_options)
     except RewardModelError as e:
-        raise RewardModelError(f"{where}: {e}") from None
-    if CONFIG_FILE not in names:
         hint = ""
         if not storage.is_remote(spec.path) and not spec.path.startswith((".", "/", "~")) and spec.path.count("/") == 1:
-            hint = " (hub ids are not read: download it, e.g. `huggingface-cli download ID --local-dir DIR`)"
-        raise RewardModelError(f"{where}: no {CONFIG_FILE}{hint}")
+            hint = (
+                "; hub ids are not read: download the model first "
+                "(`huggingface-cli download ORG/NAME --local-dir DIR`) and give DIR"
+            )
+        raise RewardModelError(f"{where}: {e}{hint}") from None
+    if CONFIG_FILE not in names:
+        raise RewardModelError(f"{where}: no {CONFIG_FILE}")
     config_uri = storage.join(spec.path, CONFIG_FILE)
     config = _read_json(config_uri, storage_options)
     if config.get("auto_map"):
