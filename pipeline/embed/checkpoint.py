@@ -34,6 +34,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -77,6 +78,10 @@ TOKENIZER_FILES = (
     "tokenizer.model",
     "vocab.json",
     "merges.txt",
+    # encoders' vocabularies (reward models: BERT's WordPiece, DeBERTa-v2's and XLM-R's SentencePiece)
+    "vocab.txt",
+    "spm.model",
+    "sentencepiece.bpe.model",
 )
 SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 GENERATION_CONFIG = "generation_config.json"
@@ -409,9 +414,11 @@ _SAFETENSORS_ITEMSIZE = {
     "BOOL": 1,
 }
 
+_SAFETENSORS_DTYPE_NAMES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
 
 @dataclass
-class _Source:
+class TensorSource:
     """One tensor of the export, read only when its shard is written: in memory or in a file."""
 
     tensor: torch.Tensor | None = None
@@ -432,6 +439,15 @@ class _Source:
             sl = f.get_slice(name)
             shape, kind = list(sl.get_shape()), sl.get_dtype()
         return shape, _SAFETENSORS_ITEMSIZE.get(kind, 4), kind in ("F64", "F32", "BF16", "F16")
+
+    def dtype_name(self) -> str:
+        """The stored dtype, as torch names it ("float32", "bfloat16", …)."""
+        if self.tensor is not None:
+            return str(self.tensor.dtype).removeprefix("torch.")
+        path, name = self._in_file()
+        with safe_open(path, framework="pt") as f:
+            kind = f.get_slice(name).get_dtype()
+        return _SAFETENSORS_DTYPE_NAMES.get(kind, kind.lower())
 
     def shape(self) -> list[int]:
         shape = self._shape_kind()[0]
@@ -461,7 +477,7 @@ class _Source:
         return t.contiguous().clone()  # clone: tied tensors must not share storage in safetensors
 
 
-def _backbone_sources(backbone, storage_options: dict | None) -> tuple[dict, dict[str, _Source]]:
+def backbone_sources(backbone, storage_options: dict | None = None) -> tuple[dict, dict[str, TensorSource]]:
     """(config dict, {name in checkpoint: source}) of the backbone, from a model object or a
     Hugging Face / ArmoRM directory with safetensors weights (heads and lm_head left out)."""
     if isinstance(backbone, (str, os.PathLike)):
@@ -474,17 +490,17 @@ def _backbone_sources(backbone, storage_options: dict | None) -> tuple[dict, dic
             if has_prefix and not name.startswith(BACKBONE_PREFIX):
                 continue  # lm_head, the heads of an ArmoRM checkpoint
             out_name = name if has_prefix else BACKBONE_PREFIX + name
-            sources[out_name] = _Source(file=(os.path.join(directory, shard), name))
+            sources[out_name] = TensorSource(file=(os.path.join(directory, shard), name))
         return config, sources
     model = backbone
     base = getattr(model, "model", None)
     if isinstance(base, torch.nn.Module) and hasattr(model, "lm_head"):
         model = base  # a causal LM: keep the decoder, drop lm_head
     config = model.config.to_dict()
-    return config, {BACKBONE_PREFIX + name: _Source(tensor=t) for name, t in model.state_dict().items()}
+    return config, {BACKBONE_PREFIX + name: TensorSource(tensor=t) for name, t in model.state_dict().items()}
 
 
-def _tokenizer_files(tokenizer, directory: str) -> dict[str, bytes]:
+def tokenizer_files(tokenizer, directory: str) -> dict[str, bytes]:
     """The tokenizer's files as a checkpoint ships them: saved by transformers, plus a
     special_tokens_map.json (read by transformers 4.x loaders), in a form 4.x also loads."""
     tokenizer.save_pretrained(directory)
@@ -500,6 +516,80 @@ def _tokenizer_files(tokenizer, directory: str) -> dict[str, bytes]:
             {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
         )
     return files
+
+
+def require_tokenizer(tokenizer) -> None:
+    if tokenizer is None:
+        raise CheckpointError(
+            "export needs the backbone's tokenizer: without it no pad token can be guaranteed to occur in no text"
+        )
+
+
+def with_dedicated_pad(config: dict, sources: dict[str, TensorSource], tokenizer) -> tuple[Any, int, int]:
+    """(tokenizer with a dedicated pad, its id, vocabulary size) for an export of the backbone
+    `config` + `sources` (backbone_sources): the tokenizer's own pad when it is dedicated, else a
+    copy with an added `[PAD]`, the embedding source grown to hold it. The copy's
+    model_max_length is the smaller of the tokenizer's and the model's (as import reads it).
+    Refuses a missing tokenizer, a missing embedding and a config that disagrees with it."""
+    require_tokenizer(tokenizer)
+    if EMBEDDING_KEY not in sources:
+        raise CheckpointError(f"backbone has no {EMBEDDING_KEY}")
+    rows = int(sources[EMBEDDING_KEY].shape()[0])
+    if rows != int(config.get("vocab_size", rows)):
+        raise CheckpointError(f"backbone config vocab_size {config.get('vocab_size')} ≠ {rows} embedding rows")
+    tokenizer, pad, vocab_size = tokenizer_with_pad(copy.deepcopy(tokenizer), rows)
+    # the longest input is the model's as much as the tokenizer's: record the smaller, as import reads it
+    limits = [int(x) for x in (config.get("max_position_embeddings"), tokenizer.model_max_length) if x]
+    tokenizer.model_max_length = min(limits)
+    if vocab_size > rows:
+        sources[EMBEDDING_KEY].rows = vocab_size
+    return tokenizer, pad, vocab_size
+
+
+def write_checkpoint(
+    out_dir: str,
+    items: list[tuple[str, TensorSource]],
+    config: dict,
+    tokenizer,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    dtype: torch.dtype | None = None,
+    storage_options: dict | None = None,
+    extra_files: dict[str, bytes] | None = None,
+) -> str:
+    """Write a safetensors checkpoint (local or remote `out_dir`): the tensors in the given order,
+    packed greedily into shards `model-0000i-of-0000n.safetensors` of at most `shard_size` bytes (a
+    bigger tensor gets a shard of its own), `model.safetensors.index.json`, the tokenizer's files,
+    `extra_files` (name -> bytes), and config.json last: a directory with config.json is complete.
+    `dtype` casts floating tensors (None keeps them); each shard is read and written on its own."""
+    shards = pack_shards([source.stored_size(dtype) for _, source in items], shard_size)
+    weight_map, total = {}, 0
+    with tempfile.TemporaryDirectory(prefix="armolabel-export-") as tmp:
+        for i, shard in enumerate(shards, start=1):
+            fname = shard_file_name(i, len(shards))
+            tensors = {items[j][0]: items[j][1].load(dtype) for j in shard}
+            local = os.path.join(tmp, fname)
+            save_file(tensors, local, metadata={"format": "pt"})
+            with open(local, "rb") as src:
+                storage.write_atomic(
+                    storage.join(out_dir, fname), lambda f: shutil.copyfileobj(src, f, 1 << 24), storage_options
+                )
+            os.remove(local)
+            for name, t in tensors.items():
+                weight_map[name] = fname
+                total += t.numel() * t.element_size()
+            del tensors
+        _write(
+            out_dir,
+            INDEX_FILE,
+            _json_bytes({"metadata": {"total_size": total}, "weight_map": weight_map}),
+            storage_options,
+        )
+        for name, blob in tokenizer_files(tokenizer, os.path.join(tmp, "tokenizer")).items():
+            _write(out_dir, name, blob, storage_options)
+    for name, blob in sorted((extra_files or {}).items()):
+        _write(out_dir, name, blob, storage_options)
+    _write(out_dir, CONFIG_FILE, _json_bytes(config), storage_options)  # last: with config.json it is complete
+    return out_dir
 
 
 def export_armorm_checkpoint(
@@ -523,51 +613,12 @@ def export_armorm_checkpoint(
     not generate. `dtype` casts floating tensors (None keeps them).
     The released repository also ships modeling code for trust_remote_code; we ship none.
     """
-    if tokenizer is None:
-        raise CheckpointError(
-            "export needs the backbone's tokenizer: without it no pad token can be guaranteed to occur in no text"
-        )
-    config, sources = _backbone_sources(backbone, storage_options)
-    if EMBEDDING_KEY not in sources:
-        raise CheckpointError(f"backbone has no {EMBEDDING_KEY}")
-    rows = int(sources[EMBEDDING_KEY].shape()[0])
-    if rows != int(config.get("vocab_size", rows)):
-        raise CheckpointError(f"backbone config vocab_size {config.get('vocab_size')} ≠ {rows} embedding rows")
-    tokenizer, pad, vocab_size = tokenizer_with_pad(copy.deepcopy(tokenizer), rows)
-    # the longest input is the model's as much as the tokenizer's: record the smaller, as import reads it
-    limits = [int(x) for x in (config.get("max_position_embeddings"), tokenizer.model_max_length) if x]
-    tokenizer.model_max_length = min(limits)
+    require_tokenizer(tokenizer)  # before the backbone is read
+    config, sources = backbone_sources(backbone, storage_options)
+    tokenizer, pad, vocab_size = with_dedicated_pad(config, sources, tokenizer)
     config = armorm_config(config, heads, pad, vocab_size)
-    if vocab_size > rows:
-        sources[EMBEDDING_KEY].rows = vocab_size
-    items = list(sources.items()) + [(n, _Source(tensor=t)) for n, t in heads.tensors().items()]
-    shards = pack_shards([source.stored_size(dtype) for _, source in items], shard_size)
-    weight_map, total = {}, 0
-    with tempfile.TemporaryDirectory(prefix="armorm-export-") as tmp:
-        for i, shard in enumerate(shards, start=1):
-            fname = shard_file_name(i, len(shards))
-            tensors = {items[j][0]: items[j][1].load(dtype) for j in shard}
-            local = os.path.join(tmp, fname)
-            save_file(tensors, local, metadata={"format": "pt"})
-            with open(local, "rb") as src:
-                storage.write_atomic(
-                    storage.join(out_dir, fname), lambda f: shutil.copyfileobj(src, f, 1 << 24), storage_options
-                )
-            os.remove(local)
-            for name, t in tensors.items():
-                weight_map[name] = fname
-                total += t.numel() * t.element_size()
-            del tensors
-        _write(
-            out_dir,
-            INDEX_FILE,
-            _json_bytes({"metadata": {"total_size": total}, "weight_map": weight_map}),
-            storage_options,
-        )
-        for name, blob in _tokenizer_files(tokenizer, os.path.join(tmp, "tokenizer")).items():
-            _write(out_dir, name, blob, storage_options)
-    _write(out_dir, CONFIG_FILE, _json_bytes(config), storage_options)  # last: with config.json it is complete
-    return out_dir
+    items = list(sources.items()) + [(n, TensorSource(tensor=t)) for n, t in heads.tensors().items()]
+    return write_checkpoint(out_dir, items, config, tokenizer, shard_size, dtype, storage_options)
 
 
 def _json_bytes(obj) -> bytes:
