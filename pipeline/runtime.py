@@ -36,3 +36,8 @@ def init_ray(
         )
     else:
         ray.init(address=address, **kwargs)
+
+
+def cluster_resources() -> dict[str, float]:
+    """What the cluster this process joined has in all (CPU, GPU, custom resources)."""
+    return {k: float(v) for k, v in ray.cluster_resources().items()}

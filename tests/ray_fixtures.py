@@ -370,9 +370,14 @@ class MultiNodeCluster:
 
 @contextlib.contextmanager
 def start_multinode_cluster(
-    base: Path, num_workers: int = 2, worker_resource: str = "scorer", cpus_per_worker: int = 1
+    base: Path,
+    num_workers: int = 2,
+    worker_resource: str = "scorer",
+    cpus_per_worker: int = 1,
+    node_resources: list[dict[str, float]] | None = None,
 ) -> Iterator[MultiNodeCluster]:
-    """A head (1 CPU, no dashboard) plus worker nodes, each with one `worker_resource`.
+    """A head (1 CPU, no dashboard) plus worker nodes, each with one `worker_resource`, and
+    `node_resources[i]` on worker i when given (resources that only some nodes offer).
 
     Token auth stays on for the lifetime of the cluster in this process (see token_auth_env).
     """
@@ -393,9 +398,10 @@ def start_multinode_cluster(
                 head_node_args={"num_cpus": 1, "include_dashboard": False, "temp_dir": str(base / "ray")},
             )
             try:
+                own = node_resources or [{}] * num_workers
                 workers = [
-                    cluster.add_node(num_cpus=cpus_per_worker, resources={worker_resource: 1})
-                    for _ in range(num_workers)
+                    cluster.add_node(num_cpus=cpus_per_worker, resources={worker_resource: 1, **own[i]})
+                    for i in range(num_workers)
                 ]
                 cluster.wait_for_nodes()
                 yield MultiNodeCluster(

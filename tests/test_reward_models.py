@@ -342,3 +342,32 @@ def test_check_refuses_with_exit_2(tiny_models, tmp_path):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     out = proc.stdout + proc.stderr
     assert "model.reward_models[0]" in out and "'sky'" in out and "auto_map" in out and "Traceback" not in out
+
+
+def test_pools_that_cannot_all_start_are_said_up_front(tiny_models, tmp_path):
+    """Every scoring pool must hold its minimum at once for a unit to get through: on 2 CPUs three
+    one-CPU pools wait forever (seen), so the run says so when it starts."""
+    from pipeline.labeling.config import parse_config
+    from pipeline.labeling.run import capacity_shortfall, scoring_pools
+
+    cfg = parse_config(
+        {
+            "inputs": [{"path": str(SHARED / "llmbar" / "LLMBar_Natural.json"), "format": "llmbar"}],
+            "output": str(tmp_path / "out"),
+            "model": {
+                "reward_models": [
+                    {"name": "a", "path": str(tiny_models["llama"])},
+                    {
+                        "name": "b",
+                        "path": str(tiny_models["bert"]),
+                        "resources": {"custom_resources_per_actor": {"enc": 1}},
+                    },
+                ]
+            },
+            "resources": {"num_cpus_per_actor": 1},
+        }
+    )
+    assert list(scoring_pools(cfg)) == ["rm_a", "rm_b"]  # no backbone pass without heads
+    said = capacity_shortfall(cfg, {"CPU": 2.0})
+    assert said and "CPU 2.25 (cluster: 2)" in said and "enc 1 (cluster: 0)" in said
+    assert capacity_shortfall(cfg, {"CPU": 3.0, "enc": 1.0}) is None

@@ -25,7 +25,7 @@ from pipeline.labeling.reward_stages import RewardModelStage, RewardModelTokeniz
 from pipeline.labeling.stages import EmbedScoreStage, ScoringModel, TokenizeStage, WriteStage, count_read_retries
 from pipeline.labeling.watch import PoolWatch, Stalled
 from pipeline.reward_models.spec import RewardModelSpec
-from pipeline.runtime import init_ray
+from pipeline.runtime import cluster_resources, init_ray
 from pipeline.schema import OUTPUT_FIXED_FIELDS
 from pipeline.secrets import scrub
 from pipeline.stage import (
@@ -188,6 +188,9 @@ def execute(plan: RunPlan, lease: run_lease.RunLease | None = None) -> dict:
         ds = _pipeline(plan)
         what = f"{total} unit(s) to label" if total is not None else f"{plan.input_bytes} input bytes to label"
         _say(f"run {cfg.run_id}: {len(plan.files)} file(s), {what} -> {run_dir}")
+        shortfall = capacity_shortfall(cfg, cluster_resources())
+        if shortfall:
+            _say(f"warning: {shortfall}")
         watch = _pool_watch(cfg)
         progress = Progress(total, cfg.progress_interval_s, watch.status)
         new_markers = _drive(ds, run_dir, so, progress, lease, watch, cfg.stall_timeout_s)
@@ -223,11 +226,52 @@ def _lease_record(lease: run_lease.RunLease | None) -> dict | None:
     }
 
 
-def _pool_watch(cfg: LabelConfig) -> PoolWatch:
-    r = cfg.resources
-    needs = {"CPU": r.num_cpus_per_actor, **({"GPU": r.num_gpus_per_actor} if r.num_gpus_per_actor else {})}
+def scoring_pools(cfg: LabelConfig) -> dict[str, ResourcesConfig]:
+    """Stage name -> resources of every actor pool the run starts: the backbone's (when it scores)
+    and each reward model's (its own keys over the run's)."""
+    m = cfg.model
+    pools = {EmbedScoreStage.name: cfg.resources} if m.scores_with_backbone() else {}
+    for d in m.reward_models:
+        spec = RewardModelSpec.from_dict(d)
+        pools[spec.column] = _reward_model_resources(spec, cfg.resources)
+    return pools
+
+
+def _actor_needs(r: ResourcesConfig) -> dict[str, float]:
+    needs = {"CPU": float(r.num_cpus_per_actor)}
+    if r.num_gpus_per_actor:
+        needs["GPU"] = float(r.num_gpus_per_actor)
     needs.update(r.custom_resources_per_actor)
-    return PoolWatch(minimum=r.actors[0] if isinstance(r.actors, list) else r.actors, needs=needs)
+    return needs
+
+
+def _min_actors(r: ResourcesConfig) -> int:
+    return r.actors[0] if isinstance(r.actors, list) else r.actors
+
+
+def _pool_watch(cfg: LabelConfig) -> PoolWatch:
+    """The pools' minimum actors together (they all must run for units to get through), and what
+    one actor of the first pool asks for."""
+    pools = list(scoring_pools(cfg).values())
+    return PoolWatch(minimum=sum(_min_actors(r) for r in pools), needs=_actor_needs(pools[0]))
+
+
+def capacity_shortfall(cfg: LabelConfig, cluster: dict[str, float]) -> str | None:
+    """A line when the scoring pools' minimum actors, plus one CPU task, need more of a resource
+    than the whole cluster has right now: every pool must hold its minimum at once for a unit to
+    pass through, so such a run waits (an autoscaling cluster may still grow to fit)."""
+    need: dict[str, float] = {"CPU": float(cfg.resources.cpus_per_cpu_task)}
+    for r in scoring_pools(cfg).values():
+        for k, v in _actor_needs(r).items():
+            need[k] = need.get(k, 0.0) + v * _min_actors(r)
+    short = {k: (v, cluster.get(k, 0.0)) for k, v in need.items() if v > cluster.get(k, 0.0) + 1e-9}
+    if not short:
+        return None
+    said = ", ".join(f"{k} {v:g} (cluster: {have:g})" for k, (v, have) in sorted(short.items()))
+    return (
+        f"the scoring pools' minimum actors and a read task need {said}: the run waits until the "
+        "cluster grows; lower resources.num_cpus_per_actor / actors (or a reward model's own resources)"
+    )
 
 
 def _read(plan: RunPlan, transform=None):
