@@ -111,9 +111,24 @@ def set_max_block_bytes(n: int) -> None:
     ray.data.DataContext.get_current().target_max_block_size = n
 
 
-def rebatch(ds, rows_per_block: int):
-    """Blocks of at most `rows_per_block` rows (a block is the unit of streaming)."""
-    return ds.repartition(target_num_rows_per_block=rows_per_block)
+def rebatch(ds, rows_per_block: int, num_cpus: float = 1.0):
+    """Blocks of at most `rows_per_block` rows (a block is the unit of streaming).
+
+    Ray Data's `repartition(target_num_rows_per_block=)` runs its re-bundling tasks with its default
+    of one CPU each, which cannot be set through its API: beside several scoring pools on a small
+    machine that CPU is never free, and the run waits forever (seen on 2 cores with three pools).
+    The same logical operator is built here with `num_cpus` for its tasks (re-bundling only moves
+    references and slices blocks)."""
+    from ray.data import Dataset
+    from ray.data._internal.logical.interfaces import LogicalPlan
+    from ray.data._internal.logical.operators.map_operator import StreamingRepartition
+
+    op = StreamingRepartition(
+        target_num_rows_per_block=rows_per_block,
+        input_dependencies=[ds._logical_plan.dag],
+        ray_remote_args={"num_cpus": num_cpus},
+    )
+    return Dataset._from_parent(ds, LogicalPlan(op, ds.context))
 
 
 def count_rows(ds) -> int:

@@ -477,18 +477,41 @@ def committed_shards(run_dir: str, storage_options: StorageOptions | None = None
     }
 
 
+def read_markers(run_dir: str, storage_options: StorageOptions | None = None) -> list[dict]:
+    """Every commit marker of the run, read in one batched call (s3fs fetches them concurrently)."""
+    uris = [u for u in list_files(join(run_dir, SHARDS_DIR), storage_options) if u.endswith(".json")]
+    if not uris:
+        return []
+    fs, _ = filesystem(uris[0], storage_options)
+    blobs = fs.cat([_strip_protocol(fs, u) for u in uris], on_error="raise")
+    return [json.loads(blob) for blob in blobs.values()]
+
+
+def named_parts(markers) -> set[str]:
+    """`<sub>/<file name>` of every part file the markers name (data/ and quarantine/): the run's
+    committed parts, and nothing else."""
+    out = set()
+    for m in markers:
+        for uri in m.get("files", []):
+            parts = uri.rstrip("/").rsplit("/", 2)
+            out.add(f"{parts[-2]}/{parts[-1]}")
+    return out
+
+
 def run_data_files(run_dir: str, storage_options: StorageOptions | None = None, sub: str = "data") -> list[str]:
     """The committed Parquet parts of a labeled run (`<run_dir>/data`, sorted); FileNotFoundError
     when there are none.
 
-    Only parts of committed shards count: a part whose shard has no marker was left by an
-    interrupted attempt (the next attempt deletes it), so a reader never sees a partial shard or
-    one written twice, even while a run is crashed, resuming or still going. Directories that no
-    labeling run wrote (no `_run.json`) are read whole."""
+    A part counts only when a shard's marker names it: a part of a shard without a marker was left
+    by an interrupted attempt, and a part beside a committed shard's own (another unit range: a
+    late or retried write, a previous driver's task) holds units the named parts already have. So
+    a reader never sees a partial shard or a unit twice, even while a run is crashed, resuming or
+    still going; the next attempt deletes both kinds. Directories that no labeling run wrote (no
+    `_run.json`) are read whole."""
     files = parquet_files(join(run_dir, sub), storage_options)
     if exists(join(run_dir, RUN_IDENTITY), storage_options):
-        done = committed_shards(run_dir, storage_options)
-        files = [u for u in files if shard_of_part(posixpath.basename(u)) in done]
+        named = named_parts(read_markers(run_dir, storage_options))
+        files = [u for u in files if f"{sub}/{posixpath.basename(u)}" in named]
     if not files:
         raise FileNotFoundError(f"no committed Parquet files under {join(run_dir, sub)}")
     return files

@@ -117,8 +117,44 @@ def test_ledger_refuses_more_units_than_the_shard_holds():
     shard) is an error, never a shard 'complete' with units beyond its end."""
     ledger = ShardLedger()
     assert ledger.add(_summary("a", 0, 2, units_total=5)) is None
-    with pytest.raises(ExactlyOnceViolation, match="7 units written, only 5 exist"):
+    with pytest.raises(ExactlyOnceViolation, match="3-6 are not a range of a 5-unit shard"):
         ledger.add(_summary("a", 3, 6, units_total=5))
+    # Ranges outside the shard never count as coverage: (5, 7) and (0, 1) would sum to 5 units of a
+    # 5-unit shard with units 2-4 missing; (-3, 1) likewise.
+    for bad in [(5, 7), (-3, 1), (3, 2)]:
+        with pytest.raises(ExactlyOnceViolation, match="not a range"):
+            ShardLedger().add(_summary("b", *bad, units_total=5))
+    fresh = ShardLedger()
+    assert fresh.add(_summary("c", 0, 1, units_total=5)) is None and fresh.incomplete() == ["c"]
+
+
+def test_readers_take_only_the_parts_markers_name(tmp_path):
+    """A stray part beside a committed shard's own (another unit range: a late or retried write,
+    a previous driver's task) and a part of an uncommitted shard are never read."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline import storage
+
+    run = tmp_path / "run"
+    (run / "data").mkdir(parents=True)
+    (run / "_shards").mkdir()
+    (run / storage.RUN_IDENTITY).write_text("{}")
+
+    def part(shard: str, first: int, last: int) -> str:
+        path = run / "data" / storage.part_name(shard, first, last)
+        pq.write_table(pa.table({"unit_id": [f"{shard}-{i}" for i in range(first, last + 1)]}), path)
+        return str(path)
+
+    named = [part("s1", 0, 1), part("s1", 2, 4)]
+    (run / "_shards" / "s1.json").write_text(json.dumps({"shard_id": "s1", "files": named}))
+    part("s1", 0, 4)  # a stray: the same units under another range
+    part("s2", 0, 2)  # a shard without a marker
+    assert storage.run_data_files(str(run)) == sorted(named)
+    ids = storage.read_run_table(str(run)).column("unit_id").to_pylist()
+    assert sorted(ids) == [f"s1-{i}" for i in range(5)] and len(ids) == len(set(ids))
 
 
 def test_manifest_counts_reasons_by_category_and_rows_reconcile():

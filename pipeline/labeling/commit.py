@@ -159,6 +159,9 @@ class ShardProgress:
     fields: FieldUse = field(default_factory=FieldUse)
 
     def add(self, first: int, last: int) -> None:
+        if not 0 <= first <= last < self.shard_units:
+            # a range outside the shard would count as coverage while units inside stay missing
+            raise ExactlyOnceViolation(f"units {first}-{last} are not a range of a {self.shard_units}-unit shard")
         for a, b in self.ranges:
             if first <= b and a <= last:
                 raise ExactlyOnceViolation(f"units {first}-{last} overlap units {a}-{b} already written")

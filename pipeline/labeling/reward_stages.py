@@ -30,6 +30,7 @@ from pipeline.labeling.stages import (
     _node_name,
     _quarantine_stage_column,
     _set_column,
+    scored_by,
     tokenize_rows_whole,
 )
 from pipeline.reward_models.inputs import reward_model_inputs
@@ -157,9 +158,8 @@ class RewardModelStage(Stage):
         out = _add(out, USEFUL_TOKENS, useful)
         if SCORED_ON not in out.column_names:  # the first scoring stage of the run names the node
             out = _set_column(out, SCORED_ON, [self.node] * n, pa.string())
-        out = _set_column(
-            out, STAGE_NODE_PREFIX + self.spec.column, [f"{self.spec.column}@{self.node}"] * n, pa.string()
-        )
+        stage_nodes = scored_by(self.spec.column, self.node, n, good)
+        out = _set_column(out, STAGE_NODE_PREFIX + self.spec.column, stage_nodes, pa.string())
         out = _widen(out, SCORED_FROM, started, pc.min_element_wise)
         return _widen(out, SCORED_UNTIL, time.time(), pc.max_element_wise)
 

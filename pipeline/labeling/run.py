@@ -59,22 +59,12 @@ def _say(msg: str) -> None:
 ACTOR_INIT_DEATHS = 5
 
 
-def committed_names(markers) -> set[str]:
-    """`<sub>/<file name>` of every part file the markers name (data/ and quarantine/)."""
-    out = set()
-    for m in markers:
-        for uri in m.get("files", []):
-            parts = uri.rstrip("/").rsplit("/", 2)
-            out.add(f"{parts[-2]}/{parts[-1]}")
-    return out
-
-
 def clean_run(run_dir: str, markers, storage_options: dict | None) -> dict[str, int]:
     """Remove what interrupted attempts left: part files no marker names (a shard written but not
     committed, or written twice by an earlier overlapping attempt), temporary files of atomic
     writes, and unfinished multipart uploads under the run's prefix (a writer killed mid-upload).
     Only under the run's lease: another live driver's files would look the same."""
-    keep = committed_names(markers)
+    keep = storage.named_parts(markers)
     removed = 0
     for sub in ("data", "quarantine"):
         for uri in storage.list_files(storage.join(run_dir, sub), storage_options):
@@ -318,7 +308,7 @@ def _pipeline(plan: RunPlan):
 
     # Blocks of at most units_per_call units reach the actors: each scoring call's results are
     # written and committed while the next is scored (a block is the unit of streaming).
-    ds = rebatch(_read(plan, tokenize_shard), r.units_per_call)
+    ds = rebatch(_read(plan, tokenize_shard), r.units_per_call, r.cpus_per_cpu_task)
     if backbone:
         model = ScoringModel(
             m.backbone,

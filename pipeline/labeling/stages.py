@@ -320,12 +320,21 @@ class EmbedScoreStage(Stage):
         out_t = _set_column(out_t, "heads_fingerprint", [self.heads_fingerprint] * n, pa.string())
         out_t = _set_column(out_t, "quarantine_reason", reasons, pa.string())
         out_t = _set_column(out_t, SCORED_ON, [self.node] * n, pa.string())
-        out_t = _set_column(out_t, STAGE_NODE_PREFIX + self.name, [f"{self.name}@{self.node}"] * n, pa.string())
+        out_t = _set_column(out_t, STAGE_NODE_PREFIX + self.name, scored_by(self.name, self.node, n, good), pa.string())
         out_t = _set_column(out_t, SCORED_FROM, [started] * n, pa.float64())
         out_t = _set_column(out_t, SCORED_UNTIL, [time.time()] * n, pa.float64())
         out_t = _set_column(out_t, COMPUTED_TOKENS, computed, pa.int64())
         out_t = _set_column(out_t, USEFUL_TOKENS, useful, pa.int64())
         return _set_column(out_t, QUARANTINE_STAGE, stages, pa.string())
+
+
+def scored_by(stage: str, node: str, n: int, scored: np.ndarray) -> list[str | None]:
+    """The STAGE_NODE_PREFIX column of a scoring stage: "<stage>@<node>" on the units it scored (the
+    `scored` positions), null on those quarantined before it."""
+    out: list[str | None] = [None] * n
+    for i in scored:
+        out[int(i)] = f"{stage}@{node}"
+    return out
 
 
 def _node_name() -> str:
@@ -447,7 +456,14 @@ class WriteStage(Stage):
             reasons=dict(Counter(bad.column("quarantine_reason").to_pylist())),
             scored_on=dict(Counter(part.column(SCORED_ON).to_pylist())) if SCORED_ON in cols else {},
             scored_by_stage=dict(
-                sum((Counter(part.column(c).to_pylist()) for c in cols if c.startswith(STAGE_NODE_PREFIX)), Counter())
+                sum(
+                    (
+                        Counter(pc.drop_null(part.column(c)).to_pylist())
+                        for c in cols
+                        if c.startswith(STAGE_NODE_PREFIX)
+                    ),
+                    Counter(),
+                )
             ),
             scored_from=pc.min(part.column(SCORED_FROM)).as_py() if SCORED_FROM in cols else None,
             scored_until=pc.max(part.column(SCORED_UNTIL)).as_py() if SCORED_UNTIL in cols else None,
