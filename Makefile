@@ -24,3 +24,4 @@ bench: setup
 	$(PY) bench/bench_embed.py
 	$(PY) bench/bench_embed.py --prompt-sharing
 	$(PY) bench/bench_job.py
+	$(PY) bench/bench_reward_models.py

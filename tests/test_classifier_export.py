@@ -25,6 +25,7 @@ from reward_model_fixtures import (
     tiny_random_classifier,
 )
 from safetensors import safe_open
+from test_curation_trl import common_args
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from jobs import export_classifier as job
@@ -424,18 +425,7 @@ def test_trl_reward_trainer_trains_an_exported_classifier(tmp_path):
     )
     trainer = RewardTrainer(
         model=str(path),
-        args=RewardConfig(
-            output_dir=str(tmp_path / "trl"),
-            max_steps=2,
-            per_device_train_batch_size=2,
-            learning_rate=1e-3,
-            report_to=[],
-            save_strategy="no",
-            logging_steps=1,
-            use_cpu=True,
-            dataloader_num_workers=0,
-            max_length=256,
-        ),
+        args=RewardConfig(**common_args(tmp_path / "trl"), max_length=256),
         train_dataset=data,
         processing_class=AutoTokenizer.from_pretrained(str(path)),
     )

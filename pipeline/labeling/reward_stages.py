@@ -28,10 +28,10 @@ from pipeline.labeling.stages import (
     USEFUL_TOKENS,
     _masked,
     _node_name,
-    _quarantine_stage_column,
     _set_column,
     scored_by,
     tokenize_rows_whole,
+    units_to_score,
 )
 from pipeline.reward_models.inputs import reward_model_inputs
 from pipeline.reward_models.spec import RewardModelSpec, inspect_reward_model
@@ -135,9 +135,7 @@ class RewardModelStage(Stage):
     def process(self, batch: pa.Table) -> pa.Table:
         started = time.time()
         n = batch.num_rows
-        reasons = batch.column("quarantine_reason").to_pylist()
-        stages = _quarantine_stage_column(batch)
-        good = np.array([i for i in range(n) if reasons[i] is None], dtype=np.int64)
+        reasons, stages, good = units_to_score(batch)
         rewards = np.full(n, np.nan, np.float32)
         computed = np.zeros(n, np.int64)
         useful = np.zeros(n, np.int64)

@@ -263,9 +263,7 @@ class EmbedScoreStage(Stage):
     def process(self, batch: pa.Table) -> pa.Table:
         started = time.time()
         n = batch.num_rows
-        reasons = batch.column("quarantine_reason").to_pylist()
-        stages = _quarantine_stage_column(batch)
-        good = np.array([i for i in range(n) if reasons[i] is None], dtype=np.int64)
+        reasons, stages, good = units_to_score(batch)
         k = len(self.objectives)
         ratings = np.full((n, k), np.nan, np.float32)
         debiased = np.full((n, k), np.nan, np.float32)
@@ -326,6 +324,14 @@ class EmbedScoreStage(Stage):
         out_t = _set_column(out_t, COMPUTED_TOKENS, computed, pa.int64())
         out_t = _set_column(out_t, USEFUL_TOKENS, useful, pa.int64())
         return _set_column(out_t, QUARANTINE_STAGE, stages, pa.string())
+
+
+def units_to_score(batch: pa.Table) -> tuple[list, list, np.ndarray]:
+    """(quarantine reasons, quarantine stages, positions of the units not quarantined) of a
+    scoring stage's batch: a stage scores only the units no earlier stage quarantined."""
+    reasons = batch.column("quarantine_reason").to_pylist()
+    good = np.array([i for i, r in enumerate(reasons) if r is None], dtype=np.int64)
+    return reasons, _quarantine_stage_column(batch), good
 
 
 def scored_by(stage: str, node: str, n: int, scored: np.ndarray) -> list[str | None]:
