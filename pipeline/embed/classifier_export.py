@@ -56,7 +56,7 @@ from pipeline.heads.checkpoint import ARMORM_CONFIG_KEYS, DEFAULT_SHARD_SIZE, EM
 from pipeline.heads.model import ArmoHeads
 from pipeline.heads.regression import DEFAULT_LAMBDA_GRID, RidgeStats, fit_ridge
 from pipeline.heads.train import DEFAULTS as TRAIN_DEFAULTS
-from pipeline.heads.train import _fit_bt, _val_mask
+from pipeline.heads.train import fit_bradley_terry_weights, validation_mask
 from pipeline.metrics import pairwise_accuracy
 from pipeline.units import Pairs, concat_pairs, preference_pairs, ranked_pairs
 
@@ -133,11 +133,11 @@ def fit_bradley_terry_head(units: pa.Table, val_fraction: float = VAL_FRACTION, 
             "the units hold no preference pairs and no ranked best-of-N responses: nothing to fit a "
             "Bradley-Terry head on"
         )
-    held_mask = _val_mask(pairs.row_id, val_fraction)
+    held_mask = validation_mask(pairs.row_id, val_fraction)
     fit, held = pairs.select(~held_mask), pairs.select(held_mask)
     if len(fit) == 0:
         raise CheckpointError(f"all {len(pairs)} pairs fell in the validation split: nothing to fit on")
-    w, l2, val_loss = _fit_bt(X, fit, held, list(l2_grid))
+    w, l2, val_loss = fit_bradley_terry_weights(X, fit, held, list(l2_grid))
     scores = X.astype(np.float64) @ w
     per_source = {}
     for source in sorted(set(pairs.source)):
@@ -176,7 +176,7 @@ def fit_gated_head(
         raise CheckpointError(f"the heads take {heads.hidden_size}-dim embeddings, the units hold {X.shape[1]}-dim")
     P = _finite_embeddings(units, "prompt_embedding")  # the gate reads it
     gated = heads.score(X, P).score.astype(np.float64)
-    val = _val_mask(units.column("row_id").to_pylist(), val_fraction)
+    val = validation_mask(units.column("row_id").to_pylist(), val_fraction)
     if val.all():
         raise CheckpointError(f"all {len(X)} units fell in the validation split: nothing to fit on")
     train_stats = RidgeStats(X.shape[1], 1).add(X[~val], gated[~val, None])

@@ -129,11 +129,13 @@ def choose_objectives(units: pa.Table, extra: list[dict]) -> tuple[list[str], li
     return rated, pairwise
 
 
-def _val_mask(row_ids, fraction: float) -> np.ndarray:
+def validation_mask(row_ids, fraction: float) -> np.ndarray:
+    """Which rows are held out for validation: a stable share `fraction` by row id, so every head
+    fitted on the same rows (the heads, a classifier export) holds out the same ones."""
     return np.array([ids.in_fraction(r, fraction, "heads-validation") for r in row_ids], dtype=bool)
 
 
-def _fit_bt(X: np.ndarray, fit: Pairs, held: Pairs, grid) -> tuple[np.ndarray, float, float | None]:
+def fit_bradley_terry_weights(X: np.ndarray, fit: Pairs, held: Pairs, grid) -> tuple[np.ndarray, float, float | None]:
     """A linear BT head on the response embeddings of `fit` (ties as ½): (w, l2, validation loss),
     L2 chosen from `grid` by the loss on `held` when there are held-out pairs, else 1e-3."""
     if len(held):
@@ -152,7 +154,7 @@ def _fit_pairwise(
     fit, held = _repeat(pairs.select(~val), mult), pairs.select(val)
     if len(fit) == 0:
         raise ValueError("a pairwise objective has no training pairs")
-    w, l2, val_loss = _fit_bt(X, fit, held, grid)
+    w, l2, val_loss = fit_bradley_terry_weights(X, fit, held, grid)
     strict = ~held.tie
     acc = pairwise_accuracy(X[held.better[strict]] @ w, X[held.worse[strict]] @ w) if strict.any() else None
     return w, {"pairs": len(pairs), "ties": int(pairs.tie.sum()), "l2": l2, "val_loss": val_loss, "val_accuracy": acc}
@@ -293,7 +295,7 @@ def _prepare(units: pa.Table, opts: dict) -> _Prepared:
     if not len(X):
         raise ValueError("train_heads: no units")
     row_ids = np.array(units.column("row_id").to_pylist(), dtype=object)
-    val_unit = _val_mask(row_ids, opts["val_fraction"])
+    val_unit = validation_mask(row_ids, opts["val_fraction"])
     rated, pairwise = choose_objectives(units, opts["objectives"])
     verbosity = opts["verbosity"]
     ridge_names = rated + ([LENGTH_OBJECTIVE] if verbosity == "length" else [])
@@ -316,9 +318,9 @@ def _prepare(units: pa.Table, opts: dict) -> _Prepared:
         ridge_names,
         Y,
         all_pref,
-        _val_mask(all_pref.row_id, opts["val_fraction"]),
+        validation_mask(all_pref.row_id, opts["val_fraction"]),
         pairs,
-        _val_mask(pairs.row_id, opts["val_fraction"]),
+        validation_mask(pairs.row_id, opts["val_fraction"]),
     )
 
 
@@ -339,7 +341,7 @@ def train_heads(units: pa.Table, options: dict | None = None) -> TrainResult:
     # --- the single-head baseline on the same pairs --------------------------------------------
     baseline = None
     if opts["baseline"]:
-        w, l2, val_loss = _fit_bt(X, fit, held, opts["bt_l2_grid"])  # these pairs have no ties
+        w, l2, val_loss = fit_bradley_terry_weights(X, fit, held, opts["bt_l2_grid"])  # these pairs have no ties
         baseline = BradleyTerryHead(
             weight=w.astype(np.float32), name="single_bt", metadata={"l2": l2, "pairs": len(fit)}
         )
