@@ -35,6 +35,7 @@ def test_second_driver_is_refused_with_the_holder_named_then_release_frees_the_r
         first.release()
     second = run_lease.take(run_dir, None, ttl_s=60)  # released: free at once
     assert second.taken_over is not None and second.taken_over.get("released") is True
+    assert second.took_over is None  # released, not abandoned: no takeover to report
     second.release()
 
 
@@ -72,7 +73,7 @@ def test_expired_lease_of_another_machine_is_taken_over(tmp_path):
     }
     (run_dir / LEASE).write_text(json.dumps(stale))
     lease = run_lease.take(str(run_dir), None, ttl_s=30)
-    assert lease.taken_over["holder"]["host"] == "gpu-node-7"
+    assert lease.taken_over["holder"]["host"] == "gpu-node-7" and lease.took_over is lease.taken_over
     assert _record(run_dir / LEASE)["token"] == lease.token
     lease.release()
     # Not yet expired, on another machine: refused, whatever its pid.

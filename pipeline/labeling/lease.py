@@ -171,6 +171,14 @@ class RunLease:
                 return self
         raise LeaseHeld(f"could not take the lease {self.uri}: other drivers keep changing it")
 
+    @property
+    def took_over(self) -> dict | None:
+        """The record of a driver that stopped renewing the lease, when this driver replaced one;
+        None for a fresh lease or one its holder released at the end of its run."""
+        if self.taken_over is None or self.taken_over.get("released"):
+            return None
+        return self.taken_over
+
     def renew(self) -> None:
         with self._lock:
             if self._lost:

@@ -139,10 +139,10 @@ def run(cfg: LabelConfig) -> dict:
     so = cfg.storage_options or None
     lease = run_lease.take(cfg.run_dir, so, cfg.lease_ttl_s) if cfg.lease_ttl_s else None
     try:
-        if lease is not None and lease.taken_over:
+        if lease is not None and lease.took_over:  # a released lease is simply free
             _say(
                 f"took over the lease of a driver that stopped renewing it "
-                f"({run_lease.describe(lease.taken_over, time.time())})"
+                f"({run_lease.describe(lease.took_over, time.time())})"
             )
         return execute(plan_run(cfg), lease)
     finally:
@@ -212,7 +212,7 @@ def _lease_record(lease: run_lease.RunLease | None) -> dict | None:
     return {
         "ttl_s": lease.ttl_s,
         "renewals": lease.renewals,
-        "took_over_from": (lease.taken_over or {}).get("holder"),
+        "took_over_from": (lease.took_over or {}).get("holder"),
     }
 
 
