@@ -106,8 +106,10 @@ class RewardModelStage(Stage):
         token_budget: int | None,
         num_threads: int | None,
         storage_options: dict | None = None,
+        fingerprint: str | None = None,
     ):
         self.spec = spec
+        self.fingerprint = fingerprint  # the run identity's: actors need not hash the weights again
         self.resources = resources
         self.token_budget = token_budget
         self.num_threads = num_threads
@@ -129,7 +131,9 @@ class RewardModelStage(Stage):
     def setup(self) -> None:
         from pipeline.reward_models.scorer import RewardModelScorer
 
-        self.scorer = RewardModelScorer(self.spec, self.storage_options, self.token_budget, self.num_threads)
+        self.scorer = RewardModelScorer(
+            self.spec, self.storage_options, self.token_budget, self.num_threads, self.fingerprint
+        )
         self.node = _node_name()
 
     def process(self, batch: pa.Table) -> pa.Table:

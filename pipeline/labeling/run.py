@@ -321,9 +321,13 @@ def _pipeline(plan: RunPlan):
             so,
         )
         ds = apply_stage(ds, EmbedScoreStage(model, plan.objectives, _scoring_resources(r)))
+    pools = scoring_pools(cfg)
+    fingerprints = {rm["name"]: rm["fingerprint"] for rm in plan.identity.get("reward_models", [])}
     for spec in reward_models:
-        own = _reward_model_resources(spec, r)
-        stage = RewardModelStage(spec, _scoring_resources(own), own.token_budget, own.threads_per_actor, so)
+        own = pools[spec.column]
+        stage = RewardModelStage(
+            spec, _scoring_resources(own), own.token_budget, own.threads_per_actor, so, fingerprints.get(spec.name)
+        )
         ds = apply_stage(ds, stage)
     absent = () if backbone else tuple(c for c in EmbedScoreStage.columns_written([], False) if c in OUTPUT_FIXED_NAMES)
     return apply_stage(

@@ -94,12 +94,15 @@ class RewardModelScorer:
         storage_options: dict | None = None,
         token_budget: int | None = None,
         num_threads: int | None = None,
+        known_fingerprint: str | None = None,
     ):
+        """`known_fingerprint`: the model's fingerprint when the caller has it (the labeling driver
+        computes it once for the run's identity); otherwise the weights are hashed here."""
         start = time.perf_counter()
         self.spec = spec
         self.info = inspect(spec, storage_options)
         self.family = self.info.family
-        self.fingerprint = fingerprint(spec, storage_options)
+        self.fingerprint = known_fingerprint or fingerprint(spec, storage_options)
         self.model, directory, self.device, self.dtype = load_classifier(spec, self.info, storage_options)
         self.tokenizer = load_tokenizer(spec, storage_options)
         self.token_budget = token_budget

@@ -20,14 +20,18 @@ from dataclasses import asdict, dataclass, field
 
 from pipeline import storage
 from pipeline.embed.backbone import file_sha256
+from pipeline.heads.checkpoint import (
+    CONFIG_FILE,
+    INDEX_FILE,
+    PICKLE_SUFFIXES,
+    SINGLE_FILE,
+    CheckpointError,
+    check_shard_names,
+)
 from pipeline.reward_models.families import DECODER, Family, family_of, known_model_types
 
 COLUMN_PREFIX = "rm_"
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_]*$")
-CONFIG_FILE = "config.json"
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TOKENIZER_CONFIG = "tokenizer_config.json"
 TOKENIZER_VOCABS = (
     "tokenizer.json",
@@ -123,11 +127,13 @@ def _safetensors_header(uri: str, storage_options: dict | None) -> dict:
 def weight_files(path: str, names: list[str], storage_options: dict | None) -> list[str]:
     """The safetensors files of a checkpoint directory (index or single file); refuses pickles."""
     if INDEX_FILE in names:
-        weight_map = _read_json(storage.join(path, INDEX_FILE), storage_options).get("weight_map", {})
+        index = storage.join(path, INDEX_FILE)
+        weight_map = _read_json(index, storage_options).get("weight_map", {})
+        try:
+            check_shard_names(weight_map, index)
+        except CheckpointError as e:
+            raise RewardModelError(str(e)) from None
         shards = sorted(set(weight_map.values()))
-        bad = [s for s in shards if not s.endswith(".safetensors")]
-        if bad:
-            raise RewardModelError(f"{storage.join(path, INDEX_FILE)}: names non-safetensors shards {bad[:3]}")
         missing = [s for s in shards if s not in names]
         if missing:
             raise RewardModelError(f"{storage.join(path, INDEX_FILE)}: shard {missing[0]} is missing")
